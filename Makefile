@@ -1,0 +1,54 @@
+# octet: every target sets itself up (venv with the pinned torch, fixtures, build) on a fresh machine.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+VENV_STAMP := $(VENV)/.installed
+GEN := fixtures/generated
+# Build against the venv's torch unless LIBTORCH points at another libtorch 2.11.0.
+WITH_TORCH = LIBTORCH="$${LIBTORCH:-$$($(PY) -c 'import os, torch; print(os.path.dirname(torch.__file__))')}"
+
+.PHONY: all build test demo bench fixtures lint clean
+
+all: build
+
+$(VENV_STAMP): scripts/requirements.txt
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r scripts/requirements.txt
+	touch $@
+
+build: $(VENV_STAMP)
+	$(WITH_TORCH) cargo build --release
+
+$(GEN)/quant_vectors.safetensors: scripts/gen_quant_vectors.py $(VENV_STAMP)
+	mkdir -p $(GEN)
+	$(PY) scripts/gen_quant_vectors.py $@.tmp && mv $@.tmp $@
+
+$(GEN)/tiny_gptj/.done: scripts/gen_tiny_gptj.py scripts/make_gpt2_tokenizer.py $(VENV_STAMP)
+	mkdir -p $(GEN)/tiny_gptj
+	$(PY) scripts/gen_tiny_gptj.py $(GEN)/tiny_gptj
+	$(PY) scripts/make_gpt2_tokenizer.py $(GEN)/tiny_gptj/gpt2_tokenizer
+	touch $@
+
+$(GEN)/torch_bin/.done: scripts/gen_torch_bin_fixtures.py $(VENV_STAMP)
+	mkdir -p $(GEN)/torch_bin
+	$(PY) scripts/gen_torch_bin_fixtures.py $(GEN)/torch_bin
+	touch $@
+
+fixtures: $(GEN)/quant_vectors.safetensors $(GEN)/tiny_gptj/.done $(GEN)/torch_bin/.done
+
+test: build fixtures
+	$(WITH_TORCH) cargo test --release
+
+demo: build
+	./target/release/octet quant-report --rows 4096 --cols 4096 --block-size 4096
+
+bench: build
+	$(WITH_TORCH) cargo bench --bench quant
+
+lint: $(VENV_STAMP)
+	cargo fmt --check
+	$(WITH_TORCH) cargo clippy --release --all-targets -- -D warnings
+
+clean:
+	rm -rf target $(GEN)

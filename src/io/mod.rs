@@ -1,0 +1,45 @@
+//! Reading and writing checkpoints. Every reader exposes its tensors through [`TensorStore`]:
+//! names, dtype + shape, and little-endian row-major bytes (borrowed from a memory map where
+//! the file allows), so conversion can stream tensor by tensor.
+pub mod dtype;
+pub mod torch_bin;
+
+pub use dtype::Dtype;
+
+use crate::error::Result;
+use std::borrow::Cow;
+use std::path::Path;
+
+/// Dtype and shape of a stored tensor.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TensorMeta {
+    /// Element type.
+    pub dtype: Dtype,
+    /// Dimensions, outermost first.
+    pub shape: Vec<usize>,
+}
+
+impl TensorMeta {
+    /// Number of elements.
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// Number of bytes of the contiguous data.
+    pub fn nbytes(&self) -> usize {
+        self.numel() * self.dtype.size()
+    }
+}
+
+/// A read-only collection of named tensors in a checkpoint file (or a set of shards).
+pub trait TensorStore {
+    /// The file (or index) the tensors come from, for error messages.
+    fn path(&self) -> &Path;
+    /// Tensor names, in the file's order.
+    fn names(&self) -> Vec<String>;
+    /// Dtype and shape of `name`, or `None` if absent.
+    fn meta(&self, name: &str) -> Option<TensorMeta>;
+    /// The tensor's data as contiguous little-endian row-major bytes, of exactly
+    /// `meta(name).nbytes()` bytes.
+    fn bytes(&self, name: &str) -> Result<Cow<'_, [u8]>>;
+}

@@ -1,0 +1,13 @@
+//! Blockwise dynamic 8-bit quantization (the bitsandbytes scheme) and its fast CPU kernels.
+pub mod blockwise;
+pub mod code;
+pub mod fit;
+pub mod kernels;
+#[cfg(target_arch = "x86_64")]
+mod simd;
+pub mod stream;
+
+pub use blockwise::{dequantize, quantize, BlockSize, Quantized};
+pub use code::{CodeKind, QuantCode};
+pub use fit::{fit_code, FitOptions};
+pub use stream::{QuantError, StreamOutput, StreamingQuantizer};
