@@ -4,6 +4,17 @@
 
 pub mod error;
 pub mod io;
+pub mod load;
+pub mod manifest;
+pub mod model;
+pub mod nn;
 pub mod quant;
+pub mod registry;
+pub mod spec;
+pub mod tokenizer;
+pub mod train;
+
+#[path = "../adapters/mod.rs"]
+pub mod adapters;
 
 pub use error::{OctetError, Result};

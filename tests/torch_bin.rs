@@ -303,3 +303,34 @@ fn truncated_pickles_are_errors() {
         assert!(open_with(&pickle[..cut], None).is_err(), "cut at {cut}");
     }
 }
+
+/// A checkpoint over 4 GiB needs zip64 records (as GPT-J's does). Slow (writes ~4.4 GB through
+/// torch): run with `cargo test --release --test torch_bin -- --ignored`.
+#[test]
+#[ignore]
+fn zip64_checkpoint_over_4_gib() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("big.bin");
+    let script = "import sys, torch\n\
+                  big = torch.zeros(4_400_000_000, dtype=torch.uint8)\n\
+                  big[-1] = 7\n\
+                  torch.save({'big': big, 'small': torch.arange(10, dtype=torch.float32)}, sys.argv[1])\n";
+    let status = std::process::Command::new(root.join(".venv/bin/python"))
+        .args(["-c", script])
+        .arg(&path)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let store = TorchBinFile::open(&path).unwrap();
+    assert_eq!(store.names(), ["big", "small"]);
+    let big = store.bytes("big").unwrap();
+    assert!(matches!(big, Cow::Borrowed(_)));
+    assert_eq!(
+        (big.len(), big[big.len() - 1], big[0]),
+        (4_400_000_000, 7, 0)
+    );
+    let small = store.bytes("small").unwrap();
+    let want: Vec<u8> = (0..10).flat_map(|i| (i as f32).to_le_bytes()).collect();
+    assert_eq!(&small[..], &want[..]);
+}

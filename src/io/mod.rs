@@ -1,9 +1,13 @@
 //! Reading and writing checkpoints. Every reader exposes its tensors through [`TensorStore`]:
 //! names, dtype + shape, and little-endian row-major bytes (borrowed from a memory map where
 //! the file allows), so conversion can stream tensor by tensor.
+pub mod checkpoint;
 pub mod dtype;
+pub mod safetensors;
+pub mod sharded;
 pub mod torch_bin;
 
+pub use checkpoint::{open_checkpoint, open_file};
 pub use dtype::Dtype;
 
 use crate::error::Result;
@@ -42,4 +46,6 @@ pub trait TensorStore {
     /// The tensor's data as contiguous little-endian row-major bytes, of exactly
     /// `meta(name).nbytes()` bytes.
     fn bytes(&self, name: &str) -> Result<Cow<'_, [u8]>>;
+    /// Hints that `name`'s data will not be read again (lets memory-mapped pages go).
+    fn release(&self, _name: &str) {}
 }

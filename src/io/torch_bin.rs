@@ -65,6 +65,9 @@ struct ZipEntry {
     stored: bool,
 }
 
+/// The most dimensions a tensor may have (far above any real checkpoint's).
+const MAX_RANK: usize = 64;
+
 /// How deep nested dicts are flattened; deeper ones are ignored (guards against cycles too).
 const MAX_DICT_NESTING: usize = 64;
 
@@ -112,7 +115,10 @@ impl TorchBinFile {
         let top = Unpickler::new(&pkl)
             .run()
             .map_err(|m| bad(format!("{pkl_name}: {m}")))?;
-        let found = collect_tensors(&top).map_err(|m| bad(format!("{pkl_name}: {m}")))?;
+        // Flat state dicts spend at most the pickle's size on names; allow generous nesting.
+        let name_budget = pkl.len().saturating_mul(16).saturating_add(1 << 20);
+        let found =
+            collect_tensors(&top, name_budget).map_err(|m| bad(format!("{pkl_name}: {m}")))?;
         drop(top);
 
         let mut names = Vec::with_capacity(found.len());
@@ -432,46 +438,63 @@ fn gather_strided(
 }
 
 /// Flattens the unpickled top-level dict into `(name, tensor)` pairs in insertion order.
-fn collect_tensors(top: &Value) -> PResult<Vec<(String, Rc<TensorRef>)>> {
+/// `name_budget` bounds the total bytes of (prefix-joined) names, so that reusing one long
+/// memoized key at every nesting level cannot blow up memory.
+fn collect_tensors(top: &Value, name_budget: usize) -> PResult<Vec<(String, Rc<TensorRef>)>> {
     let Value::Dict(d) = top else {
         return Err(format!(
             "the pickled object is a {}, not a dict of tensors",
             top.kind()
         ));
     };
-    let mut out = Vec::new();
-    let mut seen = HashSet::new();
-    walk_dict(d, "", 0, &mut out, &mut seen);
-    Ok(out)
+    let mut walk = Walk {
+        out: Vec::new(),
+        seen: HashSet::new(),
+        name_budget,
+    };
+    walk.dict(d, "", 0)?;
+    Ok(walk.out)
 }
 
-fn walk_dict(
-    d: &Rc<RefCell<Pairs>>,
-    prefix: &str,
-    depth: usize,
-    out: &mut Vec<(String, Rc<TensorRef>)>,
-    seen: &mut HashSet<*const RefCell<Pairs>>,
-) {
-    if depth > MAX_DICT_NESTING || !seen.insert(Rc::as_ptr(d)) {
-        return;
-    }
-    for (k, v) in d.borrow().items.iter() {
-        let key = match k {
-            Value::Str(s) => s.to_string(),
-            Value::Int(i) => i.to_string(),
-            _ => continue,
-        };
-        let name = if prefix.is_empty() {
-            key
-        } else {
-            format!("{prefix}.{key}")
-        };
-        match v {
-            Value::Tensor(t) => out.push((name, t.clone())),
-            Value::Dict(inner) => walk_dict(inner, &name, depth + 1, out, seen),
-            // Non-tensor state (ints, strings, lists, ...) is not a weight: ignore it.
-            _ => {}
+/// State of the depth-first flattening of nested dicts.
+struct Walk {
+    out: Vec<(String, Rc<TensorRef>)>,
+    /// Dicts already visited (a dict reachable twice, or a cycle, is walked once).
+    seen: HashSet<*const RefCell<Pairs>>,
+    name_budget: usize,
+}
+
+impl Walk {
+    fn dict(&mut self, d: &Rc<RefCell<Pairs>>, prefix: &str, depth: usize) -> PResult<()> {
+        if depth > MAX_DICT_NESTING || !self.seen.insert(Rc::as_ptr(d)) {
+            return Ok(());
         }
+        for (k, v) in d.borrow().items.iter() {
+            if !matches!(v, Value::Tensor(_) | Value::Dict(_)) {
+                // Non-tensor state (ints, strings, lists, ...) is not a weight: ignore it.
+                continue;
+            }
+            let key = match k {
+                Value::Str(s) => s.to_string(),
+                Value::Int(i) => i.to_string(),
+                _ => continue,
+            };
+            let name = if prefix.is_empty() {
+                key
+            } else {
+                format!("{prefix}.{key}")
+            };
+            self.name_budget = self
+                .name_budget
+                .checked_sub(name.len())
+                .ok_or("tensor names are unreasonably long")?;
+            match v {
+                Value::Tensor(t) => self.out.push((name, t.clone())),
+                Value::Dict(inner) => self.dict(inner, &name, depth + 1)?,
+                _ => {}
+            }
+        }
+        Ok(())
     }
 }
 
@@ -1018,14 +1041,6 @@ fn set_items(d: &Value, items: Vec<Value>, at: usize) -> PResult<()> {
     Ok(())
 }
 
-fn items_of(v: &Value) -> Option<Vec<Value>> {
-    match v {
-        Value::Tuple(t) => Some(t.0.clone()),
-        Value::List(l) => Some(l.borrow().0.clone()),
-        _ => None,
-    }
-}
-
 fn as_usize(v: &Value) -> Option<usize> {
     match v {
         Value::Int(i) => usize::try_from(*i).ok(),
@@ -1033,8 +1048,12 @@ fn as_usize(v: &Value) -> Option<usize> {
     }
 }
 
+/// A size or stride tuple (rank bounded, so a huge memoized tuple reused many times is cheap).
 fn usize_tuple(v: &Value) -> Option<Vec<usize>> {
-    items_of(v)?.iter().map(as_usize).collect()
+    match v {
+        Value::Tuple(t) if t.0.len() <= MAX_RANK => t.0.iter().map(as_usize).collect(),
+        _ => None,
+    }
 }
 
 /// Applies an allowed global to its arguments.
@@ -1050,33 +1069,13 @@ fn call(callable: &Value, args: &Value, at: usize) -> PResult<Value> {
     };
     let args = &args.0;
     match g {
-        Global::OrderedDict => {
-            let d = Value::Dict(Rc::default());
-            match args.as_slice() {
-                [] => {}
-                [pairs] => {
-                    let mut flat = Vec::new();
-                    for p in items_of(pairs)
-                        .ok_or_else(|| format!("OrderedDict of a {} at byte {at}", pairs.kind()))?
-                    {
-                        match items_of(&p).as_deref() {
-                            Some([k, v]) => flat.extend([k.clone(), v.clone()]),
-                            _ => {
-                                return Err(format!("OrderedDict item is not a pair at byte {at}"))
-                            }
-                        }
-                    }
-                    set_items(&d, flat, at)?;
-                }
-                _ => {
-                    return Err(format!(
-                        "OrderedDict with {} arguments at byte {at}",
-                        args.len()
-                    ))
-                }
-            }
-            Ok(d)
-        }
+        // OrderedDict's __reduce__ is (cls, (), state, None, items): the items follow as
+        // SETITEMS, so only the no-argument call is needed (and it cannot amplify memory).
+        Global::OrderedDict if args.is_empty() => Ok(Value::Dict(Rc::default())),
+        Global::OrderedDict => Err(format!(
+            "OrderedDict with {} arguments at byte {at}",
+            args.len()
+        )),
         Global::RebuildTensorV2 => {
             // (storage, storage_offset, size, stride, requires_grad, backward_hooks[, metadata])
             if !(6..=7).contains(&args.len()) {

@@ -8,6 +8,6 @@ mod simd;
 pub mod stream;
 
 pub use blockwise::{dequantize, quantize, BlockSize, Quantized};
-pub use code::{CodeKind, QuantCode};
+pub use code::{CodeKind, QuantCode, CODE_LEN};
 pub use fit::{fit_code, FitOptions};
 pub use stream::{QuantError, StreamOutput, StreamingQuantizer};

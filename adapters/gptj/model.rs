@@ -1,0 +1,210 @@
+//! The GPT-J forward pass over octet layers (float or 8-bit, with or without adapters).
+use super::config::GptjConfig;
+use crate::error::{OctetError, Result};
+use crate::model::{CausalLm, LayerCache, ModelInfo};
+use crate::nn::float::LayerNorm;
+use crate::nn::{Layer, LayerMap};
+use tch::{Device, Kind, Tensor};
+
+struct Block {
+    ln_1: LayerNorm,
+    q_proj: Box<dyn Layer>,
+    k_proj: Box<dyn Layer>,
+    v_proj: Box<dyn Layer>,
+    out_proj: Box<dyn Layer>,
+    fc_in: Box<dyn Layer>,
+    fc_out: Box<dyn Layer>,
+}
+
+/// A GPT-J model.
+pub struct Gptj {
+    cfg: GptjConfig,
+    kind: Kind,
+    wte: Box<dyn Layer>,
+    blocks: Vec<Block>,
+    ln_f: LayerNorm,
+    lm_head: Box<dyn Layer>,
+    /// `[n_positions, rotary_dim / 2]` f32 tables.
+    sin: Tensor,
+    cos: Tensor,
+}
+
+fn weight_shape(layer: &dyn Layer) -> Vec<i64> {
+    layer.tensors().into_iter().find(|(n, _)| n == "weight").map(|(_, t)| t.size()).unwrap_or_default()
+}
+
+fn expect_shape(path: &str, layer: &dyn Layer, want: &[usize]) -> Result<()> {
+    let got = weight_shape(layer);
+    let want: Vec<i64> = want.iter().map(|&d| d as i64).collect();
+    if got != want {
+        return Err(OctetError::ShapeMismatch {
+            what: format!("{path}.weight (against config.json)"),
+            expected: format!("{want:?}"),
+            found: format!("{got:?}"),
+        });
+    }
+    Ok(())
+}
+
+fn take_checked(layers: &mut LayerMap, path: &str, shape: &[usize]) -> Result<Box<dyn Layer>> {
+    let l = layers.take(path)?;
+    expect_shape(path, l.as_ref(), shape)?;
+    Ok(l)
+}
+
+fn take_norm(layers: &mut LayerMap, path: &str, dim: usize, eps: f64) -> Result<LayerNorm> {
+    let mut n: LayerNorm = layers.take_as(path)?;
+    expect_shape(path, &n, &[dim])?;
+    n.eps = eps;
+    Ok(n)
+}
+
+impl Gptj {
+    /// Assembles the model from built layers, checking every shape against the config.
+    pub fn new(cfg: GptjConfig, layers: &mut LayerMap, kind: Kind) -> Result<Self> {
+        let (d, inner, v) = (cfg.n_embd, cfg.inner(), cfg.vocab_size);
+        let eps = cfg.layer_norm_epsilon;
+        let wte = take_checked(layers, "transformer.wte", &[v, d])?;
+        let mut blocks = Vec::with_capacity(cfg.n_layer);
+        for i in 0..cfg.n_layer {
+            let p = |s: &str| format!("transformer.h.{i}.{s}");
+            blocks.push(Block {
+                ln_1: take_norm(layers, &p("ln_1"), d, eps)?,
+                q_proj: take_checked(layers, &p("attn.q_proj"), &[d, d])?,
+                k_proj: take_checked(layers, &p("attn.k_proj"), &[d, d])?,
+                v_proj: take_checked(layers, &p("attn.v_proj"), &[d, d])?,
+                out_proj: take_checked(layers, &p("attn.out_proj"), &[d, d])?,
+                fc_in: take_checked(layers, &p("mlp.fc_in"), &[inner, d])?,
+                fc_out: take_checked(layers, &p("mlp.fc_out"), &[d, inner])?,
+            });
+        }
+        let ln_f = take_norm(layers, "transformer.ln_f", d, eps)?;
+        let lm_head = take_checked(layers, "lm_head", &[v, d])?;
+        let rest = layers.remaining();
+        if !rest.is_empty() {
+            return Err(OctetError::InvalidArgument(format!("modules unknown to GPT-J: {}", rest.join(", "))));
+        }
+        let (sin, cos) = rotary_tables(cfg.n_positions, cfg.rotary_dim());
+        Ok(Gptj { cfg, kind, wte, blocks, ln_f, lm_head, sin, cos })
+    }
+
+    fn device(&self) -> Device {
+        self.ln_f.weight.device()
+    }
+
+    fn apply_rotary(&self, x: &Tensor, start: i64) -> Tensor {
+        let rd = self.cfg.rotary_dim() as i64;
+        if rd == 0 {
+            return x.shallow_clone();
+        }
+        let t = x.size()[1];
+        let dev = x.device();
+        let shape = [1, t, 1, rd];
+        let sin = self.sin.narrow(0, start, t).to_device(dev).repeat_interleave_self_int(2, -1, None::<i64>).reshape(shape);
+        let cos = self.cos.narrow(0, start, t).to_device(dev).repeat_interleave_self_int(2, -1, None::<i64>).reshape(shape);
+        let head_dim = x.size()[3];
+        let rot = x.narrow(3, 0, rd);
+        let x1 = rot.slice(3, 0, rd, 2);
+        let x2 = rot.slice(3, 1, rd, 2);
+        let rotated = Tensor::stack(&[-x2, x1], -1).flatten(-2, -1);
+        let out = (rot.to_kind(Kind::Float) * cos + rotated.to_kind(Kind::Float) * sin).to_kind(x.kind());
+        if rd == head_dim {
+            out
+        } else {
+            Tensor::cat(&[out, x.narrow(3, rd, head_dim - rd)], 3)
+        }
+    }
+
+    fn attention(&self, b: &Block, h: &Tensor, cache: Option<&mut LayerCache>) -> Tensor {
+        let (bs, t) = (h.size()[0], h.size()[1]);
+        let (nh, hd) = (self.cfg.n_head as i64, self.cfg.head_dim() as i64);
+        let past = cache.as_ref().map_or(0, |c| c.len());
+        let split = |x: Tensor| x.view([bs, t, nh, hd]);
+        let q = self.apply_rotary(&split(b.q_proj.forward(h)), past).permute([0, 2, 1, 3]);
+        let mut k = self.apply_rotary(&split(b.k_proj.forward(h)), past).permute([0, 2, 1, 3]);
+        let mut v = split(b.v_proj.forward(h)).permute([0, 2, 1, 3]);
+        if let Some(c) = cache {
+            if let (Some(pk), Some(pv)) = (&c.k, &c.v) {
+                k = Tensor::cat(&[pk, &k], 2);
+                v = Tensor::cat(&[pv, &v], 2);
+            }
+            c.k = Some(k.shallow_clone());
+            c.v = Some(v.shallow_clone());
+        }
+        let out = if past == 0 {
+            Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, true, None, false)
+        } else {
+            // Query i sits at absolute position past + i and sees keys up to it.
+            let kpos = Tensor::arange(past + t, (Kind::Int64, h.device())).unsqueeze(0);
+            let qpos = (Tensor::arange(t, (Kind::Int64, h.device())) + past).unsqueeze(1);
+            let mask = kpos.le_tensor(&qpos);
+            Tensor::scaled_dot_product_attention(&q, &k, &v, Some(mask), 0.0, false, None, false)
+        };
+        b.out_proj.forward(&out.permute([0, 2, 1, 3]).reshape([bs, t, nh * hd]))
+    }
+
+    fn mlp(&self, b: &Block, h: &Tensor) -> Tensor {
+        let x = b.fc_in.forward(h);
+        let x = match self.cfg.activation_function.as_str() {
+            "gelu_new" => x.gelu("tanh"),
+            "gelu" => x.gelu("none"),
+            _ => x.relu(),
+        };
+        b.fc_out.forward(&x)
+    }
+}
+
+/// HF's `create_sinusoidal_positions`: angle(p, j) = p / 10000^(2j / rd).
+fn rotary_tables(positions: usize, rd: usize) -> (Tensor, Tensor) {
+    let opts = (Kind::Float, Device::Cpu);
+    let exponent = Tensor::arange_start_step(0, rd as i64, 2, (Kind::Int64, Device::Cpu)).to_kind(Kind::Float) / rd as f64;
+    let inv_freq = Tensor::pow_scalar(10000.0, &exponent).reciprocal();
+    let angles = Tensor::arange(positions as i64, opts).unsqueeze(1) * inv_freq.unsqueeze(0);
+    (angles.sin(), angles.cos())
+}
+
+impl CausalLm for Gptj {
+    fn info(&self) -> ModelInfo {
+        ModelInfo {
+            vocab_size: self.cfg.vocab_size,
+            max_positions: self.cfg.n_positions,
+            hidden: self.cfg.n_embd,
+            blocks: self.cfg.n_layer,
+        }
+    }
+    fn compute_kind(&self) -> Kind {
+        self.kind
+    }
+    fn set_compute_kind(&mut self, kind: Kind) {
+        self.kind = kind;
+    }
+    fn embed(&self, ids: &Tensor) -> Tensor {
+        self.wte.forward(&ids.to_device(self.device())).to_kind(self.kind)
+    }
+    fn block(&self, i: usize, h: &Tensor, cache: Option<&mut LayerCache>) -> Tensor {
+        let b = &self.blocks[i];
+        let x = b.ln_1.forward(h);
+        let attn = self.attention(b, &x, cache);
+        let ff = self.mlp(b, &x);
+        attn + ff + h
+    }
+    fn head(&self, h: &Tensor) -> Tensor {
+        self.lm_head.forward(&self.ln_f.forward(h)).to_kind(Kind::Float)
+    }
+    fn visit_layers(&mut self, f: &mut dyn FnMut(&str, &mut Box<dyn Layer>)) {
+        f("transformer.wte", &mut self.wte);
+        for (i, b) in self.blocks.iter_mut().enumerate() {
+            for (name, l) in [
+                ("attn.q_proj", &mut b.q_proj),
+                ("attn.k_proj", &mut b.k_proj),
+                ("attn.v_proj", &mut b.v_proj),
+                ("attn.out_proj", &mut b.out_proj),
+                ("mlp.fc_in", &mut b.fc_in),
+                ("mlp.fc_out", &mut b.fc_out),
+            ] {
+                f(&format!("transformer.h.{i}.{name}"), l);
+            }
+        }
+        f("lm_head", &mut self.lm_head);
+    }
+}

@@ -1,0 +1,2 @@
+//! Architecture plugins compiled into the crate. Each registers itself with `inventory`.
+pub mod gptj;

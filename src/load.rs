@@ -1,0 +1,165 @@
+//! Loading a model folder (Hugging Face, octet-converted, or GPT-J 8-bit .bin) into a runnable
+//! model, optionally quantizing float modules module by module as they are read.
+use crate::error::{OctetError, Result};
+use crate::io::{dtype, open_checkpoint, TensorStore};
+use crate::manifest::Manifest;
+use crate::model::CausalLm;
+use crate::nn::{registry, LayerMap, LayerTensors, ModuleGraph, Node};
+use crate::quant::{self, fit_code, BlockSize, CodeKind, FitOptions, QuantCode};
+use crate::registry::{resolve, Architecture};
+use crate::spec::PathPattern;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use tch::{Device, Kind, Tensor};
+
+/// How float modules are quantized (on load, or by `convert`).
+#[derive(Clone, Debug)]
+pub struct QuantizeOptions {
+    /// Block size; the architecture's default when `None`.
+    pub block: Option<BlockSize>,
+    /// Which code to use.
+    pub code: CodeKind,
+    /// Modules kept in float beyond what the spec leaves out.
+    pub skip: Vec<PathPattern>,
+}
+
+impl Default for QuantizeOptions {
+    fn default() -> Self {
+        QuantizeOptions { block: None, code: CodeKind::Dynamic, skip: Vec::new() }
+    }
+}
+
+impl QuantizeOptions {
+    /// Applies the walker to `graph` with the spec's selection minus `skip`; returns the
+    /// block size used and the replaced paths.
+    pub fn apply(&self, graph: &mut ModuleGraph, arch: &dyn Architecture) -> (BlockSize, Vec<String>) {
+        let block = self.block.unwrap_or(arch.spec().block_size);
+        let spec = arch.spec();
+        let replaced = graph.quantize_where(block, |p| spec.quantizes(p) && !self.skip.iter().any(|s| s.matches(p)));
+        (block, replaced)
+    }
+}
+
+/// Options of [`load_model`].
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    /// `auto` or a registry name.
+    pub arch: String,
+    /// Compute dtype.
+    pub kind: Kind,
+    /// Device to put the model on.
+    pub device: Device,
+    /// Quantize float modules the spec selects while loading.
+    pub quantize: Option<QuantizeOptions>,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions { arch: "auto".into(), kind: Kind::Float, device: Device::Cpu, quantize: None }
+    }
+}
+
+/// A loaded model and what it was made from.
+pub struct LoadedModel {
+    /// The plugin that built it.
+    pub arch: &'static dyn Architecture,
+    /// The module graph of what was built.
+    pub graph: ModuleGraph,
+    /// The parsed config.json.
+    pub config: serde_json::Value,
+    /// The model.
+    pub model: Box<dyn CausalLm>,
+    /// The folder it came from.
+    pub dir: PathBuf,
+}
+
+/// Reads and parses `dir/config.json`.
+pub fn read_config(dir: &Path) -> Result<serde_json::Value> {
+    let p = dir.join("config.json");
+    let text = std::fs::read_to_string(&p).map_err(|e| OctetError::io(&p, e))?;
+    serde_json::from_str(&text).map_err(|e| OctetError::bad_file(&p, format!("invalid JSON: {e}")))
+}
+
+/// Picks the architecture of a model folder: `arch` unless `auto`, else octet.toml's, else
+/// config.json's.
+pub fn resolve_arch(dir: &Path, arch: &str, config: &serde_json::Value) -> Result<&'static dyn Architecture> {
+    if arch == "auto" {
+        if let Some(m) = Manifest::read(dir)? {
+            return crate::registry::find(&m.arch);
+        }
+    }
+    resolve(arch, config, &dir.join("config.json"))
+}
+
+/// Reads one stored tensor as a CPU tensor of its own dtype.
+pub fn read_tensor(store: &dyn TensorStore, name: &str) -> Result<Tensor> {
+    let meta = store.meta(name).ok_or_else(|| OctetError::bad_file(store.path(), format!("no tensor named {name}")))?;
+    let bytes = store.bytes(name)?;
+    dtype::tensor_from_bytes(meta.dtype, &meta.shape, &bytes)
+}
+
+/// Reads a float tensor's values as f32.
+pub fn read_f32(store: &dyn TensorStore, name: &str) -> Result<Vec<f32>> {
+    let meta = store.meta(name).ok_or_else(|| OctetError::bad_file(store.path(), format!("no tensor named {name}")))?;
+    if !meta.dtype.is_float() {
+        return Err(OctetError::bad_file(store.path(), format!("tensor {name} is {:?}, not floating point", meta.dtype)));
+    }
+    let bytes = store.bytes(name)?;
+    let mut out = vec![0f32; meta.numel()];
+    dtype::float_bytes_to_f32(meta.dtype, &bytes, &mut out)?;
+    Ok(out)
+}
+
+/// The code to quantize `x` with.
+pub fn choose_code(kind: CodeKind, x: &[f32], block: BlockSize) -> Result<QuantCode> {
+    match kind {
+        CodeKind::Dynamic => Ok(QuantCode::dynamic_signed()),
+        CodeKind::Fitted => fit_code(x, block, FitOptions::default()),
+    }
+}
+
+/// Builds one module's layer: reads its tensors, quantizing the weight when `target` is an
+/// 8-bit kind and the stored module is float.
+fn build_node(store: &dyn TensorStore, stored: &Node, target: &Node, block: BlockSize, code: CodeKind) -> Result<Box<dyn crate::nn::Layer>> {
+    let mut tensors = BTreeMap::new();
+    let rep = (stored.kind != target.kind).then(|| registry::replacement_for(&stored.kind)).flatten();
+    for p in &stored.params {
+        let name = stored.tensor_name(&p.name);
+        if rep.is_some_and(|r| r.quantized_param == p.name) {
+            let x = read_f32(store, &name)?;
+            let code = choose_code(code, &x, block)?;
+            let shape: Vec<i64> = p.shape.iter().map(|&d| d as i64).collect();
+            let qz = quant::quantize(&Tensor::from_slice(&x).reshape(shape.as_slice()), block, &code)?;
+            tensors.insert("absmax".to_string(), qz.absmax);
+            tensors.insert("code".to_string(), code.to_tensor());
+            tensors.insert(p.name.clone(), qz.q);
+        } else {
+            tensors.insert(p.name.clone(), read_tensor(store, &name)?);
+        }
+        store.release(&name);
+    }
+    let kind = registry::layer_kind(&target.kind)
+        .ok_or_else(|| OctetError::InvalidArgument(format!("module {}: no layer kind {} is registered", target.path, target.kind)))?;
+    (kind.build)(target, LayerTensors::new(&target.path, tensors))
+}
+
+/// Loads the model in `dir`.
+pub fn load_model(dir: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
+    let config = read_config(dir)?;
+    let arch = resolve_arch(dir, &opts.arch, &config)?;
+    let store = open_checkpoint(dir)?;
+    let stored = ModuleGraph::from_store(store.as_ref(), arch.spec())?;
+    let mut graph = stored.clone();
+    let (block, code) = match &opts.quantize {
+        Some(q) => (q.apply(&mut graph, arch).0, q.code),
+        None => (arch.spec().block_size, CodeKind::Dynamic),
+    };
+    let mut layers = LayerMap::default();
+    for (s, t) in stored.nodes.iter().zip(&graph.nodes) {
+        let mut layer = build_node(store.as_ref(), s, t, block, code)?;
+        layer.to_device(opts.device);
+        layers.insert(t.path.clone(), layer);
+    }
+    let model = arch.build(&config, &mut layers, opts.kind)?;
+    Ok(LoadedModel { arch, graph, config, model, dir: dir.to_path_buf() })
+}

@@ -1,0 +1,142 @@
+//! Frozen blockwise 8-bit layers: the weight stays uint8 + absmax + code and is de-quantized
+//! just in time, living only for the multiplication (or, for embeddings, only the rows looked up).
+use super::graph::Node;
+use super::layer::{check_params, Layer, LayerTensors};
+use super::registry::LayerKind;
+use crate::error::{OctetError, Result};
+use crate::quant::{BlockSize, QuantCode, Quantized, CODE_LEN};
+use tch::{Device, Kind, Tensor};
+
+/// The block size implied by `absmax` entries for `numel` elements. When one block covers the
+/// whole tensor every size ≥ numel is equivalent and 4096 is returned; otherwise the answer
+/// is unique among the powers of two.
+pub fn infer_block_size(numel: usize, absmax_len: usize) -> Option<BlockSize> {
+    if absmax_len == 1 && numel <= 4096 {
+        return BlockSize::new(4096).ok();
+    }
+    (6..=12).map(|e| 1usize << e).find(|b| numel.div_ceil(*b) == absmax_len).and_then(|b| BlockSize::new(b as i64).ok())
+}
+
+fn check_8bit(node: &Node, weight_rank: usize, with_bias: bool) -> std::result::Result<(), String> {
+    let optional: &[(&str, usize)] = if with_bias { &[("bias", 1)] } else { &[] };
+    check_params(node, &[("weight", weight_rank), ("absmax", 1), ("code", 1)], optional)?;
+    let w = node.param("weight").ok_or("no weight")?;
+    let numel: usize = w.shape.iter().product();
+    let absmax = &node.param("absmax").ok_or("no absmax")?.shape;
+    if infer_block_size(numel, absmax[0]).is_none() {
+        return Err(format!("absmax has {} entries, which fits no block size for {numel} elements", absmax[0]));
+    }
+    if node.param("code").ok_or("no code")?.shape != [CODE_LEN] {
+        return Err(format!("code must have {CODE_LEN} entries"));
+    }
+    if let Some(b) = node.param("bias") {
+        if b.shape[0] != w.shape[0] {
+            return Err(format!("bias has {} entries for {} outputs", b.shape[0], w.shape[0]));
+        }
+    }
+    Ok(())
+}
+
+fn quantized_from(t: &mut LayerTensors) -> Result<Quantized> {
+    let q = t.take("weight")?;
+    let absmax = t.take("absmax")?;
+    let code = QuantCode::from_tensor(&t.take("code")?)?;
+    let block = infer_block_size(q.numel(), absmax.numel()).ok_or_else(|| {
+        OctetError::InvalidArgument(format!("module {}: absmax length fits no block size", t.path()))
+    })?;
+    Quantized::from_parts(q, absmax, code, block)
+}
+
+/// A Linear whose frozen weight is blockwise 8-bit.
+pub struct Bnb8Linear {
+    /// The quantized `[out, in]` weight.
+    pub weight: Quantized,
+    /// `[out]`, if any (kept in float).
+    pub bias: Option<Tensor>,
+}
+
+impl Bnb8Linear {
+    /// The weight de-quantized to `kind`.
+    pub fn dequantized_weight(&self, kind: Kind) -> Tensor {
+        self.weight.dequantize(kind).expect("validated 8-bit weight")
+    }
+}
+
+impl Layer for Bnb8Linear {
+    fn kind(&self) -> &'static str {
+        "Bnb8Linear"
+    }
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let k = x.kind();
+        let w = self.dequantized_weight(k);
+        let b = self.bias.as_ref().map(|b| if b.kind() == k { b.shallow_clone() } else { b.to_kind(k) });
+        x.linear(&w, b.as_ref())
+    }
+    fn tensors(&self) -> Vec<(String, Tensor)> {
+        let mut v = vec![
+            ("weight".to_string(), self.weight.q.shallow_clone()),
+            ("absmax".to_string(), self.weight.absmax.shallow_clone()),
+            ("code".to_string(), self.weight.code.to_tensor()),
+        ];
+        if let Some(b) = &self.bias {
+            v.push(("bias".into(), b.shallow_clone()));
+        }
+        v
+    }
+    fn to_device(&mut self, device: Device) {
+        self.weight.q = self.weight.q.to_device(device);
+        self.weight.absmax = self.weight.absmax.to_device(device);
+        self.bias = self.bias.as_ref().map(|b| b.to_device(device));
+    }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+    fn into_any(self: Box<Self>) -> Box<dyn std::any::Any> {
+        self
+    }
+}
+
+/// An Embedding whose frozen table is blockwise 8-bit; a lookup de-quantizes only its rows.
+pub struct Bnb8Embedding {
+    /// The quantized `[vocab, dim]` table.
+    pub weight: Quantized,
+}
+
+impl Layer for Bnb8Embedding {
+    fn kind(&self) -> &'static str {
+        "Bnb8Embedding"
+    }
+    fn forward(&self, ids: &Tensor) -> Tensor {
+        self.weight.dequantize_rows(ids, Kind::Float).expect("token ids checked by the model")
+    }
+    fn tensors(&self) -> Vec<(String, Tensor)> {
+        vec![
+            ("weight".to_string(), self.weight.q.shallow_clone()),
+            ("absmax".to_string(), self.weight.absmax.shallow_clone()),
+            ("code".to_string(), self.weight.code.to_tensor()),
+        ]
+    }
+    fn to_device(&mut self, device: Device) {
+        self.weight.q = self.weight.q.to_device(device);
+        self.weight.absmax = self.weight.absmax.to_device(device);
+    }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+    fn into_any(self: Box<Self>) -> Box<dyn std::any::Any> {
+        self
+    }
+}
+
+fn build_linear(_: &Node, mut t: LayerTensors) -> Result<Box<dyn Layer>> {
+    let weight = quantized_from(&mut t)?;
+    let bias = t.take_opt("bias").map(|b| b.to_kind(Kind::Float));
+    Ok(Box::new(Bnb8Linear { weight, bias }))
+}
+
+fn build_embedding(_: &Node, mut t: LayerTensors) -> Result<Box<dyn Layer>> {
+    Ok(Box::new(Bnb8Embedding { weight: quantized_from(&mut t)? }))
+}
+
+inventory::submit! { LayerKind { name: "Bnb8Linear", check: |n| check_8bit(n, 2, true), build: build_linear } }
+inventory::submit! { LayerKind { name: "Bnb8Embedding", check: |n| check_8bit(n, 2, false), build: build_embedding } }

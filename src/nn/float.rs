@@ -1,0 +1,151 @@
+//! Float layers as found in Hugging Face checkpoints: Linear, Embedding, LayerNorm.
+use super::graph::Node;
+use super::layer::{check_params, Layer, LayerTensors};
+use super::registry::{LayerKind, Replacement};
+use crate::error::Result;
+use tch::{Device, Tensor};
+
+/// `y = x Wᵀ + b`, weight `[out, in]`, cast to the activations' dtype per call.
+pub struct Linear {
+    /// `[out, in]`.
+    pub weight: Tensor,
+    /// `[out]`, if any.
+    pub bias: Option<Tensor>,
+}
+
+impl Layer for Linear {
+    fn kind(&self) -> &'static str {
+        "Linear"
+    }
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let k = x.kind();
+        let w = if self.weight.kind() == k { self.weight.shallow_clone() } else { self.weight.to_kind(k) };
+        let b = self.bias.as_ref().map(|b| if b.kind() == k { b.shallow_clone() } else { b.to_kind(k) });
+        x.linear(&w, b.as_ref())
+    }
+    fn tensors(&self) -> Vec<(String, Tensor)> {
+        let mut v = vec![("weight".to_string(), self.weight.shallow_clone())];
+        if let Some(b) = &self.bias {
+            v.push(("bias".into(), b.shallow_clone()));
+        }
+        v
+    }
+    fn to_device(&mut self, device: Device) {
+        self.weight = self.weight.to_device(device);
+        self.bias = self.bias.as_ref().map(|b| b.to_device(device));
+    }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+    fn into_any(self: Box<Self>) -> Box<dyn std::any::Any> {
+        self
+    }
+}
+
+/// A lookup table `[vocab, dim]`; returns rows in the table's dtype.
+pub struct Embedding {
+    /// `[vocab, dim]`.
+    pub weight: Tensor,
+}
+
+impl Layer for Embedding {
+    fn kind(&self) -> &'static str {
+        "Embedding"
+    }
+    fn forward(&self, ids: &Tensor) -> Tensor {
+        Tensor::embedding(&self.weight, ids, -1, false, false)
+    }
+    fn tensors(&self) -> Vec<(String, Tensor)> {
+        vec![("weight".into(), self.weight.shallow_clone())]
+    }
+    fn to_device(&mut self, device: Device) {
+        self.weight = self.weight.to_device(device);
+    }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+    fn into_any(self: Box<Self>) -> Box<dyn std::any::Any> {
+        self
+    }
+}
+
+/// Layer normalisation over the last dimension, computed in f32.
+pub struct LayerNorm {
+    /// Scale `[dim]`.
+    pub weight: Tensor,
+    /// Shift `[dim]`.
+    pub bias: Option<Tensor>,
+    /// Epsilon; set by the architecture from its config.
+    pub eps: f64,
+}
+
+impl Layer for LayerNorm {
+    fn kind(&self) -> &'static str {
+        "LayerNorm"
+    }
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let d = self.weight.size();
+        let xf = x.to_kind(tch::Kind::Float);
+        xf.layer_norm(d.as_slice(), Some(&self.weight), self.bias.as_ref(), self.eps, false).to_kind(x.kind())
+    }
+    fn tensors(&self) -> Vec<(String, Tensor)> {
+        let mut v = vec![("weight".to_string(), self.weight.shallow_clone())];
+        if let Some(b) = &self.bias {
+            v.push(("bias".into(), b.shallow_clone()));
+        }
+        v
+    }
+    fn to_device(&mut self, device: Device) {
+        self.weight = self.weight.to_device(device);
+        self.bias = self.bias.as_ref().map(|b| b.to_device(device));
+    }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+    fn into_any(self: Box<Self>) -> Box<dyn std::any::Any> {
+        self
+    }
+}
+
+fn f32_tensor(t: Tensor) -> Tensor {
+    if t.is_floating_point() && t.kind() != tch::Kind::Float {
+        t.to_kind(tch::Kind::Float)
+    } else {
+        t
+    }
+}
+
+fn check_linear(node: &Node) -> std::result::Result<(), String> {
+    check_params(node, &[("weight", 2)], &[("bias", 1)])?;
+    let w = &node.param("weight").ok_or("no weight")?.shape;
+    match node.param("bias") {
+        Some(b) if b.shape[0] != w[0] => Err(format!("bias has {} entries for {} outputs", b.shape[0], w[0])),
+        _ => Ok(()),
+    }
+}
+
+fn build_linear(_: &Node, mut t: LayerTensors) -> Result<Box<dyn Layer>> {
+    Ok(Box::new(Linear { weight: f32_tensor(t.take("weight")?), bias: t.take_opt("bias").map(f32_tensor) }))
+}
+
+fn check_embedding(node: &Node) -> std::result::Result<(), String> {
+    check_params(node, &[("weight", 2)], &[])
+}
+
+fn build_embedding(_: &Node, mut t: LayerTensors) -> Result<Box<dyn Layer>> {
+    Ok(Box::new(Embedding { weight: f32_tensor(t.take("weight")?) }))
+}
+
+fn check_norm(node: &Node) -> std::result::Result<(), String> {
+    check_params(node, &[("weight", 1)], &[("bias", 1)])
+}
+
+fn build_norm(_: &Node, mut t: LayerTensors) -> Result<Box<dyn Layer>> {
+    Ok(Box::new(LayerNorm { weight: f32_tensor(t.take("weight")?), bias: t.take_opt("bias").map(f32_tensor), eps: 1e-5 }))
+}
+
+inventory::submit! { LayerKind { name: "Linear", check: check_linear, build: build_linear } }
+inventory::submit! { LayerKind { name: "Embedding", check: check_embedding, build: build_embedding } }
+inventory::submit! { LayerKind { name: "LayerNorm", check: check_norm, build: build_norm } }
+inventory::submit! { Replacement { from: "Linear", to: "Bnb8Linear", quantized_param: "weight" } }
+inventory::submit! { Replacement { from: "Embedding", to: "Bnb8Embedding", quantized_param: "weight" } }

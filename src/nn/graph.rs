@@ -1,0 +1,219 @@
+//! octet's module graph: the named modules of a model (Hugging Face paths), each with a layer
+//! kind and the tensors it holds. It describes a checkpoint without loading it, so conversion
+//! and `inspect` work on models far bigger than memory.
+use super::registry;
+use crate::error::{OctetError, Result};
+use crate::io::{Dtype, TensorStore};
+use crate::quant::{BlockSize, CODE_LEN};
+use crate::spec::Spec;
+use std::cmp::Ordering;
+use std::fmt::Write;
+
+/// One tensor of a module.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ParamInfo {
+    /// The last path segment (`weight`, `bias`, `absmax`, `code`).
+    pub name: String,
+    /// Element type.
+    pub dtype: Dtype,
+    /// Shape.
+    pub shape: Vec<usize>,
+}
+
+impl ParamInfo {
+    /// Bytes of the data.
+    pub fn nbytes(&self) -> usize {
+        self.shape.iter().product::<usize>() * self.dtype.size()
+    }
+}
+
+/// A module: its path, its layer kind and its tensors.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Node {
+    /// Hugging Face path, e.g. `transformer.h.0.attn.q_proj`.
+    pub path: String,
+    /// Layer kind, e.g. `Linear` or `Bnb8Linear`.
+    pub kind: String,
+    /// Its tensors.
+    pub params: Vec<ParamInfo>,
+}
+
+impl Node {
+    /// The tensor named `name`, if present.
+    pub fn param(&self, name: &str) -> Option<&ParamInfo> {
+        self.params.iter().find(|p| p.name == name)
+    }
+
+    /// Full tensor name of parameter `name`.
+    pub fn tensor_name(&self, name: &str) -> String {
+        format!("{}.{}", self.path, name)
+    }
+
+    /// Bytes held by the module.
+    pub fn nbytes(&self) -> usize {
+        self.params.iter().map(ParamInfo::nbytes).sum()
+    }
+}
+
+/// The modules of a model, in natural path order (`h.2` before `h.10`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ModuleGraph {
+    /// The modules.
+    pub nodes: Vec<Node>,
+}
+
+/// Orders paths segment by segment, numbers numerically.
+pub fn natural_cmp(a: &str, b: &str) -> Ordering {
+    let mut sa = a.split('.');
+    let mut sb = b.split('.');
+    loop {
+        match (sa.next(), sb.next()) {
+            (None, None) => return Ordering::Equal,
+            (None, Some(_)) => return Ordering::Less,
+            (Some(_), None) => return Ordering::Greater,
+            (Some(x), Some(y)) => {
+                let o = match (x.parse::<u64>(), y.parse::<u64>()) {
+                    (Ok(i), Ok(j)) => i.cmp(&j),
+                    _ => x.cmp(y),
+                };
+                if o != Ordering::Equal {
+                    return o;
+                }
+            }
+        }
+    }
+}
+
+fn param_rank(name: &str) -> usize {
+    ["weight", "bias", "absmax", "code"].iter().position(|&n| n == name).unwrap_or(4)
+}
+
+impl ModuleGraph {
+    /// Describes the modules of a checkpoint, giving each the kind `spec` names for its path.
+    /// Modules already in 8-bit form (a uint8 weight with `absmax` and `code`) get the
+    /// registered 8-bit kind. Tensors the spec ignores are left out; a tensor that belongs to
+    /// no known module is an error naming it.
+    pub fn from_store(store: &dyn TensorStore, spec: &Spec) -> Result<Self> {
+        let mut nodes: Vec<Node> = Vec::new();
+        let mut index = std::collections::HashMap::new();
+        for name in store.names() {
+            if spec.ignores(&name) {
+                continue;
+            }
+            let meta = store
+                .meta(&name)
+                .ok_or_else(|| OctetError::bad_file(store.path(), format!("tensor {name} is listed but has no data")))?;
+            let (path, pname) = name.rsplit_once('.').unwrap_or(("", name.as_str()));
+            let i = *index.entry(path.to_string()).or_insert_with(|| {
+                nodes.push(Node { path: path.to_string(), kind: String::new(), params: Vec::new() });
+                nodes.len() - 1
+            });
+            nodes[i].params.push(ParamInfo { name: pname.to_string(), dtype: meta.dtype, shape: meta.shape });
+        }
+        for node in &mut nodes {
+            let base = spec.module_kind(&node.path).ok_or_else(|| {
+                OctetError::bad_file(
+                    store.path(),
+                    format!(
+                        "tensor {} belongs to no module the {} architecture knows",
+                        node.tensor_name(&node.params[0].name),
+                        spec.name
+                    ),
+                )
+            })?;
+            let is_8bit = node.param("absmax").is_some()
+                && node.param("code").is_some()
+                && node.params.iter().any(|p| p.dtype == Dtype::U8);
+            node.kind = if is_8bit {
+                registry::replacement_for(base)
+                    .ok_or_else(|| {
+                        OctetError::bad_file(store.path(), format!("module {} is 8-bit but {base} has no 8-bit kind", node.path))
+                    })?
+                    .to
+                    .to_string()
+            } else {
+                base.to_string()
+            };
+            node.params.sort_by(|a, b| param_rank(&a.name).cmp(&param_rank(&b.name)).then(a.name.cmp(&b.name)));
+        }
+        nodes.sort_by(|a, b| natural_cmp(&a.path, &b.path));
+        let graph = ModuleGraph { nodes };
+        graph.check_shapes(store.path())?;
+        Ok(graph)
+    }
+
+    /// Checks each registered kind's tensors are present with consistent shapes.
+    fn check_shapes(&self, origin: &std::path::Path) -> Result<()> {
+        for node in &self.nodes {
+            if let Some(kind) = registry::layer_kind(&node.kind) {
+                (kind.check)(node).map_err(|problem| OctetError::bad_file(origin, format!("module {}: {problem}", node.path)))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The walker: replaces every module that `select` accepts and whose kind has a registered
+    /// 8-bit replacement. Returns the replaced paths.
+    pub fn quantize_where(&mut self, block: BlockSize, mut select: impl FnMut(&str) -> bool) -> Vec<String> {
+        let mut replaced = Vec::new();
+        for node in &mut self.nodes {
+            let Some(rep) = registry::replacement_for(&node.kind) else { continue };
+            if !select(&node.path) {
+                continue;
+            }
+            let Some(p) = node.params.iter_mut().find(|p| p.name == rep.quantized_param) else { continue };
+            p.dtype = Dtype::U8;
+            let numel: usize = p.shape.iter().product();
+            node.params.push(ParamInfo { name: "absmax".into(), dtype: Dtype::F32, shape: vec![block.blocks_for(numel)] });
+            node.params.push(ParamInfo { name: "code".into(), dtype: Dtype::F32, shape: vec![CODE_LEN] });
+            node.params.sort_by(|a, b| param_rank(&a.name).cmp(&param_rank(&b.name)));
+            node.kind = rep.to.to_string();
+            replaced.push(node.path.clone());
+        }
+        replaced
+    }
+
+    /// The module at `path`.
+    pub fn node(&self, path: &str) -> Option<&Node> {
+        self.nodes.iter().find(|n| n.path == path)
+    }
+
+    /// Total bytes of all tensors.
+    pub fn nbytes(&self) -> usize {
+        self.nodes.iter().map(Node::nbytes).sum()
+    }
+
+    /// The text `octet inspect` prints: one line per tensor (path, kind, shape, dtype, bytes),
+    /// then totals per kind and overall.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(out, "{:<44} {:<14} {:<16} {:<5} {:>14}", "tensor", "kind", "shape", "dtype", "bytes");
+        for node in &self.nodes {
+            for p in &node.params {
+                let shape = format!("{:?}", p.shape);
+                let _ = writeln!(
+                    out,
+                    "{:<44} {:<14} {:<16} {:<5} {:>14}",
+                    node.tensor_name(&p.name),
+                    node.kind,
+                    shape,
+                    p.dtype.safetensors_name(),
+                    p.nbytes()
+                );
+            }
+        }
+        let mut per_kind: std::collections::BTreeMap<&str, (usize, usize)> = Default::default();
+        for node in &self.nodes {
+            let e = per_kind.entry(&node.kind).or_default();
+            e.0 += 1;
+            e.1 += node.nbytes();
+        }
+        let _ = writeln!(out);
+        for (kind, (n, bytes)) in per_kind {
+            let _ = writeln!(out, "{kind:<14} {n:>5} modules {bytes:>14} bytes");
+        }
+        let tensors: usize = self.nodes.iter().map(|n| n.params.len()).sum();
+        let _ = writeln!(out, "total: {} modules, {tensors} tensors, {} bytes", self.nodes.len(), self.nbytes());
+        out
+    }
+}

@@ -1,0 +1,110 @@
+//! The runtime side of a module: a [`Layer`] built from its tensors.
+use crate::error::{OctetError, Result};
+use std::collections::BTreeMap;
+use tch::{Device, Tensor};
+
+/// A built module. Layers are called with activations of the compute dtype and return the
+/// same dtype; frozen weights are converted (or de-quantized) to it just in time.
+pub trait Layer: Send {
+    /// The kind name (matches its [`super::registry::LayerKind`]).
+    fn kind(&self) -> &'static str;
+    /// Applies the layer: a projection of `x`, or an embedding lookup when `x` holds ids.
+    fn forward(&self, x: &Tensor) -> Tensor;
+    /// The tensors the layer holds, under their parameter names (shallow clones).
+    fn tensors(&self) -> Vec<(String, Tensor)>;
+    /// Moves every tensor to `device`.
+    fn to_device(&mut self, device: Device);
+    /// The layer as `Any`, for architecture code that needs the concrete type.
+    fn as_any(&self) -> &dyn std::any::Any;
+    /// The boxed layer as `Any`, to take ownership of the concrete type.
+    fn into_any(self: Box<Self>) -> Box<dyn std::any::Any>;
+}
+
+/// A module's tensors by parameter name, handed to a layer kind's `build`.
+pub struct LayerTensors {
+    path: String,
+    tensors: BTreeMap<String, Tensor>,
+}
+
+impl LayerTensors {
+    /// Wraps the tensors of module `path`.
+    pub fn new(path: impl Into<String>, tensors: BTreeMap<String, Tensor>) -> Self {
+        LayerTensors { path: path.into(), tensors }
+    }
+
+    /// Takes a required tensor.
+    pub fn take(&mut self, name: &str) -> Result<Tensor> {
+        self.tensors
+            .remove(name)
+            .ok_or_else(|| OctetError::InvalidArgument(format!("module {} has no tensor '{name}'", self.path)))
+    }
+
+    /// Takes an optional tensor.
+    pub fn take_opt(&mut self, name: &str) -> Option<Tensor> {
+        self.tensors.remove(name)
+    }
+
+    /// The module path.
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+}
+
+/// Built layers by module path; an architecture takes the ones it needs.
+#[derive(Default)]
+pub struct LayerMap {
+    layers: BTreeMap<String, Box<dyn Layer>>,
+}
+
+impl LayerMap {
+    /// Adds the layer for `path`.
+    pub fn insert(&mut self, path: String, layer: Box<dyn Layer>) {
+        self.layers.insert(path, layer);
+    }
+
+    /// Takes the layer at `path`; an error names the missing module.
+    pub fn take(&mut self, path: &str) -> Result<Box<dyn Layer>> {
+        self.layers
+            .remove(path)
+            .ok_or_else(|| OctetError::InvalidArgument(format!("the checkpoint has no module {path}")))
+    }
+
+    /// Takes the layer at `path` as concrete type `T`; an error names the module and the kind
+    /// found.
+    pub fn take_as<T: Layer + 'static>(&mut self, path: &str) -> Result<T> {
+        let layer = self.take(path)?;
+        let kind = layer.kind();
+        layer.into_any().downcast::<T>().map(|b| *b).map_err(|_| {
+            OctetError::InvalidArgument(format!("module {path} is a {kind}, not the kind this architecture expects"))
+        })
+    }
+
+    /// Paths not taken yet.
+    pub fn remaining(&self) -> Vec<&str> {
+        self.layers.keys().map(String::as_str).collect()
+    }
+}
+
+/// Checks that a module has exactly the tensors `required` (+ `optional`), with the given
+/// ranks.
+pub fn check_params(node: &super::graph::Node, required: &[(&str, usize)], optional: &[(&str, usize)]) -> std::result::Result<(), String> {
+    for (name, rank) in required {
+        match node.param(name) {
+            None => return Err(format!("{} is missing tensor '{name}'", node.kind)),
+            Some(p) if p.shape.len() != *rank => {
+                return Err(format!("tensor '{name}' has shape {:?}, expected {rank} dimensions", p.shape))
+            }
+            _ => {}
+        }
+    }
+    for p in &node.params {
+        match required.iter().chain(optional).find(|(n, _)| *n == p.name) {
+            None => return Err(format!("unexpected tensor '{}' for a {}", p.name, node.kind)),
+            Some((_, rank)) if p.shape.len() != *rank => {
+                return Err(format!("tensor '{}' has shape {:?}, expected {rank} dimensions", p.name, p.shape))
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}

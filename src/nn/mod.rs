@@ -1,0 +1,9 @@
+//! octet's module graph, layer kinds and the 8-bit replacements.
+pub mod bnb8;
+pub mod float;
+pub mod graph;
+pub mod layer;
+pub mod registry;
+
+pub use graph::{ModuleGraph, Node, ParamInfo};
+pub use layer::{Layer, LayerMap, LayerTensors};

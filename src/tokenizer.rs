@@ -1,0 +1,163 @@
+//! Text ↔ token ids, through the Hugging Face `tokenizers` crate.
+//!
+//! A model folder either carries a full `tokenizer.json`, or only the classic GPT-2 pair
+//! `vocab.json` + `merges.txt`; the latter is rebuilt here exactly as transformers'
+//! `GPT2TokenizerFast(vocab_file, merges_file)` does (byte-level BPE, no prefix space).
+use crate::error::{OctetError, Result};
+use std::collections::HashMap;
+use std::path::Path;
+use tokenizers::models::bpe::{Merges, Vocab, BPE};
+use tokenizers::{decoders, pre_tokenizers, processors, AddedToken};
+
+/// Tokens taken as end-of-sequence, in order of preference, when present in the vocabulary.
+const EOS_CANDIDATES: [&str; 4] = ["<|endoftext|>", "</s>", "<|im_end|>", "<|eos|>"];
+
+/// A loaded tokenizer plus the end-of-sequence id octet uses to separate documents.
+#[derive(Clone)]
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    eos: Option<u32>,
+}
+
+impl std::fmt::Debug for Tokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tokenizer")
+            .field("vocab_size", &self.vocab_size())
+            .field("eos", &self.eos)
+            .finish()
+    }
+}
+
+impl Tokenizer {
+    /// Loads the tokenizer of a model folder: `dir/tokenizer.json` when present, otherwise a
+    /// GPT-2 style byte-level BPE built from `dir/vocab.json` + `dir/merges.txt`.
+    pub fn from_dir(dir: impl AsRef<Path>) -> Result<Self> {
+        let dir = dir.as_ref();
+        let json = dir.join("tokenizer.json");
+        if json.is_file() {
+            let inner = tokenizers::Tokenizer::from_file(&json)
+                .map_err(|e| OctetError::bad_file(&json, format!("not a usable tokenizer: {e}")))?;
+            return Ok(Self::from_tokenizers(inner));
+        }
+        let vocab = dir.join("vocab.json");
+        let merges = dir.join("merges.txt");
+        if vocab.is_file() && merges.is_file() {
+            return Self::from_vocab_merges(&vocab, &merges);
+        }
+        Err(OctetError::bad_file(
+            dir,
+            "no tokenizer found: expected tokenizer.json, or vocab.json + merges.txt",
+        ))
+    }
+
+    /// Builds a GPT-2 style byte-level BPE from a `vocab.json` (token → id) and a `merges.txt`
+    /// (one "left right" pair per line, optional `#version` header).
+    pub fn from_vocab_merges(vocab_path: &Path, merges_path: &Path) -> Result<Self> {
+        let text =
+            std::fs::read_to_string(vocab_path).map_err(|e| OctetError::io(vocab_path, e))?;
+        let map: HashMap<String, u32> = serde_json::from_str(&text).map_err(|e| {
+            OctetError::bad_file(vocab_path, format!("not a JSON object of token → id: {e}"))
+        })?;
+        if map.is_empty() {
+            return Err(OctetError::bad_file(vocab_path, "the vocabulary is empty"));
+        }
+        let vocab: Vocab = map.into_iter().collect();
+
+        let text =
+            std::fs::read_to_string(merges_path).map_err(|e| OctetError::io(merges_path, e))?;
+        let mut merges: Merges = Vec::new();
+        for (i, line) in text.lines().enumerate() {
+            // Same rules as tokenizers' own reader: skip the version header; blank lines carry
+            // nothing (the GPT-2 file ends with one).
+            if line.starts_with("#version") || line.is_empty() {
+                continue;
+            }
+            let mut parts = line.split(' ');
+            match (parts.next(), parts.next(), parts.next()) {
+                (Some(a), Some(b), None) if !a.is_empty() && !b.is_empty() => {
+                    merges.push((a.to_string(), b.to_string()))
+                }
+                _ => {
+                    return Err(OctetError::bad_file(
+                        merges_path,
+                        format!("line {}: expected two tokens separated by one space", i + 1),
+                    ))
+                }
+            }
+        }
+
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .build()
+            .map_err(|e| OctetError::bad_file(merges_path, format!("cannot build BPE: {e}")))?;
+        let mut inner = tokenizers::Tokenizer::new(bpe);
+        inner
+            .with_pre_tokenizer(Some(pre_tokenizers::byte_level::ByteLevel::new(
+                false, true, true,
+            )))
+            .with_decoder(Some(decoders::byte_level::ByteLevel::default()))
+            .with_post_processor(Some(processors::byte_level::ByteLevel::new(
+                false, false, true,
+            )));
+        // transformers registers the GPT-2 eos/bos/unk (<|endoftext|>) as a special token, so a
+        // literal "<|endoftext|>" in text maps to its id instead of being split into pieces.
+        let specials: Vec<AddedToken> = EOS_CANDIDATES
+            .iter()
+            .filter(|t| inner.token_to_id(t).is_some())
+            .map(|t| AddedToken::from(*t, true))
+            .collect();
+        inner.add_special_tokens(&specials);
+        Ok(Self::from_tokenizers(inner))
+    }
+
+    /// Wraps a tokenizer built elsewhere (e.g. from GGUF metadata). The EOS id is guessed from
+    /// the vocabulary; override it with [`Tokenizer::set_eos_id`].
+    pub fn from_tokenizers(inner: tokenizers::Tokenizer) -> Self {
+        let eos = EOS_CANDIDATES.iter().find_map(|t| inner.token_to_id(t));
+        Self { inner, eos }
+    }
+
+    /// Sets (or clears) the end-of-sequence id, for callers that know it from model metadata.
+    pub fn set_eos_id(&mut self, eos: Option<u32>) {
+        self.eos = eos;
+    }
+
+    /// Token ids of `text`, without any special tokens added around it.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self
+            .inner
+            .encode_fast(text, false)
+            .map_err(|e| OctetError::InvalidArgument(format!("tokenization failed: {e}")))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// The text of `ids` (special tokens included). Ids outside the vocabulary are an error
+    /// rather than being silently dropped.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        if let Some(bad) = ids.iter().find(|&&id| self.inner.id_to_token(id).is_none()) {
+            return Err(OctetError::InvalidArgument(format!(
+                "token id {bad} is not in the vocabulary (size {})",
+                self.vocab_size()
+            )));
+        }
+        self.inner
+            .decode(ids, false)
+            .map_err(|e| OctetError::InvalidArgument(format!("detokenization failed: {e}")))
+    }
+
+    /// The end-of-sequence id: `<|endoftext|>`, `</s>`, `<|im_end|>` or `<|eos|>`, the first
+    /// found in the vocabulary (unless set explicitly).
+    pub fn eos_id(&self) -> Option<u32> {
+        self.eos
+    }
+
+    /// Number of ids, added tokens included.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// The wrapped `tokenizers` tokenizer.
+    pub fn inner(&self) -> &tokenizers::Tokenizer {
+        &self.inner
+    }
+}

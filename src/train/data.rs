@@ -1,0 +1,719 @@
+//! Training data: files → fixed-length token sequences → shuffled batches.
+//!
+//! Three input formats:
+//! - **Text** (any file not ending in `.jsonl`/`.json`): the whole file is one document.
+//! - **JSONL text** (`{"text": "..."}` per line): each line is one document.
+//! - **Prompt/completion** (`{"prompt": "...", "completion": "..."}` per line): one sequence per
+//!   line, loss only on the completion.
+//!
+//! Documents are tokenized without special tokens, joined with the tokenizer's EOS token (when
+//! it has one), concatenated and cut into `seq_len` windows ("packing", as transformers'
+//! `run_clm.py`). A final window shorter than `seq_len` is kept, padded, when it holds at least
+//! half of `seq_len` tokens, and dropped otherwise — so small corpora do not lose up to a whole
+//! window, while a few stray tokens do not become a mostly-padding sequence. Labels follow the
+//! Hugging Face convention: equal to the inputs (the model shifts them) with [`IGNORE_INDEX`]
+//! where no loss is wanted.
+//!
+//! Shuffling uses a SplitMix64 generator written here, so a seed gives the same split and batch
+//! order on every platform and crate version.
+use crate::error::{OctetError, Result};
+use crate::tokenizer::Tokenizer;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::path::Path;
+use std::str::FromStr;
+use tch::Tensor;
+
+/// Label value that excludes a position from the loss (PyTorch's `ignore_index`).
+pub const IGNORE_INDEX: i64 = -100;
+
+/// How a data file is read.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DataFormat {
+    /// Plain text: the whole file is one document.
+    Text,
+    /// JSON Lines with one document per line in the string field `field`.
+    JsonlText {
+        /// Name of the field holding the text.
+        field: String,
+    },
+    /// JSON Lines with string fields `prompt` and `completion`; loss on the completion only.
+    PromptCompletion,
+}
+
+impl DataFormat {
+    /// The format of `path`, guessed as [`Dataset::load`] does: `.jsonl`/`.json` files are
+    /// prompt/completion when their first non-empty line has both fields, JSONL text (field
+    /// `text`) otherwise; anything else is plain text.
+    pub fn detect(path: &Path) -> Result<Self> {
+        if !has_json_extension(path) {
+            return Ok(Self::Text);
+        }
+        let text = read_text(path)?;
+        detect_json_lines(path, &text)
+    }
+}
+
+impl FromStr for DataFormat {
+    type Err = OctetError;
+
+    /// Parses `text`, `jsonl` (field `text`), `jsonl:FIELD` or `prompt-completion`.
+    fn from_str(s: &str) -> Result<Self> {
+        let s = s.trim();
+        match s.to_ascii_lowercase().as_str() {
+            "text" | "txt" => return Ok(Self::Text),
+            "jsonl" => {
+                return Ok(Self::JsonlText {
+                    field: "text".into(),
+                })
+            }
+            "prompt-completion" | "prompt_completion" => return Ok(Self::PromptCompletion),
+            _ => {}
+        }
+        match s.split_once(':') {
+            Some((kind, field)) if kind.eq_ignore_ascii_case("jsonl") && !field.is_empty() => {
+                Ok(Self::JsonlText {
+                    field: field.to_string(),
+                })
+            }
+            _ => Err(OctetError::InvalidArgument(format!(
+                "unknown data format {s:?}: expected text, jsonl, jsonl:FIELD or prompt-completion"
+            ))),
+        }
+    }
+}
+
+impl fmt::Display for DataFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Text => f.write_str("text"),
+            Self::JsonlText { field } => write!(f, "jsonl:{field}"),
+            Self::PromptCompletion => f.write_str("prompt-completion"),
+        }
+    }
+}
+
+/// One training example of exactly `seq_len` tokens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sequence {
+    /// Token ids (padding included).
+    pub input_ids: Vec<i64>,
+    /// Equal to `input_ids`, except [`IGNORE_INDEX`] where no loss is taken (prompt, padding).
+    /// Not shifted: the model shifts labels itself.
+    pub labels: Vec<i64>,
+}
+
+/// What loading a file produced, for logs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoadStats {
+    /// The format the file was read as.
+    pub format: DataFormat,
+    /// Non-empty documents (text format: 1) or prompt/completion records read.
+    pub documents: usize,
+    /// Tokens produced, EOS separators included, padding excluded.
+    pub tokens: usize,
+    /// Prompt/completion records cut to `seq_len`.
+    pub truncated: usize,
+    /// Prompt/completion records dropped because no completion token fit in `seq_len`.
+    pub dropped: usize,
+}
+
+/// A tokenized data file split into training and held-out sequences.
+#[derive(Debug, Clone)]
+pub struct Dataset {
+    /// Training sequences, shuffled.
+    pub train: Vec<Sequence>,
+    /// Held-out sequences for evaluation.
+    pub eval: Vec<Sequence>,
+    /// What loading produced.
+    pub stats: LoadStats,
+}
+
+impl Dataset {
+    /// Reads `path` (format detected from it unless `format` is given), tokenizes it into
+    /// sequences of `seq_len`, shuffles them with `seed` and holds out `eval_fraction` of them
+    /// (at least one when there are two or more and the fraction is positive; never all).
+    pub fn load(
+        path: impl AsRef<Path>,
+        tokenizer: &Tokenizer,
+        seq_len: usize,
+        eval_fraction: f64,
+        seed: u64,
+        format: Option<DataFormat>,
+    ) -> Result<Self> {
+        check_fraction(eval_fraction)?;
+        let (sequences, stats) = load_sequences(path.as_ref(), tokenizer, seq_len, format)?;
+        let (train, eval) = split(sequences, eval_fraction, seed)?;
+        Ok(Self { train, eval, stats })
+    }
+}
+
+/// Shuffles `sequences` with `seed` and splits off `eval_fraction` of them as (train, eval).
+pub fn split(
+    mut sequences: Vec<Sequence>,
+    eval_fraction: f64,
+    seed: u64,
+) -> Result<(Vec<Sequence>, Vec<Sequence>)> {
+    check_fraction(eval_fraction)?;
+    let n = sequences.len();
+    shuffle(&mut sequences, &mut SplitMix64::new(seed));
+    let n_eval = if eval_fraction > 0.0 && n >= 2 {
+        ((n as f64 * eval_fraction).round() as usize).clamp(1, n - 1)
+    } else {
+        0
+    };
+    let train = sequences.split_off(n_eval);
+    Ok((train, sequences))
+}
+
+fn check_fraction(eval_fraction: f64) -> Result<()> {
+    if !(0.0..1.0).contains(&eval_fraction) {
+        return Err(OctetError::InvalidArgument(format!(
+            "eval fraction must be in [0, 1), got {eval_fraction}"
+        )));
+    }
+    Ok(())
+}
+
+/// Reads and tokenizes `path` into sequences of `seq_len`, in file order (no shuffling).
+pub fn load_sequences(
+    path: &Path,
+    tokenizer: &Tokenizer,
+    seq_len: usize,
+    format: Option<DataFormat>,
+) -> Result<(Vec<Sequence>, LoadStats)> {
+    if seq_len < 2 {
+        return Err(OctetError::InvalidArgument(format!(
+            "seq_len must be at least 2 (one prediction needs two tokens), got {seq_len}"
+        )));
+    }
+    let text = read_text(path)?;
+    let format = match format {
+        Some(f) => f,
+        None if has_json_extension(path) => detect_json_lines(path, &text)?,
+        None => DataFormat::Text,
+    };
+    let eos = tokenizer.eos_id().map(i64::from);
+    match &format {
+        DataFormat::Text => {
+            if text.trim().is_empty() {
+                return Err(no_text(path, "the file holds only whitespace"));
+            }
+            let docs = [text.as_str()];
+            pack(path, tokenizer, &docs, seq_len, eos, format.clone())
+        }
+        DataFormat::JsonlText { field } => {
+            let mut docs = Vec::new();
+            for (line_no, record) in json_lines(path, &text) {
+                let value = string_field(path, line_no, &record?, field)?;
+                if !value.trim().is_empty() {
+                    docs.push(value);
+                }
+            }
+            if docs.is_empty() {
+                return Err(no_text(path, &format!("every {field:?} field is empty")));
+            }
+            let docs: Vec<&str> = docs.iter().map(String::as_str).collect();
+            pack(path, tokenizer, &docs, seq_len, eos, format.clone())
+        }
+        DataFormat::PromptCompletion => prompt_completion(path, tokenizer, &text, seq_len, eos),
+    }
+}
+
+/// Cuts a token stream into `seq_len` windows under the module's tail rule (a final window is
+/// kept, padded with `pad_id`, when it holds at least half of `seq_len` and at least 2 tokens).
+pub fn chunk_tokens(tokens: &[i64], seq_len: usize, pad_id: i64) -> Vec<Sequence> {
+    let min_tail = min_tail(seq_len);
+    tokens
+        .chunks(seq_len.max(1))
+        .filter(|c| c.len() == seq_len || c.len() >= min_tail)
+        .map(|c| padded(c.to_vec(), c.to_vec(), seq_len, pad_id))
+        .collect()
+}
+
+fn min_tail(seq_len: usize) -> usize {
+    seq_len.div_ceil(2).max(2)
+}
+
+/// Pads ids with `pad_id` and labels with IGNORE_INDEX up to `seq_len`.
+fn padded(mut ids: Vec<i64>, mut labels: Vec<i64>, seq_len: usize, pad_id: i64) -> Sequence {
+    ids.resize(seq_len, pad_id);
+    labels.resize(seq_len, IGNORE_INDEX);
+    Sequence {
+        input_ids: ids,
+        labels,
+    }
+}
+
+fn encode_all(tokenizer: &Tokenizer, docs: &[&str]) -> Result<Vec<Vec<u32>>> {
+    docs.par_iter().map(|d| tokenizer.encode(d)).collect()
+}
+
+fn pack(
+    path: &Path,
+    tokenizer: &Tokenizer,
+    docs: &[&str],
+    seq_len: usize,
+    eos: Option<i64>,
+    format: DataFormat,
+) -> Result<(Vec<Sequence>, LoadStats)> {
+    let encoded = encode_all(tokenizer, docs)?;
+    let mut tokens: Vec<i64> = Vec::with_capacity(encoded.iter().map(Vec::len).sum::<usize>());
+    for (i, doc) in encoded.iter().enumerate() {
+        // EOS between documents, so the model learns where one ends and the next begins.
+        if i > 0 {
+            tokens.extend(eos);
+        }
+        tokens.extend(doc.iter().map(|&t| i64::from(t)));
+    }
+    let sequences = chunk_tokens(&tokens, seq_len, eos.unwrap_or(0));
+    if sequences.is_empty() {
+        return Err(OctetError::bad_file(
+            path,
+            format!(
+                "too few tokens: the file gives {} tokens, but one sequence of seq_len {seq_len} \
+                 needs at least {}",
+                tokens.len(),
+                min_tail(seq_len)
+            ),
+        ));
+    }
+    let stats = LoadStats {
+        format,
+        documents: docs.len(),
+        tokens: tokens.len(),
+        truncated: 0,
+        dropped: 0,
+    };
+    Ok((sequences, stats))
+}
+
+fn prompt_completion(
+    path: &Path,
+    tokenizer: &Tokenizer,
+    text: &str,
+    seq_len: usize,
+    eos: Option<i64>,
+) -> Result<(Vec<Sequence>, LoadStats)> {
+    let mut pairs = Vec::new();
+    for (line_no, record) in json_lines(path, text) {
+        let record = record?;
+        let prompt = string_field(path, line_no, &record, "prompt")?;
+        let completion = string_field(path, line_no, &record, "completion")?;
+        pairs.push((prompt, completion));
+    }
+    if pairs.is_empty() {
+        return Err(no_text(path, "no prompt/completion records"));
+    }
+    let encoded: Vec<(Vec<u32>, Vec<u32>)> = pairs
+        .par_iter()
+        .map(|(p, c)| Ok((tokenizer.encode(p)?, tokenizer.encode(c)?)))
+        .collect::<Result<_>>()?;
+
+    let pad_id = eos.unwrap_or(0);
+    let mut stats = LoadStats {
+        format: DataFormat::PromptCompletion,
+        documents: encoded.len(),
+        tokens: 0,
+        truncated: 0,
+        dropped: 0,
+    };
+    let mut sequences = Vec::with_capacity(encoded.len());
+    for (prompt, completion) in encoded {
+        let mut ids: Vec<i64> = prompt.iter().map(|&t| i64::from(t)).collect();
+        let mut labels = vec![IGNORE_INDEX; ids.len()];
+        for t in completion.iter().map(|&t| i64::from(t)).chain(eos) {
+            ids.push(t);
+            labels.push(t);
+        }
+        stats.tokens += ids.len();
+        if ids.len() > seq_len {
+            stats.truncated += 1;
+            ids.truncate(seq_len);
+            labels.truncate(seq_len);
+        }
+        // The label at position 0 is never predicted (the model shifts), so a record needs a
+        // labelled position after it to contribute any loss.
+        if labels.iter().skip(1).all(|&l| l == IGNORE_INDEX) {
+            stats.dropped += 1;
+            continue;
+        }
+        sequences.push(padded(ids, labels, seq_len, pad_id));
+    }
+    if sequences.is_empty() {
+        return Err(no_text(
+            path,
+            &format!(
+                "none of the {} records has a completion token within seq_len {seq_len} \
+                 (prompts too long, or completions empty with no EOS token)",
+                stats.documents
+            ),
+        ));
+    }
+    Ok((sequences, stats))
+}
+
+fn no_text(path: &Path, why: &str) -> OctetError {
+    OctetError::bad_file(path, format!("no usable text: {why}"))
+}
+
+fn has_json_extension(path: &Path) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| e.eq_ignore_ascii_case("jsonl") || e.eq_ignore_ascii_case("json"))
+}
+
+/// The file as UTF-8 (a leading BOM removed); an empty file is an error.
+fn read_text(path: &Path) -> Result<String> {
+    let bytes = std::fs::read(path).map_err(|e| OctetError::io(path, e))?;
+    if bytes.is_empty() {
+        return Err(OctetError::bad_file(path, "the file is empty"));
+    }
+    let text = String::from_utf8(bytes).map_err(|e| {
+        OctetError::bad_file(
+            path,
+            format!(
+                "not UTF-8 text (invalid byte at offset {})",
+                e.utf8_error().valid_up_to()
+            ),
+        )
+    })?;
+    Ok(match text.strip_prefix('\u{feff}') {
+        Some(rest) => rest.to_string(),
+        None => text,
+    })
+}
+
+/// Non-blank lines parsed as JSON, with their 1-based line numbers.
+fn json_lines<'a>(
+    path: &'a Path,
+    text: &'a str,
+) -> impl Iterator<Item = (usize, Result<serde_json::Value>)> + 'a {
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(move |(i, line)| {
+            let parsed = serde_json::from_str(line).map_err(|e| {
+                OctetError::bad_file(
+                    path,
+                    format!(
+                        "line {}: not valid JSON ({e}); expected JSON Lines, one object per line",
+                        i + 1
+                    ),
+                )
+            });
+            (i + 1, parsed)
+        })
+}
+
+fn detect_json_lines(path: &Path, text: &str) -> Result<DataFormat> {
+    let Some((_, first)) = json_lines(path, text).next() else {
+        return Err(no_text(path, "the file holds only whitespace"));
+    };
+    let first = first?;
+    let has = |k: &str| first.get(k).is_some();
+    Ok(if has("prompt") && has("completion") {
+        DataFormat::PromptCompletion
+    } else {
+        DataFormat::JsonlText {
+            field: "text".into(),
+        }
+    })
+}
+
+fn string_field(
+    path: &Path,
+    line_no: usize,
+    record: &serde_json::Value,
+    field: &str,
+) -> Result<String> {
+    let Some(obj) = record.as_object() else {
+        return Err(OctetError::bad_file(
+            path,
+            format!(
+                "line {line_no}: expected a JSON object, found {}",
+                json_kind(record)
+            ),
+        ));
+    };
+    match obj.get(field) {
+        Some(serde_json::Value::String(s)) => Ok(s.clone()),
+        Some(other) => Err(OctetError::bad_file(
+            path,
+            format!(
+                "line {line_no}: field {field:?} is {}, not a string",
+                json_kind(other)
+            ),
+        )),
+        None => Err(OctetError::bad_file(
+            path,
+            format!("line {line_no}: no {field:?} field"),
+        )),
+    }
+}
+
+fn json_kind(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
+}
+
+/// SplitMix64 (Steele, Lea & Flood 2014): tiny, fast, and fixed forever, unlike `rand`'s
+/// generators whose streams may change between versions.
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        mix64(self.0)
+    }
+
+    /// Uniform in `0..n` (n > 0), by multiply-shift; the bias, < n / 2^64, is irrelevant here.
+    fn below(&mut self, n: usize) -> usize {
+        ((u128::from(self.next_u64()) * n as u128) >> 64) as usize
+    }
+}
+
+/// SplitMix64's output function, also used to derive independent per-epoch seeds.
+fn mix64(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Fisher–Yates.
+fn shuffle<T>(items: &mut [T], rng: &mut SplitMix64) {
+    for i in (1..items.len()).rev() {
+        let j = rng.below(i + 1);
+        items.swap(i, j);
+    }
+}
+
+/// Where a [`Batcher`] stands; saving it and [`Batcher::restore`]-ing it replays the exact
+/// batch order of an uninterrupted run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatcherState {
+    /// Completed passes over the data.
+    pub epoch: u64,
+    /// Position of the next sequence in this epoch's permutation.
+    pub cursor: usize,
+    /// The seed all permutations derive from.
+    pub seed: u64,
+}
+
+/// Yields batches of sequence indices in a seeded permutation that is redrawn every epoch.
+///
+/// Batches always hold `batch_size` sequences: a batch that runs past the end of an epoch is
+/// completed from the next epoch's permutation, so every sequence is seen once per epoch and
+/// tensor shapes never change.
+#[derive(Debug, Clone)]
+pub struct Batcher {
+    n: usize,
+    batch_size: usize,
+    seed: u64,
+    epoch: u64,
+    cursor: usize,
+    perm: Vec<usize>,
+}
+
+impl Batcher {
+    /// A batcher over `n_sequences` sequences, at the start of epoch 0.
+    pub fn new(n_sequences: usize, batch_size: usize, seed: u64) -> Result<Self> {
+        Self::restore(
+            BatcherState {
+                epoch: 0,
+                cursor: 0,
+                seed,
+            },
+            n_sequences,
+            batch_size,
+        )
+    }
+
+    /// A batcher continuing from `state`; `n_sequences` must be the count it was made for.
+    pub fn restore(state: BatcherState, n_sequences: usize, batch_size: usize) -> Result<Self> {
+        if n_sequences == 0 {
+            return Err(OctetError::InvalidArgument(
+                "cannot batch an empty set of sequences".into(),
+            ));
+        }
+        if batch_size == 0 {
+            return Err(OctetError::InvalidArgument(
+                "batch size must be at least 1".into(),
+            ));
+        }
+        if state.cursor >= n_sequences {
+            return Err(OctetError::InvalidArgument(format!(
+                "batcher state cursor {} is outside a data set of {n_sequences} sequences \
+                 (was the data changed since the checkpoint?)",
+                state.cursor
+            )));
+        }
+        Ok(Self {
+            n: n_sequences,
+            batch_size,
+            seed: state.seed,
+            epoch: state.epoch,
+            cursor: state.cursor,
+            perm: permutation(n_sequences, state.seed, state.epoch),
+        })
+    }
+
+    /// The state to save in a checkpoint.
+    pub fn state(&self) -> BatcherState {
+        BatcherState {
+            epoch: self.epoch,
+            cursor: self.cursor,
+            seed: self.seed,
+        }
+    }
+
+    /// Completed passes over the data.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Batches per pass over the data (the last one may borrow from the next epoch).
+    pub fn batches_per_epoch(&self) -> usize {
+        self.n.div_ceil(self.batch_size)
+    }
+
+    /// Indices of the next batch.
+    pub fn next_indices(&mut self) -> Vec<usize> {
+        let mut out = Vec::with_capacity(self.batch_size);
+        while out.len() < self.batch_size {
+            out.push(self.perm[self.cursor]);
+            self.cursor += 1;
+            // Roll over eagerly so `state()` never holds an exhausted cursor.
+            if self.cursor == self.n {
+                self.epoch += 1;
+                self.cursor = 0;
+                self.perm = permutation(self.n, self.seed, self.epoch);
+            }
+        }
+        out
+    }
+
+    /// The next batch as `(input_ids, labels)`, both `[batch_size, seq_len]` int64 on the CPU.
+    /// `data` must be the sequences this batcher was made for.
+    pub fn next_batch(&mut self, data: &[Sequence]) -> Result<(Tensor, Tensor)> {
+        if data.len() != self.n {
+            return Err(OctetError::ShapeMismatch {
+                what: "sequences given to the batcher".into(),
+                expected: self.n.to_string(),
+                found: data.len().to_string(),
+            });
+        }
+        let idx = self.next_indices();
+        let seq_len = data[idx[0]].input_ids.len();
+        let mut ids = Vec::with_capacity(idx.len() * seq_len);
+        let mut labels = Vec::with_capacity(idx.len() * seq_len);
+        for &i in &idx {
+            let s = &data[i];
+            if s.input_ids.len() != seq_len || s.labels.len() != seq_len {
+                return Err(OctetError::ShapeMismatch {
+                    what: format!("sequence {i}"),
+                    expected: format!("{seq_len} ids and labels"),
+                    found: format!("{} ids, {} labels", s.input_ids.len(), s.labels.len()),
+                });
+            }
+            ids.extend_from_slice(&s.input_ids);
+            labels.extend_from_slice(&s.labels);
+        }
+        let shape = [idx.len() as i64, seq_len as i64];
+        Ok((
+            Tensor::f_from_slice(&ids)?.f_reshape(shape)?,
+            Tensor::f_from_slice(&labels)?.f_reshape(shape)?,
+        ))
+    }
+}
+
+/// The permutation of epoch `epoch`: a pure function of (n, seed, epoch), so resuming needs no
+/// stored permutation.
+fn permutation(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
+    let mut perm: Vec<usize> = (0..n).collect();
+    let mut rng = SplitMix64::new(mix64(seed) ^ mix64(epoch ^ 0xD1B5_4A32_D192_ED03));
+    shuffle(&mut perm, &mut rng);
+    perm
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splitmix_reference_values() {
+        // First outputs of SplitMix64 seeded with 1234567 (from the reference C code).
+        let mut r = SplitMix64::new(1234567);
+        assert_eq!(r.next_u64(), 6457827717110365317);
+        assert_eq!(r.next_u64(), 3203168211198807973);
+    }
+
+    #[test]
+    fn chunk_tail_rule() {
+        let toks: Vec<i64> = (0..10).collect();
+        let s = chunk_tokens(&toks, 4, 99);
+        // 4 + 4 + a tail of 2 = half of 4: kept and padded.
+        assert_eq!(s.len(), 3);
+        assert_eq!(s[2].input_ids, vec![8, 9, 99, 99]);
+        assert_eq!(s[2].labels, vec![8, 9, IGNORE_INDEX, IGNORE_INDEX]);
+        // Tail of 1 < half of 6: dropped.
+        assert_eq!(chunk_tokens(&(0..7).collect::<Vec<_>>(), 6, 0).len(), 1);
+        assert!(chunk_tokens(&[1, 2], 6, 0).is_empty());
+    }
+
+    #[test]
+    fn split_sizes() {
+        let seqs = |n: usize| {
+            (0..n)
+                .map(|i| Sequence {
+                    input_ids: vec![i as i64; 2],
+                    labels: vec![i as i64; 2],
+                })
+                .collect::<Vec<_>>()
+        };
+        let (t, e) = split(seqs(10), 0.1, 0).unwrap();
+        assert_eq!((t.len(), e.len()), (9, 1));
+        let (t, e) = split(seqs(2), 0.01, 0).unwrap();
+        assert_eq!((t.len(), e.len()), (1, 1));
+        let (t, e) = split(seqs(2), 0.99, 0).unwrap();
+        assert_eq!((t.len(), e.len()), (1, 1));
+        let (t, e) = split(seqs(1), 0.5, 0).unwrap();
+        assert_eq!((t.len(), e.len()), (1, 0));
+        let (t, e) = split(seqs(5), 0.0, 0).unwrap();
+        assert_eq!((t.len(), e.len()), (5, 0));
+        assert!(split(seqs(5), 1.0, 0).is_err());
+        assert!(split(seqs(5), f64::NAN, 0).is_err());
+    }
+
+    #[test]
+    fn batcher_covers_each_epoch() {
+        let mut b = Batcher::new(7, 3, 42).unwrap();
+        let all: Vec<usize> = (0..7).flat_map(|_| b.next_indices()).collect();
+        // 21 draws = exactly 3 epochs, each a permutation of 0..7.
+        assert_eq!(b.epoch(), 3);
+        let mut perms = Vec::new();
+        for e in all.chunks(7) {
+            let mut s = e.to_vec();
+            s.sort_unstable();
+            assert_eq!(s, (0..7).collect::<Vec<_>>());
+            perms.push(e.to_vec());
+        }
+        assert!(
+            perms[0] != perms[1] || perms[1] != perms[2],
+            "epochs reshuffle"
+        );
+        assert!(Batcher::new(0, 1, 0).is_err());
+        assert!(Batcher::new(3, 0, 0).is_err());
+    }
+}
