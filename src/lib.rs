@@ -2,12 +2,16 @@
 //! gradient checkpointing and LoRA adapters, on libtorch.
 #![warn(missing_docs)]
 
+pub mod adapter;
+pub mod convert;
 pub mod error;
+pub mod export;
 pub mod io;
 pub mod load;
 pub mod manifest;
 pub mod model;
 pub mod nn;
+pub mod outdir;
 pub mod quant;
 pub mod registry;
 pub mod spec;

@@ -25,17 +25,27 @@ pub struct QuantizeOptions {
 
 impl Default for QuantizeOptions {
     fn default() -> Self {
-        QuantizeOptions { block: None, code: CodeKind::Dynamic, skip: Vec::new() }
+        QuantizeOptions {
+            block: None,
+            code: CodeKind::Dynamic,
+            skip: Vec::new(),
+        }
     }
 }
 
 impl QuantizeOptions {
     /// Applies the walker to `graph` with the spec's selection minus `skip`; returns the
     /// block size used and the replaced paths.
-    pub fn apply(&self, graph: &mut ModuleGraph, arch: &dyn Architecture) -> (BlockSize, Vec<String>) {
+    pub fn apply(
+        &self,
+        graph: &mut ModuleGraph,
+        arch: &dyn Architecture,
+    ) -> (BlockSize, Vec<String>) {
         let block = self.block.unwrap_or(arch.spec().block_size);
         let spec = arch.spec();
-        let replaced = graph.quantize_where(block, |p| spec.quantizes(p) && !self.skip.iter().any(|s| s.matches(p)));
+        let replaced = graph.quantize_where(block, |p| {
+            spec.quantizes(p) && !self.skip.iter().any(|s| s.matches(p))
+        });
         (block, replaced)
     }
 }
@@ -55,7 +65,12 @@ pub struct LoadOptions {
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        LoadOptions { arch: "auto".into(), kind: Kind::Float, device: Device::Cpu, quantize: None }
+        LoadOptions {
+            arch: "auto".into(),
+            kind: Kind::Float,
+            device: Device::Cpu,
+            quantize: None,
+        }
     }
 }
 
@@ -82,7 +97,11 @@ pub fn read_config(dir: &Path) -> Result<serde_json::Value> {
 
 /// Picks the architecture of a model folder: `arch` unless `auto`, else octet.toml's, else
 /// config.json's.
-pub fn resolve_arch(dir: &Path, arch: &str, config: &serde_json::Value) -> Result<&'static dyn Architecture> {
+pub fn resolve_arch(
+    dir: &Path,
+    arch: &str,
+    config: &serde_json::Value,
+) -> Result<&'static dyn Architecture> {
     if arch == "auto" {
         if let Some(m) = Manifest::read(dir)? {
             return crate::registry::find(&m.arch);
@@ -93,16 +112,23 @@ pub fn resolve_arch(dir: &Path, arch: &str, config: &serde_json::Value) -> Resul
 
 /// Reads one stored tensor as a CPU tensor of its own dtype.
 pub fn read_tensor(store: &dyn TensorStore, name: &str) -> Result<Tensor> {
-    let meta = store.meta(name).ok_or_else(|| OctetError::bad_file(store.path(), format!("no tensor named {name}")))?;
+    let meta = store
+        .meta(name)
+        .ok_or_else(|| OctetError::bad_file(store.path(), format!("no tensor named {name}")))?;
     let bytes = store.bytes(name)?;
     dtype::tensor_from_bytes(meta.dtype, &meta.shape, &bytes)
 }
 
 /// Reads a float tensor's values as f32.
 pub fn read_f32(store: &dyn TensorStore, name: &str) -> Result<Vec<f32>> {
-    let meta = store.meta(name).ok_or_else(|| OctetError::bad_file(store.path(), format!("no tensor named {name}")))?;
+    let meta = store
+        .meta(name)
+        .ok_or_else(|| OctetError::bad_file(store.path(), format!("no tensor named {name}")))?;
     if !meta.dtype.is_float() {
-        return Err(OctetError::bad_file(store.path(), format!("tensor {name} is {:?}, not floating point", meta.dtype)));
+        return Err(OctetError::bad_file(
+            store.path(),
+            format!("tensor {name} is {:?}, not floating point", meta.dtype),
+        ));
     }
     let bytes = store.bytes(name)?;
     let mut out = vec![0f32; meta.numel()];
@@ -120,16 +146,28 @@ pub fn choose_code(kind: CodeKind, x: &[f32], block: BlockSize) -> Result<QuantC
 
 /// Builds one module's layer: reads its tensors, quantizing the weight when `target` is an
 /// 8-bit kind and the stored module is float.
-fn build_node(store: &dyn TensorStore, stored: &Node, target: &Node, block: BlockSize, code: CodeKind) -> Result<Box<dyn crate::nn::Layer>> {
+fn build_node(
+    store: &dyn TensorStore,
+    stored: &Node,
+    target: &Node,
+    block: BlockSize,
+    code: CodeKind,
+) -> Result<Box<dyn crate::nn::Layer>> {
     let mut tensors = BTreeMap::new();
-    let rep = (stored.kind != target.kind).then(|| registry::replacement_for(&stored.kind)).flatten();
+    let rep = (stored.kind != target.kind)
+        .then(|| registry::replacement_for(&stored.kind))
+        .flatten();
     for p in &stored.params {
         let name = stored.tensor_name(&p.name);
         if rep.is_some_and(|r| r.quantized_param == p.name) {
             let x = read_f32(store, &name)?;
             let code = choose_code(code, &x, block)?;
             let shape: Vec<i64> = p.shape.iter().map(|&d| d as i64).collect();
-            let qz = quant::quantize(&Tensor::from_slice(&x).reshape(shape.as_slice()), block, &code)?;
+            let qz = quant::quantize(
+                &Tensor::from_slice(&x).reshape(shape.as_slice()),
+                block,
+                &code,
+            )?;
             tensors.insert("absmax".to_string(), qz.absmax);
             tensors.insert("code".to_string(), code.to_tensor());
             tensors.insert(p.name.clone(), qz.q);
@@ -138,8 +176,12 @@ fn build_node(store: &dyn TensorStore, stored: &Node, target: &Node, block: Bloc
         }
         store.release(&name);
     }
-    let kind = registry::layer_kind(&target.kind)
-        .ok_or_else(|| OctetError::InvalidArgument(format!("module {}: no layer kind {} is registered", target.path, target.kind)))?;
+    let kind = registry::layer_kind(&target.kind).ok_or_else(|| {
+        OctetError::InvalidArgument(format!(
+            "module {}: no layer kind {} is registered",
+            target.path, target.kind
+        ))
+    })?;
     (kind.build)(target, LayerTensors::new(&target.path, tensors))
 }
 
@@ -149,6 +191,8 @@ pub fn load_model(dir: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
     let arch = resolve_arch(dir, &opts.arch, &config)?;
     let store = open_checkpoint(dir)?;
     let stored = ModuleGraph::from_store(store.as_ref(), arch.spec())?;
+    arch.check(&config, &stored)
+        .map_err(|e| OctetError::bad_file(store.path(), e.to_string()))?;
     let mut graph = stored.clone();
     let (block, code) = match &opts.quantize {
         Some(q) => (q.apply(&mut graph, arch).0, q.code),
@@ -161,5 +205,11 @@ pub fn load_model(dir: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
         layers.insert(t.path.clone(), layer);
     }
     let model = arch.build(&config, &mut layers, opts.kind)?;
-    Ok(LoadedModel { arch, graph, config, model, dir: dir.to_path_buf() })
+    Ok(LoadedModel {
+        arch,
+        graph,
+        config,
+        model,
+        dir: dir.to_path_buf(),
+    })
 }

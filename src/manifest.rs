@@ -55,7 +55,12 @@ impl Manifest {
             return Ok(None);
         }
         let text = std::fs::read_to_string(&p).map_err(|e| OctetError::io(&p, e))?;
-        toml::from_str(&text).map(Some).map_err(|e| OctetError::Config { path: p, problem: e.to_string() })
+        toml::from_str(&text)
+            .map(Some)
+            .map_err(|e| OctetError::Config {
+                path: p,
+                problem: e.to_string(),
+            })
     }
 
     /// Writes `dir/octet.toml`.

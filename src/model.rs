@@ -1,5 +1,6 @@
 //! What every architecture's model offers: embed, blocks, head — split so training can
 //! recompute one block at a time and generation can keep a KV cache per block.
+use crate::nn::float::LayerNorm;
 use crate::nn::Layer;
 use tch::{Kind, Tensor};
 
@@ -54,6 +55,8 @@ pub trait CausalLm: Send {
     fn head(&self, h: &Tensor) -> Tensor;
     /// Visits every built layer with its module path (to attach adapters, move, inspect).
     fn visit_layers(&mut self, f: &mut dyn FnMut(&str, &mut Box<dyn Layer>));
+    /// Visits every normalisation layer with its module path (to train norms).
+    fn visit_norms(&mut self, f: &mut dyn FnMut(&str, &mut LayerNorm));
 
     /// Full forward pass: logits `[B, T, vocab]` in f32.
     fn forward(&self, ids: &Tensor) -> Tensor {

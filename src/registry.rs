@@ -13,7 +13,16 @@ pub trait Architecture: Sync {
     /// One line on what it supports, for `octet archs`.
     fn description(&self) -> &'static str;
     /// Builds the model from its Hugging Face config and its built layers (taken by path).
-    fn build(&self, config: &serde_json::Value, layers: &mut LayerMap, kind: Kind) -> Result<Box<dyn CausalLm>>;
+    fn build(
+        &self,
+        config: &serde_json::Value,
+        layers: &mut LayerMap,
+        kind: Kind,
+    ) -> Result<Box<dyn CausalLm>>;
+
+    /// Checks a checkpoint's module graph against the config (every module present, every
+    /// weight of the shape the config implies) before anything is converted or built.
+    fn check(&self, config: &serde_json::Value, graph: &crate::nn::ModuleGraph) -> Result<()>;
 
     /// The registry name.
     fn name(&self) -> &str {
@@ -30,28 +39,47 @@ inventory::collect!(ArchitectureRegistration);
 
 /// Every registered architecture, sorted by name.
 pub fn architectures() -> Vec<&'static dyn Architecture> {
-    let mut v: Vec<_> = inventory::iter::<ArchitectureRegistration>.into_iter().map(|r| (r.get)()).collect();
+    let mut v: Vec<_> = inventory::iter::<ArchitectureRegistration>
+        .into_iter()
+        .map(|r| (r.get)())
+        .collect();
     v.sort_by(|a, b| a.name().cmp(b.name()));
     v
 }
 
 fn known() -> String {
-    architectures().iter().map(|a| a.name().to_string()).collect::<Vec<_>>().join(", ")
+    architectures()
+        .iter()
+        .map(|a| a.name().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The architecture registered as `name`; an unknown or doubly registered name is an error
 /// that lists the known ones.
 pub fn find(name: &str) -> Result<&'static dyn Architecture> {
-    let hits: Vec<_> = architectures().into_iter().filter(|a| a.name() == name).collect();
+    let hits: Vec<_> = architectures()
+        .into_iter()
+        .filter(|a| a.name() == name)
+        .collect();
     match hits.len() {
         1 => Ok(hits[0]),
-        0 => Err(OctetError::Architecture(format!("unknown architecture '{name}'; known: {}", known()))),
-        n => Err(OctetError::Architecture(format!("architecture '{name}' is registered {n} times; known: {}", known()))),
+        0 => Err(OctetError::Architecture(format!(
+            "unknown architecture '{name}'; known: {}",
+            known()
+        ))),
+        n => Err(OctetError::Architecture(format!(
+            "architecture '{name}' is registered {n} times; known: {}",
+            known()
+        ))),
     }
 }
 
 /// Picks the architecture serving a config.json's `architectures` entries or `model_type`.
-pub fn detect(config: &serde_json::Value, origin: &std::path::Path) -> Result<&'static dyn Architecture> {
+pub fn detect(
+    config: &serde_json::Value,
+    origin: &std::path::Path,
+) -> Result<&'static dyn Architecture> {
     let hf_names: Vec<&str> = config
         .get("architectures")
         .and_then(|a| a.as_array())
@@ -62,7 +90,9 @@ pub fn detect(config: &serde_json::Value, origin: &std::path::Path) -> Result<&'
         .into_iter()
         .filter(|a| {
             let s = a.spec();
-            hf_names.iter().any(|n| s.hf_architectures.iter().any(|h| h == n))
+            hf_names
+                .iter()
+                .any(|n| s.hf_architectures.iter().any(|h| h == n))
                 || model_type.is_some_and(|m| s.model_types.iter().any(|t| t == m))
         })
         .collect();
@@ -78,13 +108,20 @@ pub fn detect(config: &serde_json::Value, origin: &std::path::Path) -> Result<&'
         _ => Err(OctetError::Architecture(format!(
             "{}: ambiguous architecture, several plugins serve it: {}; pass --arch",
             origin.display(),
-            hits.iter().map(|a| a.name().to_string()).collect::<Vec<_>>().join(", ")
+            hits.iter()
+                .map(|a| a.name().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
         ))),
     }
 }
 
 /// Resolves `--arch`: `auto` detects from the config, anything else is looked up by name.
-pub fn resolve(arch: &str, config: &serde_json::Value, origin: &std::path::Path) -> Result<&'static dyn Architecture> {
+pub fn resolve(
+    arch: &str,
+    config: &serde_json::Value,
+    origin: &std::path::Path,
+) -> Result<&'static dyn Architecture> {
     if arch == "auto" {
         detect(config, origin)
     } else {

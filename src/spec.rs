@@ -20,16 +20,22 @@ impl PathPattern {
     /// Compiles a glob-style pattern.
     pub fn new(pattern: &str) -> Result<Self> {
         if pattern.is_empty() || pattern.split('.').any(str::is_empty) {
-            return Err(OctetError::InvalidArgument(format!("invalid module pattern '{pattern}'")));
+            return Err(OctetError::InvalidArgument(format!(
+                "invalid module pattern '{pattern}'"
+            )));
         }
         let body: String = pattern
             .split('*')
             .map(regex::escape)
             .collect::<Vec<_>>()
             .join("[^.]*");
-        let regex = Regex::new(&format!(r"(^|\.){body}$"))
-            .map_err(|e| OctetError::InvalidArgument(format!("invalid module pattern '{pattern}': {e}")))?;
-        Ok(PathPattern { source: pattern.to_string(), regex })
+        let regex = Regex::new(&format!(r"(^|\.){body}$")).map_err(|e| {
+            OctetError::InvalidArgument(format!("invalid module pattern '{pattern}': {e}"))
+        })?;
+        Ok(PathPattern {
+            source: pattern.to_string(),
+            regex,
+        })
     }
 
     /// Whether `path` (a module or tensor path) matches.
@@ -100,10 +106,16 @@ pub struct Spec {
 impl Spec {
     /// Parses a spec; errors name `origin`, the key and the problem.
     pub fn parse(text: &str, origin: &Path) -> Result<Self> {
-        let bad = |problem: String| OctetError::Config { path: PathBuf::from(origin), problem };
-        let raw: RawSpec = toml::from_str(text).map_err(|e| bad(e.to_string().trim().to_string()))?;
-        let block_size = BlockSize::new(raw.block_size).map_err(|e| bad(format!("key `block_size`: {e}")))?;
-        let pattern = |key: &str, p: &str| PathPattern::new(p).map_err(|e| bad(format!("key `{key}`: {e}")));
+        let bad = |problem: String| OctetError::Config {
+            path: PathBuf::from(origin),
+            problem,
+        };
+        let raw: RawSpec =
+            toml::from_str(text).map_err(|e| bad(e.to_string().trim().to_string()))?;
+        let block_size =
+            BlockSize::new(raw.block_size).map_err(|e| bad(format!("key `block_size`: {e}")))?;
+        let pattern =
+            |key: &str, p: &str| PathPattern::new(p).map_err(|e| bad(format!("key `{key}`: {e}")));
         let mut modules = Vec::new();
         for (p, kind) in &raw.modules {
             modules.push((pattern("modules", p)?, kind.clone()));
@@ -111,10 +123,22 @@ impl Spec {
         if modules.is_empty() {
             return Err(bad("key `modules`: no module kinds listed".into()));
         }
-        let quantize = raw.quantize.include.iter().map(|p| pattern("quantize.include", p)).collect::<Result<_>>()?;
-        let ignore = raw.ignore.tensors.iter().map(|p| pattern("ignore.tensors", p)).collect::<Result<_>>()?;
+        let quantize = raw
+            .quantize
+            .include
+            .iter()
+            .map(|p| pattern("quantize.include", p))
+            .collect::<Result<_>>()?;
+        let ignore = raw
+            .ignore
+            .tensors
+            .iter()
+            .map(|p| pattern("ignore.tensors", p))
+            .collect::<Result<_>>()?;
         if raw.lora.targets.is_empty() {
-            return Err(bad("key `lora.targets`: at least one default target is needed".into()));
+            return Err(bad(
+                "key `lora.targets`: at least one default target is needed".into(),
+            ));
         }
         Ok(Spec {
             name: raw.name,
@@ -136,7 +160,10 @@ impl Spec {
 
     /// The layer kind of module `path`, if the spec names it.
     pub fn module_kind(&self, path: &str) -> Option<&str> {
-        self.modules.iter().find(|(p, _)| p.matches(path)).map(|(_, k)| k.as_str())
+        self.modules
+            .iter()
+            .find(|(p, _)| p.matches(path))
+            .map(|(_, k)| k.as_str())
     }
 
     /// Whether module `path` is quantized by default.
@@ -160,25 +187,46 @@ mod tests {
         assert!(p.matches("transformer.h.12.attn.q_proj"));
         assert!(!p.matches("transformer.h.12.mlp.fc_in"));
         assert!(PathPattern::new("lm_head").unwrap().matches("lm_head"));
-        assert!(PathPattern::new("q_proj").unwrap().matches("transformer.h.0.attn.q_proj"));
-        assert!(!PathPattern::new("proj").unwrap().matches("transformer.h.0.attn.q_proj"));
+        assert!(PathPattern::new("q_proj")
+            .unwrap()
+            .matches("transformer.h.0.attn.q_proj"));
+        assert!(!PathPattern::new("proj")
+            .unwrap()
+            .matches("transformer.h.0.attn.q_proj"));
         assert!(PathPattern::new("a..b").is_err());
     }
 
     #[test]
     fn invalid_spec_names_file_and_key() {
-        let text = include_str!("../specs/gptj.toml").replace("block_size = 4096", "block_size = 1000");
-        let err = Spec::parse(&text, Path::new("specs/broken.toml")).unwrap_err().to_string();
-        assert!(err.contains("specs/broken.toml") && err.contains("block_size"), "{err}");
+        let text =
+            include_str!("../specs/gptj.toml").replace("block_size = 4096", "block_size = 1000");
+        let err = Spec::parse(&text, Path::new("specs/broken.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("specs/broken.toml") && err.contains("block_size"),
+            "{err}"
+        );
         let text = include_str!("../specs/gptj.toml").replace("[lora]", "[lora]\nrank = 3");
-        let err = Spec::parse(&text, Path::new("x.toml")).unwrap_err().to_string();
+        let err = Spec::parse(&text, Path::new("x.toml"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("rank"), "{err}");
     }
 
     #[test]
     fn gptj_spec_selects_the_documented_modules() {
-        let s = Spec::parse(include_str!("../specs/gptj.toml"), Path::new("specs/gptj.toml")).unwrap();
-        for m in ["transformer.wte", "transformer.h.3.attn.out_proj", "transformer.h.3.mlp.fc_out", "lm_head"] {
+        let s = Spec::parse(
+            include_str!("../specs/gptj.toml"),
+            Path::new("specs/gptj.toml"),
+        )
+        .unwrap();
+        for m in [
+            "transformer.wte",
+            "transformer.h.3.attn.out_proj",
+            "transformer.h.3.mlp.fc_out",
+            "lm_head",
+        ] {
             assert!(s.quantizes(m), "{m}");
         }
         assert!(!s.quantizes("transformer.h.3.ln_1"));

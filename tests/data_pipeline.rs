@@ -336,8 +336,8 @@ fn batcher_resumes_exactly() {
     let (_d, path) = corpus_file();
     let ds = Dataset::load(&path, tokenizer(), 8, 0.0, 1, None).unwrap();
     let n = ds.train.len();
-    let bs = 3;
-    assert!(n % bs != 0, "want batches that straddle epochs ({n})");
+    // A batch size that does not divide n, so some batches straddle two epochs.
+    let bs = (3..n).find(|b| !n.is_multiple_of(*b)).unwrap();
 
     let mut straight = Batcher::new(n, bs, 99).unwrap();
     let steps = 3 * n / bs + 2; // about three epochs

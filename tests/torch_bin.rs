@@ -334,3 +334,49 @@ fn zip64_checkpoint_over_4_gib() {
     let want: Vec<u8> = (0..10).flat_map(|i| (i as f32).to_le_bytes()).collect();
     assert_eq!(&small[..], &want[..]);
 }
+
+/// Every entry of state.bin, in order.
+fn state_entries() -> Vec<(String, Vec<u8>)> {
+    let mut z =
+        zip::ZipArchive::new(std::fs::File::open(fixtures().join("state.bin")).unwrap()).unwrap();
+    (0..z.len())
+        .map(|i| {
+            let mut f = z.by_index(i).unwrap();
+            let mut data = Vec::new();
+            f.read_to_end(&mut data).unwrap();
+            (f.name().to_string(), data)
+        })
+        .collect()
+}
+
+#[test]
+fn corrupted_pickle_bytes_never_panic() {
+    let entries = state_entries();
+    let pkl = entries
+        .iter()
+        .position(|(n, _)| n.ends_with("/data.pkl"))
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("mutated.bin");
+    let (mut ok, mut err) = (0, 0);
+    for pos in (0..entries[pkl].1.len()).step_by(3) {
+        for byte in [0x00, 0xff, 0x80, 0x4b, entries[pkl].1[pos] ^ 0x5a] {
+            let mut mutated = entries.clone();
+            mutated[pkl].1[pos] = byte;
+            let refs: Vec<(&str, &[u8])> =
+                mutated.iter().map(|(n, d)| (n.as_str(), &d[..])).collect();
+            write_zip(&path, &refs);
+            match TorchBinFile::open(&path) {
+                Ok(store) => {
+                    ok += 1;
+                    for name in store.names() {
+                        let meta = store.meta(&name).unwrap();
+                        assert_eq!(store.bytes(&name).unwrap().len(), meta.nbytes(), "{name}");
+                    }
+                }
+                Err(_) => err += 1,
+            }
+        }
+    }
+    assert!(ok > 0 && err > 0, "ok {ok}, err {err}");
+}

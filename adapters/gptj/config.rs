@@ -62,8 +62,9 @@ pub struct GptjConfig {
 impl GptjConfig {
     /// Parses and checks the config.
     pub fn from_json(v: &serde_json::Value) -> Result<Self> {
-        let c: GptjConfig = serde_json::from_value(v.clone())
-            .map_err(|e| OctetError::InvalidArgument(format!("config.json: invalid GPT-J config: {e}")))?;
+        let c: GptjConfig = serde_json::from_value(v.clone()).map_err(|e| {
+            OctetError::InvalidArgument(format!("config.json: invalid GPT-J config: {e}"))
+        })?;
         if c.n_head == 0 || c.n_embd % c.n_head != 0 {
             return Err(OctetError::InvalidArgument(format!(
                 "config.json: n_embd {} is not divisible by n_head {}",

@@ -30,7 +30,12 @@ pub struct Gptj {
 }
 
 fn weight_shape(layer: &dyn Layer) -> Vec<i64> {
-    layer.tensors().into_iter().find(|(n, _)| n == "weight").map(|(_, t)| t.size()).unwrap_or_default()
+    layer
+        .tensors()
+        .into_iter()
+        .find(|(n, _)| n == "weight")
+        .map(|(_, t)| t.size())
+        .unwrap_or_default()
 }
 
 fn expect_shape(path: &str, layer: &dyn Layer, want: &[usize]) -> Result<()> {
@@ -59,6 +64,24 @@ fn take_norm(layers: &mut LayerMap, path: &str, dim: usize, eps: f64) -> Result<
     Ok(n)
 }
 
+/// Every module of a GPT-J with its weight shape, as the config implies.
+pub fn weight_shapes(cfg: &GptjConfig) -> Vec<(String, Vec<usize>)> {
+    let (d, inner, v) = (cfg.n_embd, cfg.inner(), cfg.vocab_size);
+    let mut out = vec![("transformer.wte".to_string(), vec![v, d])];
+    for i in 0..cfg.n_layer {
+        let p = |s: &str| format!("transformer.h.{i}.{s}");
+        out.push((p("ln_1"), vec![d]));
+        for proj in ["attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.out_proj"] {
+            out.push((p(proj), vec![d, d]));
+        }
+        out.push((p("mlp.fc_in"), vec![inner, d]));
+        out.push((p("mlp.fc_out"), vec![d, inner]));
+    }
+    out.push(("transformer.ln_f".to_string(), vec![d]));
+    out.push(("lm_head".to_string(), vec![v, d]));
+    out
+}
+
 impl Gptj {
     /// Assembles the model from built layers, checking every shape against the config.
     pub fn new(cfg: GptjConfig, layers: &mut LayerMap, kind: Kind) -> Result<Self> {
@@ -82,10 +105,22 @@ impl Gptj {
         let lm_head = take_checked(layers, "lm_head", &[v, d])?;
         let rest = layers.remaining();
         if !rest.is_empty() {
-            return Err(OctetError::InvalidArgument(format!("modules unknown to GPT-J: {}", rest.join(", "))));
+            return Err(OctetError::InvalidArgument(format!(
+                "modules unknown to GPT-J: {}",
+                rest.join(", ")
+            )));
         }
         let (sin, cos) = rotary_tables(cfg.n_positions, cfg.rotary_dim());
-        Ok(Gptj { cfg, kind, wte, blocks, ln_f, lm_head, sin, cos })
+        Ok(Gptj {
+            cfg,
+            kind,
+            wte,
+            blocks,
+            ln_f,
+            lm_head,
+            sin,
+            cos,
+        })
     }
 
     fn device(&self) -> Device {
@@ -100,14 +135,25 @@ impl Gptj {
         let t = x.size()[1];
         let dev = x.device();
         let shape = [1, t, 1, rd];
-        let sin = self.sin.narrow(0, start, t).to_device(dev).repeat_interleave_self_int(2, -1, None::<i64>).reshape(shape);
-        let cos = self.cos.narrow(0, start, t).to_device(dev).repeat_interleave_self_int(2, -1, None::<i64>).reshape(shape);
+        let sin = self
+            .sin
+            .narrow(0, start, t)
+            .to_device(dev)
+            .repeat_interleave_self_int(2, -1, None::<i64>)
+            .reshape(shape);
+        let cos = self
+            .cos
+            .narrow(0, start, t)
+            .to_device(dev)
+            .repeat_interleave_self_int(2, -1, None::<i64>)
+            .reshape(shape);
         let head_dim = x.size()[3];
         let rot = x.narrow(3, 0, rd);
         let x1 = rot.slice(3, 0, rd, 2);
         let x2 = rot.slice(3, 1, rd, 2);
         let rotated = Tensor::stack(&[-x2, x1], -1).flatten(-2, -1);
-        let out = (rot.to_kind(Kind::Float) * cos + rotated.to_kind(Kind::Float) * sin).to_kind(x.kind());
+        let out =
+            (rot.to_kind(Kind::Float) * cos + rotated.to_kind(Kind::Float) * sin).to_kind(x.kind());
         if rd == head_dim {
             out
         } else {
@@ -120,8 +166,12 @@ impl Gptj {
         let (nh, hd) = (self.cfg.n_head as i64, self.cfg.head_dim() as i64);
         let past = cache.as_ref().map_or(0, |c| c.len());
         let split = |x: Tensor| x.view([bs, t, nh, hd]);
-        let q = self.apply_rotary(&split(b.q_proj.forward(h)), past).permute([0, 2, 1, 3]);
-        let mut k = self.apply_rotary(&split(b.k_proj.forward(h)), past).permute([0, 2, 1, 3]);
+        let q = self
+            .apply_rotary(&split(b.q_proj.forward(h)), past)
+            .permute([0, 2, 1, 3]);
+        let mut k = self
+            .apply_rotary(&split(b.k_proj.forward(h)), past)
+            .permute([0, 2, 1, 3]);
         let mut v = split(b.v_proj.forward(h)).permute([0, 2, 1, 3]);
         if let Some(c) = cache {
             if let (Some(pk), Some(pv)) = (&c.k, &c.v) {
@@ -140,7 +190,8 @@ impl Gptj {
             let mask = kpos.le_tensor(&qpos);
             Tensor::scaled_dot_product_attention(&q, &k, &v, Some(mask), 0.0, false, None, false)
         };
-        b.out_proj.forward(&out.permute([0, 2, 1, 3]).reshape([bs, t, nh * hd]))
+        b.out_proj
+            .forward(&out.permute([0, 2, 1, 3]).reshape([bs, t, nh * hd]))
     }
 
     fn mlp(&self, b: &Block, h: &Tensor) -> Tensor {
@@ -157,7 +208,9 @@ impl Gptj {
 /// HF's `create_sinusoidal_positions`: angle(p, j) = p / 10000^(2j / rd).
 fn rotary_tables(positions: usize, rd: usize) -> (Tensor, Tensor) {
     let opts = (Kind::Float, Device::Cpu);
-    let exponent = Tensor::arange_start_step(0, rd as i64, 2, (Kind::Int64, Device::Cpu)).to_kind(Kind::Float) / rd as f64;
+    let exponent = Tensor::arange_start_step(0, rd as i64, 2, (Kind::Int64, Device::Cpu))
+        .to_kind(Kind::Float)
+        / rd as f64;
     let inv_freq = Tensor::pow_scalar(10000.0, &exponent).reciprocal();
     let angles = Tensor::arange(positions as i64, opts).unsqueeze(1) * inv_freq.unsqueeze(0);
     (angles.sin(), angles.cos())
@@ -179,7 +232,9 @@ impl CausalLm for Gptj {
         self.kind = kind;
     }
     fn embed(&self, ids: &Tensor) -> Tensor {
-        self.wte.forward(&ids.to_device(self.device())).to_kind(self.kind)
+        self.wte
+            .forward(&ids.to_device(self.device()))
+            .to_kind(self.kind)
     }
     fn block(&self, i: usize, h: &Tensor, cache: Option<&mut LayerCache>) -> Tensor {
         let b = &self.blocks[i];
@@ -189,7 +244,9 @@ impl CausalLm for Gptj {
         attn + ff + h
     }
     fn head(&self, h: &Tensor) -> Tensor {
-        self.lm_head.forward(&self.ln_f.forward(h)).to_kind(Kind::Float)
+        self.lm_head
+            .forward(&self.ln_f.forward(h))
+            .to_kind(Kind::Float)
     }
     fn visit_layers(&mut self, f: &mut dyn FnMut(&str, &mut Box<dyn Layer>)) {
         f("transformer.wte", &mut self.wte);
@@ -206,5 +263,11 @@ impl CausalLm for Gptj {
             }
         }
         f("lm_head", &mut self.lm_head);
+    }
+    fn visit_norms(&mut self, f: &mut dyn FnMut(&str, &mut LayerNorm)) {
+        for (i, b) in self.blocks.iter_mut().enumerate() {
+            f(&format!("transformer.h.{i}.ln_1"), &mut b.ln_1);
+        }
+        f("transformer.ln_f", &mut self.ln_f);
     }
 }

@@ -1,7 +1,11 @@
 //! Subcommands of the `octet` binary; `anyhow` errors live only here.
+mod archs;
+mod convert;
+mod inspect;
 mod quant_report;
 
 use clap::{Parser, Subcommand};
+use octet::spec::PathPattern;
 
 /// octet: fine-tune big causal language models with frozen 8-bit weights and LoRA adapters.
 #[derive(Parser, Debug)]
@@ -13,13 +17,30 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Convert a Hugging Face checkpoint to octet's 8-bit format.
+    Convert(convert::Args),
+    /// Print the module graph of a model folder.
+    Inspect(inspect::Args),
+    /// List the registered architectures.
+    Archs,
     /// Quantize a weight-shaped random tensor and report size and error for both codes.
     QuantReport(quant_report::Args),
+}
+
+/// Compiles `--skip`/`--targets` style patterns.
+pub fn parse_patterns(patterns: &[String]) -> anyhow::Result<Vec<PathPattern>> {
+    Ok(patterns
+        .iter()
+        .map(|p| PathPattern::new(p))
+        .collect::<Result<_, _>>()?)
 }
 
 /// Runs the parsed command.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Convert(a) => convert::run(a),
+        Command::Inspect(a) => inspect::run(a),
+        Command::Archs => archs::run(),
         Command::QuantReport(a) => quant_report::run(a),
     }
 }

@@ -7,12 +7,19 @@ use crate::error::{OctetError, Result};
 use std::path::Path;
 
 /// Weight files looked for in a model folder, in order of preference.
-pub const WEIGHT_FILES: [&str; 4] =
-    ["model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json", "pytorch_model.bin"];
+pub const WEIGHT_FILES: [&str; 4] = [
+    "model.safetensors.index.json",
+    "model.safetensors",
+    "pytorch_model.bin.index.json",
+    "pytorch_model.bin",
+];
 
 /// Opens one weight file by its extension.
 pub fn open_file(path: &Path) -> Result<Box<dyn TensorStore>> {
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default();
     if name.ends_with(".index.json") {
         Ok(Box::new(ShardedStore::open(path)?))
     } else if name.ends_with(".safetensors") {
@@ -20,7 +27,10 @@ pub fn open_file(path: &Path) -> Result<Box<dyn TensorStore>> {
     } else if name.ends_with(".bin") || name.ends_with(".pt") || name.ends_with(".pth") {
         Ok(Box::new(TorchBinFile::open(path)?))
     } else {
-        Err(OctetError::bad_file(path, "unknown weight file type (expected .safetensors, .bin or an .index.json)"))
+        Err(OctetError::bad_file(
+            path,
+            "unknown weight file type (expected .safetensors, .bin or an .index.json)",
+        ))
     }
 }
 
@@ -35,5 +45,8 @@ pub fn open_checkpoint(dir: &Path) -> Result<Box<dyn TensorStore>> {
             return open_file(&p);
         }
     }
-    Err(OctetError::bad_file(dir, format!("no weights found (looked for {})", WEIGHT_FILES.join(", "))))
+    Err(OctetError::bad_file(
+        dir,
+        format!("no weights found (looked for {})", WEIGHT_FILES.join(", ")),
+    ))
 }

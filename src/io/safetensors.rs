@@ -47,22 +47,39 @@ impl SafetensorsFile {
         let file = File::open(path).map_err(|e| OctetError::io(path, e))?;
         // SAFETY: the map is read-only; octet never writes its inputs while reading them.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| OctetError::io(path, e))?;
-        let (n, metadata) = SafeTensors::read_metadata(&mmap)
-            .map_err(|e| OctetError::bad_file(path, format!("not a valid safetensors file: {e}")))?;
+        let (n, metadata) = SafeTensors::read_metadata(&mmap).map_err(|e| {
+            OctetError::bad_file(path, format!("not a valid safetensors file: {e}"))
+        })?;
         let data_start = 8 + n;
         let mut entries = HashMap::new();
         let infos = metadata.tensors();
         for (name, info) in &infos {
-            let dtype = dtype_from_st(info.dtype)
-                .ok_or_else(|| OctetError::bad_file(path, format!("tensor {name} has unsupported dtype {:?}", info.dtype)))?;
+            let dtype = dtype_from_st(info.dtype).ok_or_else(|| {
+                OctetError::bad_file(
+                    path,
+                    format!("tensor {name} has unsupported dtype {:?}", info.dtype),
+                )
+            })?;
             let (s, e) = info.data_offsets;
             entries.insert(
                 name.clone(),
-                Entry { meta: TensorMeta { dtype, shape: info.shape.clone() }, start: data_start + s, end: data_start + e },
+                Entry {
+                    meta: TensorMeta {
+                        dtype,
+                        shape: info.shape.clone(),
+                    },
+                    start: data_start + s,
+                    end: data_start + e,
+                },
             );
         }
         let order = metadata.offset_keys();
-        Ok(SafetensorsFile { path: path.to_path_buf(), mmap, order, entries })
+        Ok(SafetensorsFile {
+            path: path.to_path_buf(),
+            mmap,
+            order,
+            entries,
+        })
     }
 
     /// Tells the kernel the pages of `name` are no longer needed, so streaming a model larger
@@ -74,7 +91,11 @@ impl SafetensorsFile {
             // SAFETY: DONTNEED on a private read-only file map only drops clean pages; later
             // reads fault them back in from the file.
             unsafe {
-                let _ = self.mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, e.end - start);
+                let _ = self.mmap.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    start,
+                    e.end - start,
+                );
             }
         }
     }
@@ -113,11 +134,17 @@ pub struct SafetensorsWriter {
 
 impl SafetensorsWriter {
     /// Creates `path` with a header for `tensors` (name, dtype, shape) and string metadata.
-    pub fn create(path: &Path, tensors: &[(String, Dtype, Vec<usize>)], metadata: &[(String, String)]) -> Result<Self> {
+    pub fn create(
+        path: &Path,
+        tensors: &[(String, Dtype, Vec<usize>)],
+        metadata: &[(String, String)],
+    ) -> Result<Self> {
         let mut header = serde_json::Map::new();
         if !metadata.is_empty() {
-            let m: serde_json::Map<String, serde_json::Value> =
-                metadata.iter().map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone()))).collect();
+            let m: serde_json::Map<String, serde_json::Value> = metadata
+                .iter()
+                .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+                .collect();
             header.insert("__metadata__".into(), serde_json::Value::Object(m));
         }
         let mut offset = 0usize;
@@ -131,24 +158,31 @@ impl SafetensorsWriter {
             plan.push((name.clone(), n));
             offset += n;
         }
-        let mut text = serde_json::to_string(&header).map_err(|e| OctetError::InvalidArgument(e.to_string()))?;
+        let mut text = serde_json::to_string(&header)
+            .map_err(|e| OctetError::InvalidArgument(e.to_string()))?;
         // Pad so the data starts 8-byte aligned, as the reference writer does.
         while (text.len() + 8) % 8 != 0 {
             text.push(' ');
         }
         let file = File::create(path).map_err(|e| OctetError::io(path, e))?;
         let mut out = BufWriter::with_capacity(1 << 20, file);
-        out.write_all(&(text.len() as u64).to_le_bytes()).map_err(|e| OctetError::io(path, e))?;
-        out.write_all(text.as_bytes()).map_err(|e| OctetError::io(path, e))?;
-        Ok(SafetensorsWriter { path: path.to_path_buf(), out, plan, next: 0 })
+        out.write_all(&(text.len() as u64).to_le_bytes())
+            .map_err(|e| OctetError::io(path, e))?;
+        out.write_all(text.as_bytes())
+            .map_err(|e| OctetError::io(path, e))?;
+        Ok(SafetensorsWriter {
+            path: path.to_path_buf(),
+            out,
+            plan,
+            next: 0,
+        })
     }
 
     /// Writes the next planned tensor's bytes.
     pub fn write(&mut self, name: &str, bytes: &[u8]) -> Result<()> {
-        let (want, n) = self
-            .plan
-            .get(self.next)
-            .ok_or_else(|| OctetError::InvalidArgument(format!("{}: unplanned tensor {name}", self.path.display())))?;
+        let (want, n) = self.plan.get(self.next).ok_or_else(|| {
+            OctetError::InvalidArgument(format!("{}: unplanned tensor {name}", self.path.display()))
+        })?;
         if want != name || *n != bytes.len() {
             return Err(OctetError::InvalidArgument(format!(
                 "{}: expected {want} ({n} bytes), got {name} ({} bytes)",
@@ -156,7 +190,9 @@ impl SafetensorsWriter {
                 bytes.len()
             )));
         }
-        self.out.write_all(bytes).map_err(|e| OctetError::io(&self.path, e))?;
+        self.out
+            .write_all(bytes)
+            .map_err(|e| OctetError::io(&self.path, e))?;
         self.next += 1;
         Ok(())
     }
@@ -171,16 +207,31 @@ impl SafetensorsWriter {
                 self.plan.len()
             )));
         }
-        self.out.flush().map_err(|e| OctetError::io(&self.path, e))?;
-        self.out.get_ref().sync_all().map_err(|e| OctetError::io(&self.path, e))
+        self.out
+            .flush()
+            .map_err(|e| OctetError::io(&self.path, e))?;
+        self.out
+            .get_ref()
+            .sync_all()
+            .map_err(|e| OctetError::io(&self.path, e))
     }
 }
 
 /// Writes whole in-memory tensors to `path` via a temporary name and a rename.
-pub fn save_tensors(path: &Path, tensors: &[(String, tch::Tensor)], metadata: &[(String, String)]) -> Result<()> {
+pub fn save_tensors(
+    path: &Path,
+    tensors: &[(String, tch::Tensor)],
+    metadata: &[(String, String)],
+) -> Result<()> {
     let plan: Vec<(String, Dtype, Vec<usize>)> = tensors
         .iter()
-        .map(|(n, t)| Ok((n.clone(), Dtype::from_kind(t.kind())?, t.size().iter().map(|&d| d as usize).collect())))
+        .map(|(n, t)| {
+            Ok((
+                n.clone(),
+                Dtype::from_kind(t.kind())?,
+                t.size().iter().map(|&d| d as usize).collect(),
+            ))
+        })
         .collect::<Result<_>>()?;
     let tmp = path.with_extension("safetensors.tmp");
     let mut w = SafetensorsWriter::create(&tmp, &plan, metadata)?;

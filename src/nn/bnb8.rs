@@ -1,7 +1,9 @@
 //! Frozen blockwise 8-bit layers: the weight stays uint8 + absmax + code and is de-quantized
 //! just in time, living only for the multiplication (or, for embeddings, only the rows looked up).
+use super::float::{set_bias_trainable, trainable_bias};
 use super::graph::Node;
 use super::layer::{check_params, Layer, LayerTensors};
+use super::lora::AdapterShape;
 use super::registry::LayerKind;
 use crate::error::{OctetError, Result};
 use crate::quant::{BlockSize, QuantCode, Quantized, CODE_LEN};
@@ -14,24 +16,37 @@ pub fn infer_block_size(numel: usize, absmax_len: usize) -> Option<BlockSize> {
     if absmax_len == 1 && numel <= 4096 {
         return BlockSize::new(4096).ok();
     }
-    (6..=12).map(|e| 1usize << e).find(|b| numel.div_ceil(*b) == absmax_len).and_then(|b| BlockSize::new(b as i64).ok())
+    (6..=12)
+        .map(|e| 1usize << e)
+        .find(|b| numel.div_ceil(*b) == absmax_len)
+        .and_then(|b| BlockSize::new(b as i64).ok())
 }
 
 fn check_8bit(node: &Node, weight_rank: usize, with_bias: bool) -> std::result::Result<(), String> {
     let optional: &[(&str, usize)] = if with_bias { &[("bias", 1)] } else { &[] };
-    check_params(node, &[("weight", weight_rank), ("absmax", 1), ("code", 1)], optional)?;
+    check_params(
+        node,
+        &[("weight", weight_rank), ("absmax", 1), ("code", 1)],
+        optional,
+    )?;
     let w = node.param("weight").ok_or("no weight")?;
     let numel: usize = w.shape.iter().product();
     let absmax = &node.param("absmax").ok_or("no absmax")?.shape;
     if infer_block_size(numel, absmax[0]).is_none() {
-        return Err(format!("absmax has {} entries, which fits no block size for {numel} elements", absmax[0]));
+        return Err(format!(
+            "absmax has {} entries, which fits no block size for {numel} elements",
+            absmax[0]
+        ));
     }
     if node.param("code").ok_or("no code")?.shape != [CODE_LEN] {
         return Err(format!("code must have {CODE_LEN} entries"));
     }
     if let Some(b) = node.param("bias") {
         if b.shape[0] != w.shape[0] {
-            return Err(format!("bias has {} entries for {} outputs", b.shape[0], w.shape[0]));
+            return Err(format!(
+                "bias has {} entries for {} outputs",
+                b.shape[0], w.shape[0]
+            ));
         }
     }
     Ok(())
@@ -42,7 +57,10 @@ fn quantized_from(t: &mut LayerTensors) -> Result<Quantized> {
     let absmax = t.take("absmax")?;
     let code = QuantCode::from_tensor(&t.take("code")?)?;
     let block = infer_block_size(q.numel(), absmax.numel()).ok_or_else(|| {
-        OctetError::InvalidArgument(format!("module {}: absmax length fits no block size", t.path()))
+        OctetError::InvalidArgument(format!(
+            "module {}: absmax length fits no block size",
+            t.path()
+        ))
     })?;
     Quantized::from_parts(q, absmax, code, block)
 }
@@ -58,7 +76,9 @@ pub struct Bnb8Linear {
 impl Bnb8Linear {
     /// The weight de-quantized to `kind`.
     pub fn dequantized_weight(&self, kind: Kind) -> Tensor {
-        self.weight.dequantize(kind).expect("validated 8-bit weight")
+        self.weight
+            .dequantize(kind)
+            .expect("validated 8-bit weight")
     }
 }
 
@@ -69,7 +89,13 @@ impl Layer for Bnb8Linear {
     fn forward(&self, x: &Tensor) -> Tensor {
         let k = x.kind();
         let w = self.dequantized_weight(k);
-        let b = self.bias.as_ref().map(|b| if b.kind() == k { b.shallow_clone() } else { b.to_kind(k) });
+        let b = self.bias.as_ref().map(|b| {
+            if b.kind() == k {
+                b.shallow_clone()
+            } else {
+                b.to_kind(k)
+            }
+        });
         x.linear(&w, b.as_ref())
     }
     fn tensors(&self) -> Vec<(String, Tensor)> {
@@ -86,7 +112,24 @@ impl Layer for Bnb8Linear {
     fn to_device(&mut self, device: Device) {
         self.weight.q = self.weight.q.to_device(device);
         self.weight.absmax = self.weight.absmax.to_device(device);
-        self.bias = self.bias.as_ref().map(|b| b.to_device(device));
+        self.bias = self.bias.as_ref().map(|b| {
+            b.to_device(device)
+                .detach()
+                .set_requires_grad(b.requires_grad())
+        });
+    }
+    fn adapter_shape(&self) -> Option<AdapterShape> {
+        let s = self.weight.shape();
+        Some(AdapterShape::Linear {
+            in_features: s[1] as usize,
+            out_features: s[0] as usize,
+        })
+    }
+    fn train_bias(&mut self, on: bool) -> bool {
+        set_bias_trainable(&mut self.bias, on)
+    }
+    fn trainable(&self) -> Vec<(String, Tensor)> {
+        trainable_bias(&self.bias)
     }
     fn as_any(&self) -> &dyn std::any::Any {
         self
@@ -107,7 +150,9 @@ impl Layer for Bnb8Embedding {
         "Bnb8Embedding"
     }
     fn forward(&self, ids: &Tensor) -> Tensor {
-        self.weight.dequantize_rows(ids, Kind::Float).expect("token ids checked by the model")
+        self.weight
+            .dequantize_rows(ids, Kind::Float)
+            .expect("token ids checked by the model")
     }
     fn tensors(&self) -> Vec<(String, Tensor)> {
         vec![
@@ -119,6 +164,13 @@ impl Layer for Bnb8Embedding {
     fn to_device(&mut self, device: Device) {
         self.weight.q = self.weight.q.to_device(device);
         self.weight.absmax = self.weight.absmax.to_device(device);
+    }
+    fn adapter_shape(&self) -> Option<AdapterShape> {
+        let s = self.weight.shape();
+        Some(AdapterShape::Embedding {
+            vocab: s[0] as usize,
+            dim: s[1] as usize,
+        })
     }
     fn as_any(&self) -> &dyn std::any::Any {
         self
@@ -135,7 +187,9 @@ fn build_linear(_: &Node, mut t: LayerTensors) -> Result<Box<dyn Layer>> {
 }
 
 fn build_embedding(_: &Node, mut t: LayerTensors) -> Result<Box<dyn Layer>> {
-    Ok(Box::new(Bnb8Embedding { weight: quantized_from(&mut t)? }))
+    Ok(Box::new(Bnb8Embedding {
+        weight: quantized_from(&mut t)?,
+    }))
 }
 
 inventory::submit! { LayerKind { name: "Bnb8Linear", check: |n| check_8bit(n, 2, true), build: build_linear } }

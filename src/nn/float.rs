@@ -1,6 +1,7 @@
 //! Float layers as found in Hugging Face checkpoints: Linear, Embedding, LayerNorm.
 use super::graph::Node;
 use super::layer::{check_params, Layer, LayerTensors};
+use super::lora::AdapterShape;
 use super::registry::{LayerKind, Replacement};
 use crate::error::Result;
 use tch::{Device, Tensor};
@@ -13,14 +14,43 @@ pub struct Linear {
     pub bias: Option<Tensor>,
 }
 
+/// Shared by the linear-like layers: the bias as a trainable tensor (or frozen again).
+pub(crate) fn set_bias_trainable(bias: &mut Option<Tensor>, on: bool) -> bool {
+    match bias {
+        Some(b) => {
+            *b = b.detach().set_requires_grad(on);
+            true
+        }
+        None => false,
+    }
+}
+
+/// The bias under its PEFT name when it is being trained.
+pub(crate) fn trainable_bias(bias: &Option<Tensor>) -> Vec<(String, Tensor)> {
+    bias.iter()
+        .filter(|b| b.requires_grad())
+        .map(|b| ("bias".to_string(), b.shallow_clone()))
+        .collect()
+}
+
 impl Layer for Linear {
     fn kind(&self) -> &'static str {
         "Linear"
     }
     fn forward(&self, x: &Tensor) -> Tensor {
         let k = x.kind();
-        let w = if self.weight.kind() == k { self.weight.shallow_clone() } else { self.weight.to_kind(k) };
-        let b = self.bias.as_ref().map(|b| if b.kind() == k { b.shallow_clone() } else { b.to_kind(k) });
+        let w = if self.weight.kind() == k {
+            self.weight.shallow_clone()
+        } else {
+            self.weight.to_kind(k)
+        };
+        let b = self.bias.as_ref().map(|b| {
+            if b.kind() == k {
+                b.shallow_clone()
+            } else {
+                b.to_kind(k)
+            }
+        });
         x.linear(&w, b.as_ref())
     }
     fn tensors(&self) -> Vec<(String, Tensor)> {
@@ -32,7 +62,24 @@ impl Layer for Linear {
     }
     fn to_device(&mut self, device: Device) {
         self.weight = self.weight.to_device(device);
-        self.bias = self.bias.as_ref().map(|b| b.to_device(device));
+        self.bias = self.bias.as_ref().map(|b| {
+            b.to_device(device)
+                .detach()
+                .set_requires_grad(b.requires_grad())
+        });
+    }
+    fn adapter_shape(&self) -> Option<AdapterShape> {
+        let s = self.weight.size();
+        Some(AdapterShape::Linear {
+            in_features: s[1] as usize,
+            out_features: s[0] as usize,
+        })
+    }
+    fn train_bias(&mut self, on: bool) -> bool {
+        set_bias_trainable(&mut self.bias, on)
+    }
+    fn trainable(&self) -> Vec<(String, Tensor)> {
+        trainable_bias(&self.bias)
     }
     fn as_any(&self) -> &dyn std::any::Any {
         self
@@ -67,6 +114,13 @@ impl Layer for Embedding {
     fn into_any(self: Box<Self>) -> Box<dyn std::any::Any> {
         self
     }
+    fn adapter_shape(&self) -> Option<AdapterShape> {
+        let s = self.weight.size();
+        Some(AdapterShape::Embedding {
+            vocab: s[0] as usize,
+            dim: s[1] as usize,
+        })
+    }
 }
 
 /// Layer normalisation over the last dimension, computed in f32.
@@ -86,7 +140,21 @@ impl Layer for LayerNorm {
     fn forward(&self, x: &Tensor) -> Tensor {
         let d = self.weight.size();
         let xf = x.to_kind(tch::Kind::Float);
-        xf.layer_norm(d.as_slice(), Some(&self.weight), self.bias.as_ref(), self.eps, false).to_kind(x.kind())
+        xf.layer_norm(
+            d.as_slice(),
+            Some(&self.weight),
+            self.bias.as_ref(),
+            self.eps,
+            false,
+        )
+        .to_kind(x.kind())
+    }
+    fn set_training(&mut self, _on: bool) {}
+    fn trainable(&self) -> Vec<(String, Tensor)> {
+        self.tensors()
+            .into_iter()
+            .filter(|(_, t)| t.requires_grad())
+            .collect()
     }
     fn tensors(&self) -> Vec<(String, Tensor)> {
         let mut v = vec![("weight".to_string(), self.weight.shallow_clone())];
@@ -96,14 +164,30 @@ impl Layer for LayerNorm {
         v
     }
     fn to_device(&mut self, device: Device) {
-        self.weight = self.weight.to_device(device);
-        self.bias = self.bias.as_ref().map(|b| b.to_device(device));
+        let keep = self.weight.requires_grad();
+        self.weight = self
+            .weight
+            .to_device(device)
+            .detach()
+            .set_requires_grad(keep);
+        self.bias = self
+            .bias
+            .as_ref()
+            .map(|b| b.to_device(device).detach().set_requires_grad(keep));
     }
     fn as_any(&self) -> &dyn std::any::Any {
         self
     }
     fn into_any(self: Box<Self>) -> Box<dyn std::any::Any> {
         self
+    }
+}
+
+impl LayerNorm {
+    /// Makes the scale and shift trainable (or frozen again).
+    pub fn set_trainable(&mut self, on: bool) {
+        self.weight = self.weight.detach().set_requires_grad(on);
+        self.bias = self.bias.as_ref().map(|b| b.detach().set_requires_grad(on));
     }
 }
 
@@ -119,13 +203,19 @@ fn check_linear(node: &Node) -> std::result::Result<(), String> {
     check_params(node, &[("weight", 2)], &[("bias", 1)])?;
     let w = &node.param("weight").ok_or("no weight")?.shape;
     match node.param("bias") {
-        Some(b) if b.shape[0] != w[0] => Err(format!("bias has {} entries for {} outputs", b.shape[0], w[0])),
+        Some(b) if b.shape[0] != w[0] => Err(format!(
+            "bias has {} entries for {} outputs",
+            b.shape[0], w[0]
+        )),
         _ => Ok(()),
     }
 }
 
 fn build_linear(_: &Node, mut t: LayerTensors) -> Result<Box<dyn Layer>> {
-    Ok(Box::new(Linear { weight: f32_tensor(t.take("weight")?), bias: t.take_opt("bias").map(f32_tensor) }))
+    Ok(Box::new(Linear {
+        weight: f32_tensor(t.take("weight")?),
+        bias: t.take_opt("bias").map(f32_tensor),
+    }))
 }
 
 fn check_embedding(node: &Node) -> std::result::Result<(), String> {
@@ -133,7 +223,9 @@ fn check_embedding(node: &Node) -> std::result::Result<(), String> {
 }
 
 fn build_embedding(_: &Node, mut t: LayerTensors) -> Result<Box<dyn Layer>> {
-    Ok(Box::new(Embedding { weight: f32_tensor(t.take("weight")?) }))
+    Ok(Box::new(Embedding {
+        weight: f32_tensor(t.take("weight")?),
+    }))
 }
 
 fn check_norm(node: &Node) -> std::result::Result<(), String> {
@@ -141,7 +233,11 @@ fn check_norm(node: &Node) -> std::result::Result<(), String> {
 }
 
 fn build_norm(_: &Node, mut t: LayerTensors) -> Result<Box<dyn Layer>> {
-    Ok(Box::new(LayerNorm { weight: f32_tensor(t.take("weight")?), bias: t.take_opt("bias").map(f32_tensor), eps: 1e-5 }))
+    Ok(Box::new(LayerNorm {
+        weight: f32_tensor(t.take("weight")?),
+        bias: t.take_opt("bias").map(f32_tensor),
+        eps: 1e-5,
+    }))
 }
 
 inventory::submit! { LayerKind { name: "Linear", check: check_linear, build: build_linear } }

@@ -85,7 +85,10 @@ pub fn natural_cmp(a: &str, b: &str) -> Ordering {
 }
 
 fn param_rank(name: &str) -> usize {
-    ["weight", "bias", "absmax", "code"].iter().position(|&n| n == name).unwrap_or(4)
+    ["weight", "bias", "absmax", "code"]
+        .iter()
+        .position(|&n| n == name)
+        .unwrap_or(4)
 }
 
 impl ModuleGraph {
@@ -100,15 +103,26 @@ impl ModuleGraph {
             if spec.ignores(&name) {
                 continue;
             }
-            let meta = store
-                .meta(&name)
-                .ok_or_else(|| OctetError::bad_file(store.path(), format!("tensor {name} is listed but has no data")))?;
+            let meta = store.meta(&name).ok_or_else(|| {
+                OctetError::bad_file(
+                    store.path(),
+                    format!("tensor {name} is listed but has no data"),
+                )
+            })?;
             let (path, pname) = name.rsplit_once('.').unwrap_or(("", name.as_str()));
             let i = *index.entry(path.to_string()).or_insert_with(|| {
-                nodes.push(Node { path: path.to_string(), kind: String::new(), params: Vec::new() });
+                nodes.push(Node {
+                    path: path.to_string(),
+                    kind: String::new(),
+                    params: Vec::new(),
+                });
                 nodes.len() - 1
             });
-            nodes[i].params.push(ParamInfo { name: pname.to_string(), dtype: meta.dtype, shape: meta.shape });
+            nodes[i].params.push(ParamInfo {
+                name: pname.to_string(),
+                dtype: meta.dtype,
+                shape: meta.shape,
+            });
         }
         for node in &mut nodes {
             let base = spec.module_kind(&node.path).ok_or_else(|| {
@@ -127,14 +141,21 @@ impl ModuleGraph {
             node.kind = if is_8bit {
                 registry::replacement_for(base)
                     .ok_or_else(|| {
-                        OctetError::bad_file(store.path(), format!("module {} is 8-bit but {base} has no 8-bit kind", node.path))
+                        OctetError::bad_file(
+                            store.path(),
+                            format!("module {} is 8-bit but {base} has no 8-bit kind", node.path),
+                        )
                     })?
                     .to
                     .to_string()
             } else {
                 base.to_string()
             };
-            node.params.sort_by(|a, b| param_rank(&a.name).cmp(&param_rank(&b.name)).then(a.name.cmp(&b.name)));
+            node.params.sort_by(|a, b| {
+                param_rank(&a.name)
+                    .cmp(&param_rank(&b.name))
+                    .then(a.name.cmp(&b.name))
+            });
         }
         nodes.sort_by(|a, b| natural_cmp(&a.path, &b.path));
         let graph = ModuleGraph { nodes };
@@ -146,7 +167,9 @@ impl ModuleGraph {
     fn check_shapes(&self, origin: &std::path::Path) -> Result<()> {
         for node in &self.nodes {
             if let Some(kind) = registry::layer_kind(&node.kind) {
-                (kind.check)(node).map_err(|problem| OctetError::bad_file(origin, format!("module {}: {problem}", node.path)))?;
+                (kind.check)(node).map_err(|problem| {
+                    OctetError::bad_file(origin, format!("module {}: {problem}", node.path))
+                })?;
             }
         }
         Ok(())
@@ -154,19 +177,40 @@ impl ModuleGraph {
 
     /// The walker: replaces every module that `select` accepts and whose kind has a registered
     /// 8-bit replacement. Returns the replaced paths.
-    pub fn quantize_where(&mut self, block: BlockSize, mut select: impl FnMut(&str) -> bool) -> Vec<String> {
+    pub fn quantize_where(
+        &mut self,
+        block: BlockSize,
+        mut select: impl FnMut(&str) -> bool,
+    ) -> Vec<String> {
         let mut replaced = Vec::new();
         for node in &mut self.nodes {
-            let Some(rep) = registry::replacement_for(&node.kind) else { continue };
+            let Some(rep) = registry::replacement_for(&node.kind) else {
+                continue;
+            };
             if !select(&node.path) {
                 continue;
             }
-            let Some(p) = node.params.iter_mut().find(|p| p.name == rep.quantized_param) else { continue };
+            let Some(p) = node
+                .params
+                .iter_mut()
+                .find(|p| p.name == rep.quantized_param)
+            else {
+                continue;
+            };
             p.dtype = Dtype::U8;
             let numel: usize = p.shape.iter().product();
-            node.params.push(ParamInfo { name: "absmax".into(), dtype: Dtype::F32, shape: vec![block.blocks_for(numel)] });
-            node.params.push(ParamInfo { name: "code".into(), dtype: Dtype::F32, shape: vec![CODE_LEN] });
-            node.params.sort_by(|a, b| param_rank(&a.name).cmp(&param_rank(&b.name)));
+            node.params.push(ParamInfo {
+                name: "absmax".into(),
+                dtype: Dtype::F32,
+                shape: vec![block.blocks_for(numel)],
+            });
+            node.params.push(ParamInfo {
+                name: "code".into(),
+                dtype: Dtype::F32,
+                shape: vec![CODE_LEN],
+            });
+            node.params
+                .sort_by(|a, b| param_rank(&a.name).cmp(&param_rank(&b.name)));
             node.kind = rep.to.to_string();
             replaced.push(node.path.clone());
         }
@@ -187,7 +231,11 @@ impl ModuleGraph {
     /// then totals per kind and overall.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let _ = writeln!(out, "{:<44} {:<14} {:<16} {:<5} {:>14}", "tensor", "kind", "shape", "dtype", "bytes");
+        let _ = writeln!(
+            out,
+            "{:<44} {:<14} {:<16} {:<5} {:>14}",
+            "tensor", "kind", "shape", "dtype", "bytes"
+        );
         for node in &self.nodes {
             for p in &node.params {
                 let shape = format!("{:?}", p.shape);
@@ -213,7 +261,44 @@ impl ModuleGraph {
             let _ = writeln!(out, "{kind:<14} {n:>5} modules {bytes:>14} bytes");
         }
         let tensors: usize = self.nodes.iter().map(|n| n.params.len()).sum();
-        let _ = writeln!(out, "total: {} modules, {tensors} tensors, {} bytes", self.nodes.len(), self.nbytes());
+        let _ = writeln!(
+            out,
+            "total: {} modules, {tensors} tensors, {} bytes",
+            self.nodes.len(),
+            self.nbytes()
+        );
         out
     }
+}
+
+/// Checks that every module in `expected` (path, weight shape) exists with that weight shape,
+/// and that the graph has no module outside it.
+pub fn check_weight_shapes(graph: &ModuleGraph, expected: &[(String, Vec<usize>)]) -> Result<()> {
+    for (path, shape) in expected {
+        let node = graph.node(path).ok_or_else(|| {
+            OctetError::InvalidArgument(format!("the checkpoint has no module {path}"))
+        })?;
+        let w = node
+            .param("weight")
+            .map(|p| p.shape.clone())
+            .unwrap_or_default();
+        if &w != shape {
+            return Err(OctetError::ShapeMismatch {
+                what: format!("{path}.weight (against config.json)"),
+                expected: format!("{shape:?}"),
+                found: format!("{w:?}"),
+            });
+        }
+    }
+    if let Some(extra) = graph
+        .nodes
+        .iter()
+        .find(|n| !expected.iter().any(|(p, _)| *p == n.path))
+    {
+        return Err(OctetError::InvalidArgument(format!(
+            "module {} is not part of this architecture",
+            extra.path
+        )));
+    }
+    Ok(())
 }

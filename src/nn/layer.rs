@@ -18,6 +18,48 @@ pub trait Layer: Send {
     fn as_any(&self) -> &dyn std::any::Any;
     /// The boxed layer as `Any`, to take ownership of the concrete type.
     fn into_any(self: Box<Self>) -> Box<dyn std::any::Any>;
+    /// How a LoRA adapter attaches to this layer, if it can.
+    fn adapter_shape(&self) -> Option<super::lora::AdapterShape> {
+        None
+    }
+    /// The device the layer's tensors live on.
+    fn device(&self) -> Device {
+        self.tensors()
+            .first()
+            .map_or(Device::Cpu, |(_, t)| t.device())
+    }
+    /// Switches training behaviour (dropout) on or off.
+    fn set_training(&mut self, _on: bool) {}
+    /// Tensors being trained, under their PEFT-style names relative to the module path.
+    fn trainable(&self) -> Vec<(String, Tensor)> {
+        Vec::new()
+    }
+    /// Makes the bias trainable (or frozen again); false when the layer has no bias.
+    fn train_bias(&mut self, _on: bool) -> bool {
+        false
+    }
+}
+
+/// A placeholder left briefly in a slot while its layer is being wrapped.
+pub struct Vacant;
+
+impl Layer for Vacant {
+    fn kind(&self) -> &'static str {
+        "Vacant"
+    }
+    fn forward(&self, x: &Tensor) -> Tensor {
+        x.shallow_clone()
+    }
+    fn tensors(&self) -> Vec<(String, Tensor)> {
+        Vec::new()
+    }
+    fn to_device(&mut self, _device: Device) {}
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+    fn into_any(self: Box<Self>) -> Box<dyn std::any::Any> {
+        self
+    }
 }
 
 /// A module's tensors by parameter name, handed to a layer kind's `build`.
@@ -29,14 +71,17 @@ pub struct LayerTensors {
 impl LayerTensors {
     /// Wraps the tensors of module `path`.
     pub fn new(path: impl Into<String>, tensors: BTreeMap<String, Tensor>) -> Self {
-        LayerTensors { path: path.into(), tensors }
+        LayerTensors {
+            path: path.into(),
+            tensors,
+        }
     }
 
     /// Takes a required tensor.
     pub fn take(&mut self, name: &str) -> Result<Tensor> {
-        self.tensors
-            .remove(name)
-            .ok_or_else(|| OctetError::InvalidArgument(format!("module {} has no tensor '{name}'", self.path)))
+        self.tensors.remove(name).ok_or_else(|| {
+            OctetError::InvalidArgument(format!("module {} has no tensor '{name}'", self.path))
+        })
     }
 
     /// Takes an optional tensor.
@@ -64,9 +109,9 @@ impl LayerMap {
 
     /// Takes the layer at `path`; an error names the missing module.
     pub fn take(&mut self, path: &str) -> Result<Box<dyn Layer>> {
-        self.layers
-            .remove(path)
-            .ok_or_else(|| OctetError::InvalidArgument(format!("the checkpoint has no module {path}")))
+        self.layers.remove(path).ok_or_else(|| {
+            OctetError::InvalidArgument(format!("the checkpoint has no module {path}"))
+        })
     }
 
     /// Takes the layer at `path` as concrete type `T`; an error names the module and the kind
@@ -75,7 +120,9 @@ impl LayerMap {
         let layer = self.take(path)?;
         let kind = layer.kind();
         layer.into_any().downcast::<T>().map(|b| *b).map_err(|_| {
-            OctetError::InvalidArgument(format!("module {path} is a {kind}, not the kind this architecture expects"))
+            OctetError::InvalidArgument(format!(
+                "module {path} is a {kind}, not the kind this architecture expects"
+            ))
         })
     }
 
@@ -87,21 +134,36 @@ impl LayerMap {
 
 /// Checks that a module has exactly the tensors `required` (+ `optional`), with the given
 /// ranks.
-pub fn check_params(node: &super::graph::Node, required: &[(&str, usize)], optional: &[(&str, usize)]) -> std::result::Result<(), String> {
+pub fn check_params(
+    node: &super::graph::Node,
+    required: &[(&str, usize)],
+    optional: &[(&str, usize)],
+) -> std::result::Result<(), String> {
     for (name, rank) in required {
         match node.param(name) {
             None => return Err(format!("{} is missing tensor '{name}'", node.kind)),
             Some(p) if p.shape.len() != *rank => {
-                return Err(format!("tensor '{name}' has shape {:?}, expected {rank} dimensions", p.shape))
+                return Err(format!(
+                    "tensor '{name}' has shape {:?}, expected {rank} dimensions",
+                    p.shape
+                ))
             }
             _ => {}
         }
     }
     for p in &node.params {
         match required.iter().chain(optional).find(|(n, _)| *n == p.name) {
-            None => return Err(format!("unexpected tensor '{}' for a {}", p.name, node.kind)),
+            None => {
+                return Err(format!(
+                    "unexpected tensor '{}' for a {}",
+                    p.name, node.kind
+                ))
+            }
             Some((_, rank)) if p.shape.len() != *rank => {
-                return Err(format!("tensor '{}' has shape {:?}, expected {rank} dimensions", p.name, p.shape))
+                return Err(format!(
+                    "tensor '{}' has shape {:?}, expected {rank} dimensions",
+                    p.name, p.shape
+                ))
             }
             _ => {}
         }

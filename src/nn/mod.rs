@@ -3,7 +3,9 @@ pub mod bnb8;
 pub mod float;
 pub mod graph;
 pub mod layer;
+pub mod lora;
 pub mod registry;
 
 pub use graph::{ModuleGraph, Node, ParamInfo};
-pub use layer::{Layer, LayerMap, LayerTensors};
+pub use layer::{Layer, LayerMap, LayerTensors, Vacant};
+pub use lora::{AdapterShape, LoraConfig, LoraLayer};

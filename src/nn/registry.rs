@@ -30,12 +30,16 @@ inventory::collect!(Replacement);
 /// The registered kind named `name` (the first registration if, wrongly, there are several;
 /// [`duplicate_kinds`] reports those).
 pub fn layer_kind(name: &str) -> Option<&'static LayerKind> {
-    inventory::iter::<LayerKind>.into_iter().find(|k| k.name == name)
+    inventory::iter::<LayerKind>
+        .into_iter()
+        .find(|k| k.name == name)
 }
 
 /// The replacement for kind `from`, if one is registered.
 pub fn replacement_for(from: &str) -> Option<&'static Replacement> {
-    inventory::iter::<Replacement>.into_iter().find(|r| r.from == from)
+    inventory::iter::<Replacement>
+        .into_iter()
+        .find(|r| r.from == from)
 }
 
 /// Kind names registered more than once (a plugin bug, reported by `octet archs`).
@@ -44,12 +48,18 @@ pub fn duplicate_kinds() -> Vec<&'static str> {
     for k in inventory::iter::<LayerKind> {
         *seen.entry(k.name).or_insert(0) += 1;
     }
-    seen.into_iter().filter(|(_, n)| *n > 1).map(|(k, _)| k).collect()
+    seen.into_iter()
+        .filter(|(_, n)| *n > 1)
+        .map(|(k, _)| k)
+        .collect()
 }
 
 /// All registered kind names, sorted.
 pub fn kind_names() -> Vec<&'static str> {
-    let mut v: Vec<_> = inventory::iter::<LayerKind>.into_iter().map(|k| k.name).collect();
+    let mut v: Vec<_> = inventory::iter::<LayerKind>
+        .into_iter()
+        .map(|k| k.name)
+        .collect();
     v.sort_unstable();
     v.dedup();
     v

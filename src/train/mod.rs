@@ -1,4 +1,9 @@
 //! Training: data pipeline, learning-rate schedules, optimizers.
 
+pub mod adam8bit;
+pub mod adamw;
 pub mod data;
+pub mod optim;
 pub mod schedule;
+pub mod step;
+pub mod trainer;

@@ -1,0 +1,81 @@
+//! `octet convert`: a Hugging Face checkpoint to octet's 8-bit format.
+use super::parse_patterns;
+use octet::convert::{convert, ConvertOptions};
+use octet::load::QuantizeOptions;
+use octet::quant::{BlockSize, CodeKind};
+use std::path::PathBuf;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Architecture name, or `auto` to read it from config.json.
+    #[arg(long, default_value = "auto")]
+    arch: String,
+    /// Hugging Face model folder (config.json + safetensors or pytorch_model.bin, sharded or not).
+    #[arg(long)]
+    model: PathBuf,
+    /// Output folder (must not exist or be empty, unless --force).
+    #[arg(long)]
+    out: PathBuf,
+    /// Elements per quantization block (64…4096, a power of two); the spec's default if unset.
+    #[arg(long)]
+    block_size: Option<i64>,
+    /// `dynamic` (bitsandbytes' code) or `fitted` (a per-tensor code fitted to the weights).
+    #[arg(long, default_value = "dynamic")]
+    code: CodeKind,
+    /// Keep modules matching this pattern in float (repeatable; `*` matches within a segment).
+    #[arg(long = "skip")]
+    skip: Vec<String>,
+    /// Replace a non-empty output folder.
+    #[arg(long)]
+    force: bool,
+    /// Start a new shard above this many MiB.
+    #[arg(long, default_value_t = 2048)]
+    shard_mib: usize,
+}
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let block = a.block_size.map(BlockSize::new).transpose()?;
+    let opts = ConvertOptions {
+        arch: a.arch,
+        quantize: QuantizeOptions {
+            block,
+            code: a.code,
+            skip: parse_patterns(&a.skip)?,
+        },
+        force: a.force,
+        shard_bytes: a.shard_mib << 20,
+        progress: true,
+    };
+    let started = std::time::Instant::now();
+    let report = convert(&a.model, &a.out, &opts)?;
+    let secs = started.elapsed().as_secs_f64();
+    let (n_q, mean, max) = report.error_summary();
+    let (bin, bout) = (report.bytes_in(), report.bytes_out());
+    eprintln!(
+        "converted {} ({}) -> {}",
+        a.model.display(),
+        report.arch,
+        report.out.display()
+    );
+    println!("{:<12} {:>8}", "tensors", report.tensors.len());
+    println!("{:<12} {:>8}", "quantized", n_q);
+    println!("{:<12} {:>14} bytes", "before", bin);
+    println!(
+        "{:<12} {:>14} bytes ({:.2}x smaller)",
+        "after",
+        bout,
+        bin as f64 / bout.max(1) as f64
+    );
+    println!(
+        "{:<12} {:>14.3e} mean, {:.3e} max (relative MSE over quantized tensors)",
+        "error", mean, max
+    );
+    println!(
+        "{:<12} {:>14.1} s ({:.0} MB/s of input)",
+        "time",
+        secs,
+        bin as f64 / 1e6 / secs.max(1e-9)
+    );
+    println!("{:<12} {}", "shards", report.shards.join(", "));
+    Ok(())
+}

@@ -1,0 +1,365 @@
+//! `octet convert`: a Hugging Face checkpoint to octet's 8-bit format, streamed tensor by
+//! tensor so that peak memory is bounded by a few times the largest tensor.
+use crate::error::{OctetError, Result};
+use crate::io::checkpoint::WEIGHT_FILES;
+use crate::io::safetensors::SafetensorsWriter;
+use crate::io::{dtype, open_checkpoint, Dtype, TensorStore};
+use crate::load::{choose_code, read_config, read_f32, resolve_arch, QuantizeOptions};
+use crate::manifest::{sha256_file, Manifest, SourceFile, TensorError};
+use crate::nn::{registry, ModuleGraph};
+use crate::outdir::{copy_side_files, OutputDir};
+use crate::quant::{QuantError, StreamingQuantizer};
+use std::path::{Path, PathBuf};
+
+/// Options of [`convert`].
+#[derive(Clone, Debug)]
+pub struct ConvertOptions {
+    /// `auto` or a registry name.
+    pub arch: String,
+    /// Block size, code and extra skips.
+    pub quantize: QuantizeOptions,
+    /// Replace a non-empty output folder.
+    pub force: bool,
+    /// Start a new shard above this many bytes.
+    pub shard_bytes: usize,
+    /// Show a progress bar on stderr.
+    pub progress: bool,
+}
+
+impl Default for ConvertOptions {
+    fn default() -> Self {
+        ConvertOptions {
+            arch: "auto".into(),
+            quantize: QuantizeOptions::default(),
+            force: false,
+            shard_bytes: 2 << 30,
+            progress: false,
+        }
+    }
+}
+
+/// One row of the conversion summary.
+#[derive(Clone, Debug)]
+pub struct ConvertedTensor {
+    /// Tensor name.
+    pub name: String,
+    /// Bytes read.
+    pub bytes_in: usize,
+    /// Bytes written (weight + absmax + code for quantized tensors).
+    pub bytes_out: usize,
+    /// Error, for quantized tensors.
+    pub error: Option<QuantError>,
+}
+
+/// What a conversion did.
+#[derive(Clone, Debug)]
+pub struct ConvertReport {
+    /// The output folder.
+    pub out: PathBuf,
+    /// The architecture used.
+    pub arch: String,
+    /// Per-tensor rows, in write order.
+    pub tensors: Vec<ConvertedTensor>,
+    /// Shard files written.
+    pub shards: Vec<String>,
+}
+
+impl ConvertReport {
+    /// Total bytes read.
+    pub fn bytes_in(&self) -> usize {
+        self.tensors.iter().map(|t| t.bytes_in).sum()
+    }
+    /// Total bytes written.
+    pub fn bytes_out(&self) -> usize {
+        self.tensors.iter().map(|t| t.bytes_out).sum()
+    }
+    /// Mean and max relative MSE over quantized tensors.
+    pub fn error_summary(&self) -> (usize, f64, f64) {
+        let errs: Vec<f64> = self
+            .tensors
+            .iter()
+            .filter_map(|t| t.error.map(|e| e.rel_mse()))
+            .collect();
+        let mean = if errs.is_empty() {
+            0.0
+        } else {
+            errs.iter().sum::<f64>() / errs.len() as f64
+        };
+        (errs.len(), mean, errs.iter().cloned().fold(0.0, f64::max))
+    }
+}
+
+/// Elements per chunk when streaming a tensor through the quantizer (16 MiB of f32).
+const CHUNK_ELEMS: usize = 4 << 20;
+
+fn plan_shards(
+    tensors: &[(String, Dtype, Vec<usize>)],
+    limit: usize,
+) -> Vec<Vec<(String, Dtype, Vec<usize>)>> {
+    let mut shards: Vec<Vec<_>> = vec![Vec::new()];
+    let mut size = 0usize;
+    for t in tensors {
+        let n = t.2.iter().product::<usize>() * t.1.size();
+        if size > 0 && size + n > limit {
+            shards.push(Vec::new());
+            size = 0;
+        }
+        size += n;
+        shards
+            .last_mut()
+            .expect("one shard at least")
+            .push(t.clone());
+    }
+    shards
+}
+
+fn source_files(dir: &Path) -> Result<Vec<SourceFile>> {
+    let mut files: Vec<PathBuf> = Vec::new();
+    for f in WEIGHT_FILES {
+        let p = dir.join(f);
+        if !p.exists() {
+            continue;
+        }
+        files.push(p.clone());
+        if f.ends_with(".index.json") {
+            let text = std::fs::read_to_string(&p).map_err(|e| OctetError::io(&p, e))?;
+            let json: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| OctetError::bad_file(&p, e.to_string()))?;
+            let mut shards: Vec<&str> = json["weight_map"]
+                .as_object()
+                .map(|m| m.values().filter_map(|v| v.as_str()).collect())
+                .unwrap_or_default();
+            shards.sort_unstable();
+            shards.dedup();
+            files.extend(shards.iter().map(|s| dir.join(s)));
+        }
+        break;
+    }
+    files.push(dir.join("config.json"));
+    files
+        .iter()
+        .map(|p| {
+            let bytes = std::fs::metadata(p)
+                .map_err(|e| OctetError::io(p, e))?
+                .len();
+            let name = p
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            Ok(SourceFile {
+                name,
+                bytes,
+                sha256: sha256_file(p)?,
+            })
+        })
+        .collect()
+}
+
+fn progress_bar(show: bool, total: u64) -> indicatif::ProgressBar {
+    if !show {
+        return indicatif::ProgressBar::hidden();
+    }
+    let pb = indicatif::ProgressBar::new(total);
+    pb.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:40} {bytes}/{total_bytes} {bytes_per_sec} {msg}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    pb
+}
+
+/// Converts the checkpoint in `model` into an octet folder at `out`.
+pub fn convert(model: &Path, out: &Path, opts: &ConvertOptions) -> Result<ConvertReport> {
+    let config = read_config(model)?;
+    let arch = resolve_arch(model, &opts.arch, &config)?;
+    let outdir = OutputDir::create(out, opts.force, &[model])?;
+    let store = open_checkpoint(model)?;
+    let stored = ModuleGraph::from_store(store.as_ref(), arch.spec())?;
+    arch.check(&config, &stored)
+        .map_err(|e| OctetError::bad_file(store.path(), e.to_string()))?;
+    let mut graph = stored.clone();
+    let (block, _) = opts.quantize.apply(&mut graph, arch);
+
+    let plan: Vec<(String, Dtype, Vec<usize>)> = graph
+        .nodes
+        .iter()
+        .flat_map(|n| {
+            n.params
+                .iter()
+                .map(move |p| (n.tensor_name(&p.name), p.dtype, p.shape.clone()))
+        })
+        .collect();
+    // Module index and parameter name of each planned tensor.
+    let owner: std::collections::HashMap<String, (usize, String)> = graph
+        .nodes
+        .iter()
+        .enumerate()
+        .flat_map(|(i, n)| {
+            n.params
+                .iter()
+                .map(move |p| (n.tensor_name(&p.name), (i, p.name.clone())))
+        })
+        .collect();
+    let shards = plan_shards(&plan, opts.shard_bytes);
+    let shard_names: Vec<String> = if shards.len() == 1 {
+        vec!["model.safetensors".into()]
+    } else {
+        (1..=shards.len())
+            .map(|i| format!("model-{i:05}-of-{:05}.safetensors", shards.len()))
+            .collect()
+    };
+
+    let pb = progress_bar(opts.progress, stored.nbytes() as u64);
+    let mut rows = Vec::new();
+    // The quantized (q, absmax, code) of the current module, written as its tensors come up.
+    let mut pending: Option<(String, crate::quant::StreamOutput, Vec<f32>)> = None;
+    let meta = [
+        ("format".to_string(), "pt".to_string()),
+        ("octet_arch".to_string(), arch.name().to_string()),
+    ];
+    for (shard, file) in shards.iter().zip(&shard_names) {
+        let mut w = SafetensorsWriter::create(&outdir.path().join(file), shard, &meta)?;
+        for (name, _, _) in shard {
+            let (node_i, pname) = &owner[name];
+            let (s, t) = (&stored.nodes[*node_i], &graph.nodes[*node_i]);
+            let pname = pname.as_str();
+            let rep = (s.kind != t.kind)
+                .then(|| registry::replacement_for(&s.kind))
+                .flatten();
+            if rep.is_some_and(|r| r.quantized_param == pname) {
+                let out = quantize_tensor(store.as_ref(), name, block, &opts.quantize)?;
+                let bytes_in = s.param(pname).map_or(0, |p| p.nbytes());
+                let row = ConvertedTensor {
+                    name: name.clone(),
+                    bytes_in,
+                    bytes_out: out.0.q.len() + 4 * out.0.absmax.len() + 4 * out.1.len(),
+                    error: out.0.error,
+                };
+                w.write(name, &out.0.q)?;
+                pb.inc(bytes_in as u64);
+                rows.push(row);
+                pending = Some((t.path.clone(), out.0, out.1));
+            } else if pname == "absmax" || pname == "code" {
+                match &pending {
+                    Some((path, q, code)) if *path == t.path => {
+                        let vals: &[f32] = if pname == "absmax" { &q.absmax } else { code };
+                        let bytes: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
+                        w.write(name, &bytes)?;
+                    }
+                    _ => {
+                        // Already 8-bit in the source: copied as stored.
+                        let b = store.bytes(name)?;
+                        w.write(name, &b)?;
+                        rows.push(ConvertedTensor {
+                            name: name.clone(),
+                            bytes_in: b.len(),
+                            bytes_out: b.len(),
+                            error: None,
+                        });
+                        pb.inc(b.len() as u64);
+                    }
+                }
+            } else {
+                let b = store.bytes(name)?;
+                w.write(name, &b)?;
+                rows.push(ConvertedTensor {
+                    name: name.clone(),
+                    bytes_in: b.len(),
+                    bytes_out: b.len(),
+                    error: None,
+                });
+                pb.inc(b.len() as u64);
+            }
+            store.release(name);
+        }
+        w.finish()?;
+    }
+    pb.finish_and_clear();
+    if shards.len() > 1 {
+        write_index(outdir.path(), &shards, &shard_names)?;
+    }
+    copy_side_files(model, outdir.path())?;
+    let manifest = Manifest {
+        arch: arch.name().to_string(),
+        block_size: block.get() as i64,
+        code: opts.quantize.code,
+        octet_version: env!("CARGO_PKG_VERSION").to_string(),
+        source: source_files(model)?,
+        tensors: rows
+            .iter()
+            .filter_map(|r| {
+                r.error.map(|e| TensorError {
+                    name: r.name.clone(),
+                    rel_mse: e.rel_mse(),
+                    max_abs_err: e.max_abs_err,
+                })
+            })
+            .collect(),
+    };
+    manifest.write(outdir.path())?;
+    let out = outdir.commit()?;
+    Ok(ConvertReport {
+        out,
+        arch: arch.name().to_string(),
+        tensors: rows,
+        shards: shard_names,
+    })
+}
+
+/// Quantizes one stored float tensor chunk by chunk; returns the bytes and the code used.
+fn quantize_tensor(
+    store: &dyn TensorStore,
+    name: &str,
+    block: crate::quant::BlockSize,
+    q: &QuantizeOptions,
+) -> Result<(crate::quant::StreamOutput, Vec<f32>)> {
+    let meta = store
+        .meta(name)
+        .ok_or_else(|| OctetError::bad_file(store.path(), format!("no tensor named {name}")))?;
+    if !meta.dtype.is_float() {
+        return Err(OctetError::bad_file(
+            store.path(),
+            format!(
+                "tensor {name} is {:?}; only float tensors can be quantized",
+                meta.dtype
+            ),
+        ));
+    }
+    let code = match q.code {
+        // Fitting samples the whole tensor, so it is read once in f32 first.
+        crate::quant::CodeKind::Fitted => choose_code(q.code, &read_f32(store, name)?, block)?,
+        crate::quant::CodeKind::Dynamic => crate::quant::QuantCode::dynamic_signed(),
+    };
+    let bytes = store.bytes(name)?;
+    let size = meta.dtype.size();
+    let sq = StreamingQuantizer::new(&code, block);
+    let out = sq.quantize(meta.numel(), CHUNK_ELEMS, true, |start, buf| {
+        dtype::float_bytes_to_f32(
+            meta.dtype,
+            &bytes[start * size..(start + buf.len()) * size],
+            buf,
+        )
+    })?;
+    Ok((out, code.values().to_vec()))
+}
+
+fn write_index(
+    dir: &Path,
+    shards: &[Vec<(String, Dtype, Vec<usize>)>],
+    names: &[String],
+) -> Result<()> {
+    let mut map = serde_json::Map::new();
+    let mut total = 0usize;
+    for (shard, file) in shards.iter().zip(names) {
+        for (n, d, s) in shard {
+            total += s.iter().product::<usize>() * d.size();
+            map.insert(n.clone(), serde_json::Value::String(file.clone()));
+        }
+    }
+    let index = serde_json::json!({"metadata": {"total_size": total}, "weight_map": map});
+    let p = dir.join("model.safetensors.index.json");
+    let text = serde_json::to_string_pretty(&index)
+        .map_err(|e| OctetError::InvalidArgument(e.to_string()))?;
+    std::fs::write(&p, text).map_err(|e| OctetError::io(&p, e))
+}

@@ -1,0 +1,238 @@
+//! LoRA adapters with PEFT's semantics, wrapped around any linear-like or embedding layer:
+//! `y = base(x) + (B·A·dropout(x))·s` with `s = alpha/r` (`alpha/√r` with rsLoRA).
+//! The base stays frozen; only A and B are trained, in f32, whatever the compute dtype.
+use super::layer::Layer;
+use crate::error::{OctetError, Result};
+use tch::{Device, Kind, Tensor};
+
+/// Shape information a layer exposes so an adapter can be attached to it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AdapterShape {
+    /// A projection from `in_features` to `out_features`.
+    Linear {
+        /// Input width.
+        in_features: usize,
+        /// Output width.
+        out_features: usize,
+    },
+    /// A lookup table of `vocab` rows of width `dim`.
+    Embedding {
+        /// Rows.
+        vocab: usize,
+        /// Row width.
+        dim: usize,
+    },
+}
+
+/// LoRA hyper-parameters.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LoraConfig {
+    /// Rank.
+    pub r: usize,
+    /// Scaling numerator.
+    pub alpha: f64,
+    /// Dropout on the adapter's input (Linear only, as in PEFT).
+    pub dropout: f64,
+    /// Scale by alpha/√r instead of alpha/r.
+    pub rslora: bool,
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        LoraConfig {
+            r: 8,
+            alpha: 8.0,
+            dropout: 0.0,
+            rslora: false,
+        }
+    }
+}
+
+impl LoraConfig {
+    /// The factor applied to B·A.
+    pub fn scale(&self) -> f64 {
+        if self.rslora {
+            self.alpha / (self.r as f64).sqrt()
+        } else {
+            self.alpha / self.r as f64
+        }
+    }
+}
+
+/// A frozen base layer plus a trainable low-rank update.
+pub struct LoraLayer {
+    base: Box<dyn Layer>,
+    shape: AdapterShape,
+    /// Linear: `lora_A` `[r, in]`; Embedding: `lora_embedding_A` `[r, vocab]`.
+    pub a: Tensor,
+    /// Linear: `lora_B` `[out, r]`; Embedding: `lora_embedding_B` `[dim, r]`.
+    pub b: Tensor,
+    /// Hyper-parameters.
+    pub config: LoraConfig,
+    training: bool,
+}
+
+impl LoraLayer {
+    /// Wraps `base` with freshly initialised adapters (PEFT's init: Linear A is
+    /// kaiming-uniform(a=√5), i.e. U(±1/√in), B zeros; Embedding A zeros, B standard normal).
+    pub fn wrap(base: Box<dyn Layer>, config: LoraConfig) -> Result<Self> {
+        let shape = base.adapter_shape().ok_or_else(|| {
+            OctetError::InvalidArgument(format!(
+                "LoRA cannot be attached to a {} layer",
+                base.kind()
+            ))
+        })?;
+        if config.r == 0 {
+            return Err(OctetError::InvalidArgument(
+                "LoRA rank must be at least 1".into(),
+            ));
+        }
+        let device = base.device();
+        let opts = (Kind::Float, device);
+        let r = config.r as i64;
+        let (a, b) = match shape {
+            AdapterShape::Linear {
+                in_features,
+                out_features,
+            } => {
+                let bound = 1.0 / (in_features as f64).sqrt();
+                (
+                    Tensor::empty([r, in_features as i64], opts).uniform_(-bound, bound),
+                    Tensor::zeros([out_features as i64, r], opts),
+                )
+            }
+            AdapterShape::Embedding { vocab, dim } => (
+                Tensor::zeros([r, vocab as i64], opts),
+                Tensor::randn([dim as i64, r], opts),
+            ),
+        };
+        Ok(LoraLayer {
+            base,
+            shape,
+            a: a.set_requires_grad(true),
+            b: b.set_requires_grad(true),
+            config,
+            training: false,
+        })
+    }
+
+    /// Wraps `base` with given adapter weights (loading an adapter); shapes are checked.
+    pub fn with_weights(
+        base: Box<dyn Layer>,
+        config: LoraConfig,
+        a: Tensor,
+        b: Tensor,
+        path: &str,
+    ) -> Result<Self> {
+        let mut l = Self::wrap(base, config)?;
+        if a.size() != l.a.size() || b.size() != l.b.size() {
+            return Err(OctetError::ShapeMismatch {
+                what: format!("adapter for {path} (A, B)"),
+                expected: format!("{:?}, {:?}", l.a.size(), l.b.size()),
+                found: format!("{:?}, {:?}", a.size(), b.size()),
+            });
+        }
+        let device = l.a.device();
+        l.a = a
+            .to_kind(Kind::Float)
+            .to_device(device)
+            .detach()
+            .set_requires_grad(true);
+        l.b = b
+            .to_kind(Kind::Float)
+            .to_device(device)
+            .detach()
+            .set_requires_grad(true);
+        Ok(l)
+    }
+
+    /// The frozen base layer.
+    pub fn base(&self) -> &dyn Layer {
+        self.base.as_ref()
+    }
+
+    /// Whether this wraps an embedding.
+    pub fn is_embedding(&self) -> bool {
+        matches!(self.shape, AdapterShape::Embedding { .. })
+    }
+
+    /// The update ΔW = (B·A)·s in the base weight's `[out, in]` (Linear) or `[vocab, dim]`
+    /// (Embedding) layout, f32.
+    pub fn delta_weight(&self) -> Tensor {
+        let s = self.config.scale();
+        tch::no_grad(|| match self.shape {
+            AdapterShape::Linear { .. } => self.b.matmul(&self.a) * s,
+            AdapterShape::Embedding { .. } => (self.b.matmul(&self.a) * s).tr(),
+        })
+    }
+}
+
+impl Layer for LoraLayer {
+    fn kind(&self) -> &'static str {
+        self.base.kind()
+    }
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let y = self.base.forward(x);
+        let s = self.config.scale();
+        match self.shape {
+            AdapterShape::Linear { .. } => {
+                let k = x.kind();
+                let xd = if self.training && self.config.dropout > 0.0 {
+                    x.dropout(self.config.dropout, true)
+                } else {
+                    x.shallow_clone()
+                };
+                let delta = xd
+                    .matmul(&self.a.to_kind(k).tr())
+                    .matmul(&self.b.to_kind(k).tr())
+                    * s;
+                y + delta
+            }
+            AdapterShape::Embedding { .. } => {
+                let after_a = Tensor::embedding(&self.a.tr(), x, -1, false, false);
+                let delta = after_a.matmul(&self.b.tr()) * s;
+                y.to_kind(Kind::Float) + delta
+            }
+        }
+    }
+    fn tensors(&self) -> Vec<(String, Tensor)> {
+        self.base.tensors()
+    }
+    fn to_device(&mut self, device: Device) {
+        self.base.to_device(device);
+        self.a = self.a.to_device(device).detach().set_requires_grad(true);
+        self.b = self.b.to_device(device).detach().set_requires_grad(true);
+    }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+    fn into_any(self: Box<Self>) -> Box<dyn std::any::Any> {
+        self
+    }
+    fn adapter_shape(&self) -> Option<AdapterShape> {
+        None
+    }
+    fn device(&self) -> Device {
+        self.base.device()
+    }
+    fn set_training(&mut self, on: bool) {
+        self.training = on;
+        self.base.set_training(on);
+    }
+    fn trainable(&self) -> Vec<(String, Tensor)> {
+        let (a, b) = if self.is_embedding() {
+            ("lora_embedding_A", "lora_embedding_B")
+        } else {
+            ("lora_A.weight", "lora_B.weight")
+        };
+        let mut v = vec![
+            (a.to_string(), self.a.shallow_clone()),
+            (b.to_string(), self.b.shallow_clone()),
+        ];
+        v.extend(self.base.trainable());
+        v
+    }
+    fn train_bias(&mut self, on: bool) -> bool {
+        self.base.train_bias(on)
+    }
+}

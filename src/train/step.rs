@@ -1,0 +1,113 @@
+//! One forward + backward pass of a causal LM, plain or with block-level recompute.
+//!
+//! With checkpointing, every block runs first under no-grad and only its input is kept; the
+//! head and loss run with grad; then, block by block in reverse, the block is recomputed from
+//! its saved input with grad and the upstream gradient is pushed through it as a
+//! vector-Jacobian product `(y · g).sum().backward()` (libtorch from Rust cannot define custom
+//! autograd functions). Only one block's activations and de-quantized weights are alive at a
+//! time. Dropout replays the same masks because each block's forward is seeded the same way
+//! in both passes.
+use crate::model::CausalLm;
+use tch::{Kind, Tensor};
+
+/// Labels with this value carry no loss.
+pub const IGNORE_INDEX: i64 = -100;
+
+/// Mean next-token cross-entropy over labelled positions (labels are shifted here: position
+/// t predicts label t+1, as in Hugging Face).
+pub fn causal_lm_loss(logits: &Tensor, labels: &Tensor) -> Tensor {
+    let v = logits.size()[2];
+    let t = logits.size()[1];
+    let pred = logits.narrow(1, 0, t - 1).reshape([-1, v]);
+    let target = labels
+        .narrow(1, 1, t - 1)
+        .reshape([-1])
+        .to_device(logits.device());
+    pred.cross_entropy_loss::<Tensor>(&target, None, tch::Reduction::Mean, IGNORE_INDEX, 0.0)
+}
+
+/// Sum of next-token negative log-likelihoods and the number of labelled positions.
+pub fn causal_lm_nll(logits: &Tensor, labels: &Tensor) -> (f64, i64) {
+    let v = logits.size()[2];
+    let t = logits.size()[1];
+    let pred = logits.narrow(1, 0, t - 1).reshape([-1, v]);
+    let target = labels
+        .narrow(1, 1, t - 1)
+        .reshape([-1])
+        .to_device(logits.device());
+    let nll =
+        pred.cross_entropy_loss::<Tensor>(&target, None, tch::Reduction::Sum, IGNORE_INDEX, 0.0);
+    let n = target.ne(IGNORE_INDEX).sum(Kind::Int64).int64_value(&[]);
+    (nll.double_value(&[]), n)
+}
+
+/// Seeds libtorch's generator for block `block` of step `step`, so a recompute replays the
+/// forward's dropout masks.
+fn seed_block(seed: u64, step: u64, block: usize) {
+    let mix = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ step.wrapping_mul(0xBF58_476D_1CE4_E5B9)
+        ^ (block as u64 + 1).wrapping_mul(0x94D0_49BB_1331_11EB);
+    tch::manual_seed((mix >> 1) as i64);
+}
+
+/// Runs forward and backward for one micro-batch, accumulating gradients into every trainable
+/// tensor with `loss * loss_scale` as the objective. Returns the (unscaled) loss.
+pub fn forward_backward(
+    model: &dyn CausalLm,
+    ids: &Tensor,
+    labels: &Tensor,
+    loss_scale: f64,
+    checkpointing: bool,
+    seed: u64,
+    step: u64,
+) -> f64 {
+    let n = model.info().blocks;
+    if !checkpointing {
+        let mut h = {
+            seed_block(seed, step, usize::MAX);
+            model.embed(ids)
+        };
+        for i in 0..n {
+            seed_block(seed, step, i);
+            h = model.block(i, &h, None);
+        }
+        let loss = causal_lm_loss(&model.head(&h), labels);
+        let value = loss.double_value(&[]);
+        (loss * loss_scale).backward();
+        return value;
+    }
+    let mut saved = Vec::with_capacity(n);
+    let mut h = tch::no_grad(|| {
+        seed_block(seed, step, usize::MAX);
+        model.embed(ids)
+    });
+    for i in 0..n {
+        seed_block(seed, step, i);
+        let next = tch::no_grad(|| model.block(i, &h, None));
+        saved.push(h);
+        h = next;
+    }
+    let x = h.detach().set_requires_grad(true);
+    let loss = causal_lm_loss(&model.head(&x), labels);
+    let value = loss.double_value(&[]);
+    (loss * loss_scale).backward();
+    let mut g = x.grad();
+    for i in (0..n).rev() {
+        let x = saved
+            .pop()
+            .expect("one saved input per block")
+            .detach()
+            .set_requires_grad(true);
+        seed_block(seed, step, i);
+        let y = model.block(i, &x, None);
+        (y * g.detach()).sum(Kind::Float).backward();
+        g = x.grad();
+    }
+    // The embedding itself may carry an adapter: push the gradient into it too.
+    seed_block(seed, step, usize::MAX);
+    let e = model.embed(ids);
+    if e.requires_grad() {
+        (e * g.detach()).sum(Kind::Float).backward();
+    }
+    value
+}
