@@ -24,10 +24,11 @@ $(GEN)/quant_vectors.safetensors: scripts/gen_quant_vectors.py $(VENV_STAMP)
 	mkdir -p $(GEN)
 	$(PY) scripts/gen_quant_vectors.py $@.tmp && mv $@.tmp $@
 
-$(GEN)/tiny_gptj/.done: scripts/gen_tiny_gptj.py scripts/make_gpt2_tokenizer.py $(VENV_STAMP)
+$(GEN)/tiny_gptj/.done: scripts/gen_tiny_gptj.py scripts/make_gpt2_tokenizer.py scripts/make_byte_tokenizer.py $(VENV_STAMP)
 	mkdir -p $(GEN)/tiny_gptj
 	$(PY) scripts/gen_tiny_gptj.py $(GEN)/tiny_gptj
 	$(PY) scripts/make_gpt2_tokenizer.py $(GEN)/tiny_gptj/gpt2_tokenizer
+	$(PY) scripts/make_byte_tokenizer.py $(GEN)/tiny_gptj/hf_safetensors $(GEN)/tiny_gptj/hf_bin $(GEN)/tiny_gptj/gptj8bit
 	touch $@
 
 $(GEN)/torch_bin/.done: scripts/gen_torch_bin_fixtures.py $(VENV_STAMP)

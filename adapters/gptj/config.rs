@@ -65,14 +65,14 @@ impl GptjConfig {
         let c: GptjConfig = serde_json::from_value(v.clone()).map_err(|e| {
             OctetError::InvalidArgument(format!("config.json: invalid GPT-J config: {e}"))
         })?;
-        if c.n_head == 0 || c.n_embd % c.n_head != 0 {
+        if c.n_head == 0 || !c.n_embd.is_multiple_of(c.n_head) {
             return Err(OctetError::InvalidArgument(format!(
                 "config.json: n_embd {} is not divisible by n_head {}",
                 c.n_embd, c.n_head
             )));
         }
         let rd = c.rotary_dim();
-        if rd % 2 != 0 || rd > c.head_dim() {
+        if !rd.is_multiple_of(2) || rd > c.head_dim() {
             return Err(OctetError::InvalidArgument(format!(
                 "config.json: rotary_dim {rd} must be even and at most the head size {}",
                 c.head_dim()

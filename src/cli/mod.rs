@@ -3,6 +3,7 @@ mod archs;
 mod convert;
 mod inspect;
 mod quant_report;
+mod train;
 
 use clap::{Parser, Subcommand};
 use octet::spec::PathPattern;
@@ -21,6 +22,8 @@ enum Command {
     Convert(convert::Args),
     /// Print the module graph of a model folder.
     Inspect(inspect::Args),
+    /// Fine-tune LoRA adapters (8-bit frozen weights, 8-bit Adam, block recompute).
+    Train(train::Args),
     /// List the registered architectures.
     Archs,
     /// Quantize a weight-shaped random tensor and report size and error for both codes.
@@ -41,6 +44,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Convert(a) => convert::run(a),
         Command::Inspect(a) => inspect::run(a),
         Command::Archs => archs::run(),
+        Command::Train(a) => train::run(a),
         Command::QuantReport(a) => quant_report::run(a),
     }
 }

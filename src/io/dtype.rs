@@ -103,7 +103,7 @@ impl Dtype {
 /// exactly `bytes.len() / dtype.size()` values.
 pub fn float_bytes_to_f32(dtype: Dtype, bytes: &[u8], out: &mut [f32]) -> Result<()> {
     let n = bytes.len() / dtype.size();
-    if n != out.len() || bytes.len() % dtype.size() != 0 {
+    if n != out.len() || !bytes.len().is_multiple_of(dtype.size()) {
         return Err(OctetError::InvalidArgument(format!(
             "byte length {} does not hold {} elements of {dtype:?}",
             bytes.len(),

@@ -209,8 +209,7 @@ impl ModuleGraph {
                 dtype: Dtype::F32,
                 shape: vec![CODE_LEN],
             });
-            node.params
-                .sort_by(|a, b| param_rank(&a.name).cmp(&param_rank(&b.name)));
+            node.params.sort_by_key(|p| param_rank(&p.name));
             node.kind = rep.to.to_string();
             replaced.push(node.path.clone());
         }

@@ -15,7 +15,7 @@ use crate::io::safetensors::{save_tensors, SafetensorsFile};
 use crate::io::TensorStore;
 use crate::load::{load_model, read_tensor, LoadOptions, LoadedModel, QuantizeOptions};
 use crate::model::CausalLm;
-use crate::nn::LoraConfig;
+use crate::nn::{Layer, LoraConfig};
 use crate::tokenizer::Tokenizer;
 use serde::{Deserialize, Serialize};
 use std::io::Write;
@@ -110,6 +110,8 @@ pub struct TrainOptions {
     pub progress: bool,
     /// Log every this many steps to metrics.jsonl.
     pub log_every: usize,
+    /// Save and stop after this many steps in total, as Ctrl-C would (time-boxed runs).
+    pub stop_after: Option<usize>,
 }
 
 impl Default for TrainOptions {
@@ -145,6 +147,7 @@ impl Default for TrainOptions {
             device: Device::Cpu,
             progress: false,
             log_every: 1,
+            stop_after: None,
         }
     }
 }
@@ -214,9 +217,10 @@ fn install_interrupt_handler() {
     });
 }
 
-/// A fingerprint of the base model's module graph (paths, kinds, shapes): resuming onto another
-/// base is refused.
-fn fingerprint(m: &LoadedModel) -> String {
+/// A fingerprint of the base model: its module graph (paths, kinds, shapes) and up to 1,024
+/// evenly spaced values of every frozen tensor, so resuming onto another base is refused
+/// without hashing gigabytes.
+fn fingerprint(m: &mut LoadedModel) -> String {
     use sha2::{Digest, Sha256};
     let mut h = Sha256::new();
     for n in &m.graph.nodes {
@@ -225,6 +229,28 @@ fn fingerprint(m: &LoadedModel) -> String {
             h.update(format!("{}{:?}", p.name, p.shape).as_bytes());
         }
     }
+    let mut sample = |t: &Tensor| {
+        let flat = t.flatten(0, -1).to_device(Device::Cpu);
+        let n = flat.numel() as i64;
+        if n == 0 {
+            return;
+        }
+        let idx = Tensor::linspace(
+            0.0,
+            (n - 1) as f64,
+            n.min(1024),
+            (Kind::Double, Device::Cpu),
+        )
+        .to_kind(Kind::Int64);
+        let vals = flat.index_select(0, &idx).to_kind(Kind::Double);
+        for v in Vec::<f64>::try_from(&vals).unwrap_or_default() {
+            h.update(v.to_le_bytes());
+        }
+    };
+    m.model
+        .visit_layers(&mut |_, l| l.tensors().iter().for_each(|(_, t)| sample(t)));
+    m.model
+        .visit_norms(&mut |_, l| l.tensors().iter().for_each(|(_, t)| sample(t)));
     h.finalize()
         .iter()
         .take(12)
@@ -414,7 +440,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
             )));
         }
     }
-    let base_fp = fingerprint(&loaded);
+    let base_fp = fingerprint(&mut loaded);
     let base_name = opts.model.display().to_string();
     let targets = opts
         .targets
@@ -446,7 +472,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
             load_adapter(model, &sdir)?;
             train_extras(model, st.train_norms, st.train_biases);
             let batcher =
-                Batcher::restore(st.batcher.clone(), dataset.train.len(), opts.batch_size)?;
+                Batcher::restore(st.batcher, dataset.train.len(), opts.batch_size)?;
             (st.step, batcher, st.targets.clone(), Some(st))
         }
         None => {
@@ -579,7 +605,8 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
         ));
         pb.set_position(step as u64);
         all_metrics.push(m);
-        interrupted = INTERRUPTED.load(Ordering::SeqCst);
+        interrupted =
+            INTERRUPTED.load(Ordering::SeqCst) || opts.stop_after.is_some_and(|n| step >= n);
         if (opts.save_every > 0 && step % opts.save_every == 0) || step == opts.steps || interrupted
         {
             save_checkpoint(
