@@ -45,7 +45,10 @@ demo: build
 	./target/release/octet quant-report --rows 4096 --cols 4096 --block-size 4096
 
 bench: build
+	command -v /usr/bin/time >/dev/null || (apt-get update -qq && apt-get install -y -qq time)
 	$(WITH_TORCH) cargo bench --bench quant
+	$(WITH_TORCH) cargo bench --bench convert
+	$(WITH_TORCH) cargo bench --bench train
 
 lint: $(VENV_STAMP)
 	cargo fmt --check

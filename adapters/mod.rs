@@ -1,2 +1,3 @@
 //! Architecture plugins compiled into the crate. Each registers itself with `inventory`.
 pub mod gptj;
+pub mod llama;

@@ -115,7 +115,9 @@ fn plan_shards(
 
 fn source_files(dir: &Path) -> Result<Vec<SourceFile>> {
     let mut files: Vec<PathBuf> = Vec::new();
-    for f in WEIGHT_FILES {
+    // A single-file source (GGUF) carries its config in itself.
+    let weight_files: &[&str] = if dir.is_file() { &[] } else { &WEIGHT_FILES };
+    for f in weight_files {
         let p = dir.join(f);
         if !p.exists() {
             continue;
@@ -135,7 +137,11 @@ fn source_files(dir: &Path) -> Result<Vec<SourceFile>> {
         }
         break;
     }
-    files.push(dir.join("config.json"));
+    files.push(if dir.is_file() {
+        dir.to_path_buf()
+    } else {
+        dir.join("config.json")
+    });
     files
         .iter()
         .map(|p| {
@@ -280,6 +286,9 @@ pub fn convert(model: &Path, out: &Path, opts: &ConvertOptions) -> Result<Conver
         write_index(outdir.path(), &shards, &shard_names)?;
     }
     copy_side_files(model, outdir.path())?;
+    if crate::io::gguf::is_gguf(model) {
+        crate::io::gguf::GgufFile::open(model)?.write_side_files(outdir.path())?;
+    }
     let manifest = Manifest {
         arch: arch.name().to_string(),
         block_size: block.get() as i64,

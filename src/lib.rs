@@ -5,10 +5,13 @@
 pub mod adapter;
 pub mod convert;
 pub mod error;
+pub mod eval;
 pub mod export;
+pub mod generate;
 pub mod io;
 pub mod load;
 pub mod manifest;
+pub mod merge;
 pub mod model;
 pub mod nn;
 pub mod outdir;

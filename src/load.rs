@@ -88,8 +88,11 @@ pub struct LoadedModel {
     pub dir: PathBuf,
 }
 
-/// Reads and parses `dir/config.json`.
+/// Reads and parses `dir/config.json`; for a GGUF file, the config its metadata implies.
 pub fn read_config(dir: &Path) -> Result<serde_json::Value> {
+    if crate::io::gguf::is_gguf(dir) {
+        return crate::io::gguf::read_config(dir);
+    }
     let p = dir.join("config.json");
     let text = std::fs::read_to_string(&p).map_err(|e| OctetError::io(&p, e))?;
     serde_json::from_str(&text).map_err(|e| OctetError::bad_file(&p, format!("invalid JSON: {e}")))

@@ -48,3 +48,41 @@ impl Architecture for GptjArch {
 static GPTJ: GptjArch = GptjArch;
 
 inventory::submit! { ArchitectureRegistration { get: || &GPTJ } }
+
+/// Layers of a GPT-J with random frozen weights, for benchmarks: 8-bit weights are drawn
+/// directly as bytes (never materialised in f32), so a 6B-parameter shape fits in ~6 GB.
+pub fn random_layers(cfg: &GptjConfig, eight_bit: bool) -> Result<LayerMap> {
+    use crate::nn::bnb8::{Bnb8Embedding, Bnb8Linear};
+    use crate::nn::float::{Embedding, LayerNorm, Linear};
+    use crate::quant::{BlockSize, QuantCode, Quantized};
+    use tch::{Device, Tensor};
+    let cpu = (Kind::Float, Device::Cpu);
+    let quantized = |shape: &[i64]| -> Result<Quantized> {
+        let block = BlockSize::DEFAULT;
+        let numel: i64 = shape.iter().product();
+        let q = Tensor::randint_low(0, 256, shape, (Kind::Uint8, Device::Cpu));
+        let absmax = Tensor::rand([block.blocks_for(numel as usize) as i64], cpu) * 0.05 + 0.01;
+        Quantized::from_parts(q, absmax, QuantCode::dynamic_signed(), block)
+    };
+    let mut layers = LayerMap::default();
+    for (path, shape) in model::weight_shapes(cfg) {
+        let s: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
+        let has_bias = path.ends_with("fc_in") || path.ends_with("fc_out") || path == "lm_head" || path.ends_with("out_proj");
+        let bias = (has_bias && !path.ends_with("out_proj")).then(|| Tensor::zeros([s[0]], cpu));
+        let layer: Box<dyn crate::nn::Layer> = if s.len() == 1 {
+            Box::new(LayerNorm { weight: Tensor::ones([s[0]], cpu), bias: Some(Tensor::zeros([s[0]], cpu)), eps: cfg.layer_norm_epsilon })
+        } else if path == "transformer.wte" {
+            if eight_bit {
+                Box::new(Bnb8Embedding { weight: quantized(&s)? })
+            } else {
+                Box::new(Embedding { weight: Tensor::randn(s.as_slice(), cpu) * 0.02 })
+            }
+        } else if eight_bit {
+            Box::new(Bnb8Linear { weight: quantized(&s)?, bias })
+        } else {
+            Box::new(Linear { weight: Tensor::randn(s.as_slice(), cpu) * 0.02, bias })
+        };
+        layers.insert(path, layer);
+    }
+    Ok(layers)
+}

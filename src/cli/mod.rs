@@ -1,7 +1,10 @@
 //! Subcommands of the `octet` binary; `anyhow` errors live only here.
 mod archs;
 mod convert;
+mod eval;
+mod generate;
 mod inspect;
+mod merge;
 mod quant_report;
 mod train;
 
@@ -24,10 +27,16 @@ enum Command {
     Inspect(inspect::Args),
     /// Fine-tune LoRA adapters (8-bit frozen weights, 8-bit Adam, block recompute).
     Train(train::Args),
+    /// Merge a LoRA adapter into its base (Hugging Face f16/f32, or re-quantized 8-bit).
+    Merge(merge::Args),
     /// List the registered architectures.
     Archs,
     /// Quantize a weight-shaped random tensor and report size and error for both codes.
     QuantReport(quant_report::Args),
+    /// Sliding-window perplexity of a model on a text file.
+    Eval(eval::Args),
+    /// Continue a prompt (KV cache, greedy or sampled), streaming to stdout.
+    Generate(generate::Args),
 }
 
 /// Compiles `--skip`/`--targets` style patterns.
@@ -45,6 +54,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Inspect(a) => inspect::run(a),
         Command::Archs => archs::run(),
         Command::Train(a) => train::run(a),
+        Command::Merge(a) => merge::run(a),
         Command::QuantReport(a) => quant_report::run(a),
+        Command::Eval(a) => eval::run(a),
+        Command::Generate(a) => generate::run(a),
     }
 }

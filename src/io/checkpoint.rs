@@ -26,10 +26,12 @@ pub fn open_file(path: &Path) -> Result<Box<dyn TensorStore>> {
         Ok(Box::new(SafetensorsFile::open(path)?))
     } else if name.ends_with(".bin") || name.ends_with(".pt") || name.ends_with(".pth") {
         Ok(Box::new(TorchBinFile::open(path)?))
+    } else if name.ends_with(".gguf") {
+        Ok(Box::new(super::gguf::GgufFile::open(path)?))
     } else {
         Err(OctetError::bad_file(
             path,
-            "unknown weight file type (expected .safetensors, .bin or an .index.json)",
+            "unknown weight file type (expected .safetensors, .bin, .gguf or an .index.json)",
         ))
     }
 }

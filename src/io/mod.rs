@@ -3,6 +3,7 @@
 //! the file allows), so conversion can stream tensor by tensor.
 pub mod checkpoint;
 pub mod dtype;
+pub mod gguf;
 pub mod safetensors;
 pub mod sharded;
 pub mod torch_bin;

@@ -76,9 +76,13 @@ pub struct Bnb8Linear {
 impl Bnb8Linear {
     /// The weight de-quantized to `kind`.
     pub fn dequantized_weight(&self, kind: Kind) -> Tensor {
-        self.weight
-            .dequantize(kind)
-            .expect("validated 8-bit weight")
+        if super::scratch::active() && self.weight.q.device() == Device::Cpu {
+            let shape = self.weight.shape();
+            return super::scratch::with_buffer(&shape, kind, |buf| {
+                self.weight.dequantize_into(buf).expect("validated 8-bit weight");
+            });
+        }
+        self.weight.dequantize(kind).expect("validated 8-bit weight")
     }
 }
 

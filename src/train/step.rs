@@ -76,17 +76,19 @@ pub fn forward_backward(
         (loss * loss_scale).backward();
         return value;
     }
-    let mut saved = Vec::with_capacity(n);
-    let mut h = tch::no_grad(|| {
+    // First pass: no graph, one reused de-quantization buffer per weight shape.
+    let (mut saved, h) = crate::nn::scratch::inference(|| {
         seed_block(seed, step, usize::MAX);
-        model.embed(ids)
+        let mut h = model.embed(ids);
+        let mut saved = Vec::with_capacity(n);
+        for i in 0..n {
+            seed_block(seed, step, i);
+            let next = model.block(i, &h, None);
+            saved.push(h);
+            h = next;
+        }
+        (saved, h)
     });
-    for i in 0..n {
-        seed_block(seed, step, i);
-        let next = tch::no_grad(|| model.block(i, &h, None));
-        saved.push(h);
-        h = next;
-    }
     let x = h.detach().set_requires_grad(true);
     let loss = causal_lm_loss(&model.head(&x), labels);
     let value = loss.double_value(&[]);

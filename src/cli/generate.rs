@@ -1,0 +1,205 @@
+//! `octet generate`: continue a prompt, streaming the text to stdout as tokens come.
+//!
+//! stdout carries exactly the prompt followed by the continuation (no trailing newline);
+//! everything else (seed, notes, tokens/s) goes to stderr.
+use super::eval::load_for_inference;
+use anyhow::{bail, Context};
+use octet::generate::{generate, model_eos_ids, room, GenerateOptions, TextStream};
+use octet::tokenizer::Tokenizer;
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// Flags.
+#[derive(clap::Args, Debug)]
+#[command(group(clap::ArgGroup::new("input").required(true).args(["prompt", "prompt_file"])))]
+pub struct Args {
+    /// Model folder (Hugging Face or octet 8-bit).
+    #[arg(long)]
+    model: PathBuf,
+    /// PEFT LoRA adapter folder to apply.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// Prompt text.
+    #[arg(long)]
+    prompt: Option<String>,
+    /// File whose whole contents (trailing newline included) are the prompt.
+    #[arg(long)]
+    prompt_file: Option<PathBuf>,
+    /// Most tokens to add (fewer if the model's positions run out).
+    #[arg(long, default_value_t = 64)]
+    max_new_tokens: usize,
+    /// Sampling temperature; 0 decodes greedily.
+    #[arg(long, default_value_t = 0.7)]
+    temperature: f64,
+    /// Sample only among the K most likely tokens (0: off).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Sample only among the most likely tokens that reach probability P (1: off).
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f64,
+    /// Penalize tokens already in the sequence (Hugging Face semantics; 1: off).
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f64,
+    /// Sampling seed [default: drawn from the clock and printed on stderr].
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Stop when the continuation contains this string (repeatable); it is not printed.
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Keep going past end-of-sequence tokens.
+    #[arg(long)]
+    ignore_eos: bool,
+    /// Recompute the whole sequence every step instead of keeping a KV cache.
+    #[arg(long)]
+    no_cache: bool,
+    /// Quantize float modules to 8-bit while loading.
+    #[arg(long)]
+    quantize: bool,
+    /// Architecture name, or `auto`.
+    #[arg(long, default_value = "auto")]
+    arch: String,
+    /// f32 or bf16.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// cpu or cuda[:N].
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let prompt = match (&a.prompt, &a.prompt_file) {
+        (Some(p), _) => p.clone(),
+        (None, Some(f)) => {
+            std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?
+        }
+        (None, None) => bail!("give --prompt or --prompt-file"),
+    };
+    let tok = Tokenizer::from_dir(&a.model)?;
+    let prompt_ids: Vec<u32> = tok.encode(&prompt)?;
+    if prompt_ids.is_empty() {
+        bail!("the prompt is empty");
+    }
+    let m = load_for_inference(
+        &a.model,
+        a.adapter.as_deref(),
+        &a.arch,
+        &a.dtype,
+        &a.device,
+        a.quantize,
+    )?;
+    let model = m.model.as_ref();
+    let info = model.info();
+
+    let seed = a.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+    });
+    let mut eos = Vec::new();
+    if !a.ignore_eos {
+        eos = model_eos_ids(&a.model);
+        if let Some(e) = tok.eos_id() {
+            eos.push(i64::from(e));
+        }
+        eos.dedup();
+    }
+    // A model vocabulary padded beyond the tokenizer's has rows no text decodes to.
+    let tok_vocab = tok.vocab_size();
+    let vocab_limit = (tok_vocab < info.vocab_size).then_some(tok_vocab);
+    let opts = GenerateOptions {
+        max_new_tokens: a.max_new_tokens,
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        repetition_penalty: a.repetition_penalty,
+        seed,
+        eos: eos.clone(),
+        use_cache: !a.no_cache,
+        vocab_limit,
+    };
+    opts.validate()?;
+    let budget = room(model, prompt_ids.len(), a.max_new_tokens)?;
+    if budget < a.max_new_tokens {
+        eprintln!(
+            "note: {} prompt tokens leave room for {budget} new tokens (the model takes {} positions)",
+            prompt_ids.len(),
+            info.max_positions
+        );
+    }
+    if a.temperature > 0.0 {
+        eprintln!("seed {seed}");
+    }
+
+    let ids: Vec<i64> = prompt_ids.iter().map(|&t| i64::from(t)).collect();
+    let prompt_text = tok.decode(&prompt_ids)?;
+    let mut out = std::io::stdout().lock();
+    out.write_all(prompt.as_bytes())?;
+    out.flush()?;
+
+    let mut stream = TextStream::new(&a.stop);
+    let mut continuation: Vec<u32> = Vec::new();
+    let mut failure: Option<anyhow::Error> = None;
+    // Decoding prompt + continuation and dropping the prompt's text keeps word boundaries
+    // that tokenizers with a leading-space marker would lose decoding the continuation alone.
+    let decode = |gen: &[u32]| -> anyhow::Result<String> {
+        let all: Vec<u32> = prompt_ids.iter().chain(gen).copied().collect();
+        let full = tok.decode(&all)?;
+        Ok(match full.strip_prefix(&prompt_text) {
+            Some(rest) => rest.to_string(),
+            None => tok.decode(gen)?,
+        })
+    };
+    let start = Instant::now();
+    let mut first: Option<f64> = None;
+    let generated = generate(model, &ids, &opts, |t| {
+        first.get_or_insert_with(|| start.elapsed().as_secs_f64());
+        if eos.contains(&t) {
+            return false;
+        }
+        // vocab_limit keeps ids within the tokenizer's range.
+        continuation.push(t as u32);
+        let mut emit = || -> anyhow::Result<()> {
+            let piece = stream.push(&decode(&continuation)?);
+            out.write_all(piece.as_bytes())?;
+            Ok(out.flush()?)
+        };
+        match emit() {
+            Ok(()) => !stream.stopped(),
+            Err(e) => {
+                failure = Some(e);
+                false
+            }
+        }
+    })?;
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let rest = stream.finish(&decode(&continuation)?);
+    out.write_all(rest.as_bytes())?;
+    out.flush()?;
+
+    let n = generated.len();
+    let first = first.unwrap_or(elapsed);
+    let decode_rate = if n > 1 {
+        (n - 1) as f64 / (elapsed - first).max(1e-9)
+    } else {
+        0.0
+    };
+    let why = if stream.stopped() {
+        "stop string"
+    } else if generated.last().is_some_and(|t| eos.contains(t)) {
+        "end of sequence"
+    } else {
+        "length"
+    };
+    eprintln!(
+        "\n{n} tokens in {elapsed:.3} s ({:.1} tokens/s; first token after {:.1} ms for {} prompt tokens, then {decode_rate:.1} tokens/s; {}; stopped on {why})",
+        n as f64 / elapsed.max(1e-9),
+        first * 1e3,
+        prompt_ids.len(),
+        if a.no_cache { "no cache" } else { "KV cache" },
+    );
+    Ok(())
+}

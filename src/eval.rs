@@ -1,0 +1,164 @@
+//! Perplexity of a causal LM over a token stream, with the sliding window of Hugging Face's
+//! "Perplexity of fixed-length models" guide.
+//!
+//! Windows of `ctx` tokens start every `stride` tokens; each window scores only the tokens
+//! that no earlier window scored (the overlap is labelled -100 and serves as context), so
+//! every token after the first is scored exactly once, with at most `ctx - 1` and, once the
+//! first window is past, at least `ctx - stride` tokens of context.
+//!
+//! The guide accumulates `mean window loss × (labelled tokens - 1)`, which is exact only when
+//! windows do not overlap: with an overlap, the first labelled token of a window does get a
+//! prediction, so that window has one more scored token than the guide counts. Here the
+//! per-token negative log-likelihoods are summed and counted exactly:
+//! `ppl = exp(Σ scored NLL / number of scored tokens)`.
+use crate::error::{OctetError, Result};
+use crate::model::CausalLm;
+use crate::train::step::{causal_lm_nll, IGNORE_INDEX};
+use tch::Tensor;
+
+/// One window of the sliding-window evaluation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Window {
+    /// First token of the window (inclusive).
+    pub begin: usize,
+    /// One past the last token of the window.
+    pub end: usize,
+    /// How many trailing tokens of the window carry labels (the rest is context only).
+    pub labelled: usize,
+}
+
+/// The windows Hugging Face's guide visits for `n` tokens, `ctx` tokens each, started every
+/// `stride` tokens; the last one ends at `n`. Expects `1 ≤ stride ≤ ctx`.
+pub fn windows(n: usize, ctx: usize, stride: usize) -> Vec<Window> {
+    let mut out = Vec::new();
+    let mut prev_end = 0;
+    let mut begin = 0;
+    while begin < n && stride > 0 {
+        let end = (begin + ctx).min(n);
+        out.push(Window {
+            begin,
+            end,
+            labelled: end - prev_end,
+        });
+        prev_end = end;
+        if end == n {
+            break;
+        }
+        begin += stride;
+    }
+    out
+}
+
+/// Result of [`perplexity`].
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct Perplexity {
+    /// `exp(nll)`.
+    pub perplexity: f64,
+    /// Mean negative log-likelihood per scored token (nats).
+    pub nll: f64,
+    /// Sum of the scored tokens' negative log-likelihoods.
+    pub nll_sum: f64,
+    /// Number of scored tokens.
+    pub tokens: usize,
+    /// Window length used.
+    pub ctx: usize,
+    /// Stride used.
+    pub stride: usize,
+    /// Number of windows evaluated.
+    pub windows: usize,
+}
+
+/// Checks `ctx`/`stride` against each other, the model and the token count.
+pub fn check_window(
+    ctx: usize,
+    stride: usize,
+    max_positions: usize,
+    n_tokens: usize,
+) -> Result<()> {
+    if ctx < 2 {
+        return Err(OctetError::InvalidArgument(format!(
+            "--ctx {ctx}: a window needs at least 2 tokens"
+        )));
+    }
+    if ctx > max_positions {
+        return Err(OctetError::InvalidArgument(format!(
+            "--ctx {ctx} is larger than the model's {max_positions} positions"
+        )));
+    }
+    if stride == 0 || stride > ctx {
+        return Err(OctetError::InvalidArgument(format!(
+            "--stride {stride} must be between 1 and --ctx ({ctx})"
+        )));
+    }
+    if n_tokens < 2 {
+        return Err(OctetError::InvalidArgument(format!(
+            "the evaluation text has {n_tokens} token(s); at least 2 are needed to score one"
+        )));
+    }
+    Ok(())
+}
+
+/// Perplexity of `model` over `ids` with windows of `ctx` tokens every `stride` tokens.
+/// Windows of equal length are run `batch` at a time (the result does not depend on it
+/// beyond float rounding). The caller puts the model in inference mode (no dropout).
+pub fn perplexity(
+    model: &dyn CausalLm,
+    ids: &[i64],
+    ctx: usize,
+    stride: usize,
+    batch: usize,
+) -> Result<Perplexity> {
+    let info = model.info();
+    check_window(ctx, stride, info.max_positions, ids.len())?;
+    if let Some(&bad) = ids
+        .iter()
+        .find(|&&t| t < 0 || t as usize >= info.vocab_size)
+    {
+        return Err(OctetError::InvalidArgument(format!(
+            "token id {bad} is outside the model's vocabulary of {}",
+            info.vocab_size
+        )));
+    }
+    let wins = windows(ids.len(), ctx, stride);
+    let (mut nll_sum, mut scored) = (0.0f64, 0i64);
+    let mut i = 0;
+    while i < wins.len() {
+        // Only windows of one length can share a batch (the last one may be shorter).
+        let len = wins[i].end - wins[i].begin;
+        let mut j = i + 1;
+        while j < wins.len() && j - i < batch.max(1) && wins[j].end - wins[j].begin == len {
+            j += 1;
+        }
+        let mut input = Vec::with_capacity((j - i) * len);
+        let mut labels = Vec::with_capacity((j - i) * len);
+        for w in &wins[i..j] {
+            let window = &ids[w.begin..w.end];
+            input.extend_from_slice(window);
+            let context = len - w.labelled.min(len);
+            labels.extend(std::iter::repeat_n(IGNORE_INDEX, context));
+            labels.extend_from_slice(&window[context..]);
+        }
+        let shape = [(j - i) as i64, len as i64];
+        let input = Tensor::from_slice(&input).reshape(shape);
+        let labels = Tensor::from_slice(&labels).reshape(shape);
+        let (s, n) = tch::no_grad(|| causal_lm_nll(&model.forward(&input), &labels));
+        nll_sum += s;
+        scored += n;
+        i = j;
+    }
+    if scored == 0 {
+        return Err(OctetError::InvalidArgument(
+            "no token was scored (the text is too short for these windows)".into(),
+        ));
+    }
+    let nll = nll_sum / scored as f64;
+    Ok(Perplexity {
+        perplexity: nll.exp(),
+        nll,
+        nll_sum,
+        tokens: scored as usize,
+        ctx,
+        stride,
+        windows: wins.len(),
+    })
+}

@@ -1,0 +1,99 @@
+//! Root-mean-square normalisation (Llama's `LlamaRMSNorm`): `x · rsqrt(mean(x²) + eps) · weight`,
+//! the statistics computed in f32 and the scale applied after casting back, as Hugging Face does.
+use super::float::LayerNorm;
+use super::graph::Node;
+use super::layer::{check_params, Layer, LayerTensors};
+use super::registry::LayerKind;
+use crate::error::Result;
+use tch::{Device, Kind, Tensor};
+
+/// An RMSNorm over the last dimension.
+///
+/// Its scale lives in a [`LayerNorm`] (whose `bias` is always `None`) because
+/// [`crate::model::CausalLm::visit_norms`] hands norms out as `LayerNorm`s to train them and to
+/// load adapter weights into them; only `weight` and `eps` are used here.
+pub struct RmsNorm {
+    /// The scale `[dim]` (in `params.weight`) and epsilon (`params.eps`).
+    pub params: LayerNorm,
+}
+
+impl RmsNorm {
+    /// An RMSNorm with scale `weight` `[dim]` and epsilon `eps`.
+    pub fn new(weight: Tensor, eps: f64) -> Self {
+        RmsNorm {
+            params: LayerNorm {
+                weight,
+                bias: None,
+                eps,
+            },
+        }
+    }
+}
+
+impl Layer for RmsNorm {
+    fn kind(&self) -> &'static str {
+        "RMSNorm"
+    }
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let k = x.kind();
+        let xf = x.to_kind(Kind::Float);
+        let var = xf.square().mean_dim(-1, true, Kind::Float);
+        let normed = (xf * (var + self.params.eps).rsqrt()).to_kind(k);
+        // HF multiplies by the weight in the activations' dtype, after the cast back.
+        let w = &self.params.weight;
+        if w.kind() == k {
+            normed * w
+        } else {
+            normed * w.to_kind(k)
+        }
+    }
+    fn tensors(&self) -> Vec<(String, Tensor)> {
+        vec![("weight".to_string(), self.params.weight.shallow_clone())]
+    }
+    fn to_device(&mut self, device: Device) {
+        self.params.to_device(device);
+    }
+    fn trainable(&self) -> Vec<(String, Tensor)> {
+        self.params.trainable()
+    }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+    fn into_any(self: Box<Self>) -> Box<dyn std::any::Any> {
+        self
+    }
+}
+
+fn check_rmsnorm(node: &Node) -> std::result::Result<(), String> {
+    check_params(node, &[("weight", 1)], &[])
+}
+
+fn build_rmsnorm(_: &Node, mut t: LayerTensors) -> Result<Box<dyn Layer>> {
+    let w = t.take("weight")?;
+    let w = if w.kind() == Kind::Float {
+        w
+    } else {
+        w.to_kind(Kind::Float)
+    };
+    // The epsilon is the architecture's to set from its config.
+    Ok(Box::new(RmsNorm::new(w, 1e-6)))
+}
+
+inventory::submit! { LayerKind { name: "RMSNorm", check: check_rmsnorm, build: build_rmsnorm } }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn matches_the_reference_formula() {
+        let x = Tensor::randn([2, 3, 8], (Kind::Float, Device::Cpu));
+        let w = Tensor::randn([8], (Kind::Float, Device::Cpu));
+        let n = RmsNorm::new(w.shallow_clone(), 1e-5);
+        let want = &x / (x.square().mean_dim(-1, true, Kind::Float) + 1e-5).sqrt() * &w;
+        let d = (n.forward(&x) - want).abs().max().double_value(&[]);
+        assert!(d < 1e-5, "{d}");
+        let bf = n.forward(&x.to_kind(Kind::BFloat16));
+        assert_eq!(bf.kind(), Kind::BFloat16);
+    }
+}
