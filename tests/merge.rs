@@ -313,7 +313,16 @@ fn octet8_merge_loads_in_octet_and_reports_the_added_error() {
         "octet8 merge vs exact f32 merge: max |logit diff| {d:.3e} (relative {:.3e}), mean {mean:.3e}",
         d / scale
     );
+    // For scale: what quantizing the original f32 model cost in the first place.
+    let original = octet_logits(&tiny("hf_safetensors"), &b.ids);
+    let base8 = octet_logits(&b.base8, &b.ids);
+    let d0 = max_diff(&base8, &original);
+    eprintln!("for reference, 8-bit base vs original f32 model: max |logit diff| {d0:.3e}");
     assert!(d / scale < 5e-2, "re-quantized merge is off by {d}");
+    assert!(
+        d < 3.0 * d0,
+        "re-quantizing the merge costs {d}, converting cost {d0}"
+    );
 }
 
 /// Whether `dir` (or a temporary sibling of it) was left behind.

@@ -33,8 +33,8 @@
 //! bytes and ~2% of the `v` bytes.
 //!
 //! **Non-finite gradients** follow bitsandbytes' CUDA kernels and the design notes: an element
-//! whose gradient is NaN or ±inf gets `m = v = 0` and its parameter is left untouched (no update,
-//! no weight decay). bitsandbytes' CPU backend has no such guard and lets the NaN into the
+//! whose gradient is NaN or ±inf gets `m = v = 0` (then stored as whatever code 0.0 rounds to)
+//! and its parameter is left untouched (no update, no weight decay). bitsandbytes' CPU backend has no such guard and lets the NaN into the
 //! parameter. The same rule applies to f32-state tensors.
 //!
 //! CPU parameters go through a fused Rust kernel (de-quantize → update → re-quantize per

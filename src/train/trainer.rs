@@ -508,12 +508,13 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
             .load_state_dict(&state)
             .map_err(|e| OctetError::bad_file(&p, e.to_string()))?;
     }
-    let adapter_cfg = AdapterConfig::new(
+    let mut adapter_cfg = AdapterConfig::new(
         opts.lora,
         &targets,
         &base_name,
         opts.train_biases || resume_state.as_ref().is_some_and(|s| s.train_biases),
     );
+    adapter_cfg.fan_in_fan_out = loaded.arch.fan_in_fan_out();
     let schedule = LrSchedule::new(opts.schedule, opts.lr, opts.warmup, opts.steps)?;
     let metrics_path = opts.out.join(METRICS_FILE);
     keep_metrics_through(&metrics_path, step)?;

@@ -1,0 +1,344 @@
+//! The GPT-NeoX forward pass over octet layers (float or 8-bit, with or without adapters).
+use super::config::GptNeoxConfig;
+use crate::error::{OctetError, Result};
+use crate::model::{CausalLm, LayerCache, ModelInfo};
+use crate::nn::bnb8::Bnb8Embedding;
+use crate::nn::float::{Embedding, LayerNorm};
+use crate::nn::{Layer, LayerMap, LoraLayer};
+use tch::{Device, Kind, Tensor};
+
+struct Block {
+    input_layernorm: LayerNorm,
+    post_attention_layernorm: LayerNorm,
+    query_key_value: Box<dyn Layer>,
+    dense: Box<dyn Layer>,
+    dense_h_to_4h: Box<dyn Layer>,
+    dense_4h_to_h: Box<dyn Layer>,
+}
+
+/// A GPT-NeoX model (`GPTNeoXForCausalLM`: Pythia, GPT-NeoX-20B).
+pub struct GptNeox {
+    cfg: GptNeoxConfig,
+    kind: Kind,
+    embed_in: Box<dyn Layer>,
+    blocks: Vec<Block>,
+    final_layer_norm: LayerNorm,
+    /// The head under its stored name (`embed_out`, or transformers 5's `lm_head`); `None`
+    /// when the head is tied to `gpt_neox.embed_in`.
+    head: Option<(&'static str, Box<dyn Layer>)>,
+    /// `[max_positions, rotary_dims]` f32 tables, each half repeated (rotate_half layout).
+    sin: Tensor,
+    cos: Tensor,
+}
+
+fn weight_shape(layer: &dyn Layer) -> Vec<i64> {
+    layer
+        .tensors()
+        .into_iter()
+        .find(|(n, _)| n == "weight")
+        .map(|(_, t)| t.size())
+        .unwrap_or_default()
+}
+
+fn take_checked(layers: &mut LayerMap, path: &str, want: &[usize]) -> Result<Box<dyn Layer>> {
+    let l = layers.take(path)?;
+    let got = weight_shape(l.as_ref());
+    let want: Vec<i64> = want.iter().map(|&d| d as i64).collect();
+    if got != want {
+        return Err(OctetError::ShapeMismatch {
+            what: format!("{path}.weight (against config.json)"),
+            expected: format!("{want:?}"),
+            found: format!("{got:?}"),
+        });
+    }
+    Ok(l)
+}
+
+fn take_norm(layers: &mut LayerMap, path: &str, dim: usize, eps: f64) -> Result<LayerNorm> {
+    let mut n: LayerNorm = layers.take_as(path)?;
+    if n.weight.size() != [dim as i64] {
+        return Err(OctetError::ShapeMismatch {
+            what: format!("{path}.weight (against config.json)"),
+            expected: format!("[{dim}]"),
+            found: format!("{:?}", n.weight.size()),
+        });
+    }
+    n.eps = eps;
+    Ok(n)
+}
+
+/// Every module of a GPT-NeoX with its weight shape, as the config implies; `head` is the
+/// head's module name, `None` for a tied head with no separate module stored.
+pub fn weight_shapes(cfg: &GptNeoxConfig, head: Option<&str>) -> Vec<(String, Vec<usize>)> {
+    let (d, inner, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
+    let mut out = vec![("gpt_neox.embed_in".to_string(), vec![v, d])];
+    for i in 0..cfg.num_hidden_layers {
+        let p = |s: &str| format!("gpt_neox.layers.{i}.{s}");
+        out.push((p("input_layernorm"), vec![d]));
+        out.push((p("post_attention_layernorm"), vec![d]));
+        out.push((p("attention.query_key_value"), vec![3 * d, d]));
+        out.push((p("attention.dense"), vec![d, d]));
+        out.push((p("mlp.dense_h_to_4h"), vec![inner, d]));
+        out.push((p("mlp.dense_4h_to_h"), vec![d, inner]));
+    }
+    out.push(("gpt_neox.final_layer_norm".to_string(), vec![d]));
+    if let Some(h) = head {
+        out.push((h.to_string(), vec![v, d]));
+    }
+    out
+}
+
+/// The head's module name in a checkpoint holding modules `has`: Pythia checkpoints (and
+/// `save_pretrained`) say `embed_out`, a transformers 5 state dict says `lm_head`; `None`
+/// for a tied head stored nowhere (a tied checkpoint may still carry a copy of it).
+pub fn head_name(cfg: &GptNeoxConfig, has: impl Fn(&str) -> bool) -> Option<&'static str> {
+    if has("lm_head") {
+        Some("lm_head")
+    } else if has("embed_out") || !cfg.tie_word_embeddings {
+        Some("embed_out")
+    } else {
+        None
+    }
+}
+
+/// The token table in `kind`, for a tied head (8-bit: de-quantized for the call). LoRA on
+/// the embedding does not reach the head, as in PEFT.
+fn embedding_table(layer: &dyn Layer, kind: Kind) -> Option<Tensor> {
+    let any = layer.as_any();
+    if let Some(l) = any.downcast_ref::<LoraLayer>() {
+        return embedding_table(l.base(), kind);
+    }
+    if let Some(e) = any.downcast_ref::<Bnb8Embedding>() {
+        return e.weight.dequantize(kind).ok();
+    }
+    any.downcast_ref::<Embedding>().map(|e| {
+        if e.weight.kind() == kind {
+            e.weight.shallow_clone()
+        } else {
+            e.weight.to_kind(kind)
+        }
+    })
+}
+
+/// HF's default rotary tables: angle(p, j) = p / base^(2j / rd), both halves repeated.
+fn rotary_tables(positions: usize, rd: usize, base: f64) -> (Tensor, Tensor) {
+    let cpu = Device::Cpu;
+    let exponent = Tensor::arange_start_step(0, rd as i64, 2, (Kind::Int64, cpu))
+        .to_kind(Kind::Float)
+        / rd as f64;
+    let inv_freq = Tensor::pow_scalar(base, &exponent).reciprocal();
+    let freqs =
+        Tensor::arange(positions as i64, (Kind::Float, cpu)).unsqueeze(1) * inv_freq.unsqueeze(0);
+    let emb = Tensor::cat(&[&freqs, &freqs], -1);
+    (emb.sin(), emb.cos())
+}
+
+impl GptNeox {
+    /// Assembles the model from built layers, checking every shape against the config.
+    pub fn new(cfg: GptNeoxConfig, layers: &mut LayerMap, kind: Kind) -> Result<Self> {
+        let (d, inner, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
+        let eps = cfg.layer_norm_eps;
+        let embed_in = take_checked(layers, "gpt_neox.embed_in", &[v, d])?;
+        let mut blocks = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let p = |s: &str| format!("gpt_neox.layers.{i}.{s}");
+            blocks.push(Block {
+                input_layernorm: take_norm(layers, &p("input_layernorm"), d, eps)?,
+                post_attention_layernorm: take_norm(layers, &p("post_attention_layernorm"), d, eps)?,
+                query_key_value: take_checked(layers, &p("attention.query_key_value"), &[3 * d, d])?,
+                dense: take_checked(layers, &p("attention.dense"), &[d, d])?,
+                dense_h_to_4h: take_checked(layers, &p("mlp.dense_h_to_4h"), &[inner, d])?,
+                dense_4h_to_h: take_checked(layers, &p("mlp.dense_4h_to_h"), &[d, inner])?,
+            });
+        }
+        let final_layer_norm = take_norm(layers, "gpt_neox.final_layer_norm", d, eps)?;
+        let head_name = head_name(&cfg, |p| layers.remaining().contains(&p));
+        let head = if let Some(name) = head_name {
+            Some((name, take_checked(layers, name, &[v, d])?))
+        } else {
+            let any = embed_in.as_any();
+            if !(any.is::<Embedding>() || any.is::<Bnb8Embedding>()) {
+                return Err(OctetError::InvalidArgument(format!(
+                    "tied LM head: gpt_neox.embed_in is a {}, whose table cannot serve as the head",
+                    embed_in.kind()
+                )));
+            }
+            None
+        };
+        let rest = layers.remaining();
+        if !rest.is_empty() {
+            return Err(OctetError::InvalidArgument(format!(
+                "modules unknown to GPT-NeoX: {}",
+                rest.join(", ")
+            )));
+        }
+        let (sin, cos) = rotary_tables(
+            cfg.max_position_embeddings,
+            cfg.rotary_dims(),
+            cfg.rotary_base(),
+        );
+        Ok(GptNeox {
+            cfg,
+            kind,
+            embed_in,
+            blocks,
+            final_layer_norm,
+            head,
+            sin,
+            cos,
+        })
+    }
+
+    fn device(&self) -> Device {
+        self.final_layer_norm.weight.device()
+    }
+
+    /// Rotates the leading `rotary_dims` of each head of `x` `[B, heads, T, head_dim]` whose
+    /// first position is `start` (HF's rotate_half convention: the halves pair up).
+    fn apply_rotary(&self, x: &Tensor, start: i64) -> Tensor {
+        let rd = self.cfg.rotary_dims() as i64;
+        if rd == 0 {
+            return x.shallow_clone();
+        }
+        let (t, hd) = (x.size()[2], x.size()[3]);
+        let table = |tab: &Tensor| {
+            tab.narrow(0, start, t)
+                .to_device(x.device())
+                .to_kind(x.kind())
+                .reshape([1, 1, t, rd])
+        };
+        let (sin, cos) = (table(&self.sin), table(&self.cos));
+        let rot = x.narrow(3, 0, rd);
+        let half = rd / 2;
+        let rotated = Tensor::cat(&[-rot.narrow(3, half, half), rot.narrow(3, 0, half)], 3);
+        let out = rot * cos + rotated * sin;
+        if rd == hd {
+            out
+        } else {
+            Tensor::cat(&[out, x.narrow(3, rd, hd - rd)], 3)
+        }
+    }
+
+    fn attention(&self, b: &Block, x: &Tensor, cache: Option<&mut LayerCache>) -> Tensor {
+        let (bs, t) = (x.size()[0], x.size()[1]);
+        let (nh, hd) = (
+            self.cfg.num_attention_heads as i64,
+            self.cfg.head_dim() as i64,
+        );
+        let past = cache.as_ref().map_or(0, |c| c.len());
+        // query_key_value's output is laid out per head: [heads, (q, k, v), head_dim].
+        let qkv = b
+            .query_key_value
+            .forward(x)
+            .view([bs, t, nh, 3 * hd])
+            .permute([0, 2, 1, 3]);
+        let q = self.apply_rotary(&qkv.narrow(3, 0, hd), past);
+        let mut k = self.apply_rotary(&qkv.narrow(3, hd, hd), past);
+        let mut v = qkv.narrow(3, 2 * hd, hd);
+        if let Some(c) = cache {
+            if let (Some(pk), Some(pv)) = (&c.k, &c.v) {
+                k = Tensor::cat(&[pk, &k], 2);
+                v = Tensor::cat(&[pv, &v], 2);
+            }
+            c.k = Some(k.shallow_clone());
+            c.v = Some(v.shallow_clone());
+        }
+        let out = if past == 0 {
+            Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, true, None, false)
+        } else {
+            // Query j sits at absolute position past + j and sees keys up to it.
+            let kpos = Tensor::arange(past + t, (Kind::Int64, x.device())).unsqueeze(0);
+            let qpos = (Tensor::arange(t, (Kind::Int64, x.device())) + past).unsqueeze(1);
+            let mask = kpos.le_tensor(&qpos);
+            Tensor::scaled_dot_product_attention(&q, &k, &v, Some(mask), 0.0, false, None, false)
+        };
+        b.dense
+            .forward(&out.permute([0, 2, 1, 3]).reshape([bs, t, nh * hd]))
+    }
+
+    fn mlp(&self, b: &Block, x: &Tensor) -> Tensor {
+        let x = b.dense_h_to_4h.forward(x);
+        let x = match self.cfg.hidden_act.as_str() {
+            "gelu" => x.gelu("none"),
+            "relu" => x.relu(),
+            // gelu_new, gelu_pytorch_tanh and gelu_fast are all the tanh approximation.
+            _ => x.gelu("tanh"),
+        };
+        b.dense_4h_to_h.forward(&x)
+    }
+}
+
+impl CausalLm for GptNeox {
+    fn info(&self) -> ModelInfo {
+        ModelInfo {
+            vocab_size: self.cfg.vocab_size,
+            max_positions: self.cfg.max_position_embeddings,
+            hidden: self.cfg.hidden_size,
+            blocks: self.cfg.num_hidden_layers,
+        }
+    }
+    fn compute_kind(&self) -> Kind {
+        self.kind
+    }
+    fn set_compute_kind(&mut self, kind: Kind) {
+        self.kind = kind;
+    }
+    fn embed(&self, ids: &Tensor) -> Tensor {
+        self.embed_in
+            .forward(&ids.to_device(self.device()))
+            .to_kind(self.kind)
+    }
+    fn block(&self, i: usize, h: &Tensor, cache: Option<&mut LayerCache>) -> Tensor {
+        let b = &self.blocks[i];
+        let attn = self.attention(b, &b.input_layernorm.forward(h), cache);
+        if self.cfg.use_parallel_residual {
+            let m = self.mlp(b, &b.post_attention_layernorm.forward(h));
+            m + attn + h
+        } else {
+            let a = attn + h;
+            let m = self.mlp(b, &b.post_attention_layernorm.forward(&a));
+            m + a
+        }
+    }
+    fn head(&self, h: &Tensor) -> Tensor {
+        let x = self.final_layer_norm.forward(h);
+        let logits = match &self.head {
+            Some((_, head)) => head.forward(&x),
+            None => x.linear(
+                &embedding_table(self.embed_in.as_ref(), x.kind())
+                    .expect("tied table checked when built"),
+                None::<Tensor>,
+            ),
+        };
+        logits.to_kind(Kind::Float)
+    }
+    fn visit_layers(&mut self, f: &mut dyn FnMut(&str, &mut Box<dyn Layer>)) {
+        f("gpt_neox.embed_in", &mut self.embed_in);
+        for (i, b) in self.blocks.iter_mut().enumerate() {
+            for (name, l) in [
+                ("attention.query_key_value", &mut b.query_key_value),
+                ("attention.dense", &mut b.dense),
+                ("mlp.dense_h_to_4h", &mut b.dense_h_to_4h),
+                ("mlp.dense_4h_to_h", &mut b.dense_4h_to_h),
+            ] {
+                f(&format!("gpt_neox.layers.{i}.{name}"), l);
+            }
+        }
+        if let Some((name, head)) = &mut self.head {
+            f(name, head);
+        }
+    }
+    fn visit_norms(&mut self, f: &mut dyn FnMut(&str, &mut LayerNorm)) {
+        for (i, b) in self.blocks.iter_mut().enumerate() {
+            f(
+                &format!("gpt_neox.layers.{i}.input_layernorm"),
+                &mut b.input_layernorm,
+            );
+            f(
+                &format!("gpt_neox.layers.{i}.post_attention_layernorm"),
+                &mut b.post_attention_layernorm,
+            );
+        }
+        f("gpt_neox.final_layer_norm", &mut self.final_layer_norm);
+    }
+}

@@ -1,0 +1,338 @@
+//! A new architecture plugged into octet from outside the crate: nothing in octet knows
+//! about it, yet `convert`, `load_model`, 8-bit quantization and LoRA all work on it.
+//!
+//! The toy model ("toy_mlp") is a per-position MLP language model: token embedding, a stack
+//! of gated residual MLP blocks, an LM head. Its gate is a layer kind of its own (`ToyGate`,
+//! `y = x ⊙ w`), registered here too. The example writes a tiny random checkpoint, lists the
+//! registered architectures and layer kinds (as `octet archs` does), converts the checkpoint
+//! to 8-bit, and runs a forward pass on both.
+//!
+//! Run with `cargo run --release --example custom_arch`. See docs/adding-an-architecture.md.
+use octet::adapter::{attach_lora, Targets};
+use octet::convert::{convert, ConvertOptions};
+use octet::error::Result;
+use octet::load::{load_model, LoadOptions};
+use octet::model::{CausalLm, LayerCache, ModelInfo};
+use octet::nn::graph::{check_weight_shapes, ModuleGraph, Node};
+use octet::nn::layer::check_params;
+use octet::nn::registry::{kind_names, LayerKind};
+use octet::nn::{float::LayerNorm, Layer, LayerMap, LayerTensors, LoraConfig};
+use octet::registry::{architectures, Architecture, ArchitectureRegistration};
+use octet::spec::Spec;
+use octet::OctetError;
+use serde::Deserialize;
+use std::sync::OnceLock;
+use tch::{Device, Kind, Tensor};
+
+// ---------------------------------------------------------------------------------------
+// 1. A layer kind of our own: how to check a module's tensors and build its runtime layer.
+// ---------------------------------------------------------------------------------------
+
+/// `y = x ⊙ w`: a learned per-channel gate, weight `[dim]`.
+struct ToyGate {
+    weight: Tensor,
+}
+
+impl Layer for ToyGate {
+    fn kind(&self) -> &'static str {
+        "ToyGate"
+    }
+    fn forward(&self, x: &Tensor) -> Tensor {
+        x * self.weight.to_kind(x.kind())
+    }
+    fn tensors(&self) -> Vec<(String, Tensor)> {
+        vec![("weight".into(), self.weight.shallow_clone())]
+    }
+    fn to_device(&mut self, device: Device) {
+        self.weight = self.weight.to_device(device);
+    }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+    fn into_any(self: Box<Self>) -> Box<dyn std::any::Any> {
+        self
+    }
+}
+
+fn check_gate(node: &Node) -> std::result::Result<(), String> {
+    check_params(node, &[("weight", 1)], &[])
+}
+
+fn build_gate(_: &Node, mut t: LayerTensors) -> Result<Box<dyn Layer>> {
+    Ok(Box::new(ToyGate {
+        weight: t.take("weight")?.to_kind(Kind::Float),
+    }))
+}
+
+// No `Replacement` is submitted for ToyGate, so it always stays in float; the Linear and
+// Embedding modules get octet's built-in 8-bit replacements.
+inventory::submit! { LayerKind { name: "ToyGate", check: check_gate, build: build_gate } }
+
+// ---------------------------------------------------------------------------------------
+// 2. The spec: layer kind per module path, what is quantized, default LoRA targets.
+// ---------------------------------------------------------------------------------------
+
+const SPEC: &str = r#"
+name = "toy_mlp"
+hf_architectures = ["ToyMlpForCausalLM"]
+model_types = ["toy_mlp"]
+block_size = 64
+
+[modules]
+"embed" = "Embedding"
+"blocks.*.gate" = "ToyGate"
+"blocks.*.up" = "Linear"
+"blocks.*.down" = "Linear"
+"head" = "Linear"
+
+[quantize]
+include = ["embed", "blocks.*.up", "blocks.*.down", "head"]
+
+[lora]
+targets = ["up", "down"]
+"#;
+
+// ---------------------------------------------------------------------------------------
+// 3. The config and the model.
+// ---------------------------------------------------------------------------------------
+
+/// The toy's config.json.
+#[derive(Clone, Debug, Deserialize)]
+struct ToyConfig {
+    vocab_size: usize,
+    hidden_size: usize,
+    num_layers: usize,
+    max_positions: usize,
+}
+
+impl ToyConfig {
+    fn from_json(v: &serde_json::Value) -> Result<Self> {
+        serde_json::from_value(v.clone()).map_err(|e| {
+            OctetError::InvalidArgument(format!("config.json: invalid toy_mlp config: {e}"))
+        })
+    }
+
+    /// Every module with its weight shape: what `check` compares a checkpoint against.
+    fn weight_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let (v, d) = (self.vocab_size, self.hidden_size);
+        let mut out = vec![("embed".to_string(), vec![v, d])];
+        for i in 0..self.num_layers {
+            out.push((format!("blocks.{i}.gate"), vec![d]));
+            out.push((format!("blocks.{i}.up"), vec![4 * d, d]));
+            out.push((format!("blocks.{i}.down"), vec![d, 4 * d]));
+        }
+        out.push(("head".to_string(), vec![v, d]));
+        out
+    }
+}
+
+struct ToyBlock {
+    gate: Box<dyn Layer>,
+    up: Box<dyn Layer>,
+    down: Box<dyn Layer>,
+}
+
+struct ToyMlp {
+    cfg: ToyConfig,
+    kind: Kind,
+    embed: Box<dyn Layer>,
+    blocks: Vec<ToyBlock>,
+    head: Box<dyn Layer>,
+}
+
+impl CausalLm for ToyMlp {
+    fn info(&self) -> ModelInfo {
+        ModelInfo {
+            vocab_size: self.cfg.vocab_size,
+            max_positions: self.cfg.max_positions,
+            hidden: self.cfg.hidden_size,
+            blocks: self.cfg.num_layers,
+        }
+    }
+    fn compute_kind(&self) -> Kind {
+        self.kind
+    }
+    fn set_compute_kind(&mut self, kind: Kind) {
+        self.kind = kind;
+    }
+    fn embed(&self, ids: &Tensor) -> Tensor {
+        self.embed.forward(ids).to_kind(self.kind)
+    }
+    // Positions never mix, so there is nothing to cache.
+    fn block(&self, i: usize, h: &Tensor, _cache: Option<&mut LayerCache>) -> Tensor {
+        let b = &self.blocks[i];
+        h + b.down.forward(&b.up.forward(&b.gate.forward(h)).gelu("none"))
+    }
+    fn head(&self, h: &Tensor) -> Tensor {
+        self.head.forward(h).to_kind(Kind::Float)
+    }
+    fn visit_layers(&mut self, f: &mut dyn FnMut(&str, &mut Box<dyn Layer>)) {
+        f("embed", &mut self.embed);
+        for (i, b) in self.blocks.iter_mut().enumerate() {
+            f(&format!("blocks.{i}.gate"), &mut b.gate);
+            f(&format!("blocks.{i}.up"), &mut b.up);
+            f(&format!("blocks.{i}.down"), &mut b.down);
+        }
+        f("head", &mut self.head);
+    }
+    fn visit_norms(&mut self, _f: &mut dyn FnMut(&str, &mut LayerNorm)) {}
+}
+
+// ---------------------------------------------------------------------------------------
+// 4. The plugin, registered with `inventory` like octet's own.
+// ---------------------------------------------------------------------------------------
+
+struct ToyArch;
+
+impl Architecture for ToyArch {
+    fn spec(&self) -> &Spec {
+        static PARSED: OnceLock<Spec> = OnceLock::new();
+        PARSED.get_or_init(|| {
+            Spec::parse(SPEC, std::path::Path::new("examples/custom_arch.rs"))
+                .expect("the toy spec is valid")
+        })
+    }
+    fn description(&self) -> &'static str {
+        "toy per-position MLP LM (examples/custom_arch.rs)"
+    }
+    fn check(&self, config: &serde_json::Value, graph: &ModuleGraph) -> Result<()> {
+        check_weight_shapes(graph, &ToyConfig::from_json(config)?.weight_shapes())
+    }
+    fn build(
+        &self,
+        config: &serde_json::Value,
+        layers: &mut LayerMap,
+        kind: Kind,
+    ) -> Result<Box<dyn CausalLm>> {
+        let cfg = ToyConfig::from_json(config)?;
+        let embed = layers.take("embed")?;
+        let blocks = (0..cfg.num_layers)
+            .map(|i| {
+                Ok(ToyBlock {
+                    gate: layers.take(&format!("blocks.{i}.gate"))?,
+                    up: layers.take(&format!("blocks.{i}.up"))?,
+                    down: layers.take(&format!("blocks.{i}.down"))?,
+                })
+            })
+            .collect::<Result<_>>()?;
+        let head = layers.take("head")?;
+        Ok(Box::new(ToyMlp {
+            cfg,
+            kind,
+            embed,
+            blocks,
+            head,
+        }))
+    }
+}
+
+static TOY: ToyArch = ToyArch;
+
+inventory::submit! { ArchitectureRegistration { get: || &TOY } }
+
+// ---------------------------------------------------------------------------------------
+// 5. Using it.
+// ---------------------------------------------------------------------------------------
+
+/// Writes a random toy checkpoint (config.json + model.safetensors) into `dir`.
+fn write_checkpoint(dir: &std::path::Path, cfg: &serde_json::Value) -> anyhow::Result<()> {
+    tch::manual_seed(0);
+    let toy = ToyConfig::from_json(cfg)?;
+    let opts = (Kind::Float, Device::Cpu);
+    let mut tensors = Vec::new();
+    for (path, shape) in toy.weight_shapes() {
+        let shape: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
+        let w = if path.ends_with("gate") {
+            Tensor::ones(shape.as_slice(), opts) + Tensor::randn(shape.as_slice(), opts) * 0.1
+        } else {
+            Tensor::randn(shape.as_slice(), opts) * 0.2
+        };
+        if path.ends_with("up") || path.ends_with("down") {
+            tensors.push((format!("{path}.bias"), Tensor::randn([shape[0]], opts) * 0.05));
+        }
+        tensors.push((format!("{path}.weight"), w));
+    }
+    octet::io::safetensors::save_tensors(&dir.join("model.safetensors"), &tensors, &[])?;
+    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(cfg)?)?;
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    // What `octet archs` prints, from the same registries.
+    println!(
+        "{:<10} {:<28} {:<10} {:<10} description",
+        "name", "hf architectures", "block", "lora"
+    );
+    for a in architectures() {
+        let s = a.spec();
+        println!(
+            "{:<10} {:<28} {:<10} {:<10} {}",
+            a.name(),
+            s.hf_architectures.join(","),
+            s.block_size.get(),
+            s.lora_targets.join(","),
+            a.description()
+        );
+    }
+    println!("\nlayer kinds: {}\n", kind_names().join(", "));
+    anyhow::ensure!(
+        octet::registry::find("toy_mlp").is_ok(),
+        "toy_mlp is not registered"
+    );
+
+    let tmp = tempfile::tempdir()?;
+    let src = tmp.path().join("toy");
+    std::fs::create_dir_all(&src)?;
+    let config = serde_json::json!({
+        "architectures": ["ToyMlpForCausalLM"],
+        "model_type": "toy_mlp",
+        "vocab_size": 257,
+        "hidden_size": 32,
+        "num_layers": 2,
+        "max_positions": 64
+    });
+    write_checkpoint(&src, &config)?;
+
+    // Convert to 8-bit exactly as `octet convert` does; the spec picks what is quantized.
+    let out = tmp.path().join("toy-8bit");
+    let report = convert(&src, &out, &ConvertOptions::default())?;
+    let (n, mean, max) = report.error_summary();
+    println!(
+        "converted {} -> {}: {} tensors quantized (rel. MSE mean {mean:.2e}, max {max:.2e}), \
+         {} -> {} bytes",
+        src.display(),
+        out.display(),
+        n,
+        report.bytes_in(),
+        report.bytes_out()
+    );
+
+    let float = load_model(&src, &LoadOptions::default())?;
+    let mut eight = load_model(&out, &LoadOptions::default())?;
+    println!("loaded as architecture '{}'; modules:", eight.arch.name());
+    for node in &eight.graph.nodes {
+        println!("  {:<16} {}", node.path, node.kind);
+    }
+
+    let ids = Tensor::from_slice(&[72i64, 101, 108, 108, 111]).unsqueeze(0);
+    let (lf, l8) = tch::no_grad(|| (float.model.forward(&ids), eight.model.forward(&ids)));
+    let diff = (&lf - &l8).abs().max().double_value(&[]);
+    println!(
+        "forward: logits {:?}; next tokens (float) {:?}, (8-bit) {:?}; max |float - 8-bit| {diff:.4}",
+        l8.size(),
+        Vec::<i64>::try_from(lf.argmax(-1, false).flatten(0, -1))?,
+        Vec::<i64>::try_from(l8.argmax(-1, false).flatten(0, -1))?
+    );
+
+    // LoRA attaches through the layers' adapter shapes, with the spec's default targets.
+    let targets = Targets::Names(eight.arch.spec().lora_targets.clone());
+    let wrapped = attach_lora(eight.model.as_mut(), &targets, LoraConfig::default())?;
+    let with_lora = tch::no_grad(|| eight.model.forward(&ids));
+    println!(
+        "LoRA on {} modules ({}); fresh adapters leave the logits unchanged: {}",
+        wrapped.len(),
+        wrapped.join(", "),
+        (&with_lora - &l8).abs().max().double_value(&[]) == 0.0
+    );
+    Ok(())
+}
