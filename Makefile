@@ -60,8 +60,8 @@ fixtures: $(GEN)/adam8bit_vectors.safetensors $(GEN)/quant_vectors.safetensors $
 test: build fixtures
 	$(WITH_TORCH) cargo test --release --no-fail-fast
 
-demo: build
-	./target/release/octet quant-report --rows 4096 --cols 4096 --block-size 4096
+demo: build $(GEN)/smollm2/.done
+	scripts/demo.sh ./target/release/octet $(GEN)/smollm2 demo-out
 
 bench: build
 	command -v /usr/bin/time >/dev/null || (apt-get update -qq && apt-get install -y -qq time)

@@ -161,7 +161,9 @@ impl CausalLm for ToyMlp {
     // Positions never mix, so there is nothing to cache.
     fn block(&self, i: usize, h: &Tensor, _cache: Option<&mut LayerCache>) -> Tensor {
         let b = &self.blocks[i];
-        h + b.down.forward(&b.up.forward(&b.gate.forward(h)).gelu("none"))
+        h + b
+            .down
+            .forward(&b.up.forward(&b.gate.forward(h)).gelu("none"))
     }
     fn head(&self, h: &Tensor) -> Tensor {
         self.head.forward(h).to_kind(Kind::Float)
@@ -248,7 +250,10 @@ fn write_checkpoint(dir: &std::path::Path, cfg: &serde_json::Value) -> anyhow::R
             Tensor::randn(shape.as_slice(), opts) * 0.2
         };
         if path.ends_with("up") || path.ends_with("down") {
-            tensors.push((format!("{path}.bias"), Tensor::randn([shape[0]], opts) * 0.05));
+            tensors.push((
+                format!("{path}.bias"),
+                Tensor::randn([shape[0]], opts) * 0.05,
+            ));
         }
         tensors.push((format!("{path}.weight"), w));
     }

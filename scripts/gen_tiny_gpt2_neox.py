@@ -15,10 +15,11 @@ Everything is made locally (no model hub) with fixed seeds and in f32:
 
   OUT_DIR/tiny_gpt_neox/hf_safetensors/  config.json (transformers 5 form, `rope_parameters`) +
                                       model.safetensors (+ tokenizer.json)
-  OUT_DIR/tiny_gpt_neox/hf_bin/       pytorch_model.bin (head named embed_out) with the old `attention.bias`,
-                                      `attention.masked_bias` and `attention.rotary_emb.inv_freq`
-                                      buffers, and a config.json in the original Pythia form
-                                      (`rotary_pct`, `rotary_emb_base`, no `rope_parameters`)
+  OUT_DIR/tiny_gpt_neox/hf_bin/       pytorch_model.bin as Pythia checkpoints are: the head named
+                                      embed_out, the old `attention.bias`, `attention.masked_bias`
+                                      and `attention.rotary_emb.inv_freq` buffers, and a
+                                      config.json in the original form (`rotary_pct`,
+                                      `rotary_emb_base`, no `rope_parameters`)
   OUT_DIR/tiny_gpt_neox/hf_sequential/   the same weights with use_parallel_residual = false
   OUT_DIR/tiny_gpt_neox/reference.safetensors
                                       input_ids i64 [2, 13]; logits (parallel residual) and

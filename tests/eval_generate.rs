@@ -409,10 +409,7 @@ fn eval_refuses_bad_inputs() {
             vec!["--data", d, "--adapter", other_base.to_str().unwrap()],
             "matches no module",
         ),
-        (
-            vec!["--data", missing.to_str().unwrap()],
-            "missing.txt",
-        ),
+        (vec!["--data", missing.to_str().unwrap()], "missing.txt"),
     ];
     for (extra, want) in cases {
         let mut args = vec!["eval", "--model", m];
@@ -575,7 +572,7 @@ fn sampling_is_seeded_and_processors_follow_transformers() {
     assert_eq!(l, vec![3.0, f32::NEG_INFINITY, 2.0, 2.0, f32::NEG_INFINITY]);
     // Probabilities .5, .25, .125, .125: tokens go, least likely first, while the mass
     // removed stays ≤ 1 - p, so .7 and .74 keep the two largest and .8 keeps three.
-    let base = vec![3.0f32, 2.0, 1.0, 1.0]
+    let base = [3.0f32, 2.0, 1.0, 1.0]
         .iter()
         .map(|x| x * std::f32::consts::LN_2)
         .collect::<Vec<_>>();

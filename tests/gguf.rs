@@ -50,7 +50,11 @@ fn dequantized_tensors_equal_gguf_py_exactly() {
             let theirs = &r[&format!("{v}.{name}")];
             assert_eq!(ours.size(), theirs.size(), "{v} {name}");
             // Bit-identical, not merely close.
-            assert!(ours.equal(theirs), "{v} {name}: max |diff| {}", max_abs_diff(&ours, theirs));
+            assert!(
+                ours.equal(theirs),
+                "{v} {name}: max |diff| {}",
+                max_abs_diff(&ours, theirs)
+            );
         }
         // Quantized types are served as f32, float types as stored.
         let m = |n: &str| g.meta(n).unwrap().dtype;
@@ -60,7 +64,9 @@ fn dequantized_tensors_equal_gguf_py_exactly() {
     }
     let g = GgufFile::open(&tiny("bias.gguf")).unwrap();
     assert_eq!(g.alignment(), 64);
-    assert!(g.names().contains(&"model.layers.1.self_attn.k_proj.bias".to_string()));
+    assert!(g
+        .names()
+        .contains(&"model.layers.1.self_attn.k_proj.bias".to_string()));
 }
 
 #[test]
@@ -155,7 +161,12 @@ fn converting_a_gguf_gives_a_self_contained_folder() {
     let out = tmp.path().join("octet");
     let (ok, stderr) = convert(&gguf, &out, &["--block-size", "64"]);
     assert!(ok, "{stderr}");
-    for f in ["config.json", "tokenizer.json", "tokenizer_config.json", "octet.toml"] {
+    for f in [
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "octet.toml",
+    ] {
         assert!(out.join(f).is_file(), "{f} missing");
     }
     let manifest = std::fs::read_to_string(out.join("octet.toml")).unwrap();
@@ -164,10 +175,16 @@ fn converting_a_gguf_gives_a_self_contained_folder() {
     let from_dir = octet::tokenizer::Tokenizer::from_dir(&out).unwrap();
     let from_gguf = GgufFile::open(&gguf).unwrap().tokenizer().unwrap();
     let text = "Stratford 1564: <|im_start|>hello<|im_end|>";
-    assert_eq!(from_dir.encode(text).unwrap(), from_gguf.encode(text).unwrap());
+    assert_eq!(
+        from_dir.encode(text).unwrap(),
+        from_gguf.encode(text).unwrap()
+    );
 
     let m = load_model(&out, &LoadOptions::default()).unwrap();
-    assert_eq!(m.graph.node("model.embed_tokens").unwrap().kind, "Bnb8Embedding");
+    assert_eq!(
+        m.graph.node("model.embed_tokens").unwrap().kind,
+        "Bnb8Embedding"
+    );
     let ours = tch::no_grad(|| m.model.forward(&input_ids()));
     let hf = tmp.path().join("hf");
     octet::export::export_hf(&out, &hf, Kind::Float, false, |_, _| Ok(())).unwrap();
@@ -242,7 +259,10 @@ fn bad_files_are_refused_with_clear_errors() {
     let truncated = tmp.path().join("truncated.gguf");
     std::fs::write(&truncated, &bytes[..bytes.len() - 100]).unwrap();
     let e = err(&truncated);
-    assert!(e.contains("truncated.gguf") && e.contains("past the end"), "{e}");
+    assert!(
+        e.contains("truncated.gguf") && e.contains("past the end"),
+        "{e}"
+    );
 
     // Cut inside the metadata: the reader must stop at the end, not trust the lengths.
     for cut in [200, 3000] {

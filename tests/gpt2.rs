@@ -180,15 +180,24 @@ fn inspect_snapshot_of_the_converted_model() {
     // The old mask buffers are skipped, not reported as unknown modules.
     let (ok, text, err) = common::octet(&["inspect", tiny("hf_bin").to_str().unwrap()]);
     assert!(ok, "{err}");
-    assert!(text.contains("Conv1D") && !text.contains("masked_bias"), "{text}");
+    assert!(
+        text.contains("Conv1D") && !text.contains("masked_bias"),
+        "{text}"
+    );
 }
 
 #[test]
 fn archs_lists_gpt2_and_its_layer_kinds() {
     let (ok, text, err) = common::octet(&["archs"]);
     assert!(ok, "{err}");
-    assert!(text.contains("GPT2LMHeadModel") && text.contains("c_attn"), "{text}");
-    assert!(text.contains("Bnb8Conv1D") && text.contains(", Conv1D"), "{text}");
+    assert!(
+        text.contains("GPT2LMHeadModel") && text.contains("c_attn"),
+        "{text}"
+    );
+    assert!(
+        text.contains("Bnb8Conv1D") && text.contains(", Conv1D"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -252,7 +261,11 @@ fn trained_adapter_loads_in_peft_with_matching_logits() {
     let losses: Vec<f64> = std::fs::read_to_string(run.join("metrics.jsonl"))
         .unwrap()
         .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64().unwrap())
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
+                .as_f64()
+                .unwrap()
+        })
         .collect();
     assert_eq!(losses.len(), 30);
     assert!(
@@ -280,12 +293,7 @@ fn trained_adapter_loads_in_peft_with_matching_logits() {
         max_abs_diff(&ours, &before) > 1e-3,
         "the trained adapter changes nothing"
     );
-    let theirs = hf_logits(
-        &hf,
-        &ids_file(t),
-        &t.join("peft.safetensors"),
-        Some(&run),
-    );
+    let theirs = hf_logits(&hf, &ids_file(t), &t.join("peft.safetensors"), Some(&run));
     let d = max_abs_diff(&ours, &theirs);
     assert!(d < 1e-4, "octet vs peft max |diff| {d}");
 }

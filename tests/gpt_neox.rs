@@ -69,11 +69,10 @@ fn a_head_stored_as_lm_head_is_read_like_embed_out() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("renamed");
     common::copy_dir(&tiny("hf_safetensors"), &dir);
-    let tensors: Vec<(String, Tensor)> =
-        common::load_safetensors(&dir.join("model.safetensors"))
-            .into_iter()
-            .map(|(n, t)| (n.replace("embed_out.", "lm_head."), t))
-            .collect();
+    let tensors: Vec<(String, Tensor)> = common::load_safetensors(&dir.join("model.safetensors"))
+        .into_iter()
+        .map(|(n, t)| (n.replace("embed_out.", "lm_head."), t))
+        .collect();
     octet::io::safetensors::save_tensors(&dir.join("model.safetensors"), &tensors, &[]).unwrap();
     let mut m = load_model(&dir, &LoadOptions::default()).unwrap();
     let r = reference();
@@ -97,8 +96,7 @@ fn rotary_settings_are_read_from_either_config_form() {
     }
     let odd = serde_json::json!({"hidden_size": 48, "num_attention_heads": 4, "rotary_pct": 0.25});
     let err = octet::adapters::gpt_neox::GptNeoxConfig::from_json(&odd)
-        .err()
-        .expect("3 rotated dimensions cannot be paired")
+        .expect_err("3 rotated dimensions cannot be paired")
         .to_string();
     assert!(err.contains("even"), "{err}");
 }
@@ -173,7 +171,10 @@ fn inspect_snapshot_of_the_converted_model() {
     insta::assert_snapshot!("inspect_tiny_gpt_neox_converted", text);
     let (ok, text, err) = common::octet(&["inspect", tiny("hf_bin").to_str().unwrap()]);
     assert!(ok, "{err}");
-    assert!(!text.contains("inv_freq") && !text.contains("masked_bias"), "{text}");
+    assert!(
+        !text.contains("inv_freq") && !text.contains("masked_bias"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -185,7 +186,11 @@ fn trained_adapter_loads_in_peft_with_matching_logits() {
     let hf = t.join("hf");
     octet::export::export_hf(&base8, &hf, Kind::Float, false, |_, _| Ok(())).unwrap();
     let data = t.join("data.txt");
-    std::fs::write(&data, "pack my box with five dozen liquor jugs. ".repeat(100)).unwrap();
+    std::fs::write(
+        &data,
+        "pack my box with five dozen liquor jugs. ".repeat(100),
+    )
+    .unwrap();
     let run = t.join("run");
     let (ok, _, err) = common::octet(&[
         "train",

@@ -93,7 +93,10 @@ fn eight_bit_models_match_transformers_on_the_same_dequantized_weights() {
         let out = tmp.path().join(format!("octet-{v}"));
         convert(&tiny(v), &out, &["--block-size", "64"]);
         let m = load_model(&out, &LoadOptions::default()).unwrap();
-        assert_eq!(m.graph.node("model.embed_tokens").unwrap().kind, "Bnb8Embedding");
+        assert_eq!(
+            m.graph.node("model.embed_tokens").unwrap().kind,
+            "Bnb8Embedding"
+        );
         assert_eq!(m.graph.node("lm_head").is_some(), v != "tied");
         let ours = tch::no_grad(|| m.model.forward(&reference()["input_ids"]));
         let hf = tmp.path().join(format!("hf-{v}"));
@@ -168,7 +171,10 @@ fn lora_targets_and_tied_head_with_adapters() {
     let mut paths = Vec::new();
     m.model.visit_layers(&mut |p, _| paths.push(p.to_string()));
     assert!(paths.contains(&"model.layers.1.self_attn.q_proj".to_string()));
-    assert!(!paths.contains(&"lm_head".to_string()), "tied: no separate head");
+    assert!(
+        !paths.contains(&"lm_head".to_string()),
+        "tied: no separate head"
+    );
     let mut norms = Vec::new();
     m.model.visit_norms(&mut |p, _| norms.push(p.to_string()));
     assert_eq!(norms.len(), 5);

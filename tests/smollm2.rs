@@ -38,7 +38,11 @@ fn perplexity(model: &dyn CausalLm, ids: &[i64]) -> f64 {
         let n = chunk.len() as i64 - 1;
         let logp = logits.narrow(0, 0, n).log_softmax(-1, Kind::Float);
         let target = Tensor::from_slice(&chunk[1..]).unsqueeze(1);
-        nll -= logp.gather(1, &target, false).to_kind(Kind::Double).sum(Kind::Double).double_value(&[]);
+        nll -= logp
+            .gather(1, &target, false)
+            .to_kind(Kind::Double)
+            .sum(Kind::Double)
+            .double_value(&[]);
         count += n as usize;
     }
     (nll / count as f64).exp()
@@ -58,15 +62,12 @@ fn convert(model: &Path, out: &Path, extra: &[&str]) {
 }
 
 /// transformers' perplexity (scripts/hf_window_ppl.py) of `model` on `ids`.
-fn hf_perplexity(model: &Path, ids_file: &Path, gguf_file: Option<&str>) -> f64 {
+fn hf_perplexity(model: &Path, ids_file: &Path) -> f64 {
     let mut cmd = std::process::Command::new(common::python());
     cmd.arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/hf_window_ppl.py"))
         .arg(model)
         .arg(ids_file)
         .arg(WINDOW.to_string());
-    if let Some(g) = gguf_file {
-        cmd.arg(g);
-    }
     let out = cmd.output().expect("run python");
     assert!(
         out.status.success(),
@@ -79,11 +80,17 @@ fn hf_perplexity(model: &Path, ids_file: &Path, gguf_file: Option<&str>) -> f64 
 
 #[test]
 fn perplexity_on_real_text_matches_transformers_and_8bit_stays_close() {
+    let t0 = std::time::Instant::now();
+    let lap = |what: &str| eprintln!("[{:6.1} s] {what}", t0.elapsed().as_secs_f64());
     let gguf = gguf();
     let text = text();
     let tok = GgufFile::open(&gguf).unwrap().tokenizer().unwrap();
     let ids32 = tok.encode(&text).unwrap();
-    assert_eq!(tok.decode(&ids32).unwrap(), text, "byte-level BPE round trip");
+    assert_eq!(
+        tok.decode(&ids32).unwrap(),
+        text,
+        "byte-level BPE round trip"
+    );
     assert_eq!(tok.eos_id(), Some(2));
     let ids: Vec<i64> = ids32.iter().map(|&i| i as i64).collect();
     assert!((1000..4000).contains(&ids.len()), "{} tokens", ids.len());
@@ -91,25 +98,29 @@ fn perplexity_on_real_text_matches_transformers_and_8bit_stays_close() {
     // octet, f32, straight from the GGUF.
     let m = load_model(&gguf, &LoadOptions::default()).unwrap();
     let info = m.model.info();
-    assert_eq!((info.blocks, info.hidden, info.vocab_size), (30, 576, 49152));
+    assert_eq!(
+        (info.blocks, info.hidden, info.vocab_size),
+        (30, 576, 49152)
+    );
     let ppl_f32 = perplexity(m.model.as_ref(), &ids);
     drop(m);
+    lap("octet f32 from the GGUF");
 
     // transformers on exactly those weights: convert with nothing quantized, export to HF.
     let tmp = tempfile::tempdir().unwrap();
     let float_dir = tmp.path().join("float");
-    convert(&gguf, &float_dir, &["--skip", "model.embed_tokens", "--skip", "*_proj"]);
+    convert(
+        &gguf,
+        &float_dir,
+        &["--skip", "model.embed_tokens", "--skip", "*_proj"],
+    );
     let hf_dir = tmp.path().join("hf");
     octet::export::export_hf(&float_dir, &hf_dir, Kind::Float, false, |_, _| Ok(())).unwrap();
     let ids_file = tmp.path().join("ids.safetensors");
     Tensor::write_safetensors(&[("input_ids", &Tensor::from_slice(&ids))], &ids_file).unwrap();
-    let ppl_hf = hf_perplexity(&hf_dir, &ids_file, None);
-    // A second opinion on the de-quantization and q/k order: transformers' own GGUF reader.
-    let ppl_hf_gguf = hf_perplexity(
-        gguf.parent().unwrap(),
-        &ids_file,
-        Some("SmolLM2-135M-Instruct.Q4_1.gguf"),
-    );
+    lap("converted (float) and exported");
+    let ppl_hf = hf_perplexity(&hf_dir, &ids_file);
+    lap("transformers");
 
     // octet, 8-bit (the spec's defaults).
     let q_dir = tmp.path().join("octet8");
@@ -117,17 +128,25 @@ fn perplexity_on_real_text_matches_transformers_and_8bit_stays_close() {
     let m = load_model(&q_dir, &LoadOptions::default()).unwrap();
     assert!(m.graph.nodes.iter().any(|n| n.kind == "Bnb8Embedding"));
     let ppl_8bit = perplexity(m.model.as_ref(), &ids);
+    lap("converted (8-bit) and octet 8-bit");
 
     eprintln!(
         "SmolLM2-135M, {} tokens, {WINDOW}-token windows: octet f32 {ppl_f32:.4}, \
-         transformers {ppl_hf:.4} (from transformers' GGUF reader {ppl_hf_gguf:.4}), octet 8-bit {ppl_8bit:.4} ({:+.3}%)",
+         transformers {ppl_hf:.4}, octet 8-bit {ppl_8bit:.4} ({:+.3}%)",
         ids.len(),
         (ppl_8bit / ppl_f32 - 1.0) * 100.0
     );
     let rel = |a: f64, b: f64| (a / b - 1.0).abs();
-    assert!(rel(ppl_f32, ppl_hf) < 1e-3, "octet {ppl_f32} vs transformers {ppl_hf}");
-    assert!(rel(ppl_hf_gguf, ppl_hf) < 1e-3, "GGUF readers disagree: {ppl_hf_gguf} vs {ppl_hf}");
-    assert!(rel(ppl_8bit, ppl_f32) < 5e-3, "8-bit {ppl_8bit} vs f32 {ppl_f32}");
-    // A sane language model on English prose (llama.cpp reports ≈21.7 here).
+    assert!(
+        rel(ppl_f32, ppl_hf) < 1e-3,
+        "octet {ppl_f32} vs transformers {ppl_hf}"
+    );
+    assert!(
+        rel(ppl_8bit, ppl_f32) < 5e-3,
+        "8-bit {ppl_8bit} vs f32 {ppl_f32}"
+    );
+    // A sane language model on English prose (llama.cpp reports ≈21.7 here). transformers'
+    // own GGUF reader (`hf_window_ppl.py DIR IDS 1024 FILE`) also gives 21.704; it is left out
+    // for time (≈45 s): gen_tiny_llama.py checks it agrees with our reading on tied.gguf.
     assert!((10.0..40.0).contains(&ppl_f32), "{ppl_f32}");
 }

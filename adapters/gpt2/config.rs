@@ -95,7 +95,10 @@ impl Gpt2Config {
             ));
         }
         if !c.tie_word_embeddings {
-            return bad("GPT-2 with an untied LM head (tie_word_embeddings = false) is not supported".into());
+            return bad(
+                "GPT-2 with an untied LM head (tie_word_embeddings = false) is not supported"
+                    .into(),
+            );
         }
         if c.add_cross_attention {
             return bad("GPT-2 with cross-attention (add_cross_attention) is not supported".into());

@@ -2,8 +2,8 @@
 //! residuals, fused `c_attn` q/k/v, gelu_new, and an LM head tied to `transformer.wte`.
 //! Its projections are Hugging Face `Conv1D`s (weights stored `[in, out]`); the layer kind and
 //! its 8-bit replacement are registered by this plugin (see [`conv1d`]).
-pub mod conv1d;
 mod config;
+pub mod conv1d;
 mod model;
 
 pub use config::Gpt2Config;
@@ -31,7 +31,7 @@ impl Architecture for Gpt2Arch {
         })
     }
     fn description(&self) -> &'static str {
-        "GPT-2: convert, inspect, train (LoRA), eval, generate; 8-bit Conv1D + Embedding, tied head"
+        "GPT-2: convert, inspect, train (LoRA), eval, generate, merge; 8-bit Conv1D + Embedding, tied head"
     }
     fn check(&self, config: &serde_json::Value, graph: &crate::nn::ModuleGraph) -> Result<()> {
         let cfg = Gpt2Config::from_json(config)?;

@@ -188,7 +188,16 @@ impl Gpt2 {
         }
         let scale = Some(self.cfg.attn_scale(i));
         let out = if past == 0 {
-            Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, true, scale, false)
+            Tensor::scaled_dot_product_attention(
+                &q,
+                &k,
+                &v,
+                None::<Tensor>,
+                0.0,
+                true,
+                scale,
+                false,
+            )
         } else {
             // Query j sits at absolute position past + j and sees keys up to it.
             let kpos = Tensor::arange(past + t, (Kind::Int64, x.device())).unsqueeze(0);

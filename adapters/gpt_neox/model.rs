@@ -144,8 +144,17 @@ impl GptNeox {
             let p = |s: &str| format!("gpt_neox.layers.{i}.{s}");
             blocks.push(Block {
                 input_layernorm: take_norm(layers, &p("input_layernorm"), d, eps)?,
-                post_attention_layernorm: take_norm(layers, &p("post_attention_layernorm"), d, eps)?,
-                query_key_value: take_checked(layers, &p("attention.query_key_value"), &[3 * d, d])?,
+                post_attention_layernorm: take_norm(
+                    layers,
+                    &p("post_attention_layernorm"),
+                    d,
+                    eps,
+                )?,
+                query_key_value: take_checked(
+                    layers,
+                    &p("attention.query_key_value"),
+                    &[3 * d, d],
+                )?,
                 dense: take_checked(layers, &p("attention.dense"), &[d, d])?,
                 dense_h_to_4h: take_checked(layers, &p("mlp.dense_h_to_4h"), &[inner, d])?,
                 dense_4h_to_h: take_checked(layers, &p("mlp.dense_4h_to_h"), &[d, inner])?,

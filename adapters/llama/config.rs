@@ -119,11 +119,17 @@ impl LlamaConfig {
         if c.rope_scaling.as_ref().is_some_and(|s| !s.is_null()) {
             return Err(bad(format!(
                 "rope_scaling {} is not supported (only null)",
-                c.rope_scaling.as_ref().map(|s| s.to_string()).unwrap_or_default()
+                c.rope_scaling
+                    .as_ref()
+                    .map(|s| s.to_string())
+                    .unwrap_or_default()
             )));
         }
         if let Some(p) = c.rope_parameters.as_ref().filter(|p| !p.is_null()) {
-            let ty = p.get("rope_type").and_then(|t| t.as_str()).unwrap_or("default");
+            let ty = p
+                .get("rope_type")
+                .and_then(|t| t.as_str())
+                .unwrap_or("default");
             if ty != "default" {
                 return Err(bad(format!(
                     "rope_parameters.rope_type '{ty}' is not supported (only default)"

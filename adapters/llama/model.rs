@@ -93,7 +93,10 @@ pub fn weight_shapes(cfg: &LlamaConfig, with_head: bool) -> Vec<(String, Vec<usi
     let mut out = vec![("model.embed_tokens".to_string(), vec![v, d])];
     for i in 0..cfg.num_hidden_layers {
         out.push((format!("model.layers.{i}.input_layernorm"), vec![d]));
-        out.push((format!("model.layers.{i}.post_attention_layernorm"), vec![d]));
+        out.push((
+            format!("model.layers.{i}.post_attention_layernorm"),
+            vec![d],
+        ));
         out.extend(block_linears(cfg, i).into_iter().map(|(p, s, _)| (p, s)));
     }
     out.push(("model.norm".to_string(), vec![d]));
@@ -111,9 +114,7 @@ pub fn check_graph(cfg: &LlamaConfig, graph: &crate::nn::ModuleGraph) -> Result<
     crate::nn::graph::check_weight_shapes(graph, &weight_shapes(cfg, with_head))?;
     for i in 0..cfg.num_hidden_layers {
         for (path, _, bias) in block_linears(cfg, i) {
-            let has = graph
-                .node(&path)
-                .is_some_and(|n| n.param("bias").is_some());
+            let has = graph.node(&path).is_some_and(|n| n.param("bias").is_some());
             if has != bias {
                 let flag = if path.contains("self_attn") {
                     "attention_bias"
@@ -150,7 +151,12 @@ impl Llama {
                 k_proj: next(),
                 v_proj: next(),
                 o_proj: next(),
-                post_attention_layernorm: take_norm(layers, &p("post_attention_layernorm"), d, eps)?,
+                post_attention_layernorm: take_norm(
+                    layers,
+                    &p("post_attention_layernorm"),
+                    d,
+                    eps,
+                )?,
                 gate_proj: next(),
                 up_proj: next(),
                 down_proj: next(),

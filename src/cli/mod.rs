@@ -26,7 +26,7 @@ enum Command {
     /// Print the module graph of a model folder.
     Inspect(inspect::Args),
     /// Fine-tune LoRA adapters (8-bit frozen weights, 8-bit Adam, block recompute).
-    Train(train::Args),
+    Train(Box<train::Args>),
     /// Merge a LoRA adapter into its base (Hugging Face f16/f32, or re-quantized 8-bit).
     Merge(merge::Args),
     /// List the registered architectures.
@@ -53,7 +53,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Convert(a) => convert::run(a),
         Command::Inspect(a) => inspect::run(a),
         Command::Archs => archs::run(),
-        Command::Train(a) => train::run(a),
+        Command::Train(a) => train::run(*a),
         Command::Merge(a) => merge::run(a),
         Command::QuantReport(a) => quant_report::run(a),
         Command::Eval(a) => eval::run(a),

@@ -26,7 +26,7 @@ pub fn open_file(path: &Path) -> Result<Box<dyn TensorStore>> {
         Ok(Box::new(SafetensorsFile::open(path)?))
     } else if name.ends_with(".bin") || name.ends_with(".pt") || name.ends_with(".pth") {
         Ok(Box::new(TorchBinFile::open(path)?))
-    } else if name.ends_with(".gguf") {
+    } else if super::gguf::is_gguf(path) {
         Ok(Box::new(super::gguf::GgufFile::open(path)?))
     } else {
         Err(OctetError::bad_file(

@@ -679,10 +679,11 @@ impl GgufFile {
             .get("tokenizer.ggml.tokens")
             .and_then(|v| v.as_array())
             .map(|a| a.len() as u64);
+        // The embedding's rows are what the model needs (a vocabulary may be padded).
         let vocab = self
             .meta_u64(&key("vocab_size"))
-            .or(tokens)
             .or(embd_rows)
+            .or(tokens)
             .ok_or_else(|| bad("cannot tell the vocabulary size".into()))?;
         let mut cfg = serde_json::json!({
             "architectures": ["LlamaForCausalLM"],
@@ -813,7 +814,9 @@ impl GgufFile {
     }
 
     /// Writes `config.json`, `tokenizer.json` and `tokenizer_config.json` into `dir`, so a
-    /// model converted from this file is self-contained; returns the names written.
+    /// model converted from this file is self-contained; returns the names written. A
+    /// tokenizer octet cannot build (not byte-level BPE) is left out rather than failing the
+    /// conversion of the weights.
     pub fn write_side_files(&self, dir: &Path) -> Result<Vec<String>> {
         let write = |name: &str, text: String| -> Result<()> {
             let p = dir.join(name);
@@ -823,6 +826,9 @@ impl GgufFile {
             serde_json::to_string_pretty(v).map_err(|e| OctetError::InvalidArgument(e.to_string()))
         };
         write("config.json", json(&self.config()?)?)?;
+        if self.get("tokenizer.ggml.model").and_then(|v| v.as_str()) != Some("gpt2") {
+            return Ok(vec!["config.json".into()]);
+        }
         let tok = self.hf_tokenizer()?;
         let text = tok.to_string(true).map_err(|e| {
             OctetError::InvalidArgument(format!("cannot serialize the tokenizer: {e}"))
