@@ -31,8 +31,12 @@ fn layer_tensors(i: usize) -> Vec<(String, Vec<usize>)> {
 /// Writes one shard, generating each tensor 16M elements at a time so the generator itself
 /// never holds a whole tensor.
 fn write_shard(path: &Path, tensors: &[(String, Vec<usize>)]) {
-    let plan: Vec<(String, Dtype, Vec<usize>)> = tensors.iter().map(|(n, s)| (n.clone(), Dtype::F32, s.clone())).collect();
-    let mut w = SafetensorsWriter::create(path, &plan, &[("format".into(), "pt".into())]).expect("create shard");
+    let plan: Vec<(String, Dtype, Vec<usize>)> = tensors
+        .iter()
+        .map(|(n, s)| (n.clone(), Dtype::F32, s.clone()))
+        .collect();
+    let mut w = SafetensorsWriter::create(path, &plan, &[("format".into(), "pt".into())])
+        .expect("create shard");
     for (name, shape) in tensors {
         let numel: usize = shape.iter().product();
         let mut bytes = Vec::with_capacity(numel * 4);
@@ -51,7 +55,8 @@ fn write_shard(path: &Path, tensors: &[(String, Vec<usize>)]) {
 
 fn generate(dir: &Path, layers: usize) {
     std::fs::create_dir_all(dir).expect("bench dir");
-    let mut shards: Vec<Vec<(String, Vec<usize>)>> = vec![vec![("transformer.wte.weight".into(), vec![VOCAB, D])]];
+    let mut shards: Vec<Vec<(String, Vec<usize>)>> =
+        vec![vec![("transformer.wte.weight".into(), vec![VOCAB, D])]];
     shards.extend((0..layers).map(layer_tensors));
     shards.push(vec![
         ("transformer.ln_f.weight".into(), vec![D]),
@@ -92,25 +97,51 @@ fn timed(cmd: &mut Command) -> Option<(f64, f64)> {
 
 fn main() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let layers = std::env::var("OCTET_BENCH_CONVERT_LAYERS").ok().and_then(|v| v.parse().ok()).unwrap_or(4usize);
-    let work = std::env::var_os("OCTET_BENCH_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target/bench-convert"));
+    let layers = std::env::var("OCTET_BENCH_CONVERT_LAYERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4usize);
+    let work = std::env::var_os("OCTET_BENCH_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target/bench-convert"));
     let model = work.join(format!("gptj6b-shape-{layers}l"));
     if !model.join("config.json").exists() {
-        eprintln!("generating a {layers}-layer GPT-J-6B-shaped f32 checkpoint in {} ...", model.display());
+        eprintln!(
+            "generating a {layers}-layer GPT-J-6B-shaped f32 checkpoint in {} ...",
+            model.display()
+        );
         generate(&model, layers);
     }
-    let input_bytes: u64 = std::fs::read_dir(&model).expect("dir").filter_map(|e| e.ok()?.metadata().ok()).map(|m| m.len()).sum();
+    let input_bytes: u64 = std::fs::read_dir(&model)
+        .expect("dir")
+        .filter_map(|e| e.ok()?.metadata().ok())
+        .map(|m| m.len())
+        .sum();
     let out = work.join("converted");
     let _ = std::fs::remove_dir_all(&out);
     let octet = timed(
-        Command::new("/usr/bin/time").args(["-f", "%e %M"]).arg(root.join("target/release/octet")).arg("convert").arg("--model").arg(&model).arg("--out").arg(&out),
+        Command::new("/usr/bin/time")
+            .args(["-f", "%e %M"])
+            .arg(root.join("target/release/octet"))
+            .arg("convert")
+            .arg("--model")
+            .arg(&model)
+            .arg("--out")
+            .arg(&out),
     );
     let bnb = timed(
-        Command::new("/usr/bin/time").args(["-f", "%e %M"]).arg(root.join(".venv/bin/python")).arg(root.join("scripts/bench_bnb_convert.py")).arg(&model),
+        Command::new("/usr/bin/time")
+            .args(["-f", "%e %M"])
+            .arg(root.join(".venv/bin/python"))
+            .arg(root.join("scripts/bench_bnb_convert.py"))
+            .arg(&model),
     );
     let mb = input_bytes as f64 / 1e6;
     println!("\nconvert: GPT-J-6B width, {layers} layers + embeddings, {mb:.0} MB of f32 input, block 4096");
-    println!("{:<26} {:>9} {:>10} {:>13}", "", "seconds", "MB/s", "peak RSS MiB");
+    println!(
+        "{:<26} {:>9} {:>10} {:>13}",
+        "", "seconds", "MB/s", "peak RSS MiB"
+    );
     for (name, r) in [("octet convert", octet), ("bitsandbytes (Python)", bnb)] {
         match r {
             Some((s, rss)) => println!("{name:<26} {s:>9.1} {:>10.0} {rss:>13.0}", mb / s),
@@ -121,7 +152,11 @@ fn main() {
         let per_layer_mb = (12 * D * D * 4) as f64 / 1e6 + (INNER + 3 * D) as f64 * 4.0 / 1e6;
         let embed_mb = mb - per_layer_mb * layers as f64;
         let est28 = s / mb * (embed_mb + 28.0 * per_layer_mb);
-        println!("octet/bitsandbytes speed: {:.2}x; per layer {per_layer_mb:.0} MB f32 -> {:.2} s", b / s, s / mb * per_layer_mb);
+        println!(
+            "octet/bitsandbytes speed: {:.2}x; per layer {per_layer_mb:.0} MB f32 -> {:.2} s",
+            b / s,
+            s / mb * per_layer_mb
+        );
         println!("extrapolated to 28 layers (24.2 GB f32): {est28:.0} s; peak RSS does not grow with layers ({rss:.0} MiB here)");
     }
 }

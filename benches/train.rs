@@ -17,7 +17,11 @@ use tch::{Kind, Tensor};
 fn peak_rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
         .map_or(f64::NAN, |kb| kb / 1024.0)
 }
 
@@ -42,9 +46,16 @@ fn child(c: Child) {
     let mut model = Gptj::new(cfg, &mut layers, c.kind).expect("model");
     let targets = Targets::Names(vec!["q_proj".into(), "v_proj".into()]);
     attach_lora(&mut model, &targets, LoraConfig::default()).expect("lora");
-    let params: Vec<Tensor> = trainable_tensors(&mut model).into_iter().map(|(_, t)| t).collect();
+    let params: Vec<Tensor> = trainable_tensors(&mut model)
+        .into_iter()
+        .map(|(_, t)| t)
+        .collect();
     let mut opt = Adam8bit::new(params, AdamConfig::default()).expect("optimizer");
-    let ids = Tensor::randint(c.vocab as i64, [c.batch, c.seq], (Kind::Int64, tch::Device::Cpu));
+    let ids = Tensor::randint(
+        c.vocab as i64,
+        [c.batch, c.seq],
+        (Kind::Int64, tch::Device::Cpu),
+    );
     let mut times = Vec::new();
     for step in 0..c.steps + 1 {
         let t = Instant::now();
@@ -56,32 +67,58 @@ fn child(c: Child) {
         }
     }
     times.sort_by(|a, b| a.total_cmp(b));
-    println!("{}", serde_json::json!({"step_s": times[times.len() / 2], "peak_rss_mib": peak_rss_mib()}));
+    println!(
+        "{}",
+        serde_json::json!({"step_s": times[times.len() / 2], "peak_rss_mib": peak_rss_mib()})
+    );
 }
 
 fn run_child(args: &[String]) -> Option<(f64, f64)> {
     let exe = std::env::current_exe().ok()?;
     let out = Command::new(exe).arg("--child").args(args).output().ok()?;
     if !out.status.success() {
-        eprintln!("child {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        eprintln!(
+            "child {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         return None;
     }
-    let v: serde_json::Value = serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().last()?).ok()?;
+    let v: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().last()?).ok()?;
     Some((v["step_s"].as_f64()?, v["peak_rss_mib"].as_f64()?))
 }
 
-fn run_hf(layers: usize, vocab: usize, batch: i64, seq: i64, dtype: &str, steps: usize) -> Option<(f64, f64)> {
+fn run_hf(
+    layers: usize,
+    vocab: usize,
+    batch: i64,
+    seq: i64,
+    dtype: &str,
+    steps: usize,
+) -> Option<(f64, f64)> {
     let python = concat!(env!("CARGO_MANIFEST_DIR"), "/.venv/bin/python");
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/bench_hf_train.py");
     let out = Command::new(python)
-        .args([script, &layers.to_string(), &vocab.to_string(), &batch.to_string(), &seq.to_string(), dtype, &steps.to_string()])
+        .args([
+            script,
+            &layers.to_string(),
+            &vocab.to_string(),
+            &batch.to_string(),
+            &seq.to_string(),
+            dtype,
+            &steps.to_string(),
+        ])
         .output()
         .ok()?;
     if !out.status.success() {
-        eprintln!("transformers bench failed: {}", String::from_utf8_lossy(&out.stderr));
+        eprintln!(
+            "transformers bench failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         return None;
     }
-    let v: serde_json::Value = serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().last()?).ok()?;
+    let v: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().last()?).ok()?;
     Some((v["step_s"].as_f64()?, v["peak_rss_mib"].as_f64()?))
 }
 
@@ -95,21 +132,44 @@ fn main() {
             vocab: n(1),
             batch: n(2) as i64,
             seq: n(3) as i64,
-            kind: if a[4] == "bf16" { Kind::BFloat16 } else { Kind::Float },
+            kind: if a[4] == "bf16" {
+                Kind::BFloat16
+            } else {
+                Kind::Float
+            },
             eight_bit: a[5] == "8bit",
             checkpointing: a[6] == "ckpt",
             steps: n(7),
         });
     }
-    let layers = std::env::var("OCTET_BENCH_LAYERS").ok().and_then(|v| v.parse().ok()).unwrap_or(2usize);
+    let layers = std::env::var("OCTET_BENCH_LAYERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2usize);
     let vocab = 8192usize;
-    let steps = std::env::var("OCTET_BENCH_STEPS").ok().and_then(|v| v.parse().ok()).unwrap_or(2usize);
+    let steps = std::env::var("OCTET_BENCH_STEPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2usize);
     println!("\nLoRA training step, GPT-J width (n_embd 4096, 16 heads, rotary 64), {layers} layers, vocab {vocab}, LoRA r=8 on q_proj,v_proj, adam8bit; median of {steps} steps after a warm-up");
-    println!("{:<6} {:>6} {:<5} {:>10} {:>10} {:>10} {:>10} {:>10} {:>8} {:>8}", "tokens", "bxs", "dtype", "(a) s", "(b) s", "(c) s", "hf+peft s", "(a) MiB", "a/b", "b/hf");
+    println!(
+        "{:<6} {:>6} {:<5} {:>10} {:>10} {:>10} {:>10} {:>10} {:>8} {:>8}",
+        "tokens", "bxs", "dtype", "(a) s", "(b) s", "(c) s", "hf+peft s", "(a) MiB", "a/b", "b/hf"
+    );
     for (batch, seq) in [(1i64, 512i64), (4, 512)] {
         for dtype in ["f32", "bf16"] {
             let cfg = |q: &str, ck: &str| -> Vec<String> {
-                [layers.to_string(), vocab.to_string(), batch.to_string(), seq.to_string(), dtype.into(), q.into(), ck.into(), steps.to_string()].to_vec()
+                [
+                    layers.to_string(),
+                    vocab.to_string(),
+                    batch.to_string(),
+                    seq.to_string(),
+                    dtype.into(),
+                    q.into(),
+                    ck.into(),
+                    steps.to_string(),
+                ]
+                .to_vec()
             };
             let a = run_child(&cfg("8bit", "ckpt"));
             let b = run_child(&cfg("f32", "ckpt"));
@@ -133,16 +193,31 @@ fn main() {
                 ratio(a, b),
                 ratio(b, hf)
             );
-            let rss = |x: Option<(f64, f64)>| x.map_or("n/a".to_string(), |v| format!("{:.0}", v.1));
-            println!("{:<6} {:>6} {:<5} peak RSS MiB: (a) {} (b) {} (c) {} hf+peft {}", "", "", "", rss(a), rss(b), rss(c), rss(hf));
+            let rss =
+                |x: Option<(f64, f64)>| x.map_or("n/a".to_string(), |v| format!("{:.0}", v.1));
+            println!(
+                "{:<6} {:>6} {:<5} peak RSS MiB: (a) {} (b) {} (c) {} hf+peft {}",
+                "",
+                "",
+                "",
+                rss(a),
+                rss(b),
+                rss(c),
+                rss(hf)
+            );
         }
     }
     if std::env::var_os("OCTET_BENCH_SKIP_6B").is_none() {
         println!("\nfull GPT-J-6B shape (28 layers, vocab 50400), 8-bit frozen weights created directly in 8-bit, LoRA q,v, one step at batch 1 x seq 256:");
         for dtype in ["f32", "bf16"] {
-            let args: Vec<String> = ["28", "50400", "1", "256", dtype, "8bit", "ckpt", "1"].iter().map(|s| s.to_string()).collect();
+            let args: Vec<String> = ["28", "50400", "1", "256", dtype, "8bit", "ckpt", "1"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
             match run_child(&args) {
-                Some((s, rss)) => println!("  {dtype}: step {s:.1} s, peak RSS {:.2} GiB", rss / 1024.0),
+                Some((s, rss)) => {
+                    println!("  {dtype}: step {s:.1} s, peak RSS {:.2} GiB", rss / 1024.0)
+                }
                 None => println!("  {dtype}: failed"),
             }
         }

@@ -30,9 +30,14 @@ impl std::fmt::Debug for Tokenizer {
 
 impl Tokenizer {
     /// Loads the tokenizer of a model folder: `dir/tokenizer.json` when present, otherwise a
-    /// GPT-2 style byte-level BPE built from `dir/vocab.json` + `dir/merges.txt`.
+    /// GPT-2 style byte-level BPE built from `dir/vocab.json` + `dir/merges.txt`; a `.gguf`
+    /// file gives the tokenizer stored in its metadata.
     pub fn from_dir(dir: impl AsRef<Path>) -> Result<Self> {
         let dir = dir.as_ref();
+        // A GGUF file carries its tokenizer in its metadata.
+        if dir.is_file() && dir.extension().is_some_and(|e| e == "gguf") {
+            return crate::io::gguf::GgufFile::open(dir)?.tokenizer();
+        }
         let json = dir.join("tokenizer.json");
         if json.is_file() {
             let inner = tokenizers::Tokenizer::from_file(&json)

@@ -67,20 +67,37 @@ pub fn random_layers(cfg: &GptjConfig, eight_bit: bool) -> Result<LayerMap> {
     let mut layers = LayerMap::default();
     for (path, shape) in model::weight_shapes(cfg) {
         let s: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
-        let has_bias = path.ends_with("fc_in") || path.ends_with("fc_out") || path == "lm_head" || path.ends_with("out_proj");
+        let has_bias = path.ends_with("fc_in")
+            || path.ends_with("fc_out")
+            || path == "lm_head"
+            || path.ends_with("out_proj");
         let bias = (has_bias && !path.ends_with("out_proj")).then(|| Tensor::zeros([s[0]], cpu));
         let layer: Box<dyn crate::nn::Layer> = if s.len() == 1 {
-            Box::new(LayerNorm { weight: Tensor::ones([s[0]], cpu), bias: Some(Tensor::zeros([s[0]], cpu)), eps: cfg.layer_norm_epsilon })
+            Box::new(LayerNorm {
+                weight: Tensor::ones([s[0]], cpu),
+                bias: Some(Tensor::zeros([s[0]], cpu)),
+                eps: cfg.layer_norm_epsilon,
+            })
         } else if path == "transformer.wte" {
             if eight_bit {
-                Box::new(Bnb8Embedding { weight: quantized(&s)? })
+                Box::new(Bnb8Embedding {
+                    weight: quantized(&s)?,
+                })
             } else {
-                Box::new(Embedding { weight: Tensor::randn(s.as_slice(), cpu) * 0.02 })
+                Box::new(Embedding {
+                    weight: Tensor::randn(s.as_slice(), cpu) * 0.02,
+                })
             }
         } else if eight_bit {
-            Box::new(Bnb8Linear { weight: quantized(&s)?, bias })
+            Box::new(Bnb8Linear {
+                weight: quantized(&s)?,
+                bias,
+            })
         } else {
-            Box::new(Linear { weight: Tensor::randn(s.as_slice(), cpu) * 0.02, bias })
+            Box::new(Linear {
+                weight: Tensor::randn(s.as_slice(), cpu) * 0.02,
+                bias,
+            })
         };
         layers.insert(path, layer);
     }

@@ -79,10 +79,14 @@ impl Bnb8Linear {
         if super::scratch::active() && self.weight.q.device() == Device::Cpu {
             let shape = self.weight.shape();
             return super::scratch::with_buffer(&shape, kind, |buf| {
-                self.weight.dequantize_into(buf).expect("validated 8-bit weight");
+                self.weight
+                    .dequantize_into(buf)
+                    .expect("validated 8-bit weight");
             });
         }
-        self.weight.dequantize(kind).expect("validated 8-bit weight")
+        self.weight
+            .dequantize(kind)
+            .expect("validated 8-bit weight")
     }
 }
 

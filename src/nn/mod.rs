@@ -5,8 +5,8 @@ pub mod graph;
 pub mod layer;
 pub mod lora;
 pub mod registry;
-pub mod scratch;
 pub mod rmsnorm;
+pub mod scratch;
 
 pub use graph::{ModuleGraph, Node, ParamInfo};
 pub use layer::{Layer, LayerMap, LayerTensors, Vacant};

@@ -36,7 +36,9 @@ pub fn active() -> bool {
 pub fn with_buffer(shape: &[i64], kind: Kind, fill: impl FnOnce(&mut Tensor)) -> Tensor {
     BUFFERS.with(|b| {
         let mut map = b.borrow_mut();
-        let t = map.entry((shape.to_vec(), kind)).or_insert_with(|| Tensor::empty(shape, (kind, tch::Device::Cpu)));
+        let t = map
+            .entry((shape.to_vec(), kind))
+            .or_insert_with(|| Tensor::empty(shape, (kind, tch::Device::Cpu)));
         fill(t);
         t.shallow_clone()
     })

@@ -471,8 +471,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
             }
             load_adapter(model, &sdir)?;
             train_extras(model, st.train_norms, st.train_biases);
-            let batcher =
-                Batcher::restore(st.batcher, dataset.train.len(), opts.batch_size)?;
+            let batcher = Batcher::restore(st.batcher, dataset.train.len(), opts.batch_size)?;
             (st.step, batcher, st.targets.clone(), Some(st))
         }
         None => {
