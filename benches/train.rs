@@ -5,7 +5,6 @@
 //! resident set is its own.
 use octet::adapter::{attach_lora, trainable_tensors, Targets};
 use octet::adapters::gptj::{random_layers, Gptj, GptjConfig};
-use octet::model::CausalLm;
 use octet::nn::LoraConfig;
 use octet::train::adam8bit::Adam8bit;
 use octet::train::optim::{AdamConfig, Optimizer};

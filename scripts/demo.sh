@@ -20,7 +20,7 @@ say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 mkdir -p "$W"
 # Held-out text: the first 8 KB; training text: the 32 KB after it.
 head -c 8192 "$TEXT" > "$W/eval.txt"
-tail -c +8193 "$TEXT" | head -c 32768 > "$W/train.txt"
+head -c $((8192 + 32768)) "$TEXT" | tail -c 32768 > "$W/train.txt"
 
 say "1. Convert SmolLM2-135M ($(du -h "$GGUF" | cut -f1) GGUF, de-quantized to f32 on read) to octet 8-bit"
 "$O" convert --model "$GGUF" --out "$W/smollm2-8bit" --force

@@ -186,6 +186,11 @@ pub fn convert(model: &Path, out: &Path, opts: &ConvertOptions) -> Result<Conver
         .map_err(|e| OctetError::bad_file(store.path(), e.to_string()))?;
     let mut graph = stored.clone();
     let (block, _) = opts.quantize.apply(&mut graph, arch);
+    // Hashing the sources is I/O-bound; it overlaps the conversion on its own thread.
+    let hashing = {
+        let model = model.to_path_buf();
+        std::thread::spawn(move || source_files(&model))
+    };
 
     let plan: Vec<(String, Dtype, Vec<usize>)> = graph
         .nodes
@@ -294,7 +299,9 @@ pub fn convert(model: &Path, out: &Path, opts: &ConvertOptions) -> Result<Conver
         block_size: block.get() as i64,
         code: opts.quantize.code,
         octet_version: env!("CARGO_PKG_VERSION").to_string(),
-        source: source_files(model)?,
+        source: hashing.join().map_err(|_| {
+            OctetError::InvalidArgument("hashing the source files panicked".into())
+        })??,
         tensors: rows
             .iter()
             .filter_map(|r| {

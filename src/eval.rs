@@ -141,7 +141,8 @@ pub fn perplexity(
         let shape = [(j - i) as i64, len as i64];
         let input = Tensor::from_slice(&input).reshape(shape);
         let labels = Tensor::from_slice(&labels).reshape(shape);
-        let (s, n) = tch::no_grad(|| causal_lm_nll(&model.forward(&input), &labels));
+        let (s, n) =
+            crate::nn::scratch::inference(|| causal_lm_nll(&model.forward(&input), &labels));
         nll_sum += s;
         scored += n;
         i = j;

@@ -319,7 +319,7 @@ pub fn generate(
     let mut stepper = Stepper::new(model, opts.use_cache);
     let mut seq = prompt_ids.to_vec();
     let mut new = Vec::with_capacity(budget);
-    tch::no_grad(|| -> Result<()> {
+    crate::nn::scratch::inference(|| -> Result<()> {
         for _ in 0..budget {
             let ids = Tensor::from_slice(&seq).unsqueeze(0).to_device(device);
             let logits = stepper
@@ -377,7 +377,7 @@ pub fn generate_batch(
     let device = model_device(model);
     let mut stepper = Stepper::new(model, use_cache);
     let mut seq = prompt_ids.to_kind(Kind::Int64).to_device(device);
-    tch::no_grad(|| {
+    crate::nn::scratch::inference(|| {
         for _ in 0..budget {
             let next = stepper.last_logits(&seq).argmax(-1, true);
             seq = Tensor::cat(&[&seq, &next], 1);
@@ -388,7 +388,7 @@ pub fn generate_batch(
 
 /// The device the model's embedding output lands on.
 fn model_device(model: &dyn CausalLm) -> Device {
-    tch::no_grad(|| {
+    crate::nn::scratch::inference(|| {
         model
             .embed(&Tensor::zeros([1, 1], (Kind::Int64, Device::Cpu)))
             .device()

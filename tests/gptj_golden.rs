@@ -3,7 +3,6 @@
 mod common;
 
 use octet::load::{load_model, LoadOptions, QuantizeOptions};
-use octet::quant::BlockSize;
 use tch::{Kind, Tensor};
 
 fn reference() -> std::collections::BTreeMap<String, Tensor> {

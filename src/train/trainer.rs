@@ -292,7 +292,7 @@ pub fn evaluate(
         let t = chunk[0].input_ids.len() as i64;
         let ids = Tensor::from_slice(&ids).reshape([chunk.len() as i64, t]);
         let labels = Tensor::from_slice(&labels).reshape([chunk.len() as i64, t]);
-        let (s, c) = tch::no_grad(|| causal_lm_nll(&model.forward(&ids), &labels));
+        let (s, c) = crate::nn::scratch::inference(|| causal_lm_nll(&model.forward(&ids), &labels));
         nll += s;
         n += c;
     }
@@ -301,7 +301,7 @@ pub fn evaluate(
 }
 
 fn clip_grad_norm(params: &[Tensor], max_norm: f64) -> f64 {
-    tch::no_grad(|| {
+    crate::nn::scratch::inference(|| {
         let grads: Vec<Tensor> = params
             .iter()
             .map(|p| p.grad())
