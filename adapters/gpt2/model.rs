@@ -26,42 +26,6 @@ pub struct Gpt2 {
     ln_f: LayerNorm,
 }
 
-fn weight_shape(layer: &dyn Layer) -> Vec<i64> {
-    layer
-        .tensors()
-        .into_iter()
-        .find(|(n, _)| n == "weight")
-        .map(|(_, t)| t.size())
-        .unwrap_or_default()
-}
-
-fn take_checked(layers: &mut LayerMap, path: &str, want: &[usize]) -> Result<Box<dyn Layer>> {
-    let l = layers.take(path)?;
-    let got = weight_shape(l.as_ref());
-    let want: Vec<i64> = want.iter().map(|&d| d as i64).collect();
-    if got != want {
-        return Err(OctetError::ShapeMismatch {
-            what: format!("{path}.weight (against config.json)"),
-            expected: format!("{want:?}"),
-            found: format!("{got:?}"),
-        });
-    }
-    Ok(l)
-}
-
-fn take_norm(layers: &mut LayerMap, path: &str, dim: usize, eps: f64) -> Result<LayerNorm> {
-    let mut n: LayerNorm = layers.take_as(path)?;
-    if n.weight.size() != [dim as i64] {
-        return Err(OctetError::ShapeMismatch {
-            what: format!("{path}.weight (against config.json)"),
-            expected: format!("[{dim}]"),
-            found: format!("{:?}", n.weight.size()),
-        });
-    }
-    n.eps = eps;
-    Ok(n)
-}
-
 /// Every module of a GPT-2 with its weight shape, as the config implies. `Conv1D` weights
 /// are `[in, out]`; there is no `lm_head` (the head is `transformer.wte`).
 pub fn weight_shapes(cfg: &Gpt2Config) -> Vec<(String, Vec<usize>)> {
@@ -127,22 +91,22 @@ impl Gpt2 {
     /// Assembles the model from built layers, checking every shape against the config.
     pub fn new(cfg: Gpt2Config, layers: &mut LayerMap, kind: Kind) -> Result<Self> {
         let (d, inner, eps) = (cfg.n_embd, cfg.inner(), cfg.layer_norm_epsilon);
-        let wte = take_checked(layers, "transformer.wte", &[cfg.vocab_size, d])?;
+        let wte = layers.take_checked("transformer.wte", &[cfg.vocab_size, d])?;
         check_tied_embedding(wte.as_ref())?;
-        let wpe = take_checked(layers, "transformer.wpe", &[cfg.n_positions, d])?;
+        let wpe = layers.take_checked("transformer.wpe", &[cfg.n_positions, d])?;
         let mut blocks = Vec::with_capacity(cfg.n_layer);
         for i in 0..cfg.n_layer {
             let p = |s: &str| format!("transformer.h.{i}.{s}");
             blocks.push(Block {
-                ln_1: take_norm(layers, &p("ln_1"), d, eps)?,
-                c_attn: take_checked(layers, &p("attn.c_attn"), &[d, 3 * d])?,
-                attn_c_proj: take_checked(layers, &p("attn.c_proj"), &[d, d])?,
-                ln_2: take_norm(layers, &p("ln_2"), d, eps)?,
-                c_fc: take_checked(layers, &p("mlp.c_fc"), &[d, inner])?,
-                mlp_c_proj: take_checked(layers, &p("mlp.c_proj"), &[inner, d])?,
+                ln_1: layers.take_layer_norm(&p("ln_1"), d, eps)?,
+                c_attn: layers.take_checked(&p("attn.c_attn"), &[d, 3 * d])?,
+                attn_c_proj: layers.take_checked(&p("attn.c_proj"), &[d, d])?,
+                ln_2: layers.take_layer_norm(&p("ln_2"), d, eps)?,
+                c_fc: layers.take_checked(&p("mlp.c_fc"), &[d, inner])?,
+                mlp_c_proj: layers.take_checked(&p("mlp.c_proj"), &[inner, d])?,
             });
         }
-        let ln_f = take_norm(layers, "transformer.ln_f", d, eps)?;
+        let ln_f = layers.take_layer_norm("transformer.ln_f", d, eps)?;
         let rest = layers.remaining();
         if !rest.is_empty() {
             return Err(OctetError::InvalidArgument(format!(

@@ -31,42 +31,6 @@ pub struct GptNeox {
     cos: Tensor,
 }
 
-fn weight_shape(layer: &dyn Layer) -> Vec<i64> {
-    layer
-        .tensors()
-        .into_iter()
-        .find(|(n, _)| n == "weight")
-        .map(|(_, t)| t.size())
-        .unwrap_or_default()
-}
-
-fn take_checked(layers: &mut LayerMap, path: &str, want: &[usize]) -> Result<Box<dyn Layer>> {
-    let l = layers.take(path)?;
-    let got = weight_shape(l.as_ref());
-    let want: Vec<i64> = want.iter().map(|&d| d as i64).collect();
-    if got != want {
-        return Err(OctetError::ShapeMismatch {
-            what: format!("{path}.weight (against config.json)"),
-            expected: format!("{want:?}"),
-            found: format!("{got:?}"),
-        });
-    }
-    Ok(l)
-}
-
-fn take_norm(layers: &mut LayerMap, path: &str, dim: usize, eps: f64) -> Result<LayerNorm> {
-    let mut n: LayerNorm = layers.take_as(path)?;
-    if n.weight.size() != [dim as i64] {
-        return Err(OctetError::ShapeMismatch {
-            what: format!("{path}.weight (against config.json)"),
-            expected: format!("[{dim}]"),
-            found: format!("{:?}", n.weight.size()),
-        });
-    }
-    n.eps = eps;
-    Ok(n)
-}
-
 /// Every module of a GPT-NeoX with its weight shape, as the config implies; `head` is the
 /// head's module name, `None` for a tied head with no separate module stored.
 pub fn weight_shapes(cfg: &GptNeoxConfig, head: Option<&str>) -> Vec<(String, Vec<usize>)> {
@@ -138,32 +102,28 @@ impl GptNeox {
     pub fn new(cfg: GptNeoxConfig, layers: &mut LayerMap, kind: Kind) -> Result<Self> {
         let (d, inner, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
         let eps = cfg.layer_norm_eps;
-        let embed_in = take_checked(layers, "gpt_neox.embed_in", &[v, d])?;
+        let embed_in = layers.take_checked("gpt_neox.embed_in", &[v, d])?;
         let mut blocks = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let p = |s: &str| format!("gpt_neox.layers.{i}.{s}");
             blocks.push(Block {
-                input_layernorm: take_norm(layers, &p("input_layernorm"), d, eps)?,
-                post_attention_layernorm: take_norm(
-                    layers,
+                input_layernorm: layers.take_layer_norm(&p("input_layernorm"), d, eps)?,
+                post_attention_layernorm: layers.take_layer_norm(
                     &p("post_attention_layernorm"),
                     d,
                     eps,
                 )?,
-                query_key_value: take_checked(
-                    layers,
-                    &p("attention.query_key_value"),
-                    &[3 * d, d],
-                )?,
-                dense: take_checked(layers, &p("attention.dense"), &[d, d])?,
-                dense_h_to_4h: take_checked(layers, &p("mlp.dense_h_to_4h"), &[inner, d])?,
-                dense_4h_to_h: take_checked(layers, &p("mlp.dense_4h_to_h"), &[d, inner])?,
+                query_key_value: layers
+                    .take_checked(&p("attention.query_key_value"), &[3 * d, d])?,
+                dense: layers.take_checked(&p("attention.dense"), &[d, d])?,
+                dense_h_to_4h: layers.take_checked(&p("mlp.dense_h_to_4h"), &[inner, d])?,
+                dense_4h_to_h: layers.take_checked(&p("mlp.dense_4h_to_h"), &[d, inner])?,
             });
         }
-        let final_layer_norm = take_norm(layers, "gpt_neox.final_layer_norm", d, eps)?;
+        let final_layer_norm = layers.take_layer_norm("gpt_neox.final_layer_norm", d, eps)?;
         let head_name = head_name(&cfg, |p| layers.remaining().contains(&p));
         let head = if let Some(name) = head_name {
-            Some((name, take_checked(layers, name, &[v, d])?))
+            Some((name, layers.take_checked(name, &[v, d])?))
         } else {
             let any = embed_in.as_any();
             if !(any.is::<Embedding>() || any.is::<Bnb8Embedding>()) {

@@ -29,41 +29,6 @@ pub struct Gptj {
     cos: Tensor,
 }
 
-fn weight_shape(layer: &dyn Layer) -> Vec<i64> {
-    layer
-        .tensors()
-        .into_iter()
-        .find(|(n, _)| n == "weight")
-        .map(|(_, t)| t.size())
-        .unwrap_or_default()
-}
-
-fn expect_shape(path: &str, layer: &dyn Layer, want: &[usize]) -> Result<()> {
-    let got = weight_shape(layer);
-    let want: Vec<i64> = want.iter().map(|&d| d as i64).collect();
-    if got != want {
-        return Err(OctetError::ShapeMismatch {
-            what: format!("{path}.weight (against config.json)"),
-            expected: format!("{want:?}"),
-            found: format!("{got:?}"),
-        });
-    }
-    Ok(())
-}
-
-fn take_checked(layers: &mut LayerMap, path: &str, shape: &[usize]) -> Result<Box<dyn Layer>> {
-    let l = layers.take(path)?;
-    expect_shape(path, l.as_ref(), shape)?;
-    Ok(l)
-}
-
-fn take_norm(layers: &mut LayerMap, path: &str, dim: usize, eps: f64) -> Result<LayerNorm> {
-    let mut n: LayerNorm = layers.take_as(path)?;
-    expect_shape(path, &n, &[dim])?;
-    n.eps = eps;
-    Ok(n)
-}
-
 /// Every module of a GPT-J with its weight shape, as the config implies.
 pub fn weight_shapes(cfg: &GptjConfig) -> Vec<(String, Vec<usize>)> {
     let (d, inner, v) = (cfg.n_embd, cfg.inner(), cfg.vocab_size);
@@ -87,22 +52,22 @@ impl Gptj {
     pub fn new(cfg: GptjConfig, layers: &mut LayerMap, kind: Kind) -> Result<Self> {
         let (d, inner, v) = (cfg.n_embd, cfg.inner(), cfg.vocab_size);
         let eps = cfg.layer_norm_epsilon;
-        let wte = take_checked(layers, "transformer.wte", &[v, d])?;
+        let wte = layers.take_checked("transformer.wte", &[v, d])?;
         let mut blocks = Vec::with_capacity(cfg.n_layer);
         for i in 0..cfg.n_layer {
             let p = |s: &str| format!("transformer.h.{i}.{s}");
             blocks.push(Block {
-                ln_1: take_norm(layers, &p("ln_1"), d, eps)?,
-                q_proj: take_checked(layers, &p("attn.q_proj"), &[d, d])?,
-                k_proj: take_checked(layers, &p("attn.k_proj"), &[d, d])?,
-                v_proj: take_checked(layers, &p("attn.v_proj"), &[d, d])?,
-                out_proj: take_checked(layers, &p("attn.out_proj"), &[d, d])?,
-                fc_in: take_checked(layers, &p("mlp.fc_in"), &[inner, d])?,
-                fc_out: take_checked(layers, &p("mlp.fc_out"), &[d, inner])?,
+                ln_1: layers.take_layer_norm(&p("ln_1"), d, eps)?,
+                q_proj: layers.take_checked(&p("attn.q_proj"), &[d, d])?,
+                k_proj: layers.take_checked(&p("attn.k_proj"), &[d, d])?,
+                v_proj: layers.take_checked(&p("attn.v_proj"), &[d, d])?,
+                out_proj: layers.take_checked(&p("attn.out_proj"), &[d, d])?,
+                fc_in: layers.take_checked(&p("mlp.fc_in"), &[inner, d])?,
+                fc_out: layers.take_checked(&p("mlp.fc_out"), &[d, inner])?,
             });
         }
-        let ln_f = take_norm(layers, "transformer.ln_f", d, eps)?;
-        let lm_head = take_checked(layers, "lm_head", &[v, d])?;
+        let ln_f = layers.take_layer_norm("transformer.ln_f", d, eps)?;
+        let lm_head = layers.take_checked("lm_head", &[v, d])?;
         let rest = layers.remaining();
         if !rest.is_empty() {
             return Err(OctetError::InvalidArgument(format!(

@@ -33,37 +33,9 @@ pub struct Llama {
     inv_freq: Tensor,
 }
 
-fn weight_shape(layer: &dyn Layer) -> Vec<i64> {
-    layer
-        .tensors()
-        .into_iter()
-        .find(|(n, _)| n == "weight")
-        .map(|(_, t)| t.size())
-        .unwrap_or_default()
-}
-
-fn expect_shape(path: &str, layer: &dyn Layer, want: &[usize]) -> Result<()> {
-    let got = weight_shape(layer);
-    let want: Vec<i64> = want.iter().map(|&d| d as i64).collect();
-    if got != want {
-        return Err(OctetError::ShapeMismatch {
-            what: format!("{path}.weight (against config.json)"),
-            expected: format!("{want:?}"),
-            found: format!("{got:?}"),
-        });
-    }
-    Ok(())
-}
-
-fn take_checked(layers: &mut LayerMap, path: &str, shape: &[usize]) -> Result<Box<dyn Layer>> {
-    let l = layers.take(path)?;
-    expect_shape(path, l.as_ref(), shape)?;
-    Ok(l)
-}
-
 fn take_norm(layers: &mut LayerMap, path: &str, dim: usize, eps: f64) -> Result<RmsNorm> {
     let mut n: RmsNorm = layers.take_as(path)?;
-    expect_shape(path, &n, &[dim])?;
+    crate::nn::layer::expect_weight_shape(path, &n, &[dim])?;
     n.params.eps = eps;
     Ok(n)
 }
@@ -135,13 +107,13 @@ impl Llama {
     /// Assembles the model from built layers, checking every shape against the config.
     pub fn new(cfg: LlamaConfig, layers: &mut LayerMap, kind: Kind) -> Result<Self> {
         let (d, v, eps) = (cfg.hidden_size, cfg.vocab_size, cfg.rms_norm_eps);
-        let embed_tokens = take_checked(layers, "model.embed_tokens", &[v, d])?;
+        let embed_tokens = layers.take_checked("model.embed_tokens", &[v, d])?;
         let mut blocks = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let p = |s: &str| format!("model.layers.{i}.{s}");
             let mut lin = Vec::with_capacity(7);
             for (path, shape, _) in block_linears(&cfg, i) {
-                lin.push(take_checked(layers, &path, &shape)?);
+                lin.push(layers.take_checked(&path, &shape)?);
             }
             let mut lin = lin.into_iter();
             let mut next = || lin.next().expect("block_linears lists seven modules");
@@ -167,7 +139,7 @@ impl Llama {
             check_tied_embedding(embed_tokens.as_ref())?;
             None
         } else {
-            Some(take_checked(layers, "lm_head", &[v, d])?)
+            Some(layers.take_checked("lm_head", &[v, d])?)
         };
         let rest = layers.remaining();
         if !rest.is_empty() {

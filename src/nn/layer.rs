@@ -126,6 +126,26 @@ impl LayerMap {
         })
     }
 
+    /// Takes the layer at `path`, checking its weight against the shape config.json implies.
+    pub fn take_checked(&mut self, path: &str, want: &[usize]) -> Result<Box<dyn Layer>> {
+        let l = self.take(path)?;
+        expect_weight_shape(path, l.as_ref(), want)?;
+        Ok(l)
+    }
+
+    /// Takes the LayerNorm at `path`, checking its width and setting its epsilon from the config.
+    pub fn take_layer_norm(
+        &mut self,
+        path: &str,
+        dim: usize,
+        eps: f64,
+    ) -> Result<super::float::LayerNorm> {
+        let mut n: super::float::LayerNorm = self.take_as(path)?;
+        expect_weight_shape(path, &n, &[dim])?;
+        n.eps = eps;
+        Ok(n)
+    }
+
     /// Paths not taken yet.
     pub fn remaining(&self) -> Vec<&str> {
         self.layers.keys().map(String::as_str).collect()
@@ -167,6 +187,30 @@ pub fn check_params(
             }
             _ => {}
         }
+    }
+    Ok(())
+}
+
+/// The shape of a layer's `weight` tensor (empty when it has none).
+pub fn weight_shape(layer: &dyn Layer) -> Vec<i64> {
+    layer
+        .tensors()
+        .into_iter()
+        .find(|(n, _)| n == "weight")
+        .map(|(_, t)| t.size())
+        .unwrap_or_default()
+}
+
+/// Checks that `layer`'s weight has the shape config.json implies for module `path`.
+pub fn expect_weight_shape(path: &str, layer: &dyn Layer, want: &[usize]) -> Result<()> {
+    let got = weight_shape(layer);
+    let want: Vec<i64> = want.iter().map(|&d| d as i64).collect();
+    if got != want {
+        return Err(OctetError::ShapeMismatch {
+            what: format!("{path}.weight (against config.json)"),
+            expected: format!("{want:?}"),
+            found: format!("{got:?}"),
+        });
     }
     Ok(())
 }
