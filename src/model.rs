@@ -38,6 +38,47 @@ impl LayerCache {
     }
 }
 
+/// Causal attention over `[B, heads, T, head_dim]` tensors whose new positions follow any
+/// cached ones: extends `cache` with `k`/`v`, then lets query i (absolute position past + i)
+/// see keys up to its own position. `gqa` shares each key/value head among several query
+/// heads; `scale` defaults to 1/√head_dim.
+pub fn cached_causal_attention(
+    q: &Tensor,
+    mut k: Tensor,
+    mut v: Tensor,
+    cache: Option<&mut LayerCache>,
+    scale: Option<f64>,
+    gqa: bool,
+) -> Tensor {
+    let past = cache.as_ref().map_or(0, |c| c.len());
+    if let Some(c) = cache {
+        if let (Some(pk), Some(pv)) = (&c.k, &c.v) {
+            k = Tensor::cat(&[pk, &k], 2);
+            v = Tensor::cat(&[pv, &v], 2);
+        }
+        c.k = Some(k.shallow_clone());
+        c.v = Some(v.shallow_clone());
+    }
+    if past == 0 {
+        return Tensor::scaled_dot_product_attention(
+            q,
+            &k,
+            &v,
+            None::<Tensor>,
+            0.0,
+            true,
+            scale,
+            gqa,
+        );
+    }
+    let t = q.size()[2];
+    let dev = q.device();
+    let kpos = Tensor::arange(past + t, (Kind::Int64, dev)).unsqueeze(0);
+    let qpos = (Tensor::arange(t, (Kind::Int64, dev)) + past).unsqueeze(1);
+    let mask = kpos.le_tensor(&qpos);
+    Tensor::scaled_dot_product_attention(q, &k, &v, Some(mask), 0.0, false, scale, gqa)
+}
+
 /// A causal language model built by an architecture plugin.
 pub trait CausalLm: Send {
     /// Its sizes.

@@ -133,7 +133,6 @@ impl Gpt2 {
         let (bs, t) = (x.size()[0], x.size()[1]);
         let (nh, hd) = (self.cfg.n_head as i64, self.cfg.head_dim() as i64);
         let d = nh * hd;
-        let past = cache.as_ref().map_or(0, |c| c.len());
         // c_attn's output is [q | k | v], each n_embd wide and split into heads in order.
         let qkv = b.c_attn.forward(x);
         let head = |j: i64| {
@@ -141,34 +140,9 @@ impl Gpt2 {
                 .view([bs, t, nh, hd])
                 .permute([0, 2, 1, 3])
         };
-        let (q, mut k, mut v) = (head(0), head(1), head(2));
-        if let Some(c) = cache {
-            if let (Some(pk), Some(pv)) = (&c.k, &c.v) {
-                k = Tensor::cat(&[pk, &k], 2);
-                v = Tensor::cat(&[pv, &v], 2);
-            }
-            c.k = Some(k.shallow_clone());
-            c.v = Some(v.shallow_clone());
-        }
+        let (q, k, v) = (head(0), head(1), head(2));
         let scale = Some(self.cfg.attn_scale(i));
-        let out = if past == 0 {
-            Tensor::scaled_dot_product_attention(
-                &q,
-                &k,
-                &v,
-                None::<Tensor>,
-                0.0,
-                true,
-                scale,
-                false,
-            )
-        } else {
-            // Query j sits at absolute position past + j and sees keys up to it.
-            let kpos = Tensor::arange(past + t, (Kind::Int64, x.device())).unsqueeze(0);
-            let qpos = (Tensor::arange(t, (Kind::Int64, x.device())) + past).unsqueeze(1);
-            let mask = kpos.le_tensor(&qpos);
-            Tensor::scaled_dot_product_attention(&q, &k, &v, Some(mask), 0.0, false, scale, false)
-        };
+        let out = crate::model::cached_causal_attention(&q, k, v, cache, scale, false);
         b.attn_c_proj
             .forward(&out.permute([0, 2, 1, 3]).reshape([bs, t, d]))
     }

@@ -202,25 +202,9 @@ impl GptNeox {
             .view([bs, t, nh, 3 * hd])
             .permute([0, 2, 1, 3]);
         let q = self.apply_rotary(&qkv.narrow(3, 0, hd), past);
-        let mut k = self.apply_rotary(&qkv.narrow(3, hd, hd), past);
-        let mut v = qkv.narrow(3, 2 * hd, hd);
-        if let Some(c) = cache {
-            if let (Some(pk), Some(pv)) = (&c.k, &c.v) {
-                k = Tensor::cat(&[pk, &k], 2);
-                v = Tensor::cat(&[pv, &v], 2);
-            }
-            c.k = Some(k.shallow_clone());
-            c.v = Some(v.shallow_clone());
-        }
-        let out = if past == 0 {
-            Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, true, None, false)
-        } else {
-            // Query j sits at absolute position past + j and sees keys up to it.
-            let kpos = Tensor::arange(past + t, (Kind::Int64, x.device())).unsqueeze(0);
-            let qpos = (Tensor::arange(t, (Kind::Int64, x.device())) + past).unsqueeze(1);
-            let mask = kpos.le_tensor(&qpos);
-            Tensor::scaled_dot_product_attention(&q, &k, &v, Some(mask), 0.0, false, None, false)
-        };
+        let k = self.apply_rotary(&qkv.narrow(3, hd, hd), past);
+        let v = qkv.narrow(3, 2 * hd, hd);
+        let out = crate::model::cached_causal_attention(&q, k, v, cache, None, false);
         b.dense
             .forward(&out.permute([0, 2, 1, 3]).reshape([bs, t, nh * hd]))
     }

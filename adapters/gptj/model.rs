@@ -134,27 +134,11 @@ impl Gptj {
         let q = self
             .apply_rotary(&split(b.q_proj.forward(h)), past)
             .permute([0, 2, 1, 3]);
-        let mut k = self
+        let k = self
             .apply_rotary(&split(b.k_proj.forward(h)), past)
             .permute([0, 2, 1, 3]);
-        let mut v = split(b.v_proj.forward(h)).permute([0, 2, 1, 3]);
-        if let Some(c) = cache {
-            if let (Some(pk), Some(pv)) = (&c.k, &c.v) {
-                k = Tensor::cat(&[pk, &k], 2);
-                v = Tensor::cat(&[pv, &v], 2);
-            }
-            c.k = Some(k.shallow_clone());
-            c.v = Some(v.shallow_clone());
-        }
-        let out = if past == 0 {
-            Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, true, None, false)
-        } else {
-            // Query i sits at absolute position past + i and sees keys up to it.
-            let kpos = Tensor::arange(past + t, (Kind::Int64, h.device())).unsqueeze(0);
-            let qpos = (Tensor::arange(t, (Kind::Int64, h.device())) + past).unsqueeze(1);
-            let mask = kpos.le_tensor(&qpos);
-            Tensor::scaled_dot_product_attention(&q, &k, &v, Some(mask), 0.0, false, None, false)
-        };
+        let v = split(b.v_proj.forward(h)).permute([0, 2, 1, 3]);
+        let out = crate::model::cached_causal_attention(&q, k, v, cache, None, false);
         b.out_proj
             .forward(&out.permute([0, 2, 1, 3]).reshape([bs, t, nh * hd]))
     }

@@ -189,27 +189,10 @@ impl Llama {
         let past = cache.as_ref().map_or(0, |c| c.len());
         let heads = |x: Tensor, n: i64| x.view([bs, t, n, hd]).transpose(1, 2);
         let q = self.apply_rotary(&heads(b.q_proj.forward(h), nh), past);
-        let mut k = self.apply_rotary(&heads(b.k_proj.forward(h), nkv), past);
-        let mut v = heads(b.v_proj.forward(h), nkv);
-        if let Some(c) = cache {
-            if let (Some(pk), Some(pv)) = (&c.k, &c.v) {
-                k = Tensor::cat(&[pk, &k], 2);
-                v = Tensor::cat(&[pv, &v], 2);
-            }
-            c.k = Some(k.shallow_clone());
-            c.v = Some(v.shallow_clone());
-        }
+        let k = self.apply_rotary(&heads(b.k_proj.forward(h), nkv), past);
+        let v = heads(b.v_proj.forward(h), nkv);
         // The cache keeps only the kv heads; attention shares each among nh / nkv queries.
-        let gqa = nkv != nh;
-        let out = if past == 0 {
-            Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, true, None, gqa)
-        } else {
-            // Query i sits at absolute position past + i and sees keys up to it.
-            let kpos = Tensor::arange(past + t, (Kind::Int64, h.device())).unsqueeze(0);
-            let qpos = (Tensor::arange(t, (Kind::Int64, h.device())) + past).unsqueeze(1);
-            let mask = kpos.le_tensor(&qpos);
-            Tensor::scaled_dot_product_attention(&q, &k, &v, Some(mask), 0.0, false, None, gqa)
-        };
+        let out = crate::model::cached_causal_attention(&q, k, v, cache, None, nkv != nh);
         b.o_proj
             .forward(&out.transpose(1, 2).reshape([bs, t, nh * hd]))
     }
