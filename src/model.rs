@@ -99,6 +99,12 @@ pub trait CausalLm: Send {
     /// Visits every normalisation layer with its module path (to train norms).
     fn visit_norms(&mut self, f: &mut dyn FnMut(&str, &mut LayerNorm));
 
+    /// Stores every frozen float weight in `kind`, the dtype it would be cast to on each call
+    /// anyway (see [`Layer::store_frozen_in`]).
+    fn store_frozen_in(&mut self, kind: Kind) {
+        self.visit_layers(&mut |_, l| l.store_frozen_in(kind));
+    }
+
     /// Full forward pass: logits `[B, T, vocab]` in f32.
     fn forward(&self, ids: &Tensor) -> Tensor {
         let mut h = self.embed(ids);

@@ -117,6 +117,11 @@ impl Layer for Conv1D {
     fn trainable(&self) -> Vec<(String, Tensor)> {
         trainable_bias(&self.bias)
     }
+    fn store_frozen_in(&mut self, kind: Kind) {
+        if let Some(w) = crate::nn::layer::frozen_in(&self.weight, kind) {
+            self.weight = w;
+        }
+    }
     fn as_any(&self) -> &dyn std::any::Any {
         self
     }

@@ -81,6 +81,11 @@ impl Layer for Linear {
     fn trainable(&self) -> Vec<(String, Tensor)> {
         trainable_bias(&self.bias)
     }
+    fn store_frozen_in(&mut self, kind: tch::Kind) {
+        if let Some(w) = super::layer::frozen_in(&self.weight, kind) {
+            self.weight = w;
+        }
+    }
     fn as_any(&self) -> &dyn std::any::Any {
         self
     }
@@ -101,6 +106,11 @@ impl Layer for Embedding {
     }
     fn forward(&self, ids: &Tensor) -> Tensor {
         Tensor::embedding(&self.weight, ids, -1, false, false)
+    }
+    fn store_frozen_in(&mut self, kind: tch::Kind) {
+        if let Some(w) = super::layer::frozen_in(&self.weight, kind) {
+            self.weight = w;
+        }
     }
     fn tensors(&self) -> Vec<(String, Tensor)> {
         vec![("weight".into(), self.weight.shallow_clone())]

@@ -38,6 +38,15 @@ pub trait Layer: Send {
     fn train_bias(&mut self, _on: bool) -> bool {
         false
     }
+    /// Stores frozen float weights in `kind` (the compute dtype), so a bf16 run does not cast
+    /// every f32 weight on every call. 8-bit weights, biases and trained tensors are unchanged.
+    fn store_frozen_in(&mut self, _kind: tch::Kind) {}
+}
+
+/// `weight` in `kind` when it is a frozen floating-point tensor of another dtype.
+pub(crate) fn frozen_in(weight: &Tensor, kind: tch::Kind) -> Option<Tensor> {
+    (weight.is_floating_point() && !weight.requires_grad() && weight.kind() != kind)
+        .then(|| weight.to_kind(kind))
 }
 
 /// A placeholder left briefly in a slot while its layer is being wrapped.

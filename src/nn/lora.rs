@@ -235,4 +235,7 @@ impl Layer for LoraLayer {
     fn train_bias(&mut self, on: bool) -> bool {
         self.base.train_bias(on)
     }
+    fn store_frozen_in(&mut self, kind: Kind) {
+        self.base.store_frozen_in(kind);
+    }
 }

@@ -1,12 +1,12 @@
 //! One forward + backward pass of a causal LM, plain or with block-level recompute.
 //!
-//! With checkpointing, every block runs first under no-grad and only its input is kept; the
-//! head and loss run with grad; then, block by block in reverse, the block is recomputed from
-//! its saved input with grad and the upstream gradient is pushed through it as a
-//! vector-Jacobian product `(y · g).sum().backward()` (libtorch from Rust cannot define custom
-//! autograd functions). Only one block's activations and de-quantized weights are alive at a
-//! time. Dropout replays the same masks because each block's forward is seeded the same way
-//! in both passes.
+//! With checkpointing, every block but the last runs first under no-grad and only its input
+//! is kept; the last block, the head and the loss run with grad; then, block by block in
+//! reverse, each earlier block is recomputed from its saved input with grad and the upstream
+//! gradient is pushed through it as a vector-Jacobian product `(y · g).sum().backward()`
+//! (libtorch from Rust cannot define custom autograd functions). Only one block's activations
+//! and de-quantized weights are alive at a time. Dropout replays the same masks because each
+//! block's forward is seeded the same way in both passes.
 use crate::model::CausalLm;
 use tch::{Kind, Tensor};
 
@@ -76,12 +76,21 @@ pub fn forward_backward(
         (loss * loss_scale).backward();
         return value;
     }
+    // The embedding runs once, with grad: only when it carries an adapter does the gradient
+    // have to reach block 0's input; otherwise block 0's recompute skips the input-gradient
+    // products of its frozen layers, as plain autograd does.
+    seed_block(seed, step, usize::MAX);
+    let embedded = model.embed(ids);
+    let embed_trainable = embedded.requires_grad();
+    let needs_input_grad = |i: usize| i > 0 || embed_trainable;
+    // The last block runs with grad straight away (its graph would be rebuilt first thing
+    // in the backward pass anyway), so only blocks 0..n-1 run twice.
+    let last = n.saturating_sub(1);
     // First pass: no graph, one reused de-quantization buffer per weight shape.
     let (mut saved, h) = crate::nn::scratch::inference(|| {
-        seed_block(seed, step, usize::MAX);
-        let mut h = model.embed(ids);
-        let mut saved = Vec::with_capacity(n);
-        for i in 0..n {
+        let mut h = embedded.detach();
+        let mut saved = Vec::with_capacity(last);
+        for i in 0..last {
             seed_block(seed, step, i);
             let next = model.block(i, &h, None);
             saved.push(h);
@@ -89,27 +98,42 @@ pub fn forward_backward(
         }
         (saved, h)
     });
-    let x = h.detach().set_requires_grad(true);
-    let loss = causal_lm_loss(&model.head(&x), labels);
-    let value = loss.double_value(&[]);
-    (loss * loss_scale).backward();
-    let mut g = x.grad();
-    for i in (0..n).rev() {
+    // Each backward below runs inside a recompute scope: the weights de-quantized for it come
+    // from a pool and go back to it once its graph is freed.
+    let (value, mut g) = crate::nn::scratch::recompute(|| {
+        let (x, y) = if n == 0 {
+            let x = h.detach().set_requires_grad(embed_trainable);
+            (x.shallow_clone(), x)
+        } else {
+            let x = h.detach().set_requires_grad(needs_input_grad(last));
+            seed_block(seed, step, last);
+            let y = model.block(last, &x, None);
+            (x, y)
+        };
+        let loss = causal_lm_loss(&model.head(&y), labels);
+        let value = loss.double_value(&[]);
+        if loss.requires_grad() {
+            (loss * loss_scale).backward();
+        }
+        (value, x.grad())
+    });
+    for i in (0..last).rev() {
         let x = saved
             .pop()
             .expect("one saved input per block")
             .detach()
-            .set_requires_grad(true);
-        seed_block(seed, step, i);
-        let y = model.block(i, &x, None);
-        (y * g.detach()).sum(Kind::Float).backward();
-        g = x.grad();
+            .set_requires_grad(needs_input_grad(i));
+        g = crate::nn::scratch::recompute(|| {
+            seed_block(seed, step, i);
+            let y = model.block(i, &x, None);
+            if y.requires_grad() {
+                (y * g.detach()).sum(Kind::Float).backward();
+            }
+            x.grad()
+        });
     }
-    // The embedding itself may carry an adapter: push the gradient into it too.
-    seed_block(seed, step, usize::MAX);
-    let e = model.embed(ids);
-    if e.requires_grad() {
-        (e * g.detach()).sum(Kind::Float).backward();
+    if embed_trainable && g.defined() {
+        (embedded * g.detach()).sum(Kind::Float).backward();
     }
     value
 }

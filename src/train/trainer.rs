@@ -395,6 +395,11 @@ fn prepare_out(opts: &TrainOptions) -> Result<()> {
 
 /// Runs (or resumes) a training run.
 pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
+    // De-quantization buffers live for the whole run rather than being re-faulted every step.
+    crate::nn::scratch::retain(|| train_run(opts))
+}
+
+fn train_run(opts: &TrainOptions) -> Result<TrainSummary> {
     if opts.steps == 0 || opts.batch_size == 0 || opts.grad_accum == 0 || opts.seq_len < 2 {
         return Err(OctetError::InvalidArgument(
             "steps, batch size and grad accum must be ≥ 1 and seq len ≥ 2".into(),
@@ -486,6 +491,9 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
         }
     };
     model.visit_layers(&mut |_, l| l.set_training(true));
+    if opts.kind != Kind::Float {
+        model.store_frozen_in(opts.kind);
+    }
     let named = trainable_tensors(model);
     let params: Vec<Tensor> = named.iter().map(|(_, t)| t.shallow_clone()).collect();
     let trainable_params: usize = params.iter().map(|p| p.numel()).sum();
