@@ -68,6 +68,7 @@ bench: build
 	$(WITH_TORCH) cargo bench --bench quant
 	$(WITH_TORCH) cargo bench --bench convert
 	$(WITH_TORCH) cargo bench --bench train
+	$(WITH_TORCH) cargo bench --bench generate
 
 lint: $(VENV_STAMP)
 	cargo fmt --check
