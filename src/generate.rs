@@ -236,11 +236,16 @@ struct Stepper<'a> {
 }
 
 impl<'a> Stepper<'a> {
-    fn new(model: &'a dyn CausalLm, use_cache: bool) -> Self {
+    /// `positions`: the longest sequence that will be fed (the cache is sized for it once).
+    fn new(model: &'a dyn CausalLm, use_cache: bool, positions: usize) -> Self {
         let blocks = model.info().blocks;
         Stepper {
             model,
-            caches: use_cache.then(|| (0..blocks).map(|_| LayerCache::default()).collect()),
+            caches: use_cache.then(|| {
+                (0..blocks)
+                    .map(|_| LayerCache::with_capacity(positions))
+                    .collect()
+            }),
             fed: 0,
         }
     }
@@ -316,7 +321,7 @@ pub fn generate(
     let budget = room(model, prompt_ids.len(), opts.max_new_tokens)?;
     let device = model_device(model);
     let mut sampler = Sampler::new(opts);
-    let mut stepper = Stepper::new(model, opts.use_cache);
+    let mut stepper = Stepper::new(model, opts.use_cache, prompt_ids.len() + budget);
     let mut seq = prompt_ids.to_vec();
     let mut new = Vec::with_capacity(budget);
     crate::nn::scratch::inference(|| -> Result<()> {
@@ -375,7 +380,7 @@ pub fn generate_batch(
         )));
     }
     let device = model_device(model);
-    let mut stepper = Stepper::new(model, use_cache);
+    let mut stepper = Stepper::new(model, use_cache, t + budget);
     let mut seq = prompt_ids.to_kind(Kind::Int64).to_device(device);
     crate::nn::scratch::inference(|| {
         for _ in 0..budget {

@@ -18,15 +18,34 @@ pub struct ModelInfo {
 }
 
 /// Keys and values of one block for the positions seen so far.
+///
+/// They live in buffers with room for more positions, so a generation step writes only its
+/// new position instead of copying the whole cache into a fresh tensor (what appending with
+/// `cat` costs: O(T) per step, O(T²) per sequence). [`LayerCache::with_capacity`] sizes the
+/// buffers for a whole generation; a default cache grows by doubling.
 #[derive(Default)]
 pub struct LayerCache {
-    /// `[B, heads, T, head_dim]`, if any positions are cached.
+    /// `[B, heads, T, head_dim]`, if any positions are cached: a view of the first T
+    /// positions of the buffer.
     pub k: Option<Tensor>,
     /// Same shape as `k`.
     pub v: Option<Tensor>,
+    /// `[B, heads, capacity, head_dim]` storage behind `k` and `v`.
+    buffers: Option<(Tensor, Tensor)>,
+    /// Positions the first allocation makes room for.
+    reserve: i64,
 }
 
 impl LayerCache {
+    /// An empty cache whose first append allocates room for `positions` positions (prompt
+    /// plus new tokens), so no later step reallocates.
+    pub fn with_capacity(positions: usize) -> Self {
+        LayerCache {
+            reserve: positions as i64,
+            ..Default::default()
+        }
+    }
+
     /// Number of cached positions.
     pub fn len(&self) -> i64 {
         self.k.as_ref().map_or(0, |k| k.size()[2])
@@ -36,6 +55,58 @@ impl LayerCache {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// Positions the buffers hold before the next append reallocates (0 before the first).
+    pub fn capacity(&self) -> i64 {
+        self.buffers.as_ref().map_or(0, |(k, _)| k.size()[2])
+    }
+
+    /// Appends `k`/`v` `[B, heads, t, head_dim]` after the cached positions and returns views
+    /// of all of them. Cached positions are never rewritten, so views handed out earlier stay
+    /// valid.
+    pub fn append(&mut self, k: &Tensor, v: &Tensor) -> (Tensor, Tensor) {
+        let len = self.len();
+        let t = k.size()[2];
+        let need = len + t;
+        let fits = match (&self.buffers, &self.k) {
+            // `k` may have been replaced through the public field: only a view of the buffer
+            // (same start, same batch/head/width) may be extended in place.
+            (Some((kb, _)), Some(kc)) => {
+                let (bs, cs) = (kb.size(), kc.size());
+                kb.data_ptr() == kc.data_ptr()
+                    && bs[2] >= need
+                    && (bs[0], bs[1], bs[3]) == (cs[0], cs[1], cs[3])
+                    && kb.kind() == k.kind()
+            }
+            (Some((kb, _)), None) => {
+                let (bs, ks) = (kb.size(), k.size());
+                bs[2] >= need
+                    && (bs[0], bs[1], bs[3]) == (ks[0], ks[1], ks[3])
+                    && kb.kind() == k.kind()
+            }
+            _ => false,
+        };
+        if !fits {
+            let cap = need.max(self.reserve).max(2 * self.capacity());
+            let alloc = |x: &Tensor, old: &Option<Tensor>| {
+                let mut size = x.size();
+                size[2] = cap;
+                let buf = Tensor::empty(size.as_slice(), (x.kind(), x.device()));
+                if let Some(old) = old {
+                    buf.narrow(2, 0, len).copy_(old);
+                }
+                buf
+            };
+            self.buffers = Some((alloc(k, &self.k), alloc(v, &self.v)));
+        }
+        let (kb, vb) = self.buffers.as_ref().expect("allocated above");
+        kb.narrow(2, len, t).copy_(k);
+        vb.narrow(2, len, t).copy_(v);
+        let (kv, vv) = (kb.narrow(2, 0, need), vb.narrow(2, 0, need));
+        self.k = Some(kv.shallow_clone());
+        self.v = Some(vv.shallow_clone());
+        (kv, vv)
+    }
 }
 
 /// Causal attention over `[B, heads, T, head_dim]` tensors whose new positions follow any
@@ -44,34 +115,31 @@ impl LayerCache {
 /// heads; `scale` defaults to 1/√head_dim.
 pub fn cached_causal_attention(
     q: &Tensor,
-    mut k: Tensor,
-    mut v: Tensor,
+    k: Tensor,
+    v: Tensor,
     cache: Option<&mut LayerCache>,
     scale: Option<f64>,
     gqa: bool,
 ) -> Tensor {
     let past = cache.as_ref().map_or(0, |c| c.len());
-    if let Some(c) = cache {
-        if let (Some(pk), Some(pv)) = (&c.k, &c.v) {
-            k = Tensor::cat(&[pk, &k], 2);
-            v = Tensor::cat(&[pv, &v], 2);
-        }
-        c.k = Some(k.shallow_clone());
-        c.v = Some(v.shallow_clone());
-    }
-    if past == 0 {
+    let (k, v) = match cache {
+        Some(c) => c.append(&k, &v),
+        None => (k, v),
+    };
+    let t = q.size()[2];
+    if past == 0 || t == 1 {
+        // No past: plain causal. One new query: it sees every cached key, so no mask at all.
         return Tensor::scaled_dot_product_attention(
             q,
             &k,
             &v,
             None::<Tensor>,
             0.0,
-            true,
+            past == 0,
             scale,
             gqa,
         );
     }
-    let t = q.size()[2];
     let dev = q.device();
     let kpos = Tensor::arange(past + t, (Kind::Int64, dev)).unsqueeze(0);
     let qpos = (Tensor::arange(t, (Kind::Int64, dev)) + past).unsqueeze(1);
@@ -112,5 +180,104 @@ pub trait CausalLm: Send {
             h = self.block(i, &h, None);
         }
         self.head(&h)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Device;
+
+    fn kv(t: i64, seed: f64) -> (Tensor, Tensor) {
+        let k = Tensor::arange(2 * 3 * t * 4, (Kind::Float, Device::Cpu)).view([2, 3, t, 4]) + seed;
+        (k.shallow_clone(), -k)
+    }
+
+    #[test]
+    fn appends_equal_concatenation_and_reserve_avoids_reallocation() {
+        for reserve in [0usize, 12] {
+            let mut c = LayerCache::with_capacity(reserve);
+            let (mut all_k, mut all_v) = kv(5, 0.0);
+            let (k, v) = c.append(&all_k, &all_v);
+            assert_eq!(k, all_k);
+            assert_eq!(v, all_v);
+            let first = c.k.as_ref().unwrap().shallow_clone();
+            let ptr = c.k.as_ref().unwrap().data_ptr();
+            for step in 0..7 {
+                let (nk, nv) = kv(1, 100.0 * (step + 1) as f64);
+                let (k, v) = c.append(&nk, &nv);
+                all_k = Tensor::cat(&[&all_k, &nk], 2);
+                all_v = Tensor::cat(&[&all_v, &nv], 2);
+                assert_eq!(k, all_k);
+                assert_eq!(v, all_v);
+                assert_eq!(c.len(), 6 + step);
+                assert!(c.capacity() >= c.len());
+            }
+            if reserve >= 12 {
+                assert_eq!(c.capacity(), 12, "sized once");
+                assert_eq!(c.k.as_ref().unwrap().data_ptr(), ptr, "never reallocated");
+            } else {
+                assert!(c.capacity() < 2 * 12 + 1, "grows by doubling, not per step");
+            }
+            // Views handed out earlier still see the positions they saw.
+            assert_eq!(first, all_k.narrow(2, 0, 5));
+        }
+    }
+
+    #[test]
+    fn a_cache_replaced_through_its_fields_is_copied_not_overwritten() {
+        let mut c = LayerCache::with_capacity(8);
+        let (k0, v0) = kv(3, 0.0);
+        let _ = c.append(&k0, &v0);
+        // A caller swaps in its own tensors: the next append must extend those.
+        let (k1, v1) = kv(2, 50.0);
+        c.k = Some(k1.shallow_clone());
+        c.v = Some(v1.shallow_clone());
+        let (nk, nv) = kv(1, 9.0);
+        let (k, v) = c.append(&nk, &nv);
+        assert_eq!(k, Tensor::cat(&[&k1, &nk], 2));
+        assert_eq!(v, Tensor::cat(&[&v1, &nv], 2));
+        assert_eq!(k1, kv(2, 50.0).0, "the caller's tensor is untouched");
+    }
+
+    #[test]
+    fn one_query_after_the_cache_equals_full_causal_attention() {
+        tch::manual_seed(3);
+        let opts = (Kind::Float, Device::Cpu);
+        let (q, k, v) = (
+            Tensor::randn([1, 2, 6, 8], opts),
+            Tensor::randn([1, 2, 6, 8], opts),
+            Tensor::randn([1, 2, 6, 8], opts),
+        );
+        let full =
+            cached_causal_attention(&q, k.shallow_clone(), v.shallow_clone(), None, None, false);
+        let mut c = LayerCache::default();
+        let mut rows = vec![cached_causal_attention(
+            &q.narrow(2, 0, 3),
+            k.narrow(2, 0, 3),
+            v.narrow(2, 0, 3),
+            Some(&mut c),
+            None,
+            false,
+        )];
+        // Two positions at once (masked), then one at a time (unmasked).
+        rows.push(cached_causal_attention(
+            &q.narrow(2, 3, 2),
+            k.narrow(2, 3, 2),
+            v.narrow(2, 3, 2),
+            Some(&mut c),
+            None,
+            false,
+        ));
+        rows.push(cached_causal_attention(
+            &q.narrow(2, 5, 1),
+            k.narrow(2, 5, 1),
+            v.narrow(2, 5, 1),
+            Some(&mut c),
+            None,
+            false,
+        ));
+        let stepped = Tensor::cat(&rows, 2);
+        assert!(stepped.allclose(&full, 1e-5, 1e-6, false));
     }
 }

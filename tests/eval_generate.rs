@@ -4,7 +4,8 @@ mod common;
 
 use octet::eval::{perplexity, windows, Window};
 use octet::generate::{generate, generate_batch, GenerateOptions, Sampler, TextStream};
-use octet::load::{load_model, LoadOptions, LoadedModel};
+use octet::load::{load_model, LoadOptions, LoadedModel, QuantizeOptions};
+use octet::model::LayerCache;
 use octet::tokenizer::Tokenizer;
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
@@ -782,4 +783,45 @@ fn generate_refuses_prompts_that_fill_the_context() {
         |_| true,
     );
     assert_eq!(out.unwrap().len(), 4);
+}
+
+/// 8-bit models step token by token through the fused de-quantize-and-multiply kernels (few
+/// rows: every Linear, and the tied 8-bit head of the Llama) while a whole sequence goes
+/// through de-quantize-then-GEMM; both must give the same logits, for one row and a batch.
+#[test]
+fn eight_bit_decode_steps_match_the_full_forward() {
+    let opts = LoadOptions {
+        quantize: Some(QuantizeOptions::default()),
+        ..Default::default()
+    };
+    for dir in [hf(), common::fixture("tiny_llama/tied")] {
+        let m = load_model(&dir, &opts).unwrap();
+        let model = m.model.as_ref();
+        for batch in [1usize, 3] {
+            let rows: Vec<Vec<i64>> = (0..batch).map(|b| prompt(30, 20 + b as i64)).collect();
+            let ids = Tensor::from_slice2(&rows);
+            let (prefill, total) = (20i64, 30i64);
+            tch::no_grad(|| {
+                let full = model.forward(&ids);
+                let n = model.info().blocks;
+                let mut caches: Vec<LayerCache> =
+                    (0..n).map(|_| LayerCache::with_capacity(30)).collect();
+                let mut step = |from: i64, len: i64| {
+                    let mut h = model.embed(&ids.narrow(1, from, len));
+                    for (i, c) in caches.iter_mut().enumerate() {
+                        h = model.block(i, &h, Some(c));
+                    }
+                    model.head(&h)
+                };
+                let mut got = vec![step(0, prefill)];
+                for t in prefill..total {
+                    got.push(step(t, 1));
+                }
+                let got = Tensor::cat(&got, 1);
+                let scale = full.abs().max().double_value(&[]);
+                let err = (&got - &full).abs().max().double_value(&[]) / scale;
+                assert!(err < 1e-4, "{}, batch {batch}: {err}", dir.display());
+            });
+        }
+    }
 }

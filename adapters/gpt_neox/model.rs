@@ -2,9 +2,8 @@
 use super::config::GptNeoxConfig;
 use crate::error::{OctetError, Result};
 use crate::model::{CausalLm, LayerCache, ModelInfo};
-use crate::nn::bnb8::Bnb8Embedding;
-use crate::nn::float::{Embedding, LayerNorm};
-use crate::nn::{Layer, LayerMap, LoraLayer};
+use crate::nn::float::LayerNorm;
+use crate::nn::{Layer, LayerMap};
 use tch::{Device, Kind, Tensor};
 
 struct Block {
@@ -65,25 +64,6 @@ pub fn head_name(cfg: &GptNeoxConfig, has: impl Fn(&str) -> bool) -> Option<&'st
     }
 }
 
-/// The token table in `kind`, for a tied head (8-bit: de-quantized for the call). LoRA on
-/// the embedding does not reach the head, as in PEFT.
-fn embedding_table(layer: &dyn Layer, kind: Kind) -> Option<Tensor> {
-    let any = layer.as_any();
-    if let Some(l) = any.downcast_ref::<LoraLayer>() {
-        return embedding_table(l.base(), kind);
-    }
-    if let Some(e) = any.downcast_ref::<Bnb8Embedding>() {
-        return e.weight.dequantize(kind).ok();
-    }
-    any.downcast_ref::<Embedding>().map(|e| {
-        if e.weight.kind() == kind {
-            e.weight.shallow_clone()
-        } else {
-            e.weight.to_kind(kind)
-        }
-    })
-}
-
 /// HF's default rotary tables: angle(p, j) = p / base^(2j / rd), both halves repeated.
 fn rotary_tables(positions: usize, rd: usize, base: f64) -> (Tensor, Tensor) {
     let cpu = Device::Cpu;
@@ -125,8 +105,7 @@ impl GptNeox {
         let head = if let Some(name) = head_name {
             Some((name, layers.take_checked(name, &[v, d])?))
         } else {
-            let any = embed_in.as_any();
-            if !(any.is::<Embedding>() || any.is::<Bnb8Embedding>()) {
+            if !crate::nn::tied::can_tie(embed_in.as_ref()) {
                 return Err(OctetError::InvalidArgument(format!(
                     "tied LM head: gpt_neox.embed_in is a {}, whose table cannot serve as the head",
                     embed_in.kind()
@@ -257,11 +236,8 @@ impl CausalLm for GptNeox {
         let x = self.final_layer_norm.forward(h);
         let logits = match &self.head {
             Some((_, head)) => head.forward(&x),
-            None => x.linear(
-                &embedding_table(self.embed_in.as_ref(), x.kind())
-                    .expect("tied table checked when built"),
-                None::<Tensor>,
-            ),
+            None => crate::nn::tied::tied_logits(self.embed_in.as_ref(), &x)
+                .expect("tied table checked when built"),
         };
         logits.to_kind(Kind::Float)
     }

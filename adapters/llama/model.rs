@@ -2,10 +2,9 @@
 use super::config::LlamaConfig;
 use crate::error::{OctetError, Result};
 use crate::model::{CausalLm, LayerCache, ModelInfo};
-use crate::nn::bnb8::Bnb8Embedding;
-use crate::nn::float::{Embedding, LayerNorm};
+use crate::nn::float::LayerNorm;
 use crate::nn::rmsnorm::RmsNorm;
-use crate::nn::{Layer, LayerMap, LoraLayer};
+use crate::nn::{Layer, LayerMap};
 use tch::{Device, Kind, Tensor};
 
 struct Block {
@@ -213,8 +212,7 @@ fn inv_freq(head_dim: usize, theta: f64) -> Tensor {
 
 /// Refuses an embedding kind whose table the tied head cannot read.
 fn check_tied_embedding(layer: &dyn Layer) -> Result<()> {
-    let any = layer.as_any();
-    if any.is::<Embedding>() || any.is::<Bnb8Embedding>() {
+    if crate::nn::tied::can_tie(layer) {
         Ok(())
     } else {
         Err(OctetError::InvalidArgument(format!(
@@ -222,34 +220,6 @@ fn check_tied_embedding(layer: &dyn Layer) -> Result<()> {
             layer.kind()
         )))
     }
-}
-
-/// The embedding table in `kind`, for the tied head. An 8-bit table is de-quantized whole, just
-/// in time: a transient `[vocab, hidden]` tensor of `kind` per head call (SmolLM2-135M: 113 MB
-/// in f32, 57 MB in bf16; Llama-2-7B: 524 MB / 262 MB), freed when the call returns. LoRA on
-/// the embedding does not reach the head, as in PEFT (the head shares only the base weight).
-fn embedding_table(layer: &dyn Layer, kind: Kind) -> Tensor {
-    let any = layer.as_any();
-    if let Some(l) = any.downcast_ref::<LoraLayer>() {
-        return embedding_table(l.base(), kind);
-    }
-    if let Some(e) = any.downcast_ref::<Bnb8Embedding>() {
-        return e
-            .weight
-            .dequantize(kind)
-            .expect("8-bit table validated when built");
-    }
-    if let Some(e) = any.downcast_ref::<Embedding>() {
-        return if e.weight.kind() == kind {
-            e.weight.shallow_clone()
-        } else {
-            e.weight.to_kind(kind)
-        };
-    }
-    panic!(
-        "tied LM head: model.embed_tokens became a {}, whose table cannot serve as the head",
-        layer.kind()
-    )
 }
 
 impl CausalLm for Llama {
@@ -282,10 +252,8 @@ impl CausalLm for Llama {
         let x = self.norm.forward(h);
         let logits = match &self.lm_head {
             Some(head) => head.forward(&x),
-            None => x.linear(
-                &embedding_table(self.embed_tokens.as_ref(), x.kind()),
-                None::<Tensor>,
-            ),
+            None => crate::nn::tied::tied_logits(self.embed_tokens.as_ref(), &x)
+                .expect("tied table checked when built"),
         };
         logits.to_kind(Kind::Float)
     }

@@ -95,6 +95,15 @@ impl Layer for Bnb8Linear {
         "Bnb8Linear"
     }
     fn forward(&self, x: &Tensor) -> Tensor {
+        // A few rows that need no gradient (token-by-token generation): one pass over the
+        // bytes instead of writing out the whole f32 weight.
+        if !x.requires_grad()
+            && !self.bias.as_ref().is_some_and(Tensor::requires_grad)
+            && crate::quant::fused::applies(x, &self.weight)
+        {
+            return crate::quant::fused::linear(x, &self.weight, self.bias.as_ref())
+                .expect("shapes checked by fused::applies");
+        }
         let k = x.kind();
         let w = self.dequantized_weight(k);
         let b = self.bias.as_ref().map(|b| {

@@ -7,6 +7,7 @@ pub mod lora;
 pub mod registry;
 pub mod rmsnorm;
 pub mod scratch;
+pub mod tied;
 
 pub use graph::{ModuleGraph, Node, ParamInfo};
 pub use layer::{Layer, LayerMap, LayerTensors, Vacant};

@@ -2,6 +2,7 @@
 pub mod blockwise;
 pub mod code;
 pub mod fit;
+pub mod fused;
 pub mod kernels;
 #[cfg(target_arch = "x86_64")]
 mod simd;
