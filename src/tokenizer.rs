@@ -12,11 +12,13 @@ use tokenizers::{decoders, pre_tokenizers, processors, AddedToken};
 /// Tokens taken as end-of-sequence, in order of preference, when present in the vocabulary.
 const EOS_CANDIDATES: [&str; 4] = ["<|endoftext|>", "</s>", "<|im_end|>", "<|eos|>"];
 
-/// A loaded tokenizer plus the end-of-sequence id octet uses to separate documents.
+/// A loaded tokenizer plus the end-of-sequence id octet uses to separate documents (and the
+/// beginning-of-sequence id, when the model states one).
 #[derive(Clone)]
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     eos: Option<u32>,
+    bos: Option<u32>,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -24,6 +26,7 @@ impl std::fmt::Debug for Tokenizer {
         f.debug_struct("Tokenizer")
             .field("vocab_size", &self.vocab_size())
             .field("eos", &self.eos)
+            .field("bos", &self.bos)
             .finish()
     }
 }
@@ -31,7 +34,9 @@ impl std::fmt::Debug for Tokenizer {
 impl Tokenizer {
     /// Loads the tokenizer of a model folder: `dir/tokenizer.json` when present, otherwise a
     /// GPT-2 style byte-level BPE built from `dir/vocab.json` + `dir/merges.txt`; a `.gguf`
-    /// file gives the tokenizer stored in its metadata.
+    /// file gives the tokenizer stored in its metadata. The EOS / BOS tokens named by
+    /// `tokenizer_config.json` (or `special_tokens_map.json`) win over the vocabulary guess,
+    /// as in transformers' `AutoTokenizer`.
     pub fn from_dir(dir: impl AsRef<Path>) -> Result<Self> {
         let dir = dir.as_ref();
         // A GGUF file carries its tokenizer in its metadata.
@@ -39,20 +44,59 @@ impl Tokenizer {
             return crate::io::gguf::GgufFile::open(dir)?.tokenizer();
         }
         let json = dir.join("tokenizer.json");
-        if json.is_file() {
-            let inner = tokenizers::Tokenizer::from_file(&json)
-                .map_err(|e| OctetError::bad_file(&json, format!("not a usable tokenizer: {e}")))?;
-            return Ok(Self::from_tokenizers(inner));
-        }
         let vocab = dir.join("vocab.json");
         let merges = dir.join("merges.txt");
-        if vocab.is_file() && merges.is_file() {
-            return Self::from_vocab_merges(&vocab, &merges);
+        let mut tok = if json.is_file() {
+            let inner = tokenizers::Tokenizer::from_file(&json)
+                .map_err(|e| OctetError::bad_file(&json, format!("not a usable tokenizer: {e}")))?;
+            Self::from_tokenizers(inner)
+        } else if vocab.is_file() && merges.is_file() {
+            Self::from_vocab_merges(&vocab, &merges)?
+        } else {
+            return Err(OctetError::bad_file(
+                dir,
+                "no tokenizer found: expected tokenizer.json, or vocab.json + merges.txt",
+            ));
+        };
+        // A folder converted from a GGUF (or any HF folder) names its specials here; SmolLM2's
+        // vocabulary starts with <|endoftext|> (id 0) while its EOS is <|im_end|> (id 2).
+        if let Some(id) = tok.named_special(dir, "eos_token")? {
+            tok.eos = Some(id);
         }
-        Err(OctetError::bad_file(
-            dir,
-            "no tokenizer found: expected tokenizer.json, or vocab.json + merges.txt",
-        ))
+        if let Some(id) = tok.named_special(dir, "bos_token")? {
+            tok.bos = Some(id);
+        }
+        Ok(tok)
+    }
+
+    /// The id of the token that `dir/tokenizer_config.json`, else `dir/special_tokens_map.json`,
+    /// names under `key` (a string, or an object with `content`); `None` when neither names
+    /// one. A named token missing from the vocabulary is an error: the model has no row for it.
+    fn named_special(&self, dir: &Path, key: &str) -> Result<Option<u32>> {
+        for file in ["tokenizer_config.json", "special_tokens_map.json"] {
+            let p = dir.join(file);
+            let Ok(text) = std::fs::read_to_string(&p) else {
+                continue;
+            };
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| OctetError::bad_file(&p, format!("invalid JSON: {e}")))?;
+            let name = match v.get(key) {
+                Some(serde_json::Value::String(s)) => s.as_str(),
+                Some(serde_json::Value::Object(o)) => match o.get("content") {
+                    Some(serde_json::Value::String(s)) => s.as_str(),
+                    _ => continue,
+                },
+                _ => continue,
+            };
+            return match self.inner.token_to_id(name) {
+                Some(id) => Ok(Some(id)),
+                None => Err(OctetError::bad_file(
+                    &p,
+                    format!("{key} {name:?} is not in the tokenizer's vocabulary"),
+                )),
+            };
+        }
+        Ok(None)
     }
 
     /// Builds a GPT-2 style byte-level BPE from a `vocab.json` (token → id) and a `merges.txt`
@@ -116,15 +160,26 @@ impl Tokenizer {
     }
 
     /// Wraps a tokenizer built elsewhere (e.g. from GGUF metadata). The EOS id is guessed from
-    /// the vocabulary; override it with [`Tokenizer::set_eos_id`].
+    /// the vocabulary and there is no BOS; override them with [`Tokenizer::set_eos_id`] and
+    /// [`Tokenizer::set_bos_id`].
     pub fn from_tokenizers(inner: tokenizers::Tokenizer) -> Self {
         let eos = EOS_CANDIDATES.iter().find_map(|t| inner.token_to_id(t));
-        Self { inner, eos }
+        Self {
+            inner,
+            eos,
+            bos: None,
+        }
     }
 
     /// Sets (or clears) the end-of-sequence id, for callers that know it from model metadata.
     pub fn set_eos_id(&mut self, eos: Option<u32>) {
         self.eos = eos;
+    }
+
+    /// Sets (or clears) the beginning-of-sequence id, for callers that know it from model
+    /// metadata.
+    pub fn set_bos_id(&mut self, bos: Option<u32>) {
+        self.bos = bos;
     }
 
     /// Token ids of `text`, without any special tokens added around it.
@@ -150,10 +205,16 @@ impl Tokenizer {
             .map_err(|e| OctetError::InvalidArgument(format!("detokenization failed: {e}")))
     }
 
-    /// The end-of-sequence id: `<|endoftext|>`, `</s>`, `<|im_end|>` or `<|eos|>`, the first
-    /// found in the vocabulary (unless set explicitly).
+    /// The end-of-sequence id: the one the model folder or GGUF metadata names, else
+    /// `<|endoftext|>`, `</s>`, `<|im_end|>` or `<|eos|>`, the first found in the vocabulary.
     pub fn eos_id(&self) -> Option<u32> {
         self.eos
+    }
+
+    /// The beginning-of-sequence id the model folder or GGUF metadata names, if any. octet
+    /// never adds it to encoded text; it is there for callers that build prompts.
+    pub fn bos_id(&self) -> Option<u32> {
+        self.bos
     }
 
     /// Number of ids, added tokens included.

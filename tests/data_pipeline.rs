@@ -98,6 +98,53 @@ fn vocab_and_merges_match_transformers() {
 }
 
 #[test]
+fn special_tokens_named_by_the_folder_win_over_the_guess() {
+    // tokenizer_config.json names the specials as transformers reads them: a string, or an
+    // AddedToken object with `content`; special_tokens_map.json is the fallback.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        tokenizer_dir().join("tokenizer.json"),
+        dir.path().join("tokenizer.json"),
+    )
+    .unwrap();
+    let tok = Tokenizer::from_dir(dir.path()).unwrap();
+    assert_eq!(
+        (tok.eos_id(), tok.bos_id()),
+        (Some(50256), None),
+        "the guess"
+    );
+    let hello = tok.encode("Hello").unwrap()[0];
+    let hello_token = tok.inner().id_to_token(hello).unwrap();
+    let config = dir.path().join("tokenizer_config.json");
+    std::fs::write(
+        &config,
+        serde_json::json!({"eos_token": hello_token, "bos_token": {"content": "<|endoftext|>"}})
+            .to_string(),
+    )
+    .unwrap();
+    let tok = Tokenizer::from_dir(dir.path()).unwrap();
+    assert_eq!((tok.eos_id(), tok.bos_id()), (Some(hello), Some(50256)));
+
+    std::fs::remove_file(&config).unwrap();
+    std::fs::write(
+        dir.path().join("special_tokens_map.json"),
+        serde_json::json!({"eos_token": hello_token}).to_string(),
+    )
+    .unwrap();
+    assert_eq!(
+        Tokenizer::from_dir(dir.path()).unwrap().eos_id(),
+        Some(hello)
+    );
+
+    std::fs::write(&config, r#"{"eos_token": "<|no such token|>"}"#).unwrap();
+    let err = Tokenizer::from_dir(dir.path()).unwrap_err().to_string();
+    assert!(
+        err.contains("tokenizer_config.json") && err.contains("<|no such token|>"),
+        "{err}"
+    );
+}
+
+#[test]
 fn tokenizer_errors_name_the_file() {
     let dir = tempfile::tempdir().unwrap();
     let err = Tokenizer::from_dir(dir.path()).unwrap_err().to_string();

@@ -179,6 +179,10 @@ fn converting_a_gguf_gives_a_self_contained_folder() {
         from_dir.encode(text).unwrap(),
         from_gguf.encode(text).unwrap()
     );
+    // The metadata's EOS / BOS (<|im_end|> 2, <|im_start|> 1) survive the conversion, though
+    // the vocabulary starts with <|endoftext|>, which a guess from the vocabulary would pick.
+    assert_eq!((from_gguf.eos_id(), from_gguf.bos_id()), (Some(2), Some(1)));
+    assert_eq!((from_dir.eos_id(), from_dir.bos_id()), (Some(2), Some(1)));
 
     let m = load_model(&out, &LoadOptions::default()).unwrap();
     assert_eq!(
