@@ -55,7 +55,11 @@ $(GEN)/smollm2/.done: scripts/fetch_smollm2.sh $(VENV_STAMP)
 	scripts/fetch_smollm2.sh $(PY) $(GEN)/smollm2
 	touch $@
 
-fixtures: $(GEN)/adam8bit_vectors.safetensors $(GEN)/quant_vectors.safetensors $(GEN)/tiny_gptj/.done $(GEN)/torch_bin/.done $(GEN)/tiny_gpt2_neox.done $(GEN)/tiny_llama/.done $(GEN)/smollm2/.done
+# transformers' ids for SmolLM2's GGUF tokenizer on a fixed set of strings.
+$(GEN)/smollm2/tokenizer_vectors.json: scripts/gen_tokenizer_vectors.py $(GEN)/smollm2/.done
+	$(PY) scripts/gen_tokenizer_vectors.py --gguf $(GEN)/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf $@
+
+fixtures: $(GEN)/adam8bit_vectors.safetensors $(GEN)/quant_vectors.safetensors $(GEN)/tiny_gptj/.done $(GEN)/torch_bin/.done $(GEN)/tiny_gpt2_neox.done $(GEN)/tiny_llama/.done $(GEN)/smollm2/.done $(GEN)/smollm2/tokenizer_vectors.json
 
 test: build fixtures
 	$(WITH_TORCH) cargo test --release --no-fail-fast

@@ -26,6 +26,19 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 
 
 @torch.no_grad()
+def window_ppl(model, ids, window):
+    """{"ppl", "nll", "tokens"} of `model` over `ids` (int64 [N]) in disjoint windows."""
+    nll, count = 0.0, 0
+    for start in range(0, ids.numel(), window):
+        chunk = ids[start : start + window]
+        if chunk.numel() < 2:
+            continue
+        logits = model(input_ids=chunk.unsqueeze(0)).logits[0].float()
+        nll += F.cross_entropy(logits[:-1], chunk[1:], reduction="sum").item()
+        count += chunk.numel() - 1
+    return {"ppl": math.exp(nll / count), "nll": nll, "tokens": count}
+
+
 def main():
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
@@ -35,15 +48,7 @@ def main():
         model_dir, dtype=torch.float32, attn_implementation="eager", **kwargs
     ).eval()
     ids = load_file(ids_path)["input_ids"].long().flatten()
-    nll, count = 0.0, 0
-    for start in range(0, ids.numel(), window):
-        chunk = ids[start : start + window]
-        if chunk.numel() < 2:
-            continue
-        logits = model(input_ids=chunk.unsqueeze(0)).logits[0].float()
-        nll += F.cross_entropy(logits[:-1], chunk[1:], reduction="sum").item()
-        count += chunk.numel() - 1
-    print(json.dumps({"ppl": math.exp(nll / count), "nll": nll, "tokens": count}))
+    print(json.dumps(window_ppl(model, ids, window)))
 
 
 if __name__ == "__main__":
