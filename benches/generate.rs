@@ -9,29 +9,14 @@
 //! `OCTET_BENCH_PROMPT` (32), `OCTET_BENCH_NEW` (32), `OCTET_BENCH_REPEATS` (3),
 //! `OCTET_BENCH_BATCHES` (comma-separated, default `1,8`), `OCTET_BENCH_SKIP_HF` (set: no
 //! transformers column).
+mod common;
+
+use common::{env_or, peak_rss_mib};
 use octet::adapters::gptj::{random_layers, Gptj, GptjConfig};
 use octet::generate::generate_batch;
 use std::process::Command;
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
-
-fn peak_rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        })
-        .map_or(f64::NAN, |kb| kb / 1024.0)
-}
-
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// One measured configuration, as every child (octet or transformers) reports it.
 #[derive(Clone, Copy)]

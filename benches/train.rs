@@ -3,6 +3,9 @@
 //! checkpointing, beside transformers + peft with gradient checkpointing; then one step of the
 //! full GPT-J-6B shape in 8-bit. Every configuration runs in its own process so its peak
 //! resident set is its own.
+mod common;
+
+use common::{env_or, peak_rss_mib};
 use octet::adapter::{attach_lora, trainable_tensors, Targets};
 use octet::adapters::gptj::{random_layers, Gptj, GptjConfig};
 use octet::model::CausalLm;
@@ -13,17 +16,6 @@ use octet::train::step::forward_backward;
 use std::process::Command;
 use std::time::Instant;
 use tch::{Kind, Tensor};
-
-fn peak_rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        })
-        .map_or(f64::NAN, |kb| kb / 1024.0)
-}
 
 struct Child {
     layers: usize,
@@ -148,15 +140,9 @@ fn main() {
             steps: n(7),
         });
     }
-    let layers = std::env::var("OCTET_BENCH_LAYERS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(2usize);
+    let layers = env_or("OCTET_BENCH_LAYERS", 2usize);
     let vocab = 8192usize;
-    let steps = std::env::var("OCTET_BENCH_STEPS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(2usize);
+    let steps = env_or("OCTET_BENCH_STEPS", 2usize);
     println!("\nLoRA training step, GPT-J width (n_embd 4096, 16 heads, rotary 64), {layers} layers, vocab {vocab}, LoRA r=8 on q_proj,v_proj, adam8bit; median of {steps} steps after a warm-up");
     println!(
         "{:<6} {:>6} {:<5} {:>10} {:>10} {:>10} {:>10} {:>10} {:>8} {:>8}",

@@ -13,16 +13,9 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from bench_common import peak_rss_mib  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from transformers import GPTJConfig, GPTJForCausalLM  # noqa: E402
-
-
-def peak_rss_mib():
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def main():
