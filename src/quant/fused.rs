@@ -157,7 +157,7 @@ enum Isa {
 fn best_isa() -> Isa {
     #[cfg(target_arch = "x86_64")]
     if super::simd::available() {
-        return if avx512::vbmi() {
+        return if super::simd::vbmi() {
             Isa::Vbmi
         } else {
             Isa::Avx512
@@ -288,26 +288,6 @@ mod avx512 {
         p
     }
 
-    /// Orders 64 indices so that the byte interleaves in [`row_dots_vbmi`] (which work within
-    /// 128-bit lanes) come out as four vectors of 16 consecutive weights: position
-    /// 16·lane + 4·g + t takes index 16·g + 4·lane + t.
-    const PERM: [u8; 64] = {
-        let mut p = [0u8; 64];
-        let mut i = 0;
-        while i < 64 {
-            let (lane, g, t) = (i / 16, (i / 4) % 4, i % 4);
-            p[i] = (16 * g + 4 * lane + t) as u8;
-            i += 1;
-        }
-        p
-    };
-
-    /// Whether the CPU also has AVX-512 VBMI (byte permutes).
-    pub fn vbmi() -> bool {
-        static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *HAS.get_or_init(|| is_x86_feature_detected!("avx512vbmi"))
-    }
-
     /// Accumulates weights `[i, e)` of one block (scale `amax`) of a row: 16 per gather from
     /// the shared code, then one FMA per row of `x`; the last few one by one into `tail`.
     #[target_feature(enable = "avx512f,avx512bw")]
@@ -407,7 +387,7 @@ mod avx512 {
                 *reg = _mm512_loadu_si512(planes[p].as_ptr().add(64 * j) as *const _);
             }
         }
-        let perm = _mm512_loadu_si512(PERM.as_ptr() as *const _);
+        let perm = _mm512_loadu_si512(crate::quant::simd::UNPACK32_ORDER.as_ptr() as *const _);
         let mut acc = [_mm512_setzero_ps(); R];
         let mut tail = [0f32; R];
         let (qp, xp, cp) = (row.as_ptr(), x.as_ptr(), code.as_ptr());
@@ -539,7 +519,7 @@ mod tests {
         #[cfg(target_arch = "x86_64")]
         if crate::quant::simd::available() {
             isas.push(Isa::Avx512);
-            if avx512::vbmi() {
+            if crate::quant::simd::vbmi() {
                 isas.push(Isa::Vbmi);
             }
         }
