@@ -168,6 +168,34 @@ unsafe fn table_registers<const P: usize>(planes: &[[u8; 256]; P]) -> [[__m512i;
     t
 }
 
+/// The block's 256 values `convert(code[i] * amax)` split into byte planes: plane `p` holds
+/// byte `p` (little-endian) of each value's bits, `P` = 4 for f32 and 2 for the 16-bit formats.
+#[target_feature(enable = "avx512f,avx512bw")]
+#[inline]
+unsafe fn scaled_byte_planes<const P: usize>(
+    code: &[f32; 256],
+    amax: f32,
+    format: Format,
+) -> [[u8; 256]; P] {
+    let va = _mm512_set1_ps(amax);
+    let mut planes = [[0u8; 256]; P];
+    for c in 0..16 {
+        let v = _mm512_mul_ps(_mm512_loadu_ps(code.as_ptr().add(16 * c)), va);
+        let bits = match format {
+            Format::F32 => _mm512_castps_si512(v),
+            _ => half_bits(v, format),
+        };
+        for (p, plane) in planes.iter_mut().enumerate() {
+            let byte = _mm512_srlv_epi32(bits, _mm512_set1_epi32(8 * p as i32));
+            _mm_storeu_si128(
+                plane.as_mut_ptr().add(16 * c) as *mut __m128i,
+                _mm512_cvtepi32_epi8(byte),
+            );
+        }
+    }
+    planes
+}
+
 /// f32 output by byte permutes: the block's 256 scaled values are split into four byte
 /// tables; every 64 bytes of `q` then cost eight permutes, four blends and eight unpacks.
 /// Bit-identical to [`dequantize_block_gather`] (the same f32 products).
@@ -176,26 +204,7 @@ unsafe fn table_registers<const P: usize>(planes: &[[u8; 256]; P]) -> [[__m512i;
 /// The CPU must support AVX-512F/BW/VBMI ([`vbmi`]); `out` must be valid for `q.len()` writes.
 #[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
 unsafe fn dequantize_block_table32(code: &[f32; 256], amax: f32, q: &[u8], out: *mut f32) {
-    let va = _mm512_set1_ps(amax);
-    let mut planes = [[0u8; 256]; 4];
-    for c in 0..16 {
-        let bits = _mm512_castps_si512(_mm512_mul_ps(
-            _mm512_loadu_ps(code.as_ptr().add(16 * c)),
-            va,
-        ));
-        let bytes = [
-            bits,
-            _mm512_srli_epi32::<8>(bits),
-            _mm512_srli_epi32::<16>(bits),
-            _mm512_srli_epi32::<24>(bits),
-        ];
-        for (plane, b) in planes.iter_mut().zip(bytes) {
-            _mm_storeu_si128(
-                plane.as_mut_ptr().add(16 * c) as *mut __m128i,
-                _mm512_cvtepi32_epi8(b),
-            );
-        }
-    }
+    let planes = scaled_byte_planes::<4>(code, amax, Format::F32);
     let t = table_registers(&planes);
     let order = _mm512_loadu_si512(UNPACK32_ORDER.as_ptr() as *const _);
     let qp = q.as_ptr();
@@ -260,8 +269,7 @@ const INTERLEAVE16: [[u8; 64]; 2] = {
 /// 16-bit output by byte permutes: the block's 256 scaled and rounded values are built once,
 /// split into a low-byte and a high-byte table; then every 64 bytes of `q` cost two
 /// [`lookup256!`]s and two interleaving permutes, with no gather and no per-value arithmetic.
-/// Bit-identical to
-/// [`dequantize_block_gather`].
+/// Bit-identical to [`dequantize_block_gather`].
 ///
 /// # Safety
 /// The CPU must support AVX-512F/BW/VBMI ([`vbmi`]); `out` must be valid for `q.len()` writes;
@@ -274,23 +282,9 @@ unsafe fn dequantize_block_table16(
     out: *mut u16,
     format: Format,
 ) {
-    let va = _mm512_set1_ps(amax);
-    let (mut lo, mut hi) = ([0u8; 256], [0u8; 256]);
-    for c in 0..16 {
-        let h = half_bits(
-            _mm512_mul_ps(_mm512_loadu_ps(code.as_ptr().add(16 * c)), va),
-            format,
-        );
-        _mm_storeu_si128(
-            lo.as_mut_ptr().add(16 * c) as *mut __m128i,
-            _mm512_cvtepi32_epi8(h),
-        );
-        _mm_storeu_si128(
-            hi.as_mut_ptr().add(16 * c) as *mut __m128i,
-            _mm512_cvtepi32_epi8(_mm512_srli_epi32::<8>(h)),
-        );
-    }
-    let [l, h] = table_registers(&[lo, hi]);
+    let planes = scaled_byte_planes::<2>(code, amax, format);
+    let [l, h] = table_registers(&planes);
+    let [lo, hi] = &planes;
     let first = _mm512_loadu_si512(INTERLEAVE16[0].as_ptr() as *const _);
     let second = _mm512_loadu_si512(INTERLEAVE16[1].as_ptr() as *const _);
     let qp = q.as_ptr();

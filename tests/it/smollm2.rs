@@ -3,7 +3,7 @@
 //! de-quantized weights and against bitsandbytes' 8-bit quantization of them, a short LoRA run,
 //! greedy generation, and the GGUF tokenizer against transformers'. Fixtures: `make fixtures`
 //! (scripts/fetch_smollm2.sh, scripts/gen_tokenizer_vectors.py --gguf).
-mod common;
+use crate::common;
 
 use octet::io::gguf::GgufFile;
 use octet::load::{load_model, LoadOptions};

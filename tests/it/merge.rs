@@ -1,6 +1,6 @@
 //! `octet merge`: merged Hugging Face checkpoints against peft's merge_and_unload, f16 output,
 //! re-quantized 8-bit output, and refusal of bad inputs.
-mod common;
+use crate::common;
 
 use octet::adapter::load_adapter;
 use octet::load::{load_model, LoadOptions};

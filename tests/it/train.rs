@@ -1,6 +1,6 @@
 //! LoRA training: checkpointed gradients, the loop's behaviour, resume, and adapters that
 //! Hugging Face peft reads and writes.
-mod common;
+use crate::common;
 
 use octet::adapter::{attach_lora, load_adapter, trainable_tensors, Targets};
 use octet::load::{load_model, LoadOptions, QuantizeOptions};
@@ -47,8 +47,7 @@ fn losses(out: &Path) -> Vec<(usize, f64)> {
 /// also when the recompute reuses pooled de-quantization buffers across steps.
 fn assert_checkpointed_matches_plain(targets: &str, wrapped_modules: usize) {
     // Dropout draws from libtorch's one global generator: callers must not interleave.
-    static GLOBAL_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _rng = GLOBAL_RNG.lock().unwrap_or_else(|e| e.into_inner());
+    let _rng = common::global_rng();
     let opts = LoadOptions {
         quantize: Some(QuantizeOptions::default()),
         ..Default::default()

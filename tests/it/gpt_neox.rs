@@ -1,7 +1,7 @@
 //! The GPT-NeoX plugin against transformers (scripts/gen_tiny_gpt2_neox.py): both config
 //! forms, parallel and sequential residuals, 8-bit, cached decoding, `octet inspect`, and a
 //! trained adapter that Hugging Face peft loads.
-mod common;
+use crate::common;
 
 use octet::load::{load_model, LoadOptions, QuantizeOptions};
 use octet::model::{CausalLm, LayerCache};

@@ -1,7 +1,7 @@
 //! The GPT-2 plugin against transformers (scripts/gen_tiny_gpt2_neox.py): float and 8-bit
 //! forward passes, the plugin's own Conv1D kinds, cached decoding, `octet inspect`, and LoRA
 //! training whose adapter Hugging Face peft loads.
-mod common;
+use crate::common;
 
 use octet::load::{load_model, LoadOptions, QuantizeOptions};
 use octet::model::{CausalLm, LayerCache};

@@ -1,5 +1,5 @@
 //! The quantization core against bitsandbytes' own vectors (scripts/gen_quant_vectors.py).
-mod common;
+use crate::common;
 
 use octet::quant::{self, fit_code, BlockSize, FitOptions, QuantCode, StreamingQuantizer};
 use octet::OctetError;

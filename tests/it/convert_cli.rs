@@ -1,6 +1,6 @@
 //! `octet convert` / `inspect` end to end: outputs against transformers, snapshots of the
 //! module graph, and bad inputs.
-mod common;
+use crate::common;
 
 use octet::load::{load_model, LoadOptions};
 use std::path::Path;

@@ -1,6 +1,6 @@
 //! Llama forward against transformers (scripts/gen_tiny_llama.py): tied and untied heads, GQA,
 //! biases with a custom head_dim, the KV cache, 8-bit conversion, and `inspect` snapshots.
-mod common;
+use crate::common;
 
 use octet::load::{load_model, LoadOptions};
 use octet::model::LayerCache;
@@ -190,6 +190,7 @@ fn grads(checkpointing: bool) -> Vec<(String, Tensor)> {
         ..Default::default()
     };
     let mut m = load_model(&tiny("tied"), &opts).unwrap();
+    let _rng = common::global_rng();
     tch::manual_seed(0);
     let targets = octet::adapter::Targets::parse("q_proj,v_proj,embed_tokens").unwrap();
     let cfg = octet::nn::LoraConfig::default();

@@ -1,6 +1,6 @@
 //! `octet eval` and `octet generate` on the tiny GPT-J: perplexity and greedy tokens against
 //! transformers, the KV cache against full recomputation, streaming output, and bad inputs.
-mod common;
+use crate::common;
 
 use octet::eval::{perplexity, windows, Window};
 use octet::generate::{generate, generate_batch, GenerateOptions, Sampler, TextStream};

@@ -1,6 +1,6 @@
 //! GPT-J forward against transformers (scripts/gen_tiny_gptj.py): float, 8-bit, every
 //! checkpoint form.
-mod common;
+use crate::common;
 
 use octet::load::{load_model, LoadOptions, QuantizeOptions};
 use tch::{Kind, Tensor};

@@ -68,3 +68,10 @@ pub fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
         }
     }
 }
+
+/// Serialises tests that seed libtorch's one global generator and then draw from it (LoRA
+/// initialisation, dropout): all areas share one test process.
+pub fn global_rng() -> std::sync::MutexGuard<'static, ()> {
+    static GLOBAL_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    GLOBAL_RNG.lock().unwrap_or_else(|e| e.into_inner())
+}

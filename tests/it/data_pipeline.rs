@@ -1,6 +1,6 @@
 //! Tokenizer against transformers' ids (scripts/gen_tokenizer_vectors.py), then the data
 //! pipeline: chunking, JSONL, prompt masking, seeded shuffling, batcher resume, input errors.
-mod common;
+use crate::common;
 
 use octet::tokenizer::Tokenizer;
 use octet::train::data::{

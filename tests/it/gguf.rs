@@ -1,7 +1,7 @@
 //! GGUF input (scripts/gen_tiny_llama.py writes the files with the `gguf` package): de-quantized
 //! tensors against gguf's own de-quantizer, logits against transformers on the same weights,
 //! config and tokenizer from the metadata, conversion to a self-contained octet folder.
-mod common;
+use crate::common;
 
 use octet::io::gguf::{GgufFile, GgufValue};
 use octet::io::{Dtype, TensorStore};

@@ -1,0 +1,17 @@
+//! All integration tests, one binary (one link) with a module per area.
+
+mod common;
+mod adam8bit_oracle;
+mod convert_cli;
+mod data_pipeline;
+mod eval_generate;
+mod gguf;
+mod gpt2;
+mod gpt_neox;
+mod gptj_golden;
+mod llama_golden;
+mod merge;
+mod quant_oracle;
+mod smollm2;
+mod torch_bin;
+mod train;
