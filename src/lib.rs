@@ -11,6 +11,7 @@ pub mod generate;
 pub mod io;
 pub mod load;
 pub mod manifest;
+pub mod memory;
 pub mod merge;
 pub mod model;
 pub mod nn;
