@@ -28,7 +28,7 @@ pub struct Args {
     #[arg(long)]
     stride: Option<usize>,
     /// Evaluate only the first K tokens.
-    #[arg(long, value_parser = super::at_least(2))]
+    #[arg(long)]
     max_tokens: Option<usize>,
     /// Windows of equal length run together.
     #[arg(long, default_value_t = 8, value_parser = super::at_least(1))]

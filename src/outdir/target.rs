@@ -105,7 +105,11 @@ fn octet_writes(name: &str) -> bool {
         .strip_prefix("model-")
         .and_then(|n| n.strip_suffix(".safetensors"))
         .is_some_and(|n| {
-            n.split("-of-").count() == 2 && n.chars().all(|c| c.is_ascii_digit() || c == '-')
+            let parts: Vec<&str> = n.split("-of-").collect();
+            parts.len() == 2
+                && parts
+                    .iter()
+                    .all(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_digit()))
         });
     OWN.contains(&name) || SIDE_FILES.contains(&name) || shard
 }

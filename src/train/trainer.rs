@@ -284,6 +284,23 @@ const MAY_CHANGE: [&str; 10] = [
     "save-every",
 ];
 
+/// What a kept setting is, for the refusal.
+fn describe(key: &str) -> &'static str {
+    match key {
+        "seq-len" => "the sequence length",
+        "batch-size" => "the batch size the data order was drawn for",
+        "targets" => "the modules that carry adapters",
+        "lora-r" => "the LoRA rank",
+        "lora-alpha" => "the LoRA scale",
+        "rslora" => "the LoRA scaling rule",
+        "train-norms" | "train-biases" => "the trained tensors",
+        "optim" => "the optimizer whose state is saved",
+        "seed" => "the seed of the data split and order",
+        "eval-fraction" => "the held-out split",
+        _ => "a setting of the run",
+    }
+}
+
 impl RunSettings {
     fn of(opts: &TrainOptions, targets: &Targets, data: String) -> Self {
         RunSettings {
@@ -336,7 +353,10 @@ impl RunSettings {
                      {new})"
                 )
             } else {
-                format!("--{key} {new} differs from the run's {old}")
+                format!(
+                    "--{key} {new} differs from the run's {old} ({})",
+                    describe(key)
+                )
             };
             return Err(OctetError::bad_file(
                 state_file,
