@@ -560,6 +560,28 @@ fn resume_falls_back_to_the_previous_checkpoint_when_the_latest_is_missing_or_in
     assert!(r.stderr.contains("optimizer.safetensors"), "{}", r.stderr);
     assert_eq!(losses(&cut), losses(&full));
 
+    // A crash after the swap but before the old one was removed: both complete, the
+    // newest is used and the old one goes at the next save.
+    let both = tmp.path().join("both");
+    let r = octet(&train_args(
+        s(&model),
+        s(&data),
+        s(&both),
+        &["--stop-after", "1"],
+    ));
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    common::copy_dir(&both.join("resume"), &both.join(".resume-old"));
+    let r = octet(&train_args(
+        s(&model),
+        s(&data),
+        s(&both),
+        &["--resume", s(&both)],
+    ));
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(!r.stderr.contains("previous one"), "{}", r.stderr);
+    assert_eq!(losses(&both), losses(&full));
+    assert!(!both.join(".resume-old").exists() && both.join("resume/state.json").is_file());
+
     // Neither complete: refused, naming both, nothing changed.
     std::fs::remove_dir_all(cut.join("resume")).unwrap();
     let args = train_args(s(&model), s(&data), s(&cut), &["--resume", s(&cut)]);
@@ -700,6 +722,17 @@ fn out_of_range_train_flags_are_refused_before_anything_is_written() {
         refused(tmp.path(), None, &args, 1, &[needle]);
         assert!(started.elapsed().as_secs() < 30, "{extra:?} took too long");
     }
+    // The same checks hold for a value from --config.
+    let config = tmp.path().join("train.toml");
+    std::fs::write(&config, "lora-dropout = 2.0\n").unwrap();
+    let args = train_args(s(&model), s(&data), s(&out), &["--config", s(&config)]);
+    refused(
+        tmp.path(),
+        None,
+        &args,
+        1,
+        &["--lora-dropout 2: must be in [0, 1)"],
+    );
     // Shape flags below their minimum or beyond the model.
     for (extra, needle) in [
         (&["--seq-len", "1"][..], "--seq-len 1: must be at least 2"),
