@@ -143,6 +143,22 @@ pub fn perplexity(
         let labels = Tensor::from_slice(&labels).reshape(shape);
         let (s, n) =
             crate::nn::scratch::inference(|| causal_lm_nll(&model.forward(&input), &labels));
+        if !s.is_finite() {
+            let (first, last) = (&wins[i], &wins[j - 1]);
+            return Err(OctetError::InvalidArgument(format!(
+                "the loss is {s} in window{} {}{} (tokens {}..{}): the model's outputs are not \
+                 finite there, so there is no perplexity to report",
+                if j - i > 1 { "s" } else { "" },
+                i + 1,
+                if j - i > 1 {
+                    format!("-{j}")
+                } else {
+                    String::new()
+                },
+                first.begin,
+                last.end
+            )));
+        }
         nll_sum += s;
         scored += n;
         i = j;

@@ -183,6 +183,24 @@ pub trait CausalLm: Send {
     }
 }
 
+/// Refuses a `--model` path that is no model at all before anything else reads it, so the
+/// message says the model is missing rather than what the first reader missed in it.
+pub fn check_model_path(path: &std::path::Path) -> crate::Result<()> {
+    let refuse = |why: &str| {
+        Err(crate::OctetError::InvalidArgument(format!(
+            "--model {}: {why}",
+            path.display()
+        )))
+    };
+    if !path.exists() {
+        return refuse("no such model folder or file");
+    }
+    if path.is_dir() && !path.join("config.json").is_file() {
+        return refuse("not a model folder (it holds no config.json)");
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

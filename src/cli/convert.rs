@@ -29,7 +29,7 @@ pub struct Args {
     #[arg(long)]
     force: bool,
     /// Start a new shard above this many MiB.
-    #[arg(long, default_value_t = 2048)]
+    #[arg(long, default_value_t = 2048, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(0..=1 << 30))]
     shard_mib: usize,
 }
 

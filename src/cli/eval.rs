@@ -31,7 +31,7 @@ pub struct Args {
     #[arg(long)]
     max_tokens: Option<usize>,
     /// Windows of equal length run together.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = super::at_least(1))]
     batch_size: usize,
     /// Print one JSON object instead of text.
     #[arg(long)]
@@ -95,6 +95,7 @@ fn tokenize(dir: &Path, text: &str) -> anyhow::Result<Vec<i64>> {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
+    octet::model::check_model_path(&a.model)?;
     let text = std::fs::read_to_string(&a.data)
         .with_context(|| format!("reading {}", a.data.display()))?;
     if text.is_empty() {

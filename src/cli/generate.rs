@@ -27,7 +27,7 @@ pub struct Args {
     #[arg(long)]
     prompt_file: Option<PathBuf>,
     /// Most tokens to add (fewer if the model's positions run out).
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = super::at_least(1))]
     max_new_tokens: usize,
     /// Sampling temperature; 0 decodes greedily.
     #[arg(long, default_value_t = 0.7)]
@@ -75,6 +75,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         }
         (None, None) => bail!("give --prompt or --prompt-file"),
     };
+    octet::model::check_model_path(&a.model)?;
     let tok = Tokenizer::from_dir(&a.model)?;
     let prompt_ids: Vec<u32> = tok.encode(&prompt)?;
     if prompt_ids.is_empty() {

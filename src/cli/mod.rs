@@ -39,6 +39,12 @@ enum Command {
     Generate(generate::Args),
 }
 
+/// A parser for a count flag that refuses values below `min` (clap names the flag and exits
+/// with status 2).
+pub fn at_least(min: u64) -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::<usize>::new().range(min..)
+}
+
 /// Compiles `--skip`/`--targets` style patterns.
 pub fn parse_patterns(patterns: &[String]) -> anyhow::Result<Vec<PathPattern>> {
     Ok(patterns

@@ -6,10 +6,10 @@ use tch::{Device, Kind, Tensor};
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// Rows of the matrix (output features).
-    #[arg(long, default_value_t = 4096)]
+    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(i64).range(1..=1 << 24))]
     rows: i64,
     /// Columns of the matrix (input features).
-    #[arg(long, default_value_t = 4096)]
+    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(i64).range(1..=1 << 24))]
     cols: i64,
     /// Elements per quantization block.
     #[arg(long, default_value_t = 4096)]
@@ -21,6 +21,15 @@ pub struct Args {
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     let block = BlockSize::new(a.block_size)?;
+    // The matrix, its outlier copy, the de-quantized copy and a difference, in f32, plus
+    // the host copy the fitted code samples.
+    let elems = (a.rows as u64) * (a.cols as u64);
+    octet::memory::ensure_fits(
+        &format!("a {}x{} matrix", a.rows, a.cols),
+        elems.saturating_mul(4 * 6),
+        Device::Cpu,
+        "lower --rows or --cols",
+    )?;
     tch::manual_seed(a.seed);
     // GPT-style weights: N(0, 0.02) with a few outlier input features, which is what makes
     // per-block scaling matter.

@@ -3,7 +3,7 @@
 use octet::adapter::Targets;
 use octet::nn::LoraConfig;
 use octet::train::schedule::ScheduleKind;
-use octet::train::trainer::{train, OptimKind, TrainOptions};
+use octet::train::trainer::{train, OptimKind, StopReason, TrainOptions};
 use serde::Deserialize;
 use std::path::PathBuf;
 
@@ -252,10 +252,18 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let opts = resolve(a)?;
     let s = train(&opts)?;
     let last = s.metrics.last();
+    let how = match s.stop {
+        StopReason::Finished => "done".to_string(),
+        StopReason::Interrupted => "stopped (Ctrl-C)".to_string(),
+        StopReason::StopAfter => format!(
+            "stopped at --stop-after {}",
+            opts.stop_after.unwrap_or_default()
+        ),
+    };
     eprintln!(
-        "{} after {} steps: {} trainable parameters on {} modules, optimizer state {} bytes ({:.2} bytes/param)",
-        if s.interrupted { "stopped (Ctrl-C)" } else { "done" },
+        "{how} after {} steps in total ({} this run): {} trainable parameters on {} modules, optimizer state {} bytes ({:.2} bytes/param)",
         s.steps,
+        s.metrics.len(),
         s.trainable_params,
         s.targets.len(),
         s.optimizer_bytes,

@@ -16,6 +16,7 @@ use crate::io::TensorStore;
 use crate::load::{load_model, read_tensor, LoadOptions, LoadedModel, QuantizeOptions};
 use crate::model::CausalLm;
 use crate::nn::{Layer, LoraConfig};
+use crate::outdir::InPlaceOutput;
 use crate::tokenizer::Tokenizer;
 use serde::{Deserialize, Serialize};
 use std::io::Write;
@@ -183,13 +184,26 @@ pub struct TrainSummary {
     pub trainable_params: usize,
     /// Optimizer state bytes.
     pub optimizer_bytes: usize,
-    /// Whether the run stopped early on Ctrl-C.
-    pub interrupted: bool,
+    /// Why the run stopped.
+    pub stop: StopReason,
     /// Wrapped modules.
     pub targets: Vec<String>,
 }
 
-/// Resume state kept beside the adapter.
+/// Why a run stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopReason {
+    /// It reached `steps`.
+    Finished,
+    /// Ctrl-C: a checkpoint was saved.
+    Interrupted,
+    /// It reached `stop_after` (a checkpoint was saved, or the resumed run was already there).
+    StopAfter,
+}
+
+/// Resume state kept beside the adapter. Written last into its checkpoint folder, with the
+/// SHA-256 of every other file there, so a checkpoint is complete exactly when this file
+/// reads back and the files match.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct RunState {
     step: usize,
@@ -202,9 +216,189 @@ struct RunState {
     optim: OptimKind,
     train_norms: bool,
     train_biases: bool,
+    /// The settings the run was started with (absent in checkpoints of older versions).
+    #[serde(default)]
+    settings: Option<RunSettings>,
+    /// SHA-256 of each other file of the checkpoint folder.
+    #[serde(default)]
+    files: std::collections::BTreeMap<String, String>,
+}
+
+/// The settings of a run, named as their flags, compared on resume.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "kebab-case")]
+struct RunSettings {
+    seq_len: usize,
+    batch_size: usize,
+    targets: String,
+    lora_r: usize,
+    lora_alpha: f64,
+    rslora: bool,
+    seed: u64,
+    eval_fraction: f64,
+    /// SHA-256 of the tokenized data (train and held-out sequences).
+    data: String,
+    optim: OptimKind,
+    train_norms: bool,
+    train_biases: bool,
+    steps: usize,
+    lr: f64,
+    warmup: usize,
+    schedule: ScheduleKind,
+    grad_accum: usize,
+    lora_dropout: f64,
+    weight_decay: f64,
+    max_grad_norm: f64,
+    eval_every: usize,
+    save_every: usize,
+}
+
+/// Settings a resumed run must keep, in the order they are checked (shapes first).
+const MUST_KEEP: [&str; 12] = [
+    "seq-len",
+    "batch-size",
+    "targets",
+    "lora-r",
+    "lora-alpha",
+    "rslora",
+    "train-norms",
+    "train-biases",
+    "optim",
+    "seed",
+    "eval-fraction",
+    "data",
+];
+
+/// Settings a resumed run may change: they steer the rest of the run without making the
+/// saved state mean something else.
+const MAY_CHANGE: [&str; 10] = [
+    "steps",
+    "lr",
+    "warmup",
+    "schedule",
+    "grad-accum",
+    "lora-dropout",
+    "weight-decay",
+    "max-grad-norm",
+    "eval-every",
+    "save-every",
+];
+
+/// What a kept setting is, for the refusal.
+fn describe(key: &str) -> &'static str {
+    match key {
+        "seq-len" => "the sequence length",
+        "batch-size" => "the batch size the data order was drawn for",
+        "targets" => "the modules that carry adapters",
+        "lora-r" => "the LoRA rank",
+        "lora-alpha" => "the LoRA scale",
+        "rslora" => "the LoRA scaling rule",
+        "train-norms" | "train-biases" => "the trained tensors",
+        "optim" => "the optimizer whose state is saved",
+        "seed" => "the seed of the data split and order",
+        "eval-fraction" => "the held-out split",
+        _ => "a setting of the run",
+    }
+}
+
+impl RunSettings {
+    fn of(opts: &TrainOptions, targets: &Targets, data: String) -> Self {
+        RunSettings {
+            seq_len: opts.seq_len,
+            batch_size: opts.batch_size,
+            targets: targets.to_string(),
+            lora_r: opts.lora.r,
+            lora_alpha: opts.lora.alpha,
+            rslora: opts.lora.rslora,
+            seed: opts.seed,
+            eval_fraction: opts.eval_fraction,
+            data,
+            optim: opts.optim,
+            train_norms: opts.train_norms,
+            train_biases: opts.train_biases,
+            steps: opts.steps,
+            lr: opts.lr,
+            warmup: opts.warmup,
+            schedule: opts.schedule,
+            grad_accum: opts.grad_accum,
+            lora_dropout: opts.lora.dropout,
+            weight_decay: opts.weight_decay,
+            max_grad_norm: opts.max_grad_norm,
+            eval_every: opts.eval_every,
+            save_every: opts.save_every,
+        }
+    }
+
+    /// Refuses a resume whose settings change what the saved state means, naming the first
+    /// such setting; logs the ones that may change on stderr.
+    fn check_resume(&self, now: &RunSettings, state_file: &Path) -> Result<()> {
+        let as_map = |s: &RunSettings| match serde_json::to_value(s) {
+            Ok(serde_json::Value::Object(m)) => m,
+            _ => serde_json::Map::new(),
+        };
+        let (was, is) = (as_map(self), as_map(now));
+        let mut changed = Vec::new();
+        for key in MUST_KEEP.iter().chain(&MAY_CHANGE) {
+            let (old, new) = (&was[*key], &is[*key]);
+            if old == new {
+                continue;
+            }
+            if MAY_CHANGE.contains(key) {
+                changed.push(format!("--{key} {old} -> {new}"));
+                continue;
+            }
+            let what = if *key == "data" {
+                format!(
+                    "--data: the tokenized data differs from the run's (fingerprint {old} now \
+                     {new})"
+                )
+            } else {
+                format!(
+                    "--{key} {new} differs from the run's {old} ({})",
+                    describe(key)
+                )
+            };
+            return Err(OctetError::bad_file(
+                state_file,
+                format!(
+                    "{what}; it changes what the saved state means, so the run cannot resume \
+                     with it (use the run's setting, or start a new --out)"
+                ),
+            ));
+        }
+        if !changed.is_empty() {
+            eprintln!("resuming with changed settings: {}", changed.join(", "));
+        }
+        Ok(())
+    }
+}
+
+/// SHA-256 of the tokenized sequences, so a resume onto other data (or another tokenizer)
+/// is refused.
+fn fingerprint_data(dataset: &Dataset) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for (part, seqs) in [(b"train", &dataset.train), (b"heldo", &dataset.eval)] {
+        h.update(part);
+        h.update((seqs.len() as u64).to_le_bytes());
+        for s in seqs.iter() {
+            for v in s.input_ids.iter().chain(&s.labels) {
+                h.update(v.to_le_bytes());
+            }
+        }
+    }
+    h.finalize()
+        .iter()
+        .take(12)
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 const STATE_DIR: &str = "resume";
+/// The previous checkpoint, kept while the next is swapped in.
+const OLD_STATE_DIR: &str = ".resume-old";
+const STATE_FILE: &str = "state.json";
+const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 const METRICS_FILE: &str = "metrics.jsonl";
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -327,8 +521,77 @@ fn clip_grad_norm(params: &[Tensor], max_norm: f64) -> f64 {
     })
 }
 
-/// Writes adapter + resume state into `out` atomically: a fresh sibling folder is filled and
-/// swapped in by rename, so a crash leaves the previous checkpoint intact.
+/// Flushes a file or folder to disk, so a checkpoint is complete after a power loss too.
+fn sync(path: &Path) -> Result<()> {
+    std::fs::File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| OctetError::io(path, e))
+}
+
+/// The files of a checkpoint folder besides its state file.
+const CHECKPOINT_FILES: [&str; 3] = [ADAPTER_WEIGHTS, ADAPTER_CONFIG, OPTIMIZER_FILE];
+
+/// Reads the checkpoint in `dir` if it is complete: its state file reads back and every
+/// file it lists has the recorded hash. Otherwise says what is wrong.
+fn read_checkpoint(dir: &Path) -> std::result::Result<RunState, String> {
+    let p = dir.join(STATE_FILE);
+    let text = std::fs::read_to_string(&p).map_err(|e| format!("{}: {e}", p.display()))?;
+    let st: RunState = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", p.display()))?;
+    for f in CHECKPOINT_FILES {
+        let path = dir.join(f);
+        if !path.is_file() {
+            return Err(format!("{}: missing", path.display()));
+        }
+        if let Some(want) = st.files.get(f) {
+            let got = crate::manifest::sha256_file(&path).map_err(|e| e.to_string())?;
+            if &got != want {
+                return Err(format!(
+                    "{}: does not match its hash in {STATE_FILE} (incomplete write)",
+                    path.display()
+                ));
+            }
+        }
+    }
+    Ok(st)
+}
+
+/// The newest complete checkpoint of run folder `dir`: `resume/`, or the previous one when a
+/// crash left `resume/` missing or incomplete. Returns its folder and state.
+fn find_checkpoint(dir: &Path) -> Result<(PathBuf, RunState)> {
+    let mut why = Vec::new();
+    for (i, name) in [STATE_DIR, OLD_STATE_DIR].into_iter().enumerate() {
+        let d = dir.join(name);
+        if !d.is_dir() {
+            why.push(format!("{name}/ is missing"));
+            continue;
+        }
+        match read_checkpoint(&d) {
+            Ok(st) => {
+                if i > 0 {
+                    eprintln!(
+                        "note: {}/{STATE_DIR} is not a complete checkpoint ({}); resuming from \
+                         the previous one, {} (step {})",
+                        dir.display(),
+                        why.join("; "),
+                        d.display(),
+                        st.step
+                    );
+                }
+                return Ok((d, st));
+            }
+            Err(e) => why.push(e),
+        }
+    }
+    Err(OctetError::bad_file(
+        dir,
+        format!("no complete checkpoint to resume: {}", why.join("; ")),
+    ))
+}
+
+/// Writes adapter + resume state into `out`. The new checkpoint is filled completely in a
+/// sibling folder (its state file last) and swapped in by renames, ordered so that at every
+/// instant `resume/` or `.resume-old` holds a complete checkpoint; [`find_checkpoint`] takes
+/// whichever is newest and complete.
 fn save_checkpoint(
     model: &mut dyn CausalLm,
     opt: &dyn Optimizer,
@@ -344,22 +607,40 @@ fn save_checkpoint(
     std::fs::create_dir_all(&tmp_state).map_err(|e| OctetError::io(&tmp_state, e))?;
     save_adapter(model, cfg, &tmp)?;
     save_adapter(model, cfg, &tmp_state)?;
-    save_tensors(
-        &tmp_state.join("optimizer.safetensors"),
-        &opt.state_dict(),
-        &[],
-    )?;
-    let json = serde_json::to_string_pretty(state)
+    save_tensors(&tmp_state.join(OPTIMIZER_FILE), &opt.state_dict(), &[])?;
+    let mut state = state.clone();
+    for f in CHECKPOINT_FILES {
+        let p = tmp_state.join(f);
+        sync(&p)?;
+        state
+            .files
+            .insert(f.to_string(), crate::manifest::sha256_file(&p)?);
+    }
+    let json = serde_json::to_string_pretty(&state)
         .map_err(|e| OctetError::InvalidArgument(e.to_string()))?;
-    std::fs::write(tmp_state.join("state.json"), json)
-        .map_err(|e| OctetError::io(&tmp_state, e))?;
-    let old = out.join(".resume-old");
+    let state_file = tmp_state.join(STATE_FILE);
+    std::fs::write(&state_file, json).map_err(|e| OctetError::io(&state_file, e))?;
+    sync(&state_file)?;
+    sync(&tmp_state)?;
+
+    let old = out.join(OLD_STATE_DIR);
     let dst = out.join(STATE_DIR);
-    if dst.exists() {
+    let remove = |p: &Path| std::fs::remove_dir_all(p).map_err(|e| OctetError::io(p, e));
+    if read_checkpoint(&dst).is_ok() {
+        // The current checkpoint becomes the fallback.
+        if old.exists() {
+            remove(&old)?;
+        }
         std::fs::rename(&dst, &old).map_err(|e| OctetError::io(&dst, e))?;
+    } else if dst.exists() {
+        // Not a checkpoint (the fallback, if any, stays).
+        remove(&dst)?;
     }
     std::fs::rename(&tmp_state, &dst).map_err(|e| OctetError::io(&dst, e))?;
-    let _ = std::fs::remove_dir_all(&old);
+    sync(out)?;
+    if old.exists() {
+        remove(&old)?;
+    }
     for f in [ADAPTER_WEIGHTS, ADAPTER_CONFIG] {
         std::fs::rename(tmp.join(f), out.join(f)).map_err(|e| OctetError::io(out.join(f), e))?;
     }
@@ -367,30 +648,76 @@ fn save_checkpoint(
     Ok(())
 }
 
-fn prepare_out(opts: &TrainOptions) -> Result<()> {
-    let out = &opts.out;
-    if out.is_file() {
-        return Err(OctetError::InvalidArgument(format!(
-            "{}: exists and is a file",
-            out.display()
-        )));
-    }
-    let resuming_here = opts
+/// Opens the run folder: locked for the whole run; continued in place when it is the run
+/// being resumed, else new (or, with `--force`, an old octet output replaced).
+fn open_output(opts: &TrainOptions) -> Result<InPlaceOutput> {
+    let resolve = |p: &Path| crate::outdir::target::resolve(p).ok();
+    let continuing = opts
         .resume
-        .as_ref()
-        .is_some_and(|r| std::path::absolute(r).ok() == std::path::absolute(out).ok());
-    let non_empty = out.is_dir()
-        && std::fs::read_dir(out)
-            .map_err(|e| OctetError::io(out, e))?
-            .next()
-            .is_some();
-    if non_empty && !opts.force && !resuming_here {
-        return Err(OctetError::InvalidArgument(format!(
-            "{}: exists and is not empty (pass --force, or --resume it)",
-            out.display()
-        )));
+        .as_deref()
+        .is_some_and(|r| resolve(r).is_some() && resolve(r) == resolve(&opts.out));
+    let mut inputs: Vec<&Path> = vec![&opts.model];
+    if !continuing {
+        inputs.push(&opts.data);
+        inputs.extend(opts.resume.as_deref());
     }
-    std::fs::create_dir_all(out).map_err(|e| OctetError::io(out, e))
+    InPlaceOutput::open(&opts.out, opts.force, continuing, &inputs)
+}
+
+impl TrainOptions {
+    /// Checks every setting against its range before anything is loaded or written.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(OctetError::InvalidArgument(m));
+        let at_least = |flag: &str, v: usize, min: usize| {
+            if v < min {
+                bad(format!("--{flag} {v}: must be at least {min}"))
+            } else {
+                Ok(())
+            }
+        };
+        at_least("steps", self.steps, 1)?;
+        at_least("batch-size", self.batch_size, 1)?;
+        at_least("grad-accum", self.grad_accum, 1)?;
+        at_least("seq-len", self.seq_len, 2)?;
+        at_least("lora-r", self.lora.r, 1)?;
+        if let Some(n) = self.stop_after {
+            at_least("stop-after", n, 1)?;
+        }
+        let finite = |flag: &str, v: f64, ok: bool, range: &str| {
+            if v.is_finite() && ok {
+                Ok(())
+            } else {
+                bad(format!("--{flag} {v}: must be {range}"))
+            }
+        };
+        finite("lr", self.lr, self.lr > 0.0, "a finite number > 0")?;
+        finite(
+            "lora-alpha",
+            self.lora.alpha,
+            self.lora.alpha > 0.0,
+            "a finite number > 0",
+        )?;
+        let d = self.lora.dropout;
+        finite("lora-dropout", d, (0.0..1.0).contains(&d), "in [0, 1)")?;
+        let f = self.eval_fraction;
+        finite("eval-fraction", f, (0.0..1.0).contains(&f), "in [0, 1)")?;
+        let wd = self.weight_decay;
+        finite("weight-decay", wd, wd >= 0.0, "a finite number ≥ 0")?;
+        let g = self.max_grad_norm;
+        finite(
+            "max-grad-norm",
+            g,
+            g >= 0.0,
+            "a finite number ≥ 0 (0: no clipping)",
+        )?;
+        if self.warmup > self.steps {
+            return bad(format!(
+                "--warmup {}: must not exceed --steps ({})",
+                self.warmup, self.steps
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Runs (or resumes) a training run.
@@ -400,11 +727,8 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
 }
 
 fn train_run(opts: &TrainOptions) -> Result<TrainSummary> {
-    if opts.steps == 0 || opts.batch_size == 0 || opts.grad_accum == 0 || opts.seq_len < 2 {
-        return Err(OctetError::InvalidArgument(
-            "steps, batch size and grad accum must be ≥ 1 and seq len ≥ 2".into(),
-        ));
-    }
+    opts.validate()?;
+    crate::model::check_model_path(&opts.model)?;
     let tokenizer = Tokenizer::from_dir(&opts.model)?;
     let quantize = opts.quantize.then(QuantizeOptions::default);
     let mut loaded = load_model(
@@ -423,6 +747,27 @@ fn train_run(opts: &TrainOptions) -> Result<TrainSummary> {
             opts.seq_len, info.max_positions
         )));
     }
+    if opts.lora.r > info.hidden {
+        return Err(OctetError::InvalidArgument(format!(
+            "--lora-r {}: larger than the model's hidden width {}",
+            opts.lora.r, info.hidden
+        )));
+    }
+    // Refused before any batch is built or run.
+    crate::memory::ensure_fits(
+        &format!(
+            "a micro-batch of {} x {} tokens",
+            opts.batch_size, opts.seq_len
+        ),
+        crate::memory::training_batch_bytes(
+            &info,
+            opts.batch_size,
+            opts.seq_len,
+            opts.checkpointing,
+        ),
+        opts.device,
+        "lower --batch-size or --seq-len (--grad-accum keeps the effective batch)",
+    )?;
     let dataset = Dataset::load(
         &opts.data,
         &tokenizer,
@@ -451,17 +796,24 @@ fn train_run(opts: &TrainOptions) -> Result<TrainSummary> {
         .targets
         .clone()
         .unwrap_or_else(|| Targets::Names(loaded.arch.spec().lora_targets.clone()));
-    prepare_out(opts)?;
+    let settings = RunSettings::of(opts, &targets, fingerprint_data(&dataset));
+    let checkpoint = opts.resume.as_deref().map(find_checkpoint).transpose()?;
+    if let Some((sdir, st)) = &checkpoint {
+        let p = sdir.join(STATE_FILE);
+        match &st.settings {
+            Some(was) => was.check_resume(&settings, &p)?,
+            None => eprintln!(
+                "note: {} predates recorded settings; only the base and rank are checked",
+                p.display()
+            ),
+        }
+    }
 
     let model = loaded.model.as_mut();
     tch::manual_seed(opts.seed as i64);
-    let (mut step, mut batcher, wrapped, resume_state) = match &opts.resume {
-        Some(dir) => {
-            let sdir = dir.join(STATE_DIR);
-            let p = sdir.join("state.json");
-            let text = std::fs::read_to_string(&p).map_err(|e| OctetError::io(&p, e))?;
-            let st: RunState =
-                serde_json::from_str(&text).map_err(|e| OctetError::bad_file(&p, e.to_string()))?;
+    let (mut step, mut batcher, wrapped, resume_state) = match checkpoint {
+        Some((sdir, st)) => {
+            let p = sdir.join(STATE_FILE);
             if st.base_fingerprint != base_fp {
                 return Err(OctetError::bad_file(&p, format!("this run was trained on another base model ({}); refusing to resume onto {}", st.base, base_name)));
             }
@@ -477,7 +829,7 @@ fn train_run(opts: &TrainOptions) -> Result<TrainSummary> {
             load_adapter(model, &sdir)?;
             train_extras(model, st.train_norms, st.train_biases);
             let batcher = Batcher::restore(st.batcher, dataset.train.len(), opts.batch_size)?;
-            (st.step, batcher, st.targets.clone(), Some(st))
+            (st.step, batcher, st.targets.clone(), Some((st, sdir)))
         }
         None => {
             let wrapped = attach_lora(model, &targets, opts.lora)?;
@@ -490,6 +842,10 @@ fn train_run(opts: &TrainOptions) -> Result<TrainSummary> {
             )
         }
     };
+    // Opened once the settings, checkpoint and targets are known good, so a refused run
+    // writes nothing.
+    let output = open_output(opts)?;
+    let out_dir = output.path().to_path_buf();
     model.visit_layers(&mut |_, l| l.set_training(true));
     if opts.kind != Kind::Float {
         model.store_frozen_in(opts.kind);
@@ -497,14 +853,14 @@ fn train_run(opts: &TrainOptions) -> Result<TrainSummary> {
     let named = trainable_tensors(model);
     let params: Vec<Tensor> = named.iter().map(|(_, t)| t.shallow_clone()).collect();
     let trainable_params: usize = params.iter().map(|p| p.numel()).sum();
-    let optim_kind = resume_state.as_ref().map_or(opts.optim, |s| s.optim);
+    let optim_kind = resume_state.as_ref().map_or(opts.optim, |s| s.0.optim);
     let mut optimizer = build_optimizer(
         optim_kind,
         params.iter().map(|p| p.shallow_clone()).collect(),
         opts.weight_decay,
     )?;
-    if let Some(dir) = &opts.resume {
-        let p = dir.join(STATE_DIR).join("optimizer.safetensors");
+    if let Some((_, sdir)) = &resume_state {
+        let p = sdir.join(OPTIMIZER_FILE);
         let store = SafetensorsFile::open(&p)?;
         let state: Vec<(String, Tensor)> = store
             .names()
@@ -519,11 +875,11 @@ fn train_run(opts: &TrainOptions) -> Result<TrainSummary> {
         opts.lora,
         &targets,
         &base_name,
-        opts.train_biases || resume_state.as_ref().is_some_and(|s| s.train_biases),
+        opts.train_biases || resume_state.as_ref().is_some_and(|s| s.0.train_biases),
     );
     adapter_cfg.fan_in_fan_out = loaded.arch.fan_in_fan_out();
     let schedule = LrSchedule::new(opts.schedule, opts.lr, opts.warmup, opts.steps)?;
-    let metrics_path = opts.out.join(METRICS_FILE);
+    let metrics_path = out_dir.join(METRICS_FILE);
     keep_metrics_through(&metrics_path, step)?;
     let mut metrics_file = std::fs::OpenOptions::new()
         .create(true)
@@ -552,13 +908,19 @@ fn train_run(opts: &TrainOptions) -> Result<TrainSummary> {
         r: opts.lora.r,
         targets: wrapped.clone(),
         optim: optim_kind,
-        train_norms: opts.train_norms || resume_state.as_ref().is_some_and(|s| s.train_norms),
+        train_norms: opts.train_norms || resume_state.as_ref().is_some_and(|s| s.0.train_norms),
         train_biases: adapter_cfg.bias == "all",
+        settings: Some(settings.clone()),
+        files: Default::default(),
     };
     let mut all_metrics = Vec::new();
-    let mut interrupted = false;
+    let mut stop = StopReason::Finished;
     let mut last_eval = None;
-    while step < opts.steps {
+    if opts.stop_after.is_some_and(|n| step >= n) && step < opts.steps {
+        // A resumed run already at its --stop-after: nothing to do, nothing to save.
+        stop = StopReason::StopAfter;
+    }
+    while step < opts.steps && stop == StopReason::Finished {
         let started = Instant::now();
         optimizer.zero_grad();
         let mut loss_sum = 0.0;
@@ -580,7 +942,7 @@ fn train_run(opts: &TrainOptions) -> Result<TrainSummary> {
                 return Err(OctetError::InvalidArgument(format!(
                     "the loss became {loss} at step {}; stopping (the last good checkpoint in {} is kept)",
                     step + 1,
-                    opts.out.display()
+                    out_dir.display()
                 )));
             }
             loss_sum += loss;
@@ -600,6 +962,14 @@ fn train_run(opts: &TrainOptions) -> Result<TrainSummary> {
         };
         if (opts.eval_every > 0 && step % opts.eval_every == 0) || step == opts.steps {
             m.eval_loss = evaluate(model, &dataset.eval, opts.batch_size)?;
+            if let Some(e) = m.eval_loss.filter(|e| !e.is_finite()) {
+                pb.abandon();
+                return Err(OctetError::InvalidArgument(format!(
+                    "the held-out loss became {e} at step {step}; stopping (the last good \
+                     checkpoint in {} is kept)",
+                    out_dir.display()
+                )));
+            }
             last_eval = m.eval_loss;
         }
         if step % opts.log_every.max(1) == 0 || m.eval_loss.is_some() || step == opts.steps {
@@ -613,20 +983,22 @@ fn train_run(opts: &TrainOptions) -> Result<TrainSummary> {
         ));
         pb.set_position(step as u64);
         all_metrics.push(m);
-        interrupted =
-            INTERRUPTED.load(Ordering::SeqCst) || opts.stop_after.is_some_and(|n| step >= n);
-        if (opts.save_every > 0 && step % opts.save_every == 0) || step == opts.steps || interrupted
+        if INTERRUPTED.load(Ordering::SeqCst) {
+            stop = StopReason::Interrupted;
+        } else if opts.stop_after.is_some_and(|n| step >= n) && step < opts.steps {
+            stop = StopReason::StopAfter;
+        }
+        if (opts.save_every > 0 && step % opts.save_every == 0)
+            || step == opts.steps
+            || stop != StopReason::Finished
         {
             save_checkpoint(
                 model,
                 optimizer.as_ref(),
                 &adapter_cfg,
                 &state_of(step, &batcher),
-                &opts.out,
+                &out_dir,
             )?;
-        }
-        if interrupted {
-            break;
         }
     }
     pb.finish_and_clear();
@@ -636,7 +1008,7 @@ fn train_run(opts: &TrainOptions) -> Result<TrainSummary> {
         eval_loss: last_eval,
         trainable_params,
         optimizer_bytes: optimizer.state_bytes(),
-        interrupted,
+        stop,
         targets: wrapped,
     })
 }
@@ -657,4 +1029,57 @@ fn keep_metrics_through(path: &Path, step: usize) -> Result<()> {
         kept.join("\n") + "\n"
     };
     std::fs::write(path, body).map_err(|e| OctetError::io(path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_setting_is_either_kept_or_allowed_to_change() {
+        let opts = TrainOptions::default();
+        let s = RunSettings::of(&opts, &Targets::Names(vec!["q".into()]), "fp".into());
+        let serde_json::Value::Object(m) = serde_json::to_value(&s).unwrap() else {
+            panic!("settings serialize to an object")
+        };
+        for key in m.keys() {
+            assert!(
+                MUST_KEEP.contains(&key.as_str()) ^ MAY_CHANGE.contains(&key.as_str()),
+                "{key} is in neither or both lists"
+            );
+        }
+        assert_eq!(m.len(), MUST_KEEP.len() + MAY_CHANGE.len());
+    }
+
+    #[test]
+    fn a_shape_setting_is_refused_by_name_and_a_schedule_setting_allowed() {
+        let opts = TrainOptions::default();
+        let t = Targets::Names(vec!["q".into()]);
+        let was = RunSettings::of(&opts, &t, "fp".into());
+        let longer = TrainOptions {
+            seq_len: 256,
+            steps: 500,
+            ..TrainOptions::default()
+        };
+        let err = was
+            .check_resume(
+                &RunSettings::of(&longer, &t, "fp".into()),
+                Path::new("s.json"),
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("s.json") && err.contains("--seq-len 256"),
+            "{err}"
+        );
+        let more_steps = TrainOptions {
+            steps: 500,
+            ..TrainOptions::default()
+        };
+        was.check_resume(
+            &RunSettings::of(&more_steps, &t, "fp".into()),
+            Path::new("s"),
+        )
+        .unwrap();
+    }
 }

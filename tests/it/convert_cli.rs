@@ -249,6 +249,15 @@ fn bad_inputs_are_refused_with_clear_errors_and_no_output() {
         std::fs::read_to_string(existing.join("keep.txt")).unwrap(),
         "mine"
     );
+    // --force replaces only octet's own outputs: the user's folder stays as it was.
+    let (ok, _, stderr) = convert(&tiny("hf_safetensors"), &existing, &["--force"]);
+    assert!(!ok && stderr.contains("not written by octet"), "{stderr}");
+    assert_eq!(
+        std::fs::read_to_string(existing.join("keep.txt")).unwrap(),
+        "mine"
+    );
+    std::fs::remove_file(existing.join("keep.txt")).unwrap();
+    assert!(convert(&tiny("hf_safetensors"), &existing, &[]).0);
     assert!(convert(&tiny("hf_safetensors"), &existing, &["--force"]).0);
-    assert!(!existing.join("keep.txt").exists() && existing.join("octet.toml").exists());
+    assert!(existing.join("octet.toml").exists());
 }

@@ -1,7 +1,7 @@
 //! All integration tests, one binary (one link) with a module per area.
 
-mod common;
 mod adam8bit_oracle;
+mod common;
 mod convert_cli;
 mod data_pipeline;
 mod eval_generate;
@@ -12,6 +12,7 @@ mod gptj_golden;
 mod llama_golden;
 mod merge;
 mod quant_oracle;
+mod safety_out;
 mod smollm2;
 mod torch_bin;
 mod train;

@@ -432,18 +432,31 @@ fn bad_inputs_are_refused_clearly_and_leave_nothing_behind() {
         std::fs::read_to_string(out.join("keep.txt")).unwrap(),
         "mine"
     );
-    let (ok, _, err) = common::octet(&[
-        "merge",
-        "--model",
-        b.base8.to_str().unwrap(),
-        "--adapter",
-        good.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--force",
-    ]);
+    // --force replaces only octet's own outputs: a folder holding the user's file stays.
+    let force = |out: &Path| {
+        common::octet(&[
+            "merge",
+            "--model",
+            b.base8.to_str().unwrap(),
+            "--adapter",
+            good.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--force",
+        ])
+    };
+    let (ok, _, err) = force(&out);
+    assert!(!ok && err.contains("not written by octet"), "{err}");
+    assert_eq!(
+        std::fs::read_to_string(out.join("keep.txt")).unwrap(),
+        "mine"
+    );
+    std::fs::remove_file(out.join("keep.txt")).unwrap();
+    let (ok, _, err) = force(&out);
     assert!(ok, "{err}");
-    assert!(!out.join("keep.txt").exists() && out.join("model.safetensors").exists());
+    assert!(out.join("model.safetensors").exists());
+    let (ok, _, err) = force(&out);
+    assert!(ok, "an octet merge output is replaced: {err}");
 
     // An unknown format.
     let (ok, _, err) = merge(&b.base8, &good, &t.join("o9"), "gguf");

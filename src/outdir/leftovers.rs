@@ -1,0 +1,68 @@
+//! Temporary folders left beside an output by a run that was killed: `.NAME.tmp-PID` (a
+//! half-written output) and `.NAME.tmp-PID.old` (the previous output, moved aside for the
+//! instant of the swap). Called while holding the output's lock, so no live octet is
+//! writing them; a folder whose PID still runs is left alone all the same.
+use crate::error::{OctetError, Result};
+use std::path::Path;
+
+/// The temporary sibling a process `pid` writes output `out` into.
+pub fn tmp_path(out: &Path, pid: u32) -> std::path::PathBuf {
+    let name = out.file_name().unwrap_or_default().to_string_lossy();
+    out.with_file_name(format!(".{name}.tmp-{pid}"))
+}
+
+/// Whether process `pid` is running. Without `/proc`, every process counts as running, so
+/// nothing is removed on a guess.
+pub fn pid_alive(pid: u32) -> bool {
+    let proc = Path::new("/proc");
+    !proc.join("self").exists() || proc.join(pid.to_string()).exists()
+}
+
+/// Removes the leftovers of dead processes beside `out`, saying so on stderr. A previous
+/// output moved aside by a swap that never finished is put back when `out` is missing.
+pub fn clean(out: &Path) -> Result<()> {
+    let Some(parent) = out.parent() else {
+        return Ok(());
+    };
+    let prefix = format!(
+        ".{}.tmp-",
+        out.file_name().unwrap_or_default().to_string_lossy()
+    );
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return Ok(());
+    };
+    let mut found: Vec<(std::path::PathBuf, u32, bool)> = entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let rest = name.strip_prefix(&prefix)?;
+            let (pid, old) = match rest.strip_suffix(".old") {
+                Some(p) => (p, true),
+                None => (rest, false),
+            };
+            Some((e.path(), pid.parse().ok()?, old))
+        })
+        .collect();
+    // Restore a moved-aside output before deleting anything.
+    found.sort_by_key(|f| !f.2);
+    for (path, pid, old) in found {
+        if pid == std::process::id() || pid_alive(pid) {
+            continue;
+        }
+        if old && !out.exists() {
+            std::fs::rename(&path, out).map_err(|e| OctetError::io(&path, e))?;
+            eprintln!(
+                "note: put back {} from {} (a replacement by PID {pid} was interrupted)",
+                out.display(),
+                path.display()
+            );
+            continue;
+        }
+        std::fs::remove_dir_all(&path).map_err(|e| OctetError::io(&path, e))?;
+        eprintln!(
+            "note: removed {}, left by an octet run (PID {pid}) that did not finish",
+            path.display()
+        );
+    }
+    Ok(())
+}
