@@ -8,6 +8,7 @@ mod eval_generate;
 mod gguf;
 mod gpt2;
 mod gpt_neox;
+mod gpu;
 mod gptj_golden;
 mod llama_golden;
 mod merge;
