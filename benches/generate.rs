@@ -208,7 +208,11 @@ fn main() {
         base.prompt,
         base.new,
         base.repeats,
-        if skip_hf { "" } else { ", (c) transformers f32" }
+        if skip_hf {
+            ""
+        } else {
+            ", (c) transformers f32"
+        }
     );
     println!(
         "{:>5} {:>9} {:>9} {:>9} {:>8} {:>8}   {:>22}   {:>20}",

@@ -210,7 +210,8 @@ fn gpu_check() {
         "{:<7} {:>14} {:>14} {:>14} {:>14} {:>14}",
         "bxs", "(a) 8-bit", "(b) bf16", "hf+peft bf16", "a/b", "b/hf"
     );
-    let secs = |m: Option<Measured>| m.map_or("did not fit".into(), |m| format!("{:.3} s", m.step_s));
+    let secs =
+        |m: Option<Measured>| m.map_or("did not fit".into(), |m| format!("{:.3} s", m.step_s));
     let mem = |m: Option<Measured>| {
         m.map_or("-".into(), |m| {
             if m.gpu_mib.is_nan() {
@@ -221,19 +222,32 @@ fn gpu_check() {
         })
     };
     for (i, &(batch, seq)) in shapes.iter().enumerate() {
-        let a = run_child(&child_args(layers, vocab, batch, seq, "bf16", "8bit", "ckpt", steps, embd, device));
-        let b = run_child(&child_args(layers, vocab, batch, seq, "bf16", "float", "ckpt", steps, embd, device));
+        let a = run_child(&child_args(
+            layers, vocab, batch, seq, "bf16", "8bit", "ckpt", steps, embd, device,
+        ));
+        let b = run_child(&child_args(
+            layers, vocab, batch, seq, "bf16", "float", "ckpt", steps, embd, device,
+        ));
         let hf = run_hf(layers, vocab, batch, seq, "bf16", steps, embd, device);
         // Targets: a/b ≤ 1.10 at the smallest size and ≤ 1.05 at the largest; b no slower
         // than transformers + peft.
-        let ab_target = if i == 0 { 1.10 } else if i + 1 == shapes.len() { 1.05 } else { f64::NAN };
+        let ab_target = if i == 0 {
+            1.10
+        } else if i + 1 == shapes.len() {
+            1.05
+        } else {
+            f64::NAN
+        };
         let ratio = |x: Option<Measured>, y: Option<Measured>, target: f64| match (x, y) {
             (Some(x), Some(y)) => {
                 let r = x.step_s / y.step_s;
                 if target.is_nan() {
                     format!("{r:.3}")
                 } else {
-                    format!("{r:.3} [<={target:.2} {}]", if r <= target { "ok" } else { "MISS" })
+                    format!(
+                        "{r:.3} [<={target:.2} {}]",
+                        if r <= target { "ok" } else { "MISS" }
+                    )
                 }
             }
             _ => "n/a".into(),
@@ -312,7 +326,8 @@ fn main() {
             let b = run_child(&cfg("f32", "ckpt"));
             let c = run_child(&cfg("f32", "plain"));
             let hf = run_hf(layers, vocab, batch, seq, dtype, steps, embd, device);
-            let f = |x: Option<Measured>| x.map_or("n/a".to_string(), |v| format!("{:.2}", v.step_s));
+            let f =
+                |x: Option<Measured>| x.map_or("n/a".to_string(), |v| format!("{:.2}", v.step_s));
             let ratio = |x: Option<Measured>, y: Option<Measured>| match (x, y) {
                 (Some(x), Some(y)) => format!("{:.3}", x.step_s / y.step_s),
                 _ => "n/a".into(),
@@ -350,7 +365,11 @@ fn main() {
             let args = child_args(28, 50400, 1, 256, dtype, "8bit", "ckpt", 1, 4096, device);
             match run_child(&args) {
                 Some(m) => {
-                    println!("  {dtype}: step {:.1} s, peak RSS {:.2} GiB", m.step_s, m.rss_mib / 1024.0)
+                    println!(
+                        "  {dtype}: step {:.1} s, peak RSS {:.2} GiB",
+                        m.step_s,
+                        m.rss_mib / 1024.0
+                    )
                 }
                 None => println!("  {dtype}: failed"),
             }

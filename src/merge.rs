@@ -756,18 +756,16 @@ pub fn merge(model: &Path, adapter: &Path, out: &Path, opts: &MergeOptions) -> R
     let mut errors = Vec::new();
     for (s, t) in stored.nodes.iter().zip(&graph.nodes) {
         let edit = ad.modules.get(&s.path);
-        for (name, bytes) in
-            module_outputs(
-                store.as_ref(),
-                s,
-                t,
-                edit,
-                &ad.config,
-                block,
-                opts.device,
-                &mut errors,
-            )?
-        {
+        for (name, bytes) in module_outputs(
+            store.as_ref(),
+            s,
+            t,
+            edit,
+            &ad.config,
+            block,
+            opts.device,
+            &mut errors,
+        )? {
             w.write(&t.tensor_name(&name), &bytes)?;
         }
         for p in &s.params {

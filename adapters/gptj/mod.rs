@@ -52,7 +52,11 @@ inventory::submit! { ArchitectureRegistration { get: || &GPTJ } }
 /// Layers of a GPT-J with random frozen weights, for benchmarks, created on `on.1`: 8-bit
 /// weights are drawn directly as bytes (never materialised in float), so a 6B-parameter shape
 /// fits in ~6 GB; float weights are drawn in `on.0` (norms and biases stay f32).
-pub fn random_layers(cfg: &GptjConfig, eight_bit: bool, on: (Kind, tch::Device)) -> Result<LayerMap> {
+pub fn random_layers(
+    cfg: &GptjConfig,
+    eight_bit: bool,
+    on: (Kind, tch::Device),
+) -> Result<LayerMap> {
     use crate::nn::bnb8::{Bnb8Embedding, Bnb8Linear};
     use crate::nn::float::{Embedding, LayerNorm, Linear};
     use crate::quant::{BlockSize, QuantCode, Quantized};

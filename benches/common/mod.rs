@@ -43,8 +43,9 @@ pub fn sync(device: tch::Device) {
 #[allow(dead_code)]
 pub fn gpu_used_mib(device: tch::Device) -> f64 {
     match device {
-        tch::Device::Cuda(n) => octet::device::used_bytes(n)
-            .map_or(f64::NAN, |b| b as f64 / (1024.0 * 1024.0)),
+        tch::Device::Cuda(n) => {
+            octet::device::used_bytes(n).map_or(f64::NAN, |b| b as f64 / (1024.0 * 1024.0))
+        }
         _ => f64::NAN,
     }
 }

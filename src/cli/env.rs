@@ -82,7 +82,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     );
     println!("CUDA linked      {}", yn(linked));
     match available {
-        true => println!("CUDA available   yes, {} device(s)", tch::Cuda::device_count()),
+        true => println!(
+            "CUDA available   yes, {} device(s)",
+            tch::Cuda::device_count()
+        ),
         false => println!(
             "CUDA available   no: {}",
             s(&v["cuda"]["unavailable_reason"])

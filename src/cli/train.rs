@@ -246,6 +246,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         s.optimizer_bytes,
         s.optimizer_bytes as f64 / s.trainable_params.max(1) as f64
     );
+    if let Some(p) = s.peak_gpu_mib {
+        eprintln!("peak GPU memory {p:.0} MiB");
+    }
     if let Some(m) = last {
         println!("final train loss {:.4}", m.loss);
     }

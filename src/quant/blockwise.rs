@@ -155,16 +155,24 @@ impl Quantized {
             let flat_ids = flat_ids.f_to_device(dev)?;
             // An out-of-range index is a fatal device-side assert on a GPU: check first.
             if flat_ids.numel() > 0 {
-                let (lo, hi) = (flat_ids.f_min()?.int64_value(&[]), flat_ids.f_max()?.int64_value(&[]));
+                let (lo, hi) = (
+                    flat_ids.f_min()?.int64_value(&[]),
+                    flat_ids.f_max()?.int64_value(&[]),
+                );
                 if lo < 0 || hi >= rows {
                     return Err(out_of_range(if lo < 0 { lo } else { hi }));
                 }
             }
             let rows_q = self.q.f_index_select(0, &flat_ids)?;
-            let elem0 = flat_ids.f_unsqueeze(1)?.f_mul_scalar(cols)?.f_add(&Tensor::f_arange(cols, (Kind::Int64, dev))?)?;
+            let elem0 = flat_ids
+                .f_unsqueeze(1)?
+                .f_mul_scalar(cols)?
+                .f_add(&Tensor::f_arange(cols, (Kind::Int64, dev))?)?;
             let scale = self.absmax.f_to_device(dev)?.f_index_select(
                 0,
-                &elem0.f_flatten(0, -1)?.f_div_scalar_mode(self.block.get() as i64, "floor")?,
+                &elem0
+                    .f_flatten(0, -1)?
+                    .f_div_scalar_mode(self.block.get() as i64, "floor")?,
             )?;
             let (code_t, _) = self.code.tables_on(dev)?;
             let vals = code_t.f_index_select(0, &rows_q.f_flatten(0, -1)?.f_to_kind(Kind::Int)?)?;
@@ -314,13 +322,9 @@ pub fn quantize_with_torch_ops(
     let v = &padded / safe.unsqueeze(1);
     // Count of thresholds <= v: the nearest code, ties to the lower index, as on the CPU.
     let (_, thresholds) = code.tables_on(x.device())?;
-    let idx = v.contiguous().f_searchsorted(
-        &thresholds,
-        false,
-        true,
-        "right",
-        None::<&Tensor>,
-    )?;
+    let idx = v
+        .contiguous()
+        .f_searchsorted(&thresholds, false, true, "right", None::<&Tensor>)?;
     let q = idx
         .to_kind(Kind::Uint8)
         .flatten(0, -1)
@@ -403,8 +407,15 @@ pub fn dequantize_with_torch_ops(
             .f_view([nblocks, b])?
     };
     // Index of (block, byte) in the flattened table; int32 halves the index memory.
-    let offsets = Tensor::f_arange_start_step(0, nblocks * CODE_LEN as i64, CODE_LEN as i64, (Kind::Int, dev))?;
-    let idx = rows.f_to_kind(Kind::Int)?.f_add_(&offsets.f_unsqueeze(1)?)?;
+    let offsets = Tensor::f_arange_start_step(
+        0,
+        nblocks * CODE_LEN as i64,
+        CODE_LEN as i64,
+        (Kind::Int, dev),
+    )?;
+    let idx = rows
+        .f_to_kind(Kind::Int)?
+        .f_add_(&offsets.f_unsqueeze(1)?)?;
     let out = table
         .f_flatten(0, -1)?
         .f_index_select(0, &idx.f_flatten(0, -1)?)?

@@ -10,7 +10,7 @@ mod simd;
 pub mod stream;
 
 pub use blockwise::{dequantize, quantize, BlockSize, Quantized};
-pub use dispatch::{generic_forced, uses_cpu_kernels, with_generic_ops};
 pub use code::{CodeKind, QuantCode, CODE_LEN};
+pub use dispatch::{generic_forced, uses_cpu_kernels, with_generic_ops};
 pub use fit::{fit_code, FitOptions};
 pub use stream::{QuantError, StreamOutput, StreamingQuantizer};

@@ -763,7 +763,9 @@ mod tests {
         assert!(is_out_of_memory(
             "[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"
         ));
-        assert!(!is_out_of_memory("shape '[4, 8]' is invalid for input of size 3"));
+        assert!(!is_out_of_memory(
+            "shape '[4, 8]' is invalid for input of size 3"
+        ));
         let boxed: Box<dyn std::any::Any + Send> = Box::new(String::from("CUDA out of memory"));
         assert_eq!(panic_message(&*boxed), "CUDA out of memory");
     }

@@ -23,7 +23,8 @@ fn torch_lib_dir() -> PathBuf {
     option_env!("LIBTORCH")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/lib/python3.11/site-packages/torch")
+            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join(".venv/lib/python3.11/site-packages/torch")
         })
         .join("lib")
 }
@@ -70,7 +71,10 @@ fn binaries_link_libtorch_cuda_when_libtorch_has_it() {
                 lib.display()
             );
         } else {
-            println!("{} has no libtorch_cuda.so: CPU-only libtorch", lib.display());
+            println!(
+                "{} has no libtorch_cuda.so: CPU-only libtorch",
+                lib.display()
+            );
         }
     }
 }
@@ -109,7 +113,10 @@ fn env_reports_cuda_linkage_availability_and_kernels() {
     let (ok, text, _) = common::octet(&["env"]);
     assert!(ok);
     let yes_no = if has_cuda { "yes" } else { "no" };
-    assert!(text.contains(&format!("CUDA linked      {yes_no}")), "{text}");
+    assert!(
+        text.contains(&format!("CUDA linked      {yes_no}")),
+        "{text}"
+    );
     if !available {
         assert!(text.contains("CUDA available   no: "), "{text}");
     }
@@ -145,9 +152,19 @@ fn unusable_devices_are_refused_before_anything_is_written() {
         let out = tmp.path().join(format!("out-{}", dev.replace(':', "-")));
         let o = out.to_str().unwrap();
         let commands: Vec<Vec<&str>> = vec![
-            vec!["train", "--model", model, "--data", data, "--out", o, "--steps", "1"],
+            vec![
+                "train", "--model", model, "--data", data, "--out", o, "--steps", "1",
+            ],
             vec!["eval", "--model", model, "--data", data],
-            vec!["generate", "--model", model, "--prompt", "Hi", "--max-new-tokens", "2"],
+            vec![
+                "generate",
+                "--model",
+                model,
+                "--prompt",
+                "Hi",
+                "--max-new-tokens",
+                "2",
+            ],
             vec![
                 "merge",
                 "--model",
@@ -157,7 +174,15 @@ fn unusable_devices_are_refused_before_anything_is_written() {
                 "--out",
                 o,
             ],
-            vec!["quant-report", "--rows", "64", "--cols", "64", "--block-size", "64"],
+            vec![
+                "quant-report",
+                "--rows",
+                "64",
+                "--cols",
+                "64",
+                "--block-size",
+                "64",
+            ],
         ];
         for mut args in commands {
             args.extend_from_slice(&["--device", dev]);
@@ -182,7 +207,9 @@ fn awkward(n: i64, seed: i64) -> Tensor {
 }
 
 fn bits_equal(a: &Tensor, b: &Tensor) -> bool {
-    a.size() == b.size() && a.kind() == b.kind() && a.view_dtype(Kind::Uint8).equal(&b.view_dtype(Kind::Uint8))
+    a.size() == b.size()
+        && a.kind() == b.kind()
+        && a.view_dtype(Kind::Uint8).equal(&b.view_dtype(Kind::Uint8))
 }
 
 /// Quantize and de-quantize through the generic path on CPU tensors: bit-identical to the
@@ -199,7 +226,11 @@ fn generic_path_quantizes_and_dequantizes_like_the_cpu_kernels() {
         let x = awkward(n, 11).reshape(shape.as_slice());
         let cpu = quant::quantize(&x, block, &code).unwrap();
         let gen = with_generic_ops(|| quant::quantize(&x, block, &code)).unwrap();
-        assert!(cpu.q.equal(&gen.q), "q differs, {n} values, block {}", block.get());
+        assert!(
+            cpu.q.equal(&gen.q),
+            "q differs, {n} values, block {}",
+            block.get()
+        );
         assert!(bits_equal(&cpu.absmax, &gen.absmax), "absmax differs");
         let from_bf16 = x.to_kind(Kind::BFloat16);
         let (c16, g16) = (
@@ -267,7 +298,12 @@ fn generic_path_evaluates_and_decodes_like_the_cpu_kernels() {
         )
     });
     let rel = (gen_ppl.perplexity - base.perplexity).abs() / base.perplexity;
-    assert!(rel < 1e-5, "perplexity {} vs {}", gen_ppl.perplexity, base.perplexity);
+    assert!(
+        rel < 1e-5,
+        "perplexity {} vs {}",
+        gen_ppl.perplexity,
+        base.perplexity
+    );
     assert_eq!(tokens, gen_tokens);
 }
 
@@ -316,16 +352,26 @@ fn adam_run(
     }
 }
 
-fn assert_adam_close(a: &(Tensor, Vec<(String, Tensor)>), b: &(Tensor, Vec<(String, Tensor)>), what: &str) {
+fn assert_adam_close(
+    a: &(Tensor, Vec<(String, Tensor)>),
+    b: &(Tensor, Vec<(String, Tensor)>),
+    what: &str,
+) {
     for ((na, ta), (nb, tb)) in a.1.iter().zip(&b.1) {
         assert_eq!(na, nb);
         if ta.kind() == Kind::Uint8 {
             // √v may differ by an ulp between libtorch's vectorised sqrt and the kernel's.
             let differ = ta.ne_tensor(tb).sum(Kind::Int64).int64_value(&[]);
-            assert!(differ as f64 <= 1e-3 * ta.numel() as f64, "{what}: {na}: {differ} codes differ");
+            assert!(
+                differ as f64 <= 1e-3 * ta.numel() as f64,
+                "{what}: {na}: {differ} codes differ"
+            );
         } else {
             let d = (ta - tb).abs().max().double_value(&[]);
-            assert!(d <= 1e-6 * (1.0 + ta.abs().max().double_value(&[])), "{what}: {na} differs by {d}");
+            assert!(
+                d <= 1e-6 * (1.0 + ta.abs().max().double_value(&[])),
+                "{what}: {na} differs by {d}"
+            );
         }
     }
     let d = (&a.0 - &b.0).abs().max().double_value(&[]);
@@ -349,7 +395,10 @@ fn train_losses(dir: &Path, device: Device, optim: OptimKind, steps: usize) -> V
     let opts = TrainOptions {
         model: common::fixture("tiny_gptj/hf_safetensors"),
         data,
-        out: dir.join(format!("out-{}", octet::device::name(device).replace(':', "-"))),
+        out: dir.join(format!(
+            "out-{}",
+            octet::device::name(device).replace(':', "-")
+        )),
         steps,
         batch_size: 2,
         seq_len: 32,
@@ -361,7 +410,12 @@ fn train_losses(dir: &Path, device: Device, optim: OptimKind, steps: usize) -> V
         ..TrainOptions::default()
     };
     let _rng = common::global_rng();
-    train(&opts).unwrap().metrics.iter().map(|m| m.loss).collect()
+    train(&opts)
+        .unwrap()
+        .metrics
+        .iter()
+        .map(|m| m.loss)
+        .collect()
 }
 
 /// `octet train` with the generic path forced (OCTET_FORCE_GENERIC=1) follows the CPU
@@ -376,8 +430,22 @@ fn generic_path_training_follows_the_cpu_kernels() {
         let out = tmp.path().join(name);
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_octet"));
         cmd.args(["train", "--model", model.to_str().unwrap()])
-            .args(["--data", data.to_str().unwrap(), "--out", out.to_str().unwrap()])
-            .args(["--steps", "6", "--batch-size", "2", "--seq-len", "32", "--lr", "1e-3"])
+            .args([
+                "--data",
+                data.to_str().unwrap(),
+                "--out",
+                out.to_str().unwrap(),
+            ])
+            .args([
+                "--steps",
+                "6",
+                "--batch-size",
+                "2",
+                "--seq-len",
+                "32",
+                "--lr",
+                "1e-3",
+            ])
             .args(["--device", "cpu"]);
         if generic {
             cmd.env("OCTET_FORCE_GENERIC", "1");
@@ -387,7 +455,11 @@ fn generic_path_training_follows_the_cpu_kernels() {
         std::fs::read_to_string(out.join("metrics.jsonl"))
             .unwrap()
             .lines()
-            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64().unwrap())
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
+                    .as_f64()
+                    .unwrap()
+            })
             .collect()
     };
     let cpu = run("cpu", false);
@@ -423,13 +495,23 @@ fn cuda_quantize_and_dequantize_are_bit_identical_to_the_cpu() {
         let cpu = quant::quantize(&x, block, &code).unwrap();
         let gpu = quant::quantize(&x.to_device(cuda), block, &code).unwrap();
         assert_eq!(gpu.q.device(), cuda);
-        assert!(cpu.q.equal(&gpu.q.to_device(Device::Cpu)), "q, block {}", block.get());
-        assert!(bits_equal(&cpu.absmax, &gpu.absmax.to_device(Device::Cpu)), "absmax");
+        assert!(
+            cpu.q.equal(&gpu.q.to_device(Device::Cpu)),
+            "q, block {}",
+            block.get()
+        );
+        assert!(
+            bits_equal(&cpu.absmax, &gpu.absmax.to_device(Device::Cpu)),
+            "absmax"
+        );
         for kind in [Kind::Float, Kind::BFloat16, Kind::Half] {
             let a = cpu.dequantize(kind).unwrap();
             let b = gpu.dequantize(kind).unwrap();
             assert_eq!(b.device(), cuda);
-            assert!(bits_equal(&a, &b.to_device(Device::Cpu)), "dequantize {kind:?}");
+            assert!(
+                bits_equal(&a, &b.to_device(Device::Cpu)),
+                "dequantize {kind:?}"
+            );
         }
     }
     println!("cuda quantize/dequantize: bit-identical to the CPU kernels");
@@ -444,11 +526,20 @@ fn cuda_tiny_gptj_forward_perplexity_and_greedy_tokens_match_the_cpu() {
     let cpu = load_8bit(Device::Cpu);
     let gpu = load_8bit(Device::Cuda(0));
     let x = Tensor::from_slice(&ids[..48]).reshape([2, 24]);
-    let (lc, lg) = tch::no_grad(|| (cpu.model.forward(&x), gpu.model.forward(&x).to_device(Device::Cpu)));
+    let (lc, lg) = tch::no_grad(|| {
+        (
+            cpu.model.forward(&x),
+            gpu.model.forward(&x).to_device(Device::Cpu),
+        )
+    });
     let d = (&lc - &lg).abs().max().double_value(&[]) / lc.abs().max().double_value(&[]);
     assert!(d < 1e-4, "logits differ by {d} (relative to the largest)");
-    let pc = perplexity(cpu.model.as_ref(), &ids, 64, 32, 4).unwrap().perplexity;
-    let pg = perplexity(gpu.model.as_ref(), &ids, 64, 32, 4).unwrap().perplexity;
+    let pc = perplexity(cpu.model.as_ref(), &ids, 64, 32, 4)
+        .unwrap()
+        .perplexity;
+    let pg = perplexity(gpu.model.as_ref(), &ids, 64, 32, 4)
+        .unwrap()
+        .perplexity;
     let rel = (pc - pg).abs() / pc;
     assert!(rel < 1e-4, "perplexity {pg} (cuda) vs {pc} (cpu)");
     assert_eq!(greedy(&cpu, &ids[..10]), greedy(&gpu, &ids[..10]));
@@ -469,7 +560,10 @@ fn cuda_twenty_training_steps_follow_the_cpu_loss_curve() {
         .map(|(a, b)| (a - b).abs())
         .fold(0.0, f64::max);
     assert_eq!(gpu.len(), 20);
-    assert!(worst < 1e-3, "loss curves differ by up to {worst}: {cpu:?} vs {gpu:?}");
+    assert!(
+        worst < 1e-3,
+        "loss curves differ by up to {worst}: {cpu:?} vs {gpu:?}"
+    );
     println!("cuda 20 training steps (f32, adamw): loss curves within {worst:.2e} of the CPU's");
 }
 
@@ -480,7 +574,13 @@ fn cuda_adam8bit_matches_the_cpu_with_nearest_rounding() {
     }
     let cpu = adam_run(Device::Cpu, false, StateRounding::Nearest, 5);
     let gpu = adam_run(Device::Cuda(0), false, StateRounding::Nearest, 5);
-    let gpu = (gpu.0, gpu.1.into_iter().map(|(n, t)| (n, t.to_device(Device::Cpu))).collect());
+    let gpu = (
+        gpu.0,
+        gpu.1
+            .into_iter()
+            .map(|(n, t)| (n, t.to_device(Device::Cpu)))
+            .collect(),
+    );
     assert_adam_close(&cpu, &gpu, "cuda vs cpu");
     println!("cuda 8-bit Adam (nearest rounding): states and parameters match the CPU kernel");
 }

@@ -1,15 +1,15 @@
 //! All integration tests, one binary (one link) with a module per area.
 
-mod common;
 mod adam8bit_oracle;
+mod common;
 mod convert_cli;
 mod data_pipeline;
 mod eval_generate;
 mod gguf;
 mod gpt2;
 mod gpt_neox;
-mod gpu;
 mod gptj_golden;
+mod gpu;
 mod llama_golden;
 mod merge;
 mod quant_oracle;
