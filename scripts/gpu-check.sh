@@ -63,7 +63,7 @@ prepare() {
     cp "$bench_generate" "$bundle/bin/bench-generate"
     strip "$bundle"/bin/* 2>/dev/null || true
     cp scripts/gpu-check.sh scripts/bench_hf_train.py scripts/bench_hf_generate.py \
-        scripts/bench_common.py "$bundle/scripts/"
+        scripts/bench_common.py scripts/bnb_cuda_adam8bit.py "$bundle/scripts/"
     cp -r fixtures/generated/tiny_gptj/hf_safetensors "$bundle/fixtures/tiny_gptj/"
     # The script at the bundle's top finds everything beside it.
     cp scripts/gpu-check.sh "$bundle/gpu-check.sh"

@@ -602,7 +602,7 @@ fn train_run(opts: &TrainOptions) -> Result<TrainSummary> {
             let micro_id = (step * opts.grad_accum + micro) as u64;
             let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 forward_backward(
-                    &mut *model,
+                    &*model,
                     &ids,
                     &labels,
                     1.0 / opts.grad_accum as f64,

@@ -298,6 +298,12 @@ fn generic_path_evaluates_and_decodes_like_the_cpu_kernels() {
         )
     });
     let rel = (gen_ppl.perplexity - base.perplexity).abs() / base.perplexity;
+    println!(
+        "generic vs CPU kernels, tiny GPT-J 8-bit: perplexity {} vs {} (rel diff {rel:.2e}), greedy tokens identical: {}",
+        gen_ppl.perplexity,
+        base.perplexity,
+        tokens == gen_tokens
+    );
     assert!(
         rel < 1e-5,
         "perplexity {} vs {}",
@@ -362,6 +368,7 @@ fn assert_adam_close(
         if ta.kind() == Kind::Uint8 {
             // √v may differ by an ulp between libtorch's vectorised sqrt and the kernel's.
             let differ = ta.ne_tensor(tb).sum(Kind::Int64).int64_value(&[]);
+            println!("{what}: {na}: {differ} of {} codes differ", ta.numel());
             assert!(
                 differ as f64 <= 1e-3 * ta.numel() as f64,
                 "{what}: {na}: {differ} codes differ"
@@ -375,6 +382,7 @@ fn assert_adam_close(
         }
     }
     let d = (&a.0 - &b.0).abs().max().double_value(&[]);
+    println!("{what}: parameters differ by at most {d:.2e}");
     assert!(d < 1e-7, "{what}: parameters differ by {d}");
 }
 
@@ -465,6 +473,12 @@ fn generic_path_training_follows_the_cpu_kernels() {
     let cpu = run("cpu", false);
     let generic = run("generic", true);
     assert_eq!(cpu.len(), 6);
+    let worst = cpu
+        .iter()
+        .zip(&generic)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max);
+    println!("generic vs CPU kernels, 6 training steps: losses {cpu:?} vs {generic:?}, max diff {worst:.2e}");
     for (s, (a, b)) in cpu.iter().zip(&generic).enumerate() {
         assert!((a - b).abs() < 1e-4, "step {}: {a} vs {b}", s + 1);
     }
@@ -583,4 +597,74 @@ fn cuda_adam8bit_matches_the_cpu_with_nearest_rounding() {
     );
     assert_adam_close(&cpu, &gpu, "cuda vs cpu");
     println!("cuda 8-bit Adam (nearest rounding): states and parameters match the CPU kernel");
+}
+
+/// The Python for reference scripts: `OCTET_PYTHON` (a GPU machine's), else the venv's.
+fn reference_python() -> PathBuf {
+    std::env::var_os("OCTET_PYTHON").map_or_else(common::python, PathBuf::from)
+}
+
+/// A reference script: under `OCTET_SCRIPTS` when set, else the project's scripts/.
+fn reference_script(name: &str) -> PathBuf {
+    std::env::var_os("OCTET_SCRIPTS")
+        .map_or_else(
+            || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts"),
+            PathBuf::from,
+        )
+        .join(name)
+}
+
+#[test]
+fn cuda_adam8bit_matches_bitsandbytes_cuda() {
+    if !cuda_or_skip("cuda_adam8bit_matches_bitsandbytes_cuda") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("bnb.safetensors");
+    let o = std::process::Command::new(reference_python())
+        .arg(reference_script("bnb_cuda_adam8bit.py"))
+        .arg(&out)
+        .output()
+        .unwrap();
+    if o.status.code() == Some(3) {
+        println!(
+            "SKIPPED cuda_adam8bit_matches_bitsandbytes_cuda: {}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        );
+        return;
+    }
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let t = common::load_safetensors(&out);
+    let cuda = Device::Cuda(0);
+    let p = leaf(&t["init"].to_device(cuda));
+    let mut opt = Adam8bit::new(vec![p.shallow_clone()], AdamConfig::default())
+        .unwrap()
+        .with_rounding(StateRounding::Nearest);
+    for step in 1..=5 {
+        set_grad(&p, &t[&format!("grad.{step}")].to_device(cuda));
+        opt.step(1e-3).unwrap();
+    }
+    let sd: std::collections::BTreeMap<String, Tensor> = opt
+        .state_dict()
+        .into_iter()
+        .map(|(n, v)| (n.rsplit('.').next().unwrap().to_string(), v))
+        .collect();
+    for key in ["state1", "state2"] {
+        let differ = sd[key].ne_tensor(&t[key]).sum(Kind::Int64).int64_value(&[]);
+        let frac = differ as f64 / t[key].numel() as f64;
+        assert!(
+            frac < 0.01,
+            "{key}: {differ} codes differ from bitsandbytes' CUDA optimizer"
+        );
+        println!(
+            "cuda 8-bit Adam vs bitsandbytes CUDA: {key} {:.3}% codes differ",
+            100.0 * frac
+        );
+    }
+    let d = (p.detach().to_device(Device::Cpu) - &t["param"])
+        .abs()
+        .max()
+        .double_value(&[]);
+    assert!(d < 1e-5, "parameters differ from bitsandbytes' by {d}");
+    println!("cuda 8-bit Adam vs bitsandbytes CUDA: parameters within {d:.2e}");
 }
