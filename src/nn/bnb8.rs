@@ -168,7 +168,7 @@ impl Layer for Bnb8Embedding {
     }
     fn forward(&self, ids: &Tensor) -> Tensor {
         self.weight
-            .dequantize_rows(&ids.to_device(self.weight.q.device()), Kind::Float)
+            .dequantize_rows(ids, Kind::Float)
             .expect("token ids checked by the model")
     }
     fn tensors(&self) -> Vec<(String, Tensor)> {

@@ -105,13 +105,7 @@ impl Layer for Embedding {
         "Embedding"
     }
     fn forward(&self, ids: &Tensor) -> Tensor {
-        Tensor::embedding(
-            &self.weight,
-            &ids.to_device(self.weight.device()),
-            -1,
-            false,
-            false,
-        )
+        Tensor::embedding(&self.weight, ids, -1, false, false)
     }
     fn store_frozen_in(&mut self, kind: tch::Kind) {
         if let Some(w) = super::layer::frozen_in(&self.weight, kind) {

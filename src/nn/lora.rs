@@ -190,8 +190,7 @@ impl Layer for LoraLayer {
                 y + delta
             }
             AdapterShape::Embedding { .. } => {
-                let ids = x.to_device(self.a.device());
-                let after_a = Tensor::embedding(&self.a.tr(), &ids, -1, false, false);
+                let after_a = Tensor::embedding(&self.a.tr(), x, -1, false, false);
                 let delta = after_a.matmul(&self.b.tr()) * s;
                 y.to_kind(Kind::Float) + delta
             }

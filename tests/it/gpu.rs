@@ -120,6 +120,22 @@ fn env_reports_cuda_linkage_availability_and_kernels() {
     if !available {
         assert!(text.contains("CUDA available   no: "), "{text}");
     }
+    // `--device auto` (the default) says what it picked.
+    let (ok, _, stderr) = common::octet(&[
+        "quant-report",
+        "--rows",
+        "64",
+        "--cols",
+        "64",
+        "--block-size",
+        "64",
+    ]);
+    assert!(ok, "{stderr}");
+    let picked = if available { "cuda:0" } else { "cpu" };
+    assert!(
+        stderr.contains(&format!("device: {picked} (auto)")),
+        "{stderr}"
+    );
     // Forcing the kernels to the portable path is visible.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_octet"))
         .args(["env", "--json"])
@@ -667,4 +683,35 @@ fn cuda_adam8bit_matches_bitsandbytes_cuda() {
         .double_value(&[]);
     assert!(d < 1e-5, "parameters differ from bitsandbytes' by {d}");
     println!("cuda 8-bit Adam vs bitsandbytes CUDA: parameters within {d:.2e}");
+}
+
+#[test]
+fn f16_training_is_refused_before_anything_is_written() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data.txt");
+    std::fs::write(&data, TEXT.repeat(10)).unwrap();
+    let out = tmp.path().join("out");
+    let model = common::fixture("tiny_gptj/hf_safetensors");
+    let (ok, _, stderr) = common::octet(&[
+        "train",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--dtype",
+        "f16",
+        "--device",
+        "cpu",
+    ]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("f16")
+            && stderr.contains("--dtype bf16")
+            && stderr.contains("loss scaling"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(!out.exists());
 }
