@@ -406,15 +406,17 @@ pub fn dequantize_with_torch_ops(
         flat.f_constant_pad_nd([0, nblocks * b - numel])?
             .f_view([nblocks, b])?
     };
-    // Index of (block, byte) in the flattened table; int32 halves the index memory.
-    let offsets = Tensor::f_arange_start_step(
-        0,
-        nblocks * CODE_LEN as i64,
-        CODE_LEN as i64,
-        (Kind::Int, dev),
-    )?;
+    // Index of (block, byte) in the flattened table; int32 halves the index memory where the
+    // table is small enough for it.
+    let table_len = nblocks * CODE_LEN as i64;
+    let index_kind = if table_len <= i64::from(i32::MAX) {
+        Kind::Int
+    } else {
+        Kind::Int64
+    };
+    let offsets = Tensor::f_arange_start_step(0, table_len, CODE_LEN as i64, (index_kind, dev))?;
     let idx = rows
-        .f_to_kind(Kind::Int)?
+        .f_to_kind(index_kind)?
         .f_add_(&offsets.f_unsqueeze(1)?)?;
     let out = table
         .f_flatten(0, -1)?

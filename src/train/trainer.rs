@@ -236,19 +236,25 @@ fn fingerprint(m: &mut LoadedModel) -> String {
         }
     }
     let mut sample = |t: &Tensor| {
-        let flat = t.flatten(0, -1).to_device(Device::Cpu);
+        let flat = t.flatten(0, -1);
         let n = flat.numel() as i64;
         if n == 0 {
             return;
         }
+        // Sampled where the tensor lives: only the 1,024 values cross to the host. The
+        // indices are computed on the CPU so that every device samples the same elements.
         let idx = Tensor::linspace(
             0.0,
             (n - 1) as f64,
             n.min(1024),
             (Kind::Double, Device::Cpu),
         )
-        .to_kind(Kind::Int64);
-        let vals = flat.index_select(0, &idx).to_kind(Kind::Double);
+        .to_kind(Kind::Int64)
+        .to_device(flat.device());
+        let vals = flat
+            .index_select(0, &idx)
+            .to_device(Device::Cpu)
+            .to_kind(Kind::Double);
         for v in Vec::<f64>::try_from(&vals).unwrap_or_default() {
             h.update(v.to_le_bytes());
         }
