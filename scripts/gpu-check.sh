@@ -35,12 +35,22 @@ if [ -z "$bundle" ]; then
     if [ -x "$here/bin/octet" ]; then bundle="$here"; else bundle="$root/target/gpu-check"; fi
 fi
 
-# The executable cargo built for target NAME of KIND (bin, test, bench), from its JSON messages.
+# The executable cargo built for target NAME of KIND (bin, test, bench), from its JSON messages
+# on stdin (read with the project venv's Python, which the build machine has anyway).
 executable_of() {
-    local kind="$1" name="$2"
-    jq -r --arg k "$kind" --arg n "$name" \
-        'select(.reason == "compiler-artifact" and .executable != null
-                and (.target.kind | index($k)) and .target.name == $n) | .executable' | tail -n 1
+    "$root/.venv/bin/python" -c '
+import json, sys
+kind, name = sys.argv[1], sys.argv[2]
+found = ""
+for line in sys.stdin:
+    try:
+        m = json.loads(line)
+    except ValueError:
+        continue
+    t = m.get("target", {})
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and kind in t.get("kind", []) and t.get("name") == name:
+        found = m["executable"]
+print(found)' "$1" "$2"
 }
 
 prepare() {
