@@ -8,10 +8,11 @@
 //! Environment: `OCTET_BENCH_LAYERS` (default 2), `OCTET_BENCH_VOCAB` (16384),
 //! `OCTET_BENCH_PROMPT` (32), `OCTET_BENCH_NEW` (32), `OCTET_BENCH_REPEATS` (3),
 //! `OCTET_BENCH_BATCHES` (comma-separated, default `1,8`), `OCTET_BENCH_SKIP_HF` (set: no
-//! transformers column).
+//! transformers column), `OCTET_BENCH_DEVICE` (cpu), `OCTET_BENCH_EMBD` (4096),
+//! `OCTET_BENCH_FLOAT` (`f32` or `bf16`: the float weights of (b) and the compute dtype of both).
 mod common;
 
-use common::{env_or, peak_rss_mib};
+use common::{bench_device, env_or, peak_rss_mib, python, script, sync};
 use octet::adapters::gptj::{random_layers, Gptj, GptjConfig};
 use octet::generate::generate_batch;
 use std::process::Command;
@@ -40,6 +41,9 @@ impl Measured {
 
 #[derive(Clone, Copy)]
 struct Shape {
+    embd: usize,
+    bf16: bool,
+    device: Device,
     layers: usize,
     vocab: usize,
     batch: i64,
@@ -49,6 +53,7 @@ struct Shape {
 }
 
 impl Shape {
+    /// The positional arguments shared by the octet child and the transformers script.
     fn args(&self) -> Vec<String> {
         [
             self.layers,
@@ -62,6 +67,14 @@ impl Shape {
         .map(|v| v.to_string())
         .collect()
     }
+
+    fn kind(&self) -> Kind {
+        if self.bf16 {
+            Kind::BFloat16
+        } else {
+            Kind::Float
+        }
+    }
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -72,12 +85,12 @@ fn median(mut v: Vec<f64>) -> f64 {
 fn child(s: Shape, eight_bit: bool) {
     tch::manual_seed(0);
     let cfg = GptjConfig::from_json(&serde_json::json!({
-        "n_embd": 4096, "n_head": 16, "rotary_dim": 64, "n_layer": s.layers,
+        "n_embd": s.embd, "n_head": (s.embd / 256).max(1), "rotary_dim": 64, "n_layer": s.layers,
         "vocab_size": s.vocab, "n_positions": 2048
     }))
     .expect("bench config");
-    let mut layers = random_layers(&cfg, eight_bit).expect("random layers");
-    let model = Gptj::new(cfg, &mut layers, Kind::Float).expect("model");
+    let mut layers = random_layers(&cfg, eight_bit, (s.kind(), s.device)).expect("random layers");
+    let model = Gptj::new(cfg, &mut layers, s.kind()).expect("model");
     let ids = Tensor::randint(
         s.vocab as i64,
         [s.batch, s.prompt],
@@ -86,6 +99,7 @@ fn child(s: Shape, eight_bit: bool) {
     let run = |n: usize| {
         let t = Instant::now();
         let out = generate_batch(&model, &ids, n, true).expect("generate");
+        sync(s.device);
         assert_eq!(out.size(), [s.batch, n as i64]);
         t.elapsed().as_secs_f64()
     };
@@ -122,19 +136,25 @@ fn report(what: &str, out: std::io::Result<std::process::Output>) -> Option<Meas
 
 fn run_octet(s: Shape, eight_bit: bool) -> Option<Measured> {
     let exe = std::env::current_exe().ok()?;
-    let weights = if eight_bit { "8bit" } else { "f32" };
+    let weights = if eight_bit { "8bit" } else { "float" };
     let out = Command::new(exe)
         .arg("--child")
         .args(s.args())
         .arg(weights)
+        .args([
+            s.embd.to_string(),
+            (if s.bf16 { "bf16" } else { "f32" }).to_string(),
+            octet::device::name(s.device),
+        ])
         .output();
     report(&format!("octet {weights} child"), out)
 }
 
 fn run_hf(s: Shape) -> Option<Measured> {
-    let python = concat!(env!("CARGO_MANIFEST_DIR"), "/.venv/bin/python");
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/bench_hf_generate.py");
-    let out = Command::new(python).arg(script).args(s.args()).output();
+    let out = Command::new(python())
+        .arg(script("bench_hf_generate.py"))
+        .args(s.args())
+        .output();
     report("transformers bench", out)
 }
 
@@ -143,6 +163,9 @@ fn main() {
     if args.first().map(String::as_str) == Some("--child") {
         let n = |i: usize| args[i].parse::<usize>().expect("number");
         let s = Shape {
+            embd: n(8),
+            bf16: args[9] == "bf16",
+            device: octet::device::from_flag(&args[10]).expect("child device"),
             layers: n(1),
             vocab: n(2),
             batch: n(3) as i64,
@@ -152,7 +175,11 @@ fn main() {
         };
         return child(s, args[7] == "8bit");
     }
+    let float = std::env::var("OCTET_BENCH_FLOAT").unwrap_or_else(|_| "f32".into());
     let base = Shape {
+        embd: env_or("OCTET_BENCH_EMBD", 4096),
+        bf16: float == "bf16",
+        device: bench_device(),
         layers: env_or("OCTET_BENCH_LAYERS", 2),
         vocab: env_or("OCTET_BENCH_VOCAB", 16384),
         batch: 1,
@@ -165,12 +192,27 @@ fn main() {
         .split(',')
         .filter_map(|b| b.trim().parse().ok())
         .collect();
-    let skip_hf = std::env::var_os("OCTET_BENCH_SKIP_HF").is_some();
+    // The transformers script runs f32 on the CPU only.
+    let skip_hf = std::env::var_os("OCTET_BENCH_SKIP_HF").is_some()
+        || base.bf16
+        || base.device != Device::Cpu;
+    let float = if base.bf16 { "bf16" } else { "f32" };
     println!(
-        "\nKV-cached greedy generation, GPT-J width (n_embd 4096, 16 heads, rotary 64), {} layers, \
+        "\nKV-cached greedy generation on {}, GPT-J width (n_embd {}, rotary 64), {} layers, \
          vocab {}, prompt {} tokens, {} new; decode tokens/s (all rows) = median full run minus \
-         median prefill, {} repeats; (a) octet 8-bit, (b) octet f32, (c) transformers f32",
-        base.layers, base.vocab, base.prompt, base.new, base.repeats
+         median prefill, {} repeats; (a) octet 8-bit, (b) octet {float} weights, {float} compute{}",
+        octet::device::name(base.device),
+        base.embd,
+        base.layers,
+        base.vocab,
+        base.prompt,
+        base.new,
+        base.repeats,
+        if skip_hf {
+            ""
+        } else {
+            ", (c) transformers f32"
+        }
     );
     println!(
         "{:>5} {:>9} {:>9} {:>9} {:>8} {:>8}   {:>22}   {:>20}",

@@ -120,6 +120,7 @@ pub fn perplexity(
         )));
     }
     let wins = windows(ids.len(), ctx, stride);
+    let device = crate::model::model_device(model);
     let (mut nll_sum, mut scored) = (0.0f64, 0i64);
     let mut i = 0;
     while i < wins.len() {
@@ -139,7 +140,7 @@ pub fn perplexity(
             labels.extend_from_slice(&window[context..]);
         }
         let shape = [(j - i) as i64, len as i64];
-        let input = Tensor::from_slice(&input).reshape(shape);
+        let input = Tensor::from_slice(&input).reshape(shape).to_device(device);
         let labels = Tensor::from_slice(&labels).reshape(shape);
         let (s, n) =
             crate::nn::scratch::inference(|| causal_lm_nll(&model.forward(&input), &labels));

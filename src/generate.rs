@@ -319,7 +319,7 @@ pub fn generate(
     opts.validate()?;
     check_ids(model, prompt_ids)?;
     let budget = room(model, prompt_ids.len(), opts.max_new_tokens)?;
-    let device = model_device(model);
+    let device = crate::model::model_device(model);
     let mut sampler = Sampler::new(opts);
     let mut stepper = Stepper::new(model, opts.use_cache, prompt_ids.len() + budget);
     let mut seq = prompt_ids.to_vec();
@@ -379,7 +379,7 @@ pub fn generate_batch(
             "prompt ids span {lo}..={hi}, outside the model's vocabulary of {vocab}"
         )));
     }
-    let device = model_device(model);
+    let device = crate::model::model_device(model);
     let mut stepper = Stepper::new(model, use_cache, t + budget);
     let mut seq = prompt_ids.to_kind(Kind::Int64).to_device(device);
     crate::nn::scratch::inference(|| {
@@ -389,15 +389,6 @@ pub fn generate_batch(
         }
     });
     Ok(seq.narrow(1, t as i64, budget as i64))
-}
-
-/// The device the model's embedding output lands on.
-fn model_device(model: &dyn CausalLm) -> Device {
-    crate::nn::scratch::inference(|| {
-        model
-            .embed(&Tensor::zeros([1, 1], (Kind::Int64, Device::Cpu)))
-            .device()
-    })
 }
 
 /// End-of-sequence ids of a model folder, as transformers' `generate` takes them:

@@ -4,6 +4,7 @@
 
 pub mod adapter;
 pub mod convert;
+pub mod device;
 pub mod error;
 pub mod eval;
 pub mod export;

@@ -201,6 +201,16 @@ pub fn load_model(dir: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
         Some(q) => (q.apply(&mut graph, arch).0, q.code),
         None => (arch.spec().block_size, CodeKind::Dynamic),
     };
+    if let Device::Cuda(_) = opts.device {
+        // Refuse before reading a byte rather than fail deep inside the first step. The
+        // estimate is the weights as they will sit on the device (8-bit where quantized).
+        crate::memory::ensure_fits(
+            &format!("the model {}", dir.display()),
+            graph.nbytes() as u64,
+            opts.device,
+            "quantize it to 8-bit (octet convert, or --quantize), or use --device cpu",
+        )?;
+    }
     let mut layers = LayerMap::default();
     for (s, t) in stored.nodes.iter().zip(&graph.nodes) {
         let mut layer = build_node(store.as_ref(), s, t, block, code)?;

@@ -6,11 +6,12 @@ use tch::Device;
 
 /// Bytes available for new allocations on `device`, when it can be told.
 ///
-/// CPU: `MemAvailable` from `/proc/meminfo` (Linux). CUDA: not known yet (`None`): the GPU
-/// query lives with the device set-up.
+/// CPU: `MemAvailable` from `/proc/meminfo` (Linux). CUDA: the free memory the runtime
+/// reports (`cudaMemGetInfo`), `None` without a driver or device.
 pub fn available_bytes(device: Device) -> Option<u64> {
     match device {
         Device::Cpu => host_available_bytes(),
+        Device::Cuda(n) => crate::device::mem_info(n).map(|(free, _)| free),
         _ => None,
     }
 }

@@ -16,7 +16,7 @@ use crate::outdir::{copy_side_files, OutputDir};
 use crate::quant::{BlockSize, CodeKind, QuantCode, Quantized, StreamingQuantizer};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 /// What `octet merge` writes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -71,12 +71,25 @@ impl std::fmt::Display for MergeFormat {
 }
 
 /// Options of [`merge`].
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct MergeOptions {
     /// Output format.
     pub format: MergeFormat,
     /// Replace a non-empty output folder.
     pub force: bool,
+    /// Where each module is de-quantized and merged (one module at a time; results come back
+    /// to the host to be written).
+    pub device: Device,
+}
+
+impl Default for MergeOptions {
+    fn default() -> Self {
+        MergeOptions {
+            format: MergeFormat::default(),
+            force: false,
+            device: Device::Cpu,
+        }
+    }
 }
 
 /// What a merge did.
@@ -422,12 +435,16 @@ fn check_adapter(adapter: &Adapter, graph: &ModuleGraph, arch: &str) -> Result<(
 }
 
 /// Reads a module's tensors in f32, with its 8-bit parameter de-quantized.
-fn read_module_f32(store: &dyn TensorStore, node: &Node) -> Result<BTreeMap<String, Tensor>> {
+fn read_module_f32(
+    store: &dyn TensorStore,
+    node: &Node,
+    device: Device,
+) -> Result<BTreeMap<String, Tensor>> {
     let mut params = BTreeMap::new();
     for p in &node.params {
         params.insert(
             p.name.clone(),
-            read_tensor(store, &node.tensor_name(&p.name))?,
+            read_tensor(store, &node.tensor_name(&p.name))?.f_to_device(device)?,
         );
     }
     if let Some(rep) = quantized_param(&node.kind) {
@@ -469,7 +486,8 @@ fn apply_edit(
         let w = params.get(weight).ok_or_else(|| {
             OctetError::InvalidArgument(format!("no {weight} to merge {} into", l.a_name))
         })?;
-        let ba = l.b.matmul(&l.a) * scale;
+        let dev = w.device();
+        let ba = l.b.f_to_device(dev)?.f_matmul(&l.a.f_to_device(dev)?)? * scale;
         // PEFT's get_delta_weight: transposed for embeddings and fan_in_fan_out layers.
         let delta = if l.embedding || fan_in_fan_out {
             ba.tr()
@@ -569,6 +587,7 @@ fn requantize(w: &Tensor, block: BlockSize) -> Result<([Vec<u8>; 3], crate::quan
 }
 
 /// The bytes of one module's output tensors, in the output node's parameter order.
+#[allow(clippy::too_many_arguments)]
 fn module_outputs(
     store: &dyn TensorStore,
     s: &Node,
@@ -576,6 +595,7 @@ fn module_outputs(
     edit: Option<&ModuleEdit>,
     config: &AdapterConfig,
     block: BlockSize,
+    device: Device,
     errors: &mut Vec<TensorError>,
 ) -> Result<Vec<(String, Vec<u8>)>> {
     let stored_q = quantized_param(&s.kind);
@@ -596,7 +616,7 @@ fn module_outputs(
             })
             .collect();
     }
-    let mut params = read_module_f32(store, s)?;
+    let mut params = read_module_f32(store, s, device)?;
     let weight = stored_q.or(out_q).unwrap_or("weight");
     if let Some(e) = edit {
         apply_edit(
@@ -606,6 +626,9 @@ fn module_outputs(
             config.lora().scale(),
             config.fan_in_fan_out,
         )?;
+    }
+    for t in params.values_mut() {
+        *t = t.f_to_device(Device::Cpu)?;
     }
     let mut requantized: Option<[Vec<u8>; 3]> = None;
     if let Some(q) = out_q {
@@ -733,9 +756,16 @@ pub fn merge(model: &Path, adapter: &Path, out: &Path, opts: &MergeOptions) -> R
     let mut errors = Vec::new();
     for (s, t) in stored.nodes.iter().zip(&graph.nodes) {
         let edit = ad.modules.get(&s.path);
-        for (name, bytes) in
-            module_outputs(store.as_ref(), s, t, edit, &ad.config, block, &mut errors)?
-        {
+        for (name, bytes) in module_outputs(
+            store.as_ref(),
+            s,
+            t,
+            edit,
+            &ad.config,
+            block,
+            opts.device,
+            &mut errors,
+        )? {
             w.write(&t.tensor_name(&name), &bytes)?;
         }
         for p in &s.params {

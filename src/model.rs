@@ -2,7 +2,7 @@
 //! recompute one block at a time and generation can keep a KV cache per block.
 use crate::nn::float::LayerNorm;
 use crate::nn::Layer;
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 /// Sizes callers need to know.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
@@ -199,6 +199,15 @@ pub fn check_model_path(path: &std::path::Path) -> crate::Result<()> {
         return refuse("not a model folder (it holds no config.json)");
     }
     Ok(())
+}
+
+/// The device the model's embedding output lands on.
+pub fn model_device(model: &dyn CausalLm) -> Device {
+    crate::nn::scratch::inference(|| {
+        model
+            .embed(&Tensor::zeros([1, 1], (Kind::Int64, Device::Cpu)))
+            .device()
+    })
 }
 
 #[cfg(test)]

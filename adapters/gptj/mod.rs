@@ -49,19 +49,25 @@ static GPTJ: GptjArch = GptjArch;
 
 inventory::submit! { ArchitectureRegistration { get: || &GPTJ } }
 
-/// Layers of a GPT-J with random frozen weights, for benchmarks: 8-bit weights are drawn
-/// directly as bytes (never materialised in f32), so a 6B-parameter shape fits in ~6 GB.
-pub fn random_layers(cfg: &GptjConfig, eight_bit: bool) -> Result<LayerMap> {
+/// Layers of a GPT-J with random frozen weights, for benchmarks, created on `on.1`: 8-bit
+/// weights are drawn directly as bytes (never materialised in float), so a 6B-parameter shape
+/// fits in ~6 GB; float weights are drawn in `on.0` (norms and biases stay f32).
+pub fn random_layers(
+    cfg: &GptjConfig,
+    eight_bit: bool,
+    on: (Kind, tch::Device),
+) -> Result<LayerMap> {
     use crate::nn::bnb8::{Bnb8Embedding, Bnb8Linear};
     use crate::nn::float::{Embedding, LayerNorm, Linear};
     use crate::quant::{BlockSize, QuantCode, Quantized};
-    use tch::{Device, Tensor};
-    let cpu = (Kind::Float, Device::Cpu);
+    use tch::Tensor;
+    let (weight_kind, device) = on;
+    let f32_on = (Kind::Float, device);
     let quantized = |shape: &[i64]| -> Result<Quantized> {
         let block = BlockSize::DEFAULT;
         let numel: i64 = shape.iter().product();
-        let q = Tensor::randint_low(0, 256, shape, (Kind::Uint8, Device::Cpu));
-        let absmax = Tensor::rand([block.blocks_for(numel as usize) as i64], cpu) * 0.05 + 0.01;
+        let q = Tensor::randint_low(0, 256, shape, (Kind::Uint8, device));
+        let absmax = Tensor::rand([block.blocks_for(numel as usize) as i64], f32_on) * 0.05 + 0.01;
         Quantized::from_parts(q, absmax, QuantCode::dynamic_signed(), block)
     };
     let mut layers = LayerMap::default();
@@ -71,11 +77,11 @@ pub fn random_layers(cfg: &GptjConfig, eight_bit: bool) -> Result<LayerMap> {
             || path.ends_with("fc_out")
             || path == "lm_head"
             || path.ends_with("out_proj");
-        let bias = (has_bias && !path.ends_with("out_proj")).then(|| Tensor::zeros([s[0]], cpu));
+        let bias = (has_bias && !path.ends_with("out_proj")).then(|| Tensor::zeros([s[0]], f32_on));
         let layer: Box<dyn crate::nn::Layer> = if s.len() == 1 {
             Box::new(LayerNorm {
-                weight: Tensor::ones([s[0]], cpu),
-                bias: Some(Tensor::zeros([s[0]], cpu)),
+                weight: Tensor::ones([s[0]], f32_on),
+                bias: Some(Tensor::zeros([s[0]], f32_on)),
                 eps: cfg.layer_norm_epsilon,
             })
         } else if path == "transformer.wte" {
@@ -85,7 +91,7 @@ pub fn random_layers(cfg: &GptjConfig, eight_bit: bool) -> Result<LayerMap> {
                 })
             } else {
                 Box::new(Embedding {
-                    weight: Tensor::randn(s.as_slice(), cpu) * 0.02,
+                    weight: Tensor::randn(s.as_slice(), (weight_kind, device)) * 0.02,
                 })
             }
         } else if eight_bit {
@@ -95,7 +101,7 @@ pub fn random_layers(cfg: &GptjConfig, eight_bit: bool) -> Result<LayerMap> {
             })
         } else {
             Box::new(Linear {
-                weight: Tensor::randn(s.as_slice(), cpu) * 0.02,
+                weight: Tensor::randn(s.as_slice(), (weight_kind, device)) * 0.02,
                 bias,
             })
         };

@@ -1,6 +1,7 @@
 //! `octet eval`: sliding-window perplexity of a model (optionally with an adapter) on a text
 //! file, optionally beside a second model on the same tokens.
-use super::train::{parse_device, parse_dtype};
+use super::parse_device;
+use super::train::parse_dtype;
 use anyhow::{bail, Context};
 use octet::adapter::load_adapter;
 use octet::eval::{check_window, perplexity, Perplexity};
@@ -45,11 +46,10 @@ pub struct Args {
     /// Architecture name, or `auto`.
     #[arg(long, default_value = "auto")]
     arch: String,
-    /// f32 or bf16.
+    /// f32, bf16 or f16.
     #[arg(long, default_value = "f32")]
     dtype: String,
-    /// cpu or cuda[:N].
-    #[arg(long, default_value = "cpu")]
+    #[arg(long, default_value = "auto", help = super::DEVICE_HELP)]
     device: String,
 }
 
@@ -59,13 +59,13 @@ pub fn load_for_inference(
     adapter: Option<&Path>,
     arch: &str,
     dtype: &str,
-    device: &str,
+    device: tch::Device,
     quantize: bool,
 ) -> anyhow::Result<LoadedModel> {
     let opts = LoadOptions {
         arch: arch.to_string(),
         kind: parse_dtype(dtype)?,
-        device: parse_device(device)?,
+        device,
         quantize: quantize.then(QuantizeOptions::default),
     };
     let mut m = load_model(dir, &opts).with_context(|| format!("loading {}", dir.display()))?;
@@ -96,6 +96,7 @@ fn tokenize(dir: &Path, text: &str) -> anyhow::Result<Vec<i64>> {
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     octet::model::check_model_path(&a.model)?;
+    let device = parse_device(&a.device)?;
     let text = std::fs::read_to_string(&a.data)
         .with_context(|| format!("reading {}", a.data.display()))?;
     if text.is_empty() {
@@ -127,7 +128,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         a.adapter.as_deref(),
         &a.arch,
         &a.dtype,
-        &a.device,
+        device,
         a.quantize,
     )?;
     let max_pos = m.model.info().max_positions;
@@ -140,7 +141,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
 
     let compare = match &a.compare {
         Some(c) => {
-            let m = load_for_inference(c, None, &a.arch, &a.dtype, &a.device, a.quantize)?;
+            let m = load_for_inference(c, None, &a.arch, &a.dtype, device, a.quantize)?;
             let r = perplexity(m.model.as_ref(), &ids, ctx, stride, a.batch_size)
                 .with_context(|| format!("evaluating {}", c.display()))?;
             Some((c.clone(), r))

@@ -59,15 +59,15 @@ pub struct Args {
     /// Architecture name, or `auto`.
     #[arg(long, default_value = "auto")]
     arch: String,
-    /// f32 or bf16.
+    /// f32, bf16 or f16.
     #[arg(long, default_value = "f32")]
     dtype: String,
-    /// cpu or cuda[:N].
-    #[arg(long, default_value = "cpu")]
+    #[arg(long, default_value = "auto", help = super::DEVICE_HELP)]
     device: String,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
+    let device = super::parse_device(&a.device)?;
     let prompt = match (&a.prompt, &a.prompt_file) {
         (Some(p), _) => p.clone(),
         (None, Some(f)) => {
@@ -86,7 +86,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         a.adapter.as_deref(),
         &a.arch,
         &a.dtype,
-        &a.device,
+        device,
         a.quantize,
     )?;
     let model = m.model.as_ref();

@@ -20,6 +20,8 @@ pub struct Args {
     /// Replace a non-empty output folder.
     #[arg(long)]
     force: bool,
+    #[arg(long, default_value = "auto", help = super::DEVICE_HELP)]
+    device: String,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
@@ -27,6 +29,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let opts = MergeOptions {
         format: a.format,
         force: a.force,
+        device: super::parse_device(&a.device)?,
     };
     let report = merge(&a.model, &a.adapter, &a.out, &opts)?;
     eprintln!(

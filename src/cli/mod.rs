@@ -1,6 +1,7 @@
 //! Subcommands of the `octet` binary; `anyhow` errors live only here.
 mod archs;
 mod convert;
+mod env;
 mod eval;
 mod generate;
 mod inspect;
@@ -37,6 +38,18 @@ enum Command {
     Eval(eval::Args),
     /// Continue a prompt (KV cache, greedy or sampled), streaming to stdout.
     Generate(generate::Args),
+    /// Describe this build and machine: versions, CUDA devices, CPU kernels.
+    Env(env::Args),
+}
+
+/// Help text of every `--device` flag.
+pub const DEVICE_HELP: &str =
+    "auto, cpu, cuda or cuda:N; auto picks cuda:0 when a GPU is usable, else the CPU";
+
+/// Parses and resolves `--device` through the library (an unusable device is an error that
+/// names `octet env`).
+pub fn parse_device(s: &str) -> anyhow::Result<tch::Device> {
+    Ok(octet::device::from_flag(s)?)
 }
 
 /// A parser for a count flag that refuses values below `min` (clap names the flag and exits
@@ -64,5 +77,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::QuantReport(a) => quant_report::run(a),
         Command::Eval(a) => eval::run(a),
         Command::Generate(a) => generate::run(a),
+        Command::Env(a) => env::run(a),
     }
 }

@@ -17,9 +17,12 @@ pub struct Args {
     /// Seed of the random matrix.
     #[arg(long, default_value_t = 0)]
     seed: i64,
+    #[arg(long, default_value = "auto", help = super::DEVICE_HELP)]
+    device: String,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
+    let device = super::parse_device(&a.device)?;
     let block = BlockSize::new(a.block_size)?;
     // The matrix, its outlier copy, the de-quantized copy and a difference, in f32, plus
     // the host copy the fitted code samples.
@@ -35,7 +38,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     // per-block scaling matter.
     let w = Tensor::randn([a.rows, a.cols], (Kind::Float, Device::Cpu)) * 0.02;
     let outliers = Tensor::randint(a.cols, [8], (Kind::Int64, Device::Cpu));
-    let w = w.index_copy(1, &outliers, &(w.index_select(1, &outliers) * 12.0));
+    let w = w
+        .index_copy(1, &outliers, &(w.index_select(1, &outliers) * 12.0))
+        .to_device(device);
     let f32_bytes = w.numel() * 4;
     println!(
         "weight-like matrix {}x{} (N(0,0.02), 8 columns x12), block size {}",
@@ -51,13 +56,16 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         "{:<10} {:>12} {:>12} {:>12} {:>12} {:>10}",
         "f32", f32_bytes, "1.00x", "-", "-", "-"
     );
-    let x: Vec<f32> = Vec::<f32>::try_from(&w.flatten(0, -1))?;
+    let x: Vec<f32> = Vec::<f32>::try_from(&w.flatten(0, -1).to_device(Device::Cpu))?;
     for (name, code) in [
         ("dynamic", QuantCode::dynamic_signed()),
         ("fitted", fit_code(&x, block, FitOptions::default())?),
     ] {
         let t = Instant::now();
         let qz = quant::quantize(&w, block, &code)?;
+        if let Device::Cuda(n) = device {
+            tch::Cuda::synchronize(n as i64);
+        }
         let ms = t.elapsed().as_secs_f64() * 1e3;
         let back = qz.dequantize(Kind::Float)?;
         let err = (&back - &w).square().sum(Kind::Double).double_value(&[])

@@ -69,7 +69,7 @@ pub struct Args {
     /// Decoupled weight decay [default: 0].
     #[arg(long)]
     weight_decay: Option<f64>,
-    /// f32 or bf16 [default: f32].
+    /// f32 or bf16 [default: f32] (f16 is refused: no loss scaling).
     #[arg(long)]
     dtype: Option<String>,
     /// Seed [default: 0].
@@ -110,7 +110,7 @@ pub struct Args {
     #[arg(long)]
     #[serde(default)]
     force: bool,
-    /// cpu or cuda[:N] [default: cpu].
+    /// auto, cpu, cuda or cuda:N [default: auto: cuda:0 when a GPU is usable, else cpu].
     #[arg(long)]
     device: Option<String>,
     /// Save and stop after this many steps in total (resume later with --resume).
@@ -122,24 +122,13 @@ macro_rules! merge {
     ($cli:ident, $file:ident, $($f:ident),*) => { $( if $cli.$f.is_none() { $cli.$f = $file.$f.take(); } )* };
 }
 
-/// Parses `cpu` / `cuda` / `cuda:N`.
-pub fn parse_device(s: &str) -> anyhow::Result<tch::Device> {
-    match s {
-        "cpu" => Ok(tch::Device::Cpu),
-        "cuda" => Ok(tch::Device::Cuda(0)),
-        s => match s.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
-            Some(n) => Ok(tch::Device::Cuda(n)),
-            None => anyhow::bail!("unknown device '{s}': expected cpu, cuda or cuda:N"),
-        },
-    }
-}
-
-/// Parses `f32` / `bf16`.
+/// Parses `f32` / `bf16` / `f16`.
 pub fn parse_dtype(s: &str) -> anyhow::Result<tch::Kind> {
     match s {
         "f32" | "float32" => Ok(tch::Kind::Float),
         "bf16" | "bfloat16" => Ok(tch::Kind::BFloat16),
-        o => anyhow::bail!("unknown dtype '{o}': expected f32 or bf16"),
+        "f16" | "float16" => Ok(tch::Kind::Half),
+        o => anyhow::bail!("unknown dtype '{o}': expected f32, bf16 or f16"),
     }
 }
 
@@ -237,11 +226,7 @@ fn resolve(mut a: Args) -> anyhow::Result<TrainOptions> {
         quantize: !a.no_quantize,
         resume: a.resume,
         force: a.force,
-        device: a
-            .device
-            .map(|s| parse_device(&s))
-            .transpose()?
-            .unwrap_or(d.device),
+        device: super::parse_device(a.device.as_deref().unwrap_or("auto"))?,
         progress: true,
         log_every: 1,
         stop_after: a.stop_after,
@@ -269,6 +254,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         s.optimizer_bytes,
         s.optimizer_bytes as f64 / s.trainable_params.max(1) as f64
     );
+    if let Some(p) = s.peak_gpu_mib {
+        eprintln!("peak GPU memory {p:.0} MiB");
+    }
     if let Some(m) = last {
         println!("final train loss {:.4}", m.loss);
     }

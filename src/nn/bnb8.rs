@@ -76,7 +76,7 @@ pub struct Bnb8Linear {
 impl Bnb8Linear {
     /// The weight de-quantized to `kind`.
     pub fn dequantized_weight(&self, kind: Kind) -> Tensor {
-        if super::scratch::active() && self.weight.q.device() == Device::Cpu {
+        if super::scratch::active() && crate::quant::uses_cpu_kernels(&self.weight.q) {
             let shape = self.weight.shape();
             return super::scratch::with_buffer(&shape, kind, |buf| {
                 self.weight

@@ -88,7 +88,8 @@ impl LoraLayer {
             ));
         }
         let device = base.device();
-        let opts = (Kind::Float, device);
+        // Drawn on the CPU and moved, so one seed gives the same adapters on every device.
+        let opts = (Kind::Float, Device::Cpu);
         let r = config.r as i64;
         let (a, b) = match shape {
             AdapterShape::Linear {
@@ -109,8 +110,8 @@ impl LoraLayer {
         Ok(LoraLayer {
             base,
             shape,
-            a: a.set_requires_grad(true),
-            b: b.set_requires_grad(true),
+            a: a.to_device(device).set_requires_grad(true),
+            b: b.to_device(device).set_requires_grad(true),
             config,
             training: false,
         })

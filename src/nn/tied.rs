@@ -3,7 +3,7 @@
 use super::bnb8::Bnb8Embedding;
 use super::float::Embedding;
 use super::{Layer, LoraLayer};
-use tch::{Device, Tensor};
+use tch::Tensor;
 
 /// Whether `layer` can serve as a tied head (a float or 8-bit embedding, possibly with LoRA).
 pub fn can_tie(layer: &dyn Layer) -> bool {
@@ -35,7 +35,7 @@ pub fn tied_logits(layer: &dyn Layer, x: &Tensor) -> Option<Tensor> {
             );
         }
         let kind = x.kind();
-        let table = if super::scratch::active() && w.q.device() == Device::Cpu {
+        let table = if super::scratch::active() && crate::quant::uses_cpu_kernels(&w.q) {
             super::scratch::with_buffer(&w.shape(), kind, |buf| {
                 w.dequantize_into(buf).expect("validated 8-bit table");
             })

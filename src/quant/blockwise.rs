@@ -1,6 +1,7 @@
 //! Tensor-level blockwise quantization: CPU tensors go through the Rust kernels over raw
 //! memory, other devices through equivalent libtorch ops.
 use super::code::{QuantCode, CODE_LEN};
+use super::dispatch::uses_cpu_kernels;
 use super::kernels::{self, NearestTable};
 use crate::error::{OctetError, Result};
 use half::{bf16, f16};
@@ -143,30 +144,46 @@ impl Quantized {
             });
         }
         let (rows, cols) = (shape[0], shape[1]);
-        let flat_ids = ids.flatten(0, -1).to_kind(Kind::Int64);
-        if self.q.device() != Device::Cpu {
-            let rows_q = self.q.index_select(0, &flat_ids);
-            let elem0 =
-                flat_ids.unsqueeze(1) * cols + Tensor::arange(cols, (Kind::Int64, self.q.device()));
-            let scale = self.absmax.index_select(
+        let flat_ids = ids.f_flatten(0, -1)?.f_to_kind(Kind::Int64)?;
+        let out_of_range = |bad: i64| {
+            OctetError::InvalidArgument(format!(
+                "token id {bad} is outside the vocabulary of {rows}"
+            ))
+        };
+        if !uses_cpu_kernels(&self.q) {
+            let dev = self.q.device();
+            let flat_ids = flat_ids.f_to_device(dev)?;
+            // An out-of-range index is a fatal device-side assert on a GPU: check first.
+            if flat_ids.numel() > 0 {
+                let (lo, hi) = (
+                    flat_ids.f_min()?.int64_value(&[]),
+                    flat_ids.f_max()?.int64_value(&[]),
+                );
+                if lo < 0 || hi >= rows {
+                    return Err(out_of_range(if lo < 0 { lo } else { hi }));
+                }
+            }
+            let rows_q = self.q.f_index_select(0, &flat_ids)?;
+            let elem0 = flat_ids
+                .f_unsqueeze(1)?
+                .f_mul_scalar(cols)?
+                .f_add(&Tensor::f_arange(cols, (Kind::Int64, dev))?)?;
+            let scale = self.absmax.f_to_device(dev)?.f_index_select(
                 0,
-                &(elem0.flatten(0, -1) / self.block.get() as i64).to_kind(Kind::Int64),
-            );
-            let vals = self
-                .code
-                .to_tensor()
-                .to_device(self.q.device())
-                .index_select(0, &rows_q.flatten(0, -1).to_kind(Kind::Int64));
-            let out = (vals * scale).to_kind(kind);
+                &elem0
+                    .f_flatten(0, -1)?
+                    .f_div_scalar_mode(self.block.get() as i64, "floor")?,
+            )?;
+            let (code_t, _) = self.code.tables_on(dev)?;
+            let vals = code_t.f_index_select(0, &rows_q.f_flatten(0, -1)?.f_to_kind(Kind::Int)?)?;
+            let out = vals.f_mul(&scale)?.f_to_kind(kind)?;
             let mut out_shape = ids.size();
             out_shape.push(cols);
-            return Ok(out.reshape(out_shape.as_slice()));
+            return Ok(out.f_reshape(out_shape.as_slice())?);
         }
         let id_vec = Vec::<i64>::try_from(&flat_ids)?;
-        if let Some(bad) = id_vec.iter().find(|&&i| i < 0 || i >= rows) {
-            return Err(OctetError::InvalidArgument(format!(
-                "token id {bad} is outside the vocabulary of {rows}"
-            )));
+        if let Some(&bad) = id_vec.iter().find(|&&i| i < 0 || i >= rows) {
+            return Err(out_of_range(bad));
         }
         let q = self.q.contiguous();
         let qs = unsafe { cpu_slice::<u8>(&q) };
@@ -255,7 +272,7 @@ fn check_float_input(x: &Tensor) -> Result<()> {
 /// Quantizes a floating-point tensor blockwise with `code`, rounding to the nearest code value.
 pub fn quantize(x: &Tensor, block: BlockSize, code: &QuantCode) -> Result<Quantized> {
     check_float_input(x)?;
-    if x.device() != Device::Cpu {
+    if !uses_cpu_kernels(x) {
         return quantize_with_torch_ops(x, block, code);
     }
     let owned;
@@ -286,26 +303,8 @@ pub fn quantize(x: &Tensor, block: BlockSize, code: &QuantCode) -> Result<Quanti
     })
 }
 
-/// Rounding thresholds as a tensor, for `searchsorted` on non-CPU devices.
-fn thresholds_tensor(code: &QuantCode, device: Device) -> Tensor {
-    let c = code.values();
-    let t: Vec<f32> = c
-        .windows(2)
-        .map(|w| {
-            let mid = (w[0] as f64 + w[1] as f64) / 2.0;
-            let r = mid as f32;
-            if (r as f64) > mid {
-                r
-            } else {
-                r.next_up()
-            }
-        })
-        .collect();
-    Tensor::from_slice(&t).to_device(device)
-}
-
-/// The device-generic path: the same rounding through libtorch ops (used off the CPU; public
-/// so tests can hold it to the CPU kernels).
+/// The device-generic path: the same rounding through libtorch ops (used off the CPU, or when
+/// [`super::with_generic_ops`] forces it; public so tests can hold it to the CPU kernels).
 pub fn quantize_with_torch_ops(
     x: &Tensor,
     block: BlockSize,
@@ -322,13 +321,10 @@ pub fn quantize_with_torch_ops(
     let safe = absmax.where_scalarother(&absmax.ne(0.0), 1.0);
     let v = &padded / safe.unsqueeze(1);
     // Count of thresholds <= v: the nearest code, ties to the lower index, as on the CPU.
-    let idx = v.contiguous().f_searchsorted(
-        &thresholds_tensor(code, x.device()),
-        false,
-        true,
-        "right",
-        None::<&Tensor>,
-    )?;
+    let (_, thresholds) = code.tables_on(x.device())?;
+    let idx = v
+        .contiguous()
+        .f_searchsorted(&thresholds, false, true, "right", None::<&Tensor>)?;
     let q = idx
         .to_kind(Kind::Uint8)
         .flatten(0, -1)
@@ -373,21 +369,60 @@ pub fn dequantize(
             expected: "f32, bf16 or f16",
         });
     }
-    if q.device() != Device::Cpu {
-        let b = block.get() as i64;
-        let vals = code
-            .to_tensor()
-            .to_device(q.device())
-            .index_select(0, &q.flatten(0, -1).to_kind(Kind::Int64));
-        let scale = absmax
-            .to_kind(Kind::Float)
-            .repeat_interleave_self_int(b, 0, None::<i64>)
-            .narrow(0, 0, numel as i64);
-        return Ok((vals * scale).to_kind(kind).reshape(q.size().as_slice()));
+    if !uses_cpu_kernels(q) {
+        return dequantize_with_torch_ops(q, absmax, code, block, kind);
     }
     let mut out = Tensor::empty(q.size().as_slice(), (kind, Device::Cpu));
     dequantize_cpu(q, absmax, code, block, &mut out)?;
     Ok(out)
+}
+
+/// The device-generic de-quantizer (what a GPU runs), as the CPU kernel computes it: the code
+/// scaled by each block's absmax in f32 and cast once per block (a `[blocks, 256]` table, the
+/// code itself cached on the device), then one lookup per byte straight into `kind`. No host
+/// round-trip and no full-size f32 temporary when `kind` is 16-bit.
+pub fn dequantize_with_torch_ops(
+    q: &Tensor,
+    absmax: &Tensor,
+    code: &QuantCode,
+    block: BlockSize,
+    kind: Kind,
+) -> Result<Tensor> {
+    let dev = q.device();
+    let numel = q.numel() as i64;
+    let b = block.get() as i64;
+    let nblocks = block.blocks_for(numel as usize) as i64;
+    let (code_t, _) = code.tables_on(dev)?;
+    let table = absmax
+        .f_to_kind(Kind::Float)?
+        .f_to_device(dev)?
+        .f_unsqueeze(1)?
+        .f_mul(&code_t.f_unsqueeze(0)?)?
+        .f_to_kind(kind)?;
+    let flat = q.f_flatten(0, -1)?;
+    let rows = if numel == nblocks * b {
+        flat.f_view([nblocks, b])?
+    } else {
+        flat.f_constant_pad_nd([0, nblocks * b - numel])?
+            .f_view([nblocks, b])?
+    };
+    // Index of (block, byte) in the flattened table; int32 halves the index memory where the
+    // table is small enough for it.
+    let table_len = nblocks * CODE_LEN as i64;
+    let index_kind = if table_len <= i64::from(i32::MAX) {
+        Kind::Int
+    } else {
+        Kind::Int64
+    };
+    let offsets = Tensor::f_arange_start_step(0, table_len, CODE_LEN as i64, (index_kind, dev))?;
+    let idx = rows
+        .f_to_kind(index_kind)?
+        .f_add_(&offsets.f_unsqueeze(1)?)?;
+    let out = table
+        .f_flatten(0, -1)?
+        .f_index_select(0, &idx.f_flatten(0, -1)?)?
+        .f_narrow(0, 0, numel)?;
+    Ok(out.f_reshape(q.size().as_slice())?)
 }
 
 /// The CPU kernel behind [`dequantize`]; `out` is contiguous, on the CPU, of q's shape.

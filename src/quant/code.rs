@@ -1,14 +1,31 @@
 //! Quantization codes: the 256 values a stored byte stands for, as a fraction of the block's absmax.
 use crate::error::{OctetError, Result};
-use tch::{Kind, Tensor};
+use std::sync::{Arc, Mutex};
+use tch::{Device, Kind, Tensor};
 
 /// Number of entries in an 8-bit code.
 pub const CODE_LEN: usize = 256;
 
 /// A sorted table of 256 f32 values in [-1, 1]; byte `q` de-quantizes to `code[q] * absmax`.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug)]
 pub struct QuantCode {
     values: Vec<f32>,
+    /// The code and its rounding thresholds as tensors, made once per device and shared by
+    /// clones, so the generic (GPU) path never re-uploads the table per call.
+    on_device: Arc<Mutex<Vec<DeviceTables>>>,
+}
+
+#[derive(Debug)]
+struct DeviceTables {
+    device: Device,
+    code: Tensor,
+    thresholds: Tensor,
+}
+
+impl PartialEq for QuantCode {
+    fn eq(&self, other: &Self) -> bool {
+        self.values == other.values
+    }
 }
 
 /// How a code was obtained; recorded in the octet manifest.
@@ -54,7 +71,14 @@ impl QuantCode {
                 "entries are not sorted ascending".into(),
             ));
         }
-        Ok(QuantCode { values })
+        Ok(Self::from_sorted(values))
+    }
+
+    fn from_sorted(values: Vec<f32>) -> Self {
+        QuantCode {
+            values,
+            on_device: Arc::default(),
+        }
     }
 
     /// Reads a code from a 1-d f32 tensor of 256 entries (e.g. a checkpoint's `.code`).
@@ -99,9 +123,7 @@ impl QuantCode {
         data.push(1.0);
         data.resize(CODE_LEN, 0.0);
         data.sort_by(|a, b| a.total_cmp(b));
-        QuantCode {
-            values: data.into_iter().map(|v| v as f32).collect(),
-        }
+        Self::from_sorted(data.into_iter().map(|v| v as f32).collect())
     }
 
     /// The signed dynamic code used for weights and Adam's first moment.
@@ -119,9 +141,43 @@ impl QuantCode {
         &self.values
     }
 
-    /// The code as a 1-d f32 CPU tensor.
+    /// The code as a 1-d f32 CPU tensor (a fresh copy).
     pub fn to_tensor(&self) -> Tensor {
         Tensor::from_slice(&self.values)
+    }
+
+    /// `thresholds[j]`: the smallest f32 strictly above the midpoint of codes j and j+1, so a
+    /// value rounds above code j exactly when it is `>=` it (ties go to the lower code).
+    pub fn thresholds(&self) -> Vec<f32> {
+        self.values
+            .windows(2)
+            .map(|w| {
+                let mid = (w[0] as f64 + w[1] as f64) / 2.0;
+                let r = mid as f32;
+                if (r as f64) > mid {
+                    r
+                } else {
+                    r.next_up()
+                }
+            })
+            .collect()
+    }
+
+    /// (code, thresholds) as f32 tensors on `device`, uploaded on first use and cached. The
+    /// returned tensors share storage with the cache: read them, never write them.
+    pub fn tables_on(&self, device: Device) -> Result<(Tensor, Tensor)> {
+        let mut cache = self.on_device.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = cache.iter().find(|t| t.device == device) {
+            return Ok((t.code.shallow_clone(), t.thresholds.shallow_clone()));
+        }
+        let code = Tensor::from_slice(&self.values).f_to_device(device)?;
+        let thresholds = Tensor::from_slice(&self.thresholds()).f_to_device(device)?;
+        cache.push(DeviceTables {
+            device,
+            code: code.shallow_clone(),
+            thresholds: thresholds.shallow_clone(),
+        });
+        Ok((code, thresholds))
     }
 
     /// Index of the code value nearest to `v` (ties go to the lower index), by exhaustive search.

@@ -26,12 +26,13 @@ pub const MAX_ROWS: usize = 16;
 const GROUP: usize = 8;
 
 /// Whether [`linear`] is the better way to compute `x · dequant(w)ᵀ`: a CPU f32 input of at
-/// most [`MAX_ROWS`] rows whose width matches a CPU 2-d weight.
+/// most [`MAX_ROWS`] rows whose width matches a CPU 2-d weight. Elsewhere (a GPU, or the
+/// generic path forced) callers de-quantize on the device and multiply.
 pub fn applies(x: &Tensor, w: &Quantized) -> bool {
     let xs = x.size();
     let ws = w.q.size();
     x.device() == Device::Cpu
-        && w.q.device() == Device::Cpu
+        && super::uses_cpu_kernels(&w.q)
         && x.kind() == Kind::Float
         && ws.len() == 2
         && xs.last() == Some(&ws[1])

@@ -34,13 +34,8 @@ pub struct NearestTable {
 impl NearestTable {
     /// Prepares `code` for lookups.
     pub fn new(code: &QuantCode) -> Self {
-        let c = code.values();
         let mut thresholds = [0f32; CODE_LEN - 1];
-        for j in 0..CODE_LEN - 1 {
-            let mid = (c[j] as f64 + c[j + 1] as f64) / 2.0;
-            let r = mid as f32;
-            thresholds[j] = if (r as f64) > mid { r } else { r.next_up() };
-        }
+        thresholds.copy_from_slice(&code.thresholds());
         let count_le = |v: f32| thresholds.iter().take_while(|&&t| t <= v).count();
         let mut start = vec![0u8; 2 * KEYS];
         let mut span = vec![0u8; 2 * KEYS];
@@ -91,6 +86,21 @@ impl NearestTable {
         }
         q as u8
     }
+}
+
+/// The de-quantization kernel this CPU runs: `"avx512-vbmi"` (byte-permute table lookup),
+/// `"avx512-gather"`, or `"portable"` (no AVX-512, or `OCTET_NO_SIMD` set).
+pub fn cpu_kernel_path() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if super::simd::vbmi() {
+            return "avx512-vbmi";
+        }
+        if super::simd::available() {
+            return "avx512-gather";
+        }
+    }
+    "portable"
 }
 
 /// Largest absolute value in `x` (0 for an empty slice; NaN is ignored).

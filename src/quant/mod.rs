@@ -1,6 +1,7 @@
 //! Blockwise dynamic 8-bit quantization (the bitsandbytes scheme) and its fast CPU kernels.
 pub mod blockwise;
 pub mod code;
+pub mod dispatch;
 pub mod fit;
 pub mod fused;
 pub mod kernels;
@@ -10,5 +11,6 @@ pub mod stream;
 
 pub use blockwise::{dequantize, quantize, BlockSize, Quantized};
 pub use code::{CodeKind, QuantCode, CODE_LEN};
+pub use dispatch::{generic_forced, uses_cpu_kernels, with_generic_ops};
 pub use fit::{fit_code, FitOptions};
 pub use stream::{QuantError, StreamOutput, StreamingQuantizer};

@@ -412,7 +412,8 @@ impl Adam8bit {
             } => {
                 *step += 1;
                 let k = StepScalars::new(&self.cfg, lr, *step);
-                let fused = !self.force_torch_ops && p.device() == Device::Cpu && p.is_contiguous();
+                let fused =
+                    !self.force_torch_ops && quant::uses_cpu_kernels(p) && p.is_contiguous();
                 if fused {
                     // SAFETY: p is a contiguous f32 CPU tensor (checked at construction and just
                     // above), g was made contiguous f32 by `grad_f32`, and the state tensors are

@@ -1,6 +1,6 @@
 //! The LoRA fine-tuning loop: data, adapters, checkpointed backward, optimizer, schedule,
 //! evaluation, metrics, atomic checkpoints, exact resume and a clean stop on Ctrl-C.
-use super::adam8bit::Adam8bit;
+use super::adam8bit::{Adam8bit, StateRounding};
 use super::adamw::AdamW;
 use super::data::{Batcher, BatcherState, Dataset, Sequence};
 use super::optim::{AdamConfig, Optimizer};
@@ -169,6 +169,10 @@ pub struct StepMetrics {
     /// Held-out loss, when evaluated at this step.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub eval_loss: Option<f64>,
+    /// GPU memory in use after the step, MiB (the run's high-water mark so far: the caching
+    /// allocator keeps what it reserved); only on a GPU.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub peak_gpu_mib: Option<f64>,
 }
 
 /// What a run did.
@@ -188,6 +192,8 @@ pub struct TrainSummary {
     pub stop: StopReason,
     /// Wrapped modules.
     pub targets: Vec<String>,
+    /// Peak GPU memory of the run in MiB (see [`StepMetrics::peak_gpu_mib`]); `None` off a GPU.
+    pub peak_gpu_mib: Option<f64>,
 }
 
 /// Why a run stopped.
@@ -424,19 +430,25 @@ fn fingerprint(m: &mut LoadedModel) -> String {
         }
     }
     let mut sample = |t: &Tensor| {
-        let flat = t.flatten(0, -1).to_device(Device::Cpu);
+        let flat = t.flatten(0, -1);
         let n = flat.numel() as i64;
         if n == 0 {
             return;
         }
+        // Sampled where the tensor lives: only the 1,024 values cross to the host. The
+        // indices are computed on the CPU so that every device samples the same elements.
         let idx = Tensor::linspace(
             0.0,
             (n - 1) as f64,
             n.min(1024),
             (Kind::Double, Device::Cpu),
         )
-        .to_kind(Kind::Int64);
-        let vals = flat.index_select(0, &idx).to_kind(Kind::Double);
+        .to_kind(Kind::Int64)
+        .to_device(flat.device());
+        let vals = flat
+            .index_select(0, &idx)
+            .to_device(Device::Cpu)
+            .to_kind(Kind::Double);
         for v in Vec::<f64>::try_from(&vals).unwrap_or_default() {
             h.update(v.to_le_bytes());
         }
@@ -452,13 +464,24 @@ fn fingerprint(m: &mut LoadedModel) -> String {
         .collect()
 }
 
-fn build_optimizer(kind: OptimKind, params: Vec<Tensor>, wd: f64) -> Result<Box<dyn Optimizer>> {
+fn build_optimizer(
+    kind: OptimKind,
+    params: Vec<Tensor>,
+    wd: f64,
+    device: Device,
+) -> Result<Box<dyn Optimizer>> {
     let cfg = AdamConfig {
         weight_decay: wd,
         ..AdamConfig::default()
     };
+    // On a GPU the states round to the nearest code, as bitsandbytes' CUDA kernel does; the
+    // CPU keeps bitsandbytes' CPU rounding (bit-identical to its CPU optimizer).
+    let rounding = match device {
+        Device::Cpu => StateRounding::BitsandbytesCpu,
+        _ => StateRounding::Nearest,
+    };
     Ok(match kind {
-        OptimKind::Adam8bit => Box::new(Adam8bit::new(params, cfg)?),
+        OptimKind::Adam8bit => Box::new(Adam8bit::new(params, cfg)?.with_rounding(rounding)),
         OptimKind::Adamw => Box::new(AdamW::new(params, cfg)?),
     })
 }
@@ -473,6 +496,7 @@ pub fn evaluate(
         return Ok(None);
     }
     model.visit_layers(&mut |_, l| l.set_training(false));
+    let device = crate::model::model_device(&*model);
     let (mut nll, mut n) = (0.0, 0i64);
     for chunk in data.chunks(batch_size.max(1)) {
         let ids: Vec<i64> = chunk
@@ -484,7 +508,9 @@ pub fn evaluate(
             .flat_map(|s| s.labels.iter().copied())
             .collect();
         let t = chunk[0].input_ids.len() as i64;
-        let ids = Tensor::from_slice(&ids).reshape([chunk.len() as i64, t]);
+        let ids = Tensor::from_slice(&ids)
+            .reshape([chunk.len() as i64, t])
+            .to_device(device);
         let labels = Tensor::from_slice(&labels).reshape([chunk.len() as i64, t]);
         let (s, c) = crate::nn::scratch::inference(|| causal_lm_nll(&model.forward(&ids), &labels));
         nll += s;
@@ -729,6 +755,15 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
 fn train_run(opts: &TrainOptions) -> Result<TrainSummary> {
     opts.validate()?;
     crate::model::check_model_path(&opts.model)?;
+    if opts.kind == Kind::Half {
+        // f16 gradients underflow without loss scaling, which this loop does not do.
+        return Err(OctetError::InvalidArgument(
+            "--dtype f16 is not supported for training (its gradients underflow without loss \
+             scaling): use --dtype bf16, which has f32's range, or f32; f16 works for eval and \
+             generate"
+                .into(),
+        ));
+    }
     let tokenizer = Tokenizer::from_dir(&opts.model)?;
     let quantize = opts.quantize.then(QuantizeOptions::default);
     let mut loaded = load_model(
@@ -858,6 +893,7 @@ fn train_run(opts: &TrainOptions) -> Result<TrainSummary> {
         optim_kind,
         params.iter().map(|p| p.shallow_clone()).collect(),
         opts.weight_decay,
+        opts.device,
     )?;
     if let Some((_, sdir)) = &resume_state {
         let p = sdir.join(OPTIMIZER_FILE);
@@ -920,23 +956,62 @@ fn train_run(opts: &TrainOptions) -> Result<TrainSummary> {
         // A resumed run already at its --stop-after: nothing to do, nothing to save.
         stop = StopReason::StopAfter;
     }
+    let mut peak_gpu: Option<u64> = None;
     while step < opts.steps && stop == StopReason::Finished {
         let started = Instant::now();
+        let batcher_before = batcher.state();
         optimizer.zero_grad();
         let mut loss_sum = 0.0;
         for micro in 0..opts.grad_accum {
             let (ids, labels) = batcher.next_batch(&dataset.train)?;
+            // Built on the host, copied to the device once per micro-batch.
             let ids = ids.to_device(opts.device);
+            let labels = labels.to_device(opts.device);
             let micro_id = (step * opts.grad_accum + micro) as u64;
-            let loss = forward_backward(
-                model,
-                &ids,
-                &labels,
-                1.0 / opts.grad_accum as f64,
-                opts.checkpointing,
-                opts.seed,
-                micro_id,
-            );
+            let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                forward_backward(
+                    &*model,
+                    &ids,
+                    &labels,
+                    1.0 / opts.grad_accum as f64,
+                    opts.checkpointing,
+                    opts.seed,
+                    micro_id,
+                )
+            }));
+            let loss = match run {
+                Ok(loss) => loss,
+                Err(panic) => {
+                    let msg = panic_message(&*panic);
+                    if !is_out_of_memory(&msg) {
+                        std::panic::resume_unwind(panic);
+                    }
+                    pb.abandon();
+                    optimizer.zero_grad();
+                    let kept = if step > 0 {
+                        let mut st = state_of(step, &batcher);
+                        st.batcher = batcher_before;
+                        save_checkpoint(model, optimizer.as_ref(), &adapter_cfg, &st, &out_dir)?;
+                        format!(
+                            "the last good checkpoint (step {step}) is saved in {}; continue it with --resume {}",
+                            opts.out.display(),
+                            opts.out.display()
+                        )
+                    } else {
+                        "no step had completed, so nothing was saved".to_string()
+                    };
+                    return Err(OctetError::InvalidArgument(format!(
+                        "{} ran out of memory in step {} (batch size {}, seq len {}): {kept}. \
+                         Lower --batch-size or --seq-len; raising --grad-accum keeps the \
+                         effective batch of {} sequences",
+                        crate::device::name(opts.device),
+                        step + 1,
+                        opts.batch_size,
+                        opts.seq_len,
+                        opts.batch_size * opts.grad_accum
+                    )));
+                }
+            };
             if !loss.is_finite() {
                 pb.abandon();
                 return Err(OctetError::InvalidArgument(format!(
@@ -959,7 +1034,15 @@ fn train_run(opts: &TrainOptions) -> Result<TrainSummary> {
             tokens_per_s: tokens / started.elapsed().as_secs_f64(),
             grad_norm,
             eval_loss: None,
+            peak_gpu_mib: None,
         };
+        if let Device::Cuda(n) = opts.device {
+            if let Some(used) = crate::device::used_bytes(n) {
+                let peak = peak_gpu.map_or(used, |p| p.max(used));
+                peak_gpu = Some(peak);
+                m.peak_gpu_mib = Some(peak as f64 / (1024.0 * 1024.0));
+            }
+        }
         if (opts.eval_every > 0 && step % opts.eval_every == 0) || step == opts.steps {
             m.eval_loss = evaluate(model, &dataset.eval, opts.batch_size)?;
             if let Some(e) = m.eval_loss.filter(|e| !e.is_finite()) {
@@ -1010,7 +1093,22 @@ fn train_run(opts: &TrainOptions) -> Result<TrainSummary> {
         optimizer_bytes: optimizer.state_bytes(),
         stop,
         targets: wrapped,
+        peak_gpu_mib: peak_gpu.map(|p| p as f64 / (1024.0 * 1024.0)),
     })
+}
+
+/// The text of a caught panic (libtorch errors arrive as panics from tch's non-`f_` calls).
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_default()
+}
+
+/// Whether a libtorch error is an allocation failure (CUDA's caching allocator, or the CPU's).
+fn is_out_of_memory(msg: &str) -> bool {
+    msg.contains("out of memory") || msg.contains("can't allocate memory")
 }
 
 /// Drops metrics lines past `step` (from a run that went further than its last checkpoint).
@@ -1081,5 +1179,20 @@ mod tests {
             Path::new("s"),
         )
         .unwrap();
+    }
+
+    #[test]
+    fn recognises_allocation_failures_only() {
+        assert!(is_out_of_memory(
+            "CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.1 GiB total capacity)"
+        ));
+        assert!(is_out_of_memory(
+            "[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"
+        ));
+        assert!(!is_out_of_memory(
+            "shape '[4, 8]' is invalid for input of size 3"
+        ));
+        let boxed: Box<dyn std::any::Any + Send> = Box::new(String::from("CUDA out of memory"));
+        assert_eq!(panic_message(&*boxed), "CUDA out of memory");
     }
 }

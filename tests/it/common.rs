@@ -3,9 +3,11 @@
 use std::path::PathBuf;
 
 /// Path of a generated fixture; fails with a hint when `make fixtures` has not run.
+/// `OCTET_FIXTURES` points elsewhere (a test binary run on another machine, e.g. a GPU box).
 pub fn fixture(rel: &str) -> PathBuf {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("fixtures/generated")
+    let p = std::env::var_os("OCTET_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/generated"))
         .join(rel);
     assert!(
         p.exists(),

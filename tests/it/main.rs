@@ -9,6 +9,7 @@ mod gguf;
 mod gpt2;
 mod gpt_neox;
 mod gptj_golden;
+mod gpu;
 mod llama_golden;
 mod merge;
 mod quant_oracle;
