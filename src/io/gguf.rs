@@ -638,16 +638,23 @@ impl GgufFile {
             .meta_u64(&key("attention.head_count_kv"))
             .unwrap_or(heads);
         let inter = self.required_u64(&key("feed_forward_length"))?;
-        let eps = self
-            .get(&key("attention.layer_norm_rms_epsilon"))
-            .and_then(|v| v.as_f64())
-            .ok_or_else(|| {
-                bad("metadata llama.attention.layer_norm_rms_epsilon is missing".into())
-            })?;
-        let theta = self
-            .get(&key("rope.freq_base"))
-            .and_then(|v| v.as_f64())
-            .unwrap_or(10000.0);
+        // A value JSON cannot hold (inf, NaN) must be refused here, naming the key: written
+        // into the config it would become null.
+        let positive = |k: &str, v: Option<f64>| match v {
+            Some(x) if x.is_finite() && x > 0.0 => Ok(x),
+            Some(x) => Err(bad(format!("metadata {k} is {x}; it must be finite and positive"))),
+            None => Err(bad(format!("metadata {k} is not a number"))),
+        };
+        let eps_key = key("attention.layer_norm_rms_epsilon");
+        let eps = match self.get(&eps_key) {
+            Some(v) => positive(&eps_key, v.as_f64())?,
+            None => return Err(bad(format!("metadata {eps_key} is missing"))),
+        };
+        let theta_key = key("rope.freq_base");
+        let theta = match self.get(&theta_key) {
+            Some(v) => positive(&theta_key, v.as_f64())?,
+            None => 10000.0,
+        };
         let context = self.meta_u64(&key("context_length")).unwrap_or(2048);
         if heads == 0 {
             return Err(bad("llama.attention.head_count is 0".into()));
