@@ -80,7 +80,10 @@ mod tests {
         let err = ensure_fits("the model", u64::MAX, Device::Cpu, "lower --batch-size")
             .unwrap_err()
             .to_string();
-        assert!(err.contains("the model") && err.contains("lower --batch-size"), "{err}");
+        assert!(
+            err.contains("the model") && err.contains("lower --batch-size"),
+            "{err}"
+        );
         ensure_fits("a byte", 1, Device::Cpu, "").unwrap();
     }
 

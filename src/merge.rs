@@ -657,7 +657,8 @@ fn check_output(t: &Node, param: &str, bytes: &[u8]) -> Result<()> {
     let is_8bit = quantized_param(&t.kind).is_some();
     match param {
         "code" if is_8bit => {
-            crate::validate::check_code(&name, crate::validate::f32_values(bytes)).map_err(refuse)?;
+            crate::validate::check_code(&name, crate::validate::f32_values(bytes))
+                .map_err(refuse)?;
         }
         "absmax" if is_8bit => {
             crate::validate::check_absmax(&name, &crate::validate::f32_values(bytes))

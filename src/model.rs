@@ -25,7 +25,10 @@ pub fn check_token_ids<'a>(
     vocab: usize,
     what: &str,
 ) -> crate::Result<()> {
-    match ids.into_iter().find(|&&t| t < 0 || t as u64 >= vocab as u64) {
+    match ids
+        .into_iter()
+        .find(|&&t| t < 0 || t as u64 >= vocab as u64)
+    {
         Some(bad) => Err(crate::OctetError::InvalidArgument(format!(
             "{what}: token id {bad} is outside the model's vocabulary of {vocab} \
              (does the tokenizer belong to this model?)"

@@ -84,7 +84,10 @@ pub fn check_config(
         .sum();
     if let Some((lk, layers)) = first_size(config, &LAYER_KEYS) {
         // Every block has at least one width-sized vector (a norm), so this is a lower bound.
-        let vocab = config.get("vocab_size").and_then(|v| v.as_u64()).unwrap_or(0);
+        let vocab = config
+            .get("vocab_size")
+            .and_then(|v| v.as_u64())
+            .unwrap_or(0);
         let least = layers
             .saturating_mul(width)
             .saturating_add(vocab.saturating_mul(width));

@@ -70,7 +70,10 @@ pub fn check_code(name: &str, values: Vec<f32>) -> Result<QuantCode, String> {
 
 /// Checks absmax values: finite and non-negative (a block's scale is a magnitude).
 pub fn check_absmax(name: &str, values: &[f32]) -> Result<(), String> {
-    if values.iter().fold(true, |acc, v| acc & (*v >= 0.0) & v.is_finite()) {
+    if values
+        .iter()
+        .fold(true, |acc, v| acc & (*v >= 0.0) & v.is_finite())
+    {
         return Ok(());
     }
     let (i, v) = values
@@ -113,7 +116,10 @@ mod tests {
             .iter()
             .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
             .collect();
-        assert_eq!(first_nonfinite(Dtype::F16, &h), Some((2, f64::NEG_INFINITY)));
+        assert_eq!(
+            first_nonfinite(Dtype::F16, &h),
+            Some((2, f64::NEG_INFINITY))
+        );
         let b: Vec<u8> = [3.0e38f32, f32::INFINITY]
             .iter()
             .flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())

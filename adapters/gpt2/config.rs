@@ -71,9 +71,8 @@ pub struct Gpt2Config {
 impl Gpt2Config {
     /// Parses and checks the config.
     pub fn from_json(v: &serde_json::Value) -> Result<Self> {
-        let c: Gpt2Config = serde_json::from_value(v.clone()).map_err(|e| {
-            OctetError::config_value(format!("invalid GPT-2 config: {e}"))
-        })?;
+        let c: Gpt2Config = serde_json::from_value(v.clone())
+            .map_err(|e| OctetError::config_value(format!("invalid GPT-2 config: {e}")))?;
         let bad = |m: String| Err(OctetError::config_value(m));
         if c.n_head == 0 || !c.n_embd.is_multiple_of(c.n_head) {
             return bad(format!(

@@ -426,7 +426,10 @@ impl GgufFile {
             let offset = r.u64()?;
             raw.push((name, ne, ty, offset));
         }
-        let data_start = (r.pos as u64).div_ceil(alignment) * alignment;
+        let data_start = (r.pos as u64)
+            .div_ceil(alignment)
+            .checked_mul(alignment)
+            .ok_or_else(|| r.bad(format!("general.alignment {alignment} is too large")))?;
         let file_len = mmap.len() as u64;
         let mut tensors = Vec::with_capacity(raw.len());
         let mut seen = HashMap::new();
@@ -455,7 +458,7 @@ impl GgufFile {
                     "data offset {offset} is not a multiple of the alignment {alignment}"
                 )));
             }
-            let start = data_start + offset;
+            let start = data_start.saturating_add(offset);
             if start.checked_add(nbytes).is_none_or(|e| e > file_len) {
                 return Err(bad(format!(
                     "data ({nbytes} bytes at {start}) runs past the end of the file ({file_len} bytes)"
@@ -586,7 +589,11 @@ impl GgufFile {
                     };
                     if let Some(n) = n {
                         let rows = t.shape.first().copied().unwrap_or(0);
-                        if n == 0 || !rows.is_multiple_of(2 * n) {
+                        if rows == 0
+                            || !n
+                                .checked_mul(2)
+                                .is_some_and(|m| m > 0 && rows.is_multiple_of(m))
+                        {
                             return Err(OctetError::bad_file(
                                 &self.path,
                                 format!(
@@ -642,7 +649,9 @@ impl GgufFile {
         // into the config it would become null.
         let positive = |k: &str, v: Option<f64>| match v {
             Some(x) if x.is_finite() && x > 0.0 => Ok(x),
-            Some(x) => Err(bad(format!("metadata {k} is {x}; it must be finite and positive"))),
+            Some(x) => Err(bad(format!(
+                "metadata {k} is {x}; it must be finite and positive"
+            ))),
             None => Err(bad(format!("metadata {k} is not a number"))),
         };
         let eps_key = key("attention.layer_norm_rms_epsilon");
@@ -681,7 +690,9 @@ impl GgufFile {
                 "rope_freqs.weight (Llama 3.1 rope scaling) is not supported".into(),
             ));
         }
-        let embd_rows = self.info("token_embd.weight").map(|t| t.shape[0] as u64);
+        let embd_rows = self
+            .info("token_embd.weight")
+            .and_then(|t| t.shape.first().map(|&d| d as u64));
         let tokens = self
             .get("tokenizer.ggml.tokens")
             .and_then(|v| v.as_array())

@@ -62,7 +62,12 @@ fn quantized_from(t: &mut LayerTensors) -> Result<Quantized> {
 /// A stored 8-bit weight of `module` from its tensors, every value checked as it enters: the
 /// code sorted and finite, absmax finite and non-negative, the block size implied by the
 /// lengths.
-pub fn stored_quantized(module: &str, q: Tensor, absmax: Tensor, code: &Tensor) -> Result<Quantized> {
+pub fn stored_quantized(
+    module: &str,
+    q: Tensor,
+    absmax: Tensor,
+    code: &Tensor,
+) -> Result<Quantized> {
     let bad = |problem: String| OctetError::InvalidArgument(format!("module {module}: {problem}"));
     let code = QuantCode::from_tensor(code).map_err(|e| bad(format!("{module}.code: {e}")))?;
     let block = infer_block_size(q.numel(), absmax.numel())

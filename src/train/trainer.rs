@@ -279,7 +279,11 @@ pub fn evaluate(
         return Ok(None);
     }
     let vocab = model.info().vocab_size;
-    crate::model::check_token_ids(data.iter().flat_map(|s| &s.input_ids), vocab, "held-out data")?;
+    crate::model::check_token_ids(
+        data.iter().flat_map(|s| &s.input_ids),
+        vocab,
+        "held-out data",
+    )?;
     model.visit_layers(&mut |_, l| l.set_training(false));
     let (mut nll, mut n) = (0.0, 0i64);
     for chunk in data.chunks(batch_size.max(1)) {

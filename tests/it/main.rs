@@ -1,10 +1,12 @@
 //! All integration tests, one binary (one link) with a module per area.
 
-mod common;
 mod adam8bit_oracle;
+mod common;
 mod convert_cli;
 mod data_pipeline;
 mod eval_generate;
+mod fuzz;
+mod fuzz_support;
 mod gguf;
 mod gpt2;
 mod gpt_neox;
@@ -12,6 +14,7 @@ mod gptj_golden;
 mod llama_golden;
 mod merge;
 mod quant_oracle;
+mod safety_in;
 mod smollm2;
 mod torch_bin;
 mod train;
