@@ -12,6 +12,12 @@ pub enum Style {
     Safetensors,
 }
 
+/// What a target runs on its work folder.
+pub type RunFn = Box<dyn Fn(&Path) -> octet::Result<()>>;
+
+/// A panic hook, as `std::panic::take_hook` returns it.
+type Hook = Box<dyn Fn(&panic::PanicHookInfo<'_>) + Sync + Send + 'static>;
+
 /// One reader or loader under test: a work folder holding valid files, the one mutated, and
 /// what to run on the folder.
 pub struct Target {
@@ -21,7 +27,7 @@ pub struct Target {
     pub style: Style,
     /// Relative share of the cases (expensive loaders get fewer).
     pub weight: usize,
-    pub run: Box<dyn Fn(&Path) -> octet::Result<()>>,
+    pub run: RunFn,
     seed: Vec<u8>,
 }
 
@@ -255,7 +261,7 @@ pub fn run(targets: &[Target], cases: usize, seed: u64, keep: &Path) -> Report {
     let started = std::time::Instant::now();
     let last_message = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
     // Restores the previous hook however the run ends (a failing write must still report).
-    struct RestoreHook(Option<Box<dyn Fn(&panic::PanicHookInfo<'_>) + Sync + Send + 'static>>);
+    struct RestoreHook(Option<Hook>);
     impl Drop for RestoreHook {
         fn drop(&mut self) {
             // The hook cannot be changed while unwinding; the run has failed then anyway.
