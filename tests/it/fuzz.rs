@@ -34,7 +34,9 @@ fn load(dir: &Path) -> octet::Result<octet::load::LoadedModel> {
 /// Loads the model in `dir` and runs it on a few tokens.
 fn load_and_run(dir: &Path) -> octet::Result<()> {
     let m = load(dir)?;
-    let ids = Tensor::from_slice(&[1i64, 2, 3]).reshape([1, 3]);
+    // Callers (eval, generate, train) keep sequences within the model's positions.
+    let t = m.model.info().max_positions.min(3);
+    let ids = Tensor::from_slice(&[1i64, 2, 3][..t]).reshape([1, t as i64]);
     let _ = m.model.forward(&ids);
     Ok(())
 }

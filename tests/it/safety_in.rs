@@ -665,3 +665,25 @@ fn a_tokenizer_json_with_a_malformed_decoder_is_an_error_not_a_panic() {
         "{err}"
     );
 }
+
+/// Found by the fuzz suite (cases 22337 and 157452 of seed 12345): `"n_positions": 0` in the
+/// GPT-J 8-bit folder's config.json built a model whose rotary table libtorch could not narrow
+/// (a panic from tch on the first forward pass).
+#[test]
+fn a_config_with_zero_positions_is_refused_naming_config_json() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = tmp.path().join("model");
+    copy_dir(&fixture("tiny_gptj/gptj8bit"), &m);
+    let cfg = std::fs::read_to_string(m.join("config.json")).unwrap();
+    let bad = cfg.replace("\"n_positions\": 64", "\"n_positions\": 0");
+    assert_ne!(cfg, bad);
+    std::fs::write(m.join("config.json"), bad).unwrap();
+    let err = load_model(&m, &LoadOptions::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("config.json") && err.contains("n_positions is 0"),
+        "{err}"
+    );
+}
