@@ -435,7 +435,7 @@ fn model_with_a_larger_tokenizer(tmp: &Path) -> PathBuf {
 }
 
 #[test]
-fn eval_refuses_token_ids_outside_the_vocabulary() {
+fn eval_and_generate_refuse_token_ids_outside_the_vocabulary() {
     let tmp = tempfile::tempdir().unwrap();
     let m = model_with_a_larger_tokenizer(tmp.path());
     let data = tmp.path().join("text.txt");
@@ -456,6 +456,22 @@ fn eval_refuses_token_ids_outside_the_vocabulary() {
         "4",
     ]);
     assert_refused(&r, &["outside the model's vocabulary of 301"]);
+    let r = octet(&[
+        "generate",
+        "--model",
+        s(&m),
+        "--prompt",
+        "The quick brown fox",
+        "--max-new-tokens",
+        "2",
+    ]);
+    assert_refused(
+        &r,
+        &[
+            "the prompt: token id",
+            "outside the model's vocabulary of 301",
+        ],
+    );
 }
 
 #[test]
@@ -686,4 +702,39 @@ fn a_config_with_zero_positions_is_refused_naming_config_json() {
         err.contains("config.json") && err.contains("n_positions is 0"),
         "{err}"
     );
+}
+
+/// GGUFs whose `token_embd.weight` or `blk.0.attn_q.weight` has no dimensions: reading the
+/// vocabulary from the embedding's first dimension, and undoing the q row permutation,
+/// indexed an empty shape.
+#[test]
+fn a_gguf_tensor_without_dimensions_is_an_error_not_a_panic() {
+    use octet::io::TensorStore;
+    let tmp = tempfile::tempdir().unwrap();
+    for name in ["token_embd.weight", "blk.0.attn_q.weight"] {
+        let mut b = std::fs::read(fixture("tiny_llama/tied.gguf")).unwrap();
+        let at = b
+            .windows(name.len())
+            .position(|w| w == name.as_bytes())
+            .unwrap()
+            + name.len();
+        let n_dims = u32::from_le_bytes(b[at..at + 4].try_into().unwrap()) as usize;
+        b.splice(at..at + 4 + 8 * n_dims, 0u32.to_le_bytes());
+        let p = tmp.path().join("m.gguf");
+        std::fs::write(&p, b).unwrap();
+        match octet::io::gguf::GgufFile::open(&p) {
+            Err(e) => assert!(e.to_string().contains("m.gguf"), "{name}: {e}"),
+            Ok(g) => {
+                let _ = g.config();
+                for n in g.names() {
+                    let _ = g.bytes(&n);
+                }
+                let err = load_model(&p, &LoadOptions::default())
+                    .err()
+                    .unwrap()
+                    .to_string();
+                assert!(err.contains("m.gguf"), "{name}: {err}");
+            }
+        }
+    }
 }
