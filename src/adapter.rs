@@ -3,7 +3,6 @@
 use crate::error::{OctetError, Result};
 use crate::io::safetensors::{save_tensors, SafetensorsFile};
 use crate::io::TensorStore;
-use crate::load::read_tensor;
 use crate::model::CausalLm;
 use crate::nn::{Layer, LoraConfig, LoraLayer, Vacant};
 use regex::Regex;
@@ -257,6 +256,22 @@ impl AdapterConfig {
         if c.use_dora {
             return Err(OctetError::bad_file(&p, "DoRA adapters are not supported"));
         }
+        if c.r == 0 || c.r as u64 > crate::sizes::MAX_SIZE {
+            return Err(OctetError::bad_file(
+                &p,
+                format!(
+                    "LoRA rank r = {} must be between 1 and {}",
+                    c.r,
+                    crate::sizes::MAX_SIZE
+                ),
+            ));
+        }
+        if !c.lora_alpha.is_finite() {
+            return Err(OctetError::bad_file(
+                &p,
+                format!("lora_alpha {} must be finite", c.lora_alpha),
+            ));
+        }
         Ok(c)
     }
 }
@@ -278,6 +293,24 @@ pub fn save_adapter(model: &mut dyn CausalLm, config: &AdapterConfig, dir: &Path
     std::fs::write(&p, text).map_err(|e| OctetError::io(&p, e))
 }
 
+/// Reads one adapter tensor, refusing what would silently compute garbage: a non-float dtype
+/// (integers would be taken as values) or NaN/Inf.
+pub fn read_adapter_tensor(store: &dyn TensorStore, name: &str) -> Result<Tensor> {
+    let bad = |m: String| OctetError::bad_file(store.path(), m);
+    let meta = store
+        .meta(name)
+        .ok_or_else(|| bad(format!("no tensor named {name}")))?;
+    if !meta.dtype.is_float() {
+        return Err(bad(format!(
+            "tensor {name} is {:?}, not floating point",
+            meta.dtype
+        )));
+    }
+    let bytes = store.bytes(name)?;
+    crate::validate::check_finite(name, meta.dtype, &bytes).map_err(bad)?;
+    crate::io::dtype::tensor_from_bytes(meta.dtype, &meta.shape, &bytes)
+}
+
 /// Loads a PEFT LoRA adapter folder onto `model`: wraps each module the file names, checks
 /// every shape, and loads trained biases and norms. Every tensor in the file must be used.
 pub fn load_adapter(model: &mut dyn CausalLm, dir: &Path) -> Result<AdapterConfig> {
@@ -294,7 +327,7 @@ pub fn load_adapter(model: &mut dyn CausalLm, dir: &Path) -> Result<AdapterConfi
                 format!("tensor {name} lacks the {PEFT_PREFIX} prefix"),
             )
         })?;
-        pending.insert(key.to_string(), read_tensor(&store, &name)?);
+        pending.insert(key.to_string(), read_adapter_tensor(&store, &name)?);
     }
     let lora = config.lora();
     let mut failure: Option<OctetError> = None;

@@ -4,7 +4,9 @@ use crate::error::{OctetError, Result};
 use crate::io::checkpoint::WEIGHT_FILES;
 use crate::io::safetensors::SafetensorsWriter;
 use crate::io::{dtype, open_checkpoint, Dtype, TensorStore};
-use crate::load::{choose_code, read_config, read_f32, resolve_arch, QuantizeOptions};
+use crate::load::{
+    check_checkpoint, choose_code, read_config, read_f32, resolve_arch, QuantizeOptions,
+};
 use crate::manifest::{sha256_file, Manifest, SourceFile, TensorError};
 use crate::nn::{registry, ModuleGraph};
 use crate::outdir::{copy_side_files, OutputDir};
@@ -24,6 +26,8 @@ pub struct ConvertOptions {
     pub shard_bytes: usize,
     /// Show a progress bar on stderr.
     pub progress: bool,
+    /// Keep NaN/Inf in tensors that stay in float instead of refusing the source.
+    pub allow_nonfinite: bool,
 }
 
 impl Default for ConvertOptions {
@@ -34,6 +38,7 @@ impl Default for ConvertOptions {
             force: false,
             shard_bytes: 2 << 30,
             progress: false,
+            allow_nonfinite: false,
         }
     }
 }
@@ -62,6 +67,8 @@ pub struct ConvertReport {
     pub tensors: Vec<ConvertedTensor>,
     /// Shard files written.
     pub shards: Vec<String>,
+    /// Things the user should know about the result (a missing tokenizer).
+    pub warnings: Vec<String>,
 }
 
 impl ConvertReport {
@@ -179,11 +186,10 @@ fn progress_bar(show: bool, total: u64) -> indicatif::ProgressBar {
 pub fn convert(model: &Path, out: &Path, opts: &ConvertOptions) -> Result<ConvertReport> {
     let config = read_config(model)?;
     let arch = resolve_arch(model, &opts.arch, &config)?;
-    let outdir = OutputDir::create(out, opts.force, &[model])?;
     let store = open_checkpoint(model)?;
     let stored = ModuleGraph::from_store(store.as_ref(), arch.spec())?;
-    arch.check(&config, &stored)
-        .map_err(|e| OctetError::bad_file(store.path(), e.to_string()))?;
+    check_checkpoint(arch, &config, model, store.as_ref(), &stored)?;
+    let outdir = OutputDir::create(out, opts.force, &[model])?;
     let mut graph = stored.clone();
     let (block, _) = opts.quantize.apply(&mut graph, arch);
     // Hashing the sources is I/O-bound; it overlaps the conversion on its own thread.
@@ -259,8 +265,10 @@ pub fn convert(model: &Path, out: &Path, opts: &ConvertOptions) -> Result<Conver
                         w.write(name, &bytes)?;
                     }
                     _ => {
-                        // Already 8-bit in the source: copied as stored.
+                        // Already 8-bit in the source: copied as stored, once its values
+                        // are known to load back.
                         let b = store.bytes(name)?;
+                        check_stored_8bit(store.as_ref(), name, pname, &b)?;
                         w.write(name, &b)?;
                         rows.push(ConvertedTensor {
                             name: name.clone(),
@@ -273,6 +281,15 @@ pub fn convert(model: &Path, out: &Path, opts: &ConvertOptions) -> Result<Conver
                 }
             } else {
                 let b = store.bytes(name)?;
+                if !opts.allow_nonfinite {
+                    let dtype = s.param(pname).map_or(Dtype::U8, |p| p.dtype);
+                    crate::validate::check_finite(name, dtype, &b).map_err(|m| {
+                        OctetError::bad_file(
+                            store.path(),
+                            format!("{m} (pass --allow-nonfinite to keep it)"),
+                        )
+                    })?;
+                }
                 w.write(name, &b)?;
                 rows.push(ConvertedTensor {
                     name: name.clone(),
@@ -293,6 +310,15 @@ pub fn convert(model: &Path, out: &Path, opts: &ConvertOptions) -> Result<Conver
     copy_side_files(model, outdir.path())?;
     if crate::io::gguf::is_gguf(model) {
         crate::io::gguf::GgufFile::open(model)?.write_side_files(outdir.path())?;
+    }
+    let mut warnings = Vec::new();
+    if !has_tokenizer(outdir.path()) {
+        warnings.push(format!(
+            "{} has no tokenizer (tokenizer.json or vocab.json + merges.txt): eval, generate \
+             and train of {} need one copied into it",
+            model.display(),
+            out.display()
+        ));
     }
     let manifest = Manifest {
         arch: arch.name().to_string(),
@@ -320,7 +346,37 @@ pub fn convert(model: &Path, out: &Path, opts: &ConvertOptions) -> Result<Conver
         arch: arch.name().to_string(),
         tensors: rows,
         shards: shard_names,
+        warnings,
     })
+}
+
+/// Whether `dir` holds a tokenizer octet can read.
+fn has_tokenizer(dir: &Path) -> bool {
+    dir.join("tokenizer.json").is_file()
+        || (dir.join("vocab.json").is_file() && dir.join("merges.txt").is_file())
+}
+
+/// Checks the absmax or code of a weight that is already 8-bit in the source (the GPT-J
+/// 8-bit .bin) before it is copied: what is written must load back.
+fn check_stored_8bit(store: &dyn TensorStore, name: &str, pname: &str, bytes: &[u8]) -> Result<()> {
+    let bad = |m: String| OctetError::bad_file(store.path(), m);
+    let meta = store
+        .meta(name)
+        .ok_or_else(|| bad(format!("no tensor named {name}")))?;
+    if !meta.dtype.is_float() {
+        return Err(bad(format!(
+            "tensor {name} is {:?}; an 8-bit weight's {pname} must be floating point",
+            meta.dtype
+        )));
+    }
+    let mut values = vec![0f32; meta.numel()];
+    dtype::float_bytes_to_f32(meta.dtype, bytes, &mut values)?;
+    if pname == "code" {
+        crate::validate::check_code(name, values).map_err(bad)?;
+    } else {
+        crate::validate::check_absmax(name, &values).map_err(bad)?;
+    }
+    Ok(())
 }
 
 /// Quantizes one stored float tensor chunk by chunk; returns the bytes and the code used.
@@ -342,9 +398,26 @@ fn quantize_tensor(
             ),
         ));
     }
+    // An 8-bit block cannot hold NaN or Inf (its scale would be non-finite), so these are
+    // refused even with --allow-nonfinite; --skip keeps such a module in float.
+    let nonfinite = |i: usize, v: f32| {
+        OctetError::bad_file(
+            store.path(),
+            format!(
+                "tensor {name} holds {v} at element {i}; it cannot be quantized \
+                 (--skip its module to keep it in float)"
+            ),
+        )
+    };
     let code = match q.code {
         // Fitting samples the whole tensor, so it is read once in f32 first.
-        crate::quant::CodeKind::Fitted => choose_code(q.code, &read_f32(store, name)?, block)?,
+        crate::quant::CodeKind::Fitted => {
+            let x = read_f32(store, name)?;
+            if let Some((i, v)) = crate::validate::first_nonfinite_f32(&x) {
+                return Err(nonfinite(i, v));
+            }
+            choose_code(q.code, &x, block)?
+        }
         crate::quant::CodeKind::Dynamic => crate::quant::QuantCode::dynamic_signed(),
     };
     let bytes = store.bytes(name)?;
@@ -355,7 +428,11 @@ fn quantize_tensor(
             meta.dtype,
             &bytes[start * size..(start + buf.len()) * size],
             buf,
-        )
+        )?;
+        match crate::validate::first_nonfinite_f32(buf) {
+            Some((i, v)) => Err(nonfinite(start + i, v)),
+            None => Ok(()),
+        }
     })?;
     Ok((out, code.values().to_vec()))
 }

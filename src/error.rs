@@ -61,6 +61,10 @@ pub enum OctetError {
         /// What is wrong with it.
         problem: String,
     },
+    /// A model config value out of range or inconsistent, before the config's origin is known
+    /// (an architecture plugin parsing a config); [`OctetError::in_config`] names the file.
+    #[error("config.json: {0}")]
+    ConfigValue(String),
     /// An architecture name that matches no registration, or more than one.
     #[error("{0}")]
     Architecture(String),
@@ -78,6 +82,23 @@ impl OctetError {
         OctetError::Io {
             path: path.into(),
             source,
+        }
+    }
+
+    /// A problem with a model config value (see [`OctetError::in_config`]).
+    pub fn config_value(problem: impl Into<String>) -> Self {
+        OctetError::ConfigValue(problem.into())
+    }
+
+    /// Names `origin` (config.json, or the GGUF file whose metadata stands for it) in a
+    /// config-value error; other errors pass unchanged.
+    pub fn in_config(self, origin: &std::path::Path) -> Self {
+        match self {
+            OctetError::ConfigValue(problem) => OctetError::Config {
+                path: origin.to_path_buf(),
+                problem,
+            },
+            other => other,
         }
     }
 

@@ -110,15 +110,7 @@ pub fn perplexity(
 ) -> Result<Perplexity> {
     let info = model.info();
     check_window(ctx, stride, info.max_positions, ids.len())?;
-    if let Some(&bad) = ids
-        .iter()
-        .find(|&&t| t < 0 || t as usize >= info.vocab_size)
-    {
-        return Err(OctetError::InvalidArgument(format!(
-            "token id {bad} is outside the model's vocabulary of {}",
-            info.vocab_size
-        )));
-    }
+    crate::model::check_token_ids(ids, info.vocab_size, "the evaluation text")?;
     let wins = windows(ids.len(), ctx, stride);
     let device = crate::model::model_device(model);
     let (mut nll_sum, mut scored) = (0.0f64, 0i64);

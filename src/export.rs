@@ -5,7 +5,7 @@ use crate::io::open_checkpoint;
 use crate::load::{read_config, read_tensor, resolve_arch};
 use crate::nn::{registry, ModuleGraph};
 use crate::outdir::{copy_side_files, OutputDir};
-use crate::quant::{QuantCode, Quantized};
+
 use std::collections::BTreeMap;
 use std::path::Path;
 use tch::{Kind, Tensor};
@@ -40,15 +40,12 @@ pub fn export_hf(
             let absmax = params
                 .remove("absmax")
                 .ok_or_else(|| OctetError::InvalidArgument(format!("{}: no absmax", node.path)))?;
-            let code =
-                QuantCode::from_tensor(&params.remove("code").ok_or_else(|| {
-                    OctetError::InvalidArgument(format!("{}: no code", node.path))
-                })?)?;
-            let block =
-                crate::nn::bnb8::infer_block_size(q.numel(), absmax.numel()).ok_or_else(|| {
-                    OctetError::InvalidArgument(format!("{}: absmax fits no block size", node.path))
-                })?;
-            let w = Quantized::from_parts(q, absmax, code, block)?.dequantize(Kind::Float)?;
+            let code = params
+                .remove("code")
+                .ok_or_else(|| OctetError::InvalidArgument(format!("{}: no code", node.path)))?;
+            let w = crate::nn::bnb8::stored_quantized(&node.path, q, absmax, &code)
+                .map_err(|e| OctetError::bad_file(store.path(), e.to_string()))?
+                .dequantize(Kind::Float)?;
             params.insert(rep.to_string(), w);
         }
         for t in params.values_mut() {

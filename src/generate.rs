@@ -296,13 +296,7 @@ pub fn room(model: &dyn CausalLm, prompt_len: usize, max_new_tokens: usize) -> R
 }
 
 fn check_ids(model: &dyn CausalLm, ids: &[i64]) -> Result<()> {
-    let vocab = model.info().vocab_size;
-    match ids.iter().find(|&&t| t < 0 || t as usize >= vocab) {
-        Some(bad) => Err(OctetError::InvalidArgument(format!(
-            "prompt token id {bad} is outside the model's vocabulary of {vocab}"
-        ))),
-        None => Ok(()),
-    }
+    crate::model::check_token_ids(ids, model.info().vocab_size, "the prompt")
 }
 
 /// Continues `prompt_ids` and returns the new ids. `on_token` sees each new id as soon as it

@@ -19,9 +19,11 @@ pub mod nn;
 pub mod outdir;
 pub mod quant;
 pub mod registry;
+pub mod sizes;
 pub mod spec;
 pub mod tokenizer;
 pub mod train;
+pub mod validate;
 
 #[path = "../adapters/mod.rs"]
 pub mod adapters;

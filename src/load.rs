@@ -98,6 +98,34 @@ pub fn read_config(dir: &Path) -> Result<serde_json::Value> {
     serde_json::from_str(&text).map_err(|e| OctetError::bad_file(&p, format!("invalid JSON: {e}")))
 }
 
+/// The file a model's config comes from: `dir/config.json`, or the GGUF file itself.
+pub fn config_origin(dir: &Path) -> PathBuf {
+    if crate::io::gguf::is_gguf(dir) {
+        dir.to_path_buf()
+    } else {
+        dir.join("config.json")
+    }
+}
+
+/// Checks a checkpoint against its config before anything is built: the config's sizes
+/// within bounds and consistent with the stored tensors ([`crate::sizes::check_config`]),
+/// then the plugin's own check of every module. Config problems name the config's file,
+/// checkpoint problems the weights file.
+pub fn check_checkpoint(
+    arch: &dyn Architecture,
+    config: &serde_json::Value,
+    dir: &Path,
+    store: &dyn TensorStore,
+    stored: &ModuleGraph,
+) -> Result<()> {
+    let origin = config_origin(dir);
+    crate::sizes::check_config(config, &origin, stored, store.path())?;
+    arch.check(config, stored).map_err(|e| match e {
+        OctetError::ConfigValue(_) => e.in_config(&origin),
+        other => OctetError::bad_file(store.path(), other.to_string()),
+    })
+}
+
 /// Picks the architecture of a model folder: `arch` unless `auto`, else octet.toml's, else
 /// config.json's.
 pub fn resolve_arch(
@@ -107,10 +135,13 @@ pub fn resolve_arch(
 ) -> Result<&'static dyn Architecture> {
     if arch == "auto" {
         if let Some(m) = Manifest::read(dir)? {
-            return crate::registry::find(&m.arch);
+            return crate::registry::find(&m.arch).map_err(|e| OctetError::Config {
+                path: dir.join(crate::manifest::MANIFEST_FILE),
+                problem: format!("arch: {e}"),
+            });
         }
     }
-    resolve(arch, config, &dir.join("config.json"))
+    resolve(arch, config, &config_origin(dir))
 }
 
 /// Reads one stored tensor as a CPU tensor of its own dtype.
@@ -186,6 +217,7 @@ fn build_node(
         ))
     })?;
     (kind.build)(target, LayerTensors::new(&target.path, tensors))
+        .map_err(|e| OctetError::bad_file(store.path(), e.to_string()))
 }
 
 /// Loads the model in `dir`.
@@ -194,8 +226,13 @@ pub fn load_model(dir: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
     let arch = resolve_arch(dir, &opts.arch, &config)?;
     let store = open_checkpoint(dir)?;
     let stored = ModuleGraph::from_store(store.as_ref(), arch.spec())?;
-    arch.check(&config, &stored)
-        .map_err(|e| OctetError::bad_file(store.path(), e.to_string()))?;
+    check_checkpoint(arch, &config, dir, store.as_ref(), &stored)?;
+    crate::memory::ensure_fits(
+        &format!("loading the model in {}", dir.display()),
+        crate::sizes::model_bytes(&config, &stored),
+        Device::Cpu,
+        "check the config's sizes, or use a smaller model",
+    )?;
     let mut graph = stored.clone();
     let (block, code) = match &opts.quantize {
         Some(q) => (q.apply(&mut graph, arch).0, q.code),
@@ -217,7 +254,9 @@ pub fn load_model(dir: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
         layer.to_device(opts.device);
         layers.insert(t.path.clone(), layer);
     }
-    let model = arch.build(&config, &mut layers, opts.kind)?;
+    let model = arch
+        .build(&config, &mut layers, opts.kind)
+        .map_err(|e| e.in_config(&config_origin(dir)))?;
     Ok(LoadedModel {
         arch,
         graph,

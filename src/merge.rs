@@ -13,7 +13,7 @@ use crate::manifest::{sha256_file, Manifest, SourceFile, TensorError};
 use crate::nn::bnb8::infer_block_size;
 use crate::nn::{registry, ModuleGraph, Node};
 use crate::outdir::{copy_side_files, OutputDir};
-use crate::quant::{BlockSize, CodeKind, QuantCode, Quantized, StreamingQuantizer};
+use crate::quant::{BlockSize, CodeKind, QuantCode, StreamingQuantizer};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
@@ -184,12 +184,6 @@ fn read_adapter(dir: &Path) -> Result<Adapter> {
             ));
         }
     }
-    if config.r == 0 {
-        return Err(OctetError::bad_file(
-            dir.join(ADAPTER_CONFIG),
-            "LoRA rank r must be at least 1",
-        ));
-    }
     let weights = adapter_weights(dir)?;
     let store = open_file(&weights)?;
     let mut halves: BTreeMap<String, [Option<(String, Tensor)>; 2]> = BTreeMap::new();
@@ -208,14 +202,7 @@ fn read_adapter(dir: &Path) -> Result<Adapter> {
                 format!("tensor {name} lacks the {PEFT_PREFIX} prefix"),
             )
         })?;
-        let t = read_tensor(store.as_ref(), &name)?;
-        if !t.is_floating_point() {
-            return Err(OctetError::bad_file(
-                &weights,
-                format!("tensor {name} is {:?}, not floating point", t.kind()),
-            ));
-        }
-        let t = t.to_kind(Kind::Float);
+        let t = crate::adapter::read_adapter_tensor(store.as_ref(), &name)?.to_kind(Kind::Float);
         let lora = [
             (".lora_A.weight", 0, false),
             (".lora_B.weight", 1, false),
@@ -453,14 +440,10 @@ fn read_module_f32(
         };
         let q = params.remove(rep).ok_or_else(|| missing(rep))?;
         let absmax = params.remove("absmax").ok_or_else(|| missing("absmax"))?;
-        let code = QuantCode::from_tensor(&params.remove("code").ok_or_else(|| missing("code"))?)?;
-        let block = infer_block_size(q.numel(), absmax.numel()).ok_or_else(|| {
-            OctetError::bad_file(
-                store.path(),
-                format!("module {}: absmax fits no block size", node.path),
-            )
-        })?;
-        let w = Quantized::from_parts(q, absmax, code, block)?.dequantize(Kind::Float)?;
+        let code = params.remove("code").ok_or_else(|| missing("code"))?;
+        let w = crate::nn::bnb8::stored_quantized(&node.path, q, absmax, &code)
+            .map_err(|e| OctetError::bad_file(store.path(), e.to_string()))?
+            .dequantize(Kind::Float)?;
         params.insert(rep.to_string(), w);
     }
     for t in params.values_mut() {
@@ -573,6 +556,11 @@ fn requantize(w: &Tensor, block: BlockSize) -> Result<([Vec<u8>; 3], crate::quan
     let n = w.numel();
     let mut x = vec![0f32; n];
     w.contiguous().f_copy_data(&mut x, n)?;
+    if let Some((i, v)) = crate::validate::first_nonfinite_f32(&x) {
+        return Err(OctetError::InvalidArgument(format!(
+            "the merged weight holds {v} at element {i}; it cannot be quantized"
+        )));
+    }
     let code = QuantCode::dynamic_signed();
     let out =
         StreamingQuantizer::new(&code, block).quantize(n, CHUNK_ELEMS, true, |start, buf| {
@@ -679,6 +667,31 @@ fn module_outputs(
     Ok(out)
 }
 
+/// Refuses to write a tensor octet (or transformers) could not use: non-finite float values,
+/// or an 8-bit module's code or absmax that would not load back.
+fn check_output(t: &Node, param: &str, bytes: &[u8]) -> Result<()> {
+    let name = t.tensor_name(param);
+    let refuse = |m: String| {
+        OctetError::InvalidArgument(format!("the merge would write an unusable model: {m}"))
+    };
+    let Some(p) = t.param(param) else {
+        return Ok(());
+    };
+    let is_8bit = quantized_param(&t.kind).is_some();
+    match param {
+        "code" if is_8bit => {
+            crate::validate::check_code(&name, crate::validate::f32_values(bytes))
+                .map_err(refuse)?;
+        }
+        "absmax" if is_8bit => {
+            crate::validate::check_absmax(&name, &crate::validate::f32_values(bytes))
+                .map_err(refuse)?;
+        }
+        _ => crate::validate::check_finite(&name, p.dtype, bytes).map_err(refuse)?,
+    }
+    Ok(())
+}
+
 /// Sets the config's dtype entries to `name`, so transformers loads the weights as stored.
 fn set_config_dtype(config: &mut serde_json::Value, name: &str) {
     if let Some(obj) = config.as_object_mut() {
@@ -733,8 +746,7 @@ pub fn merge(model: &Path, adapter: &Path, out: &Path, opts: &MergeOptions) -> R
     let arch = resolve_arch(model, "auto", &config)?;
     let store = open_checkpoint(model)?;
     let stored = ModuleGraph::from_store(store.as_ref(), arch.spec())?;
-    arch.check(&config, &stored)
-        .map_err(|e| OctetError::bad_file(store.path(), e.to_string()))?;
+    crate::load::check_checkpoint(arch, &config, model, store.as_ref(), &stored)?;
     check_adapter(&ad, &stored, arch.name())?;
     let (graph, block) = output_graph(model, &stored, arch, opts.format)?;
     let outdir = OutputDir::create(out, opts.force, &[model, adapter])?;
@@ -766,6 +778,7 @@ pub fn merge(model: &Path, adapter: &Path, out: &Path, opts: &MergeOptions) -> R
             opts.device,
             &mut errors,
         )? {
+            check_output(t, &name, &bytes)?;
             w.write(&t.tensor_name(&name), &bytes)?;
         }
         for p in &s.params {

@@ -17,6 +17,26 @@ pub struct ModelInfo {
     pub blocks: usize,
 }
 
+/// Refuses token ids outside `[0, vocab)` where they enter (a prompt, an evaluation text,
+/// training or held-out data): an id past the embedding would index out of its rows.
+/// `what` says where the ids came from.
+pub fn check_token_ids<'a>(
+    ids: impl IntoIterator<Item = &'a i64>,
+    vocab: usize,
+    what: &str,
+) -> crate::Result<()> {
+    match ids
+        .into_iter()
+        .find(|&&t| t < 0 || t as u64 >= vocab as u64)
+    {
+        Some(bad) => Err(crate::OctetError::InvalidArgument(format!(
+            "{what}: token id {bad} is outside the model's vocabulary of {vocab} \
+             (does the tokenizer belong to this model?)"
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// Keys and values of one block for the positions seen so far.
 ///
 /// They live in buffers with room for more positions, so a generation step writes only its

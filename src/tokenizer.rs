@@ -47,7 +47,12 @@ impl Tokenizer {
         let vocab = dir.join("vocab.json");
         let merges = dir.join("merges.txt");
         let mut tok = if json.is_file() {
-            let inner = tokenizers::Tokenizer::from_file(&json)
+            let text = std::fs::read(&json).map_err(|e| OctetError::io(&json, e))?;
+            // Syntax first: tokenizers 0.21 panics (instead of erring) on malformed JSON inside
+            // its `decoder` field when parsing from text, but not from a parsed value.
+            let value: serde_json::Value = serde_json::from_slice(&text)
+                .map_err(|e| OctetError::bad_file(&json, format!("invalid JSON: {e}")))?;
+            let inner: tokenizers::Tokenizer = serde_json::from_value(value)
                 .map_err(|e| OctetError::bad_file(&json, format!("not a usable tokenizer: {e}")))?;
             Self::from_tokenizers(inner)
         } else if vocab.is_file() && merges.is_file() {

@@ -71,10 +71,9 @@ pub struct Gpt2Config {
 impl Gpt2Config {
     /// Parses and checks the config.
     pub fn from_json(v: &serde_json::Value) -> Result<Self> {
-        let c: Gpt2Config = serde_json::from_value(v.clone()).map_err(|e| {
-            OctetError::InvalidArgument(format!("config.json: invalid GPT-2 config: {e}"))
-        })?;
-        let bad = |m: String| Err(OctetError::InvalidArgument(format!("config.json: {m}")));
+        let c: Gpt2Config = serde_json::from_value(v.clone())
+            .map_err(|e| OctetError::config_value(format!("invalid GPT-2 config: {e}")))?;
+        let bad = |m: String| Err(OctetError::config_value(m));
         if c.n_head == 0 || !c.n_embd.is_multiple_of(c.n_head) {
             return bad(format!(
                 "n_embd {} is not divisible by n_head {}",

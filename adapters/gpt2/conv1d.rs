@@ -6,13 +6,13 @@
 //! it. For LoRA both report `AdapterShape::Linear { in, out }`: `lora_A` is `[r, in]`,
 //! `lora_B` `[out, r]` and the update applies to `x` as for any Linear — PEFT's
 //! `fan_in_fan_out = true` semantics, where only merging transposes the delta.
-use crate::error::{OctetError, Result};
+use crate::error::Result;
 use crate::nn::bnb8::infer_block_size;
 use crate::nn::graph::Node;
 use crate::nn::layer::check_params;
 use crate::nn::registry::{LayerKind, Replacement};
 use crate::nn::{AdapterShape, Layer, LayerTensors};
-use crate::quant::{QuantCode, Quantized, CODE_LEN};
+use crate::quant::{Quantized, CODE_LEN};
 use tch::{Device, Kind, Tensor};
 
 /// `y = x·W + b` with `W` stored `[in, out]` (Hugging Face's `pytorch_utils.Conv1D`).
@@ -243,15 +243,10 @@ fn build_conv1d(_: &Node, mut t: LayerTensors) -> Result<Box<dyn Layer>> {
 fn build_bnb8_conv1d(_: &Node, mut t: LayerTensors) -> Result<Box<dyn Layer>> {
     let q = t.take("weight")?;
     let absmax = t.take("absmax")?;
-    let code = QuantCode::from_tensor(&t.take("code")?)?;
-    let block = infer_block_size(q.numel(), absmax.numel()).ok_or_else(|| {
-        OctetError::InvalidArgument(format!(
-            "module {}: absmax length fits no block size",
-            t.path()
-        ))
-    })?;
+    let code = t.take("code")?;
+    let weight = crate::nn::bnb8::stored_quantized(t.path(), q, absmax, &code)?;
     Ok(Box::new(Bnb8Conv1D {
-        weight: Quantized::from_parts(q, absmax, code, block)?,
+        weight,
         bias: t.take_opt("bias").map(f32_tensor),
     }))
 }

@@ -100,10 +100,9 @@ pub struct GptNeoxConfig {
 impl GptNeoxConfig {
     /// Parses and checks the config.
     pub fn from_json(v: &serde_json::Value) -> Result<Self> {
-        let c: GptNeoxConfig = serde_json::from_value(v.clone()).map_err(|e| {
-            OctetError::InvalidArgument(format!("config.json: invalid GPT-NeoX config: {e}"))
-        })?;
-        let bad = |m: String| Err(OctetError::InvalidArgument(format!("config.json: {m}")));
+        let c: GptNeoxConfig = serde_json::from_value(v.clone())
+            .map_err(|e| OctetError::config_value(format!("invalid GPT-NeoX config: {e}")))?;
+        let bad = |m: String| Err(OctetError::config_value(m));
         if c.num_attention_heads == 0 || !c.hidden_size.is_multiple_of(c.num_attention_heads) {
             return bad(format!(
                 "hidden_size {} is not divisible by num_attention_heads {}",

@@ -62,25 +62,24 @@ pub struct GptjConfig {
 impl GptjConfig {
     /// Parses and checks the config.
     pub fn from_json(v: &serde_json::Value) -> Result<Self> {
-        let c: GptjConfig = serde_json::from_value(v.clone()).map_err(|e| {
-            OctetError::InvalidArgument(format!("config.json: invalid GPT-J config: {e}"))
-        })?;
+        let c: GptjConfig = serde_json::from_value(v.clone())
+            .map_err(|e| OctetError::config_value(format!("invalid GPT-J config: {e}")))?;
         if c.n_head == 0 || !c.n_embd.is_multiple_of(c.n_head) {
-            return Err(OctetError::InvalidArgument(format!(
-                "config.json: n_embd {} is not divisible by n_head {}",
+            return Err(OctetError::config_value(format!(
+                "n_embd {} is not divisible by n_head {}",
                 c.n_embd, c.n_head
             )));
         }
         let rd = c.rotary_dim();
         if !rd.is_multiple_of(2) || rd > c.head_dim() {
-            return Err(OctetError::InvalidArgument(format!(
-                "config.json: rotary_dim {rd} must be even and at most the head size {}",
+            return Err(OctetError::config_value(format!(
+                "rotary_dim {rd} must be even and at most the head size {}",
                 c.head_dim()
             )));
         }
         if !matches!(c.activation_function.as_str(), "gelu_new" | "gelu" | "relu") {
-            return Err(OctetError::InvalidArgument(format!(
-                "config.json: unsupported activation_function '{}'",
+            return Err(OctetError::config_value(format!(
+                "unsupported activation_function '{}'",
                 c.activation_function
             )));
         }

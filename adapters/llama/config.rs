@@ -84,7 +84,7 @@ pub struct LlamaConfig {
 }
 
 fn bad(problem: String) -> OctetError {
-    OctetError::InvalidArgument(format!("config.json: {problem}"))
+    OctetError::config_value(problem)
 }
 
 impl LlamaConfig {

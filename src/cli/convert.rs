@@ -28,6 +28,9 @@ pub struct Args {
     /// Replace a non-empty output folder.
     #[arg(long)]
     force: bool,
+    /// Keep NaN/Inf found in tensors that stay in float (refused by default).
+    #[arg(long)]
+    allow_nonfinite: bool,
     /// Start a new shard above this many MiB.
     #[arg(long, default_value_t = 2048, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(0..=1 << 30))]
     shard_mib: usize,
@@ -45,10 +48,14 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         force: a.force,
         shard_bytes: a.shard_mib << 20,
         progress: true,
+        allow_nonfinite: a.allow_nonfinite,
     };
     let started = std::time::Instant::now();
     let report = convert(&a.model, &a.out, &opts)?;
     let secs = started.elapsed().as_secs_f64();
+    for w in &report.warnings {
+        eprintln!("warning: {w}");
+    }
     let (n_q, mean, max) = report.error_summary();
     let (bin, bout) = (report.bytes_in(), report.bytes_out());
     eprintln!(

@@ -426,7 +426,10 @@ impl GgufFile {
             let offset = r.u64()?;
             raw.push((name, ne, ty, offset));
         }
-        let data_start = (r.pos as u64).div_ceil(alignment) * alignment;
+        let data_start = (r.pos as u64)
+            .div_ceil(alignment)
+            .checked_mul(alignment)
+            .ok_or_else(|| r.bad(format!("general.alignment {alignment} is too large")))?;
         let file_len = mmap.len() as u64;
         let mut tensors = Vec::with_capacity(raw.len());
         let mut seen = HashMap::new();
@@ -455,7 +458,7 @@ impl GgufFile {
                     "data offset {offset} is not a multiple of the alignment {alignment}"
                 )));
             }
-            let start = data_start + offset;
+            let start = data_start.saturating_add(offset);
             if start.checked_add(nbytes).is_none_or(|e| e > file_len) {
                 return Err(bad(format!(
                     "data ({nbytes} bytes at {start}) runs past the end of the file ({file_len} bytes)"
@@ -586,7 +589,11 @@ impl GgufFile {
                     };
                     if let Some(n) = n {
                         let rows = t.shape.first().copied().unwrap_or(0);
-                        if n == 0 || !rows.is_multiple_of(2 * n) {
+                        if rows == 0
+                            || !n
+                                .checked_mul(2)
+                                .is_some_and(|m| m > 0 && rows.is_multiple_of(m))
+                        {
                             return Err(OctetError::bad_file(
                                 &self.path,
                                 format!(
@@ -638,16 +645,25 @@ impl GgufFile {
             .meta_u64(&key("attention.head_count_kv"))
             .unwrap_or(heads);
         let inter = self.required_u64(&key("feed_forward_length"))?;
-        let eps = self
-            .get(&key("attention.layer_norm_rms_epsilon"))
-            .and_then(|v| v.as_f64())
-            .ok_or_else(|| {
-                bad("metadata llama.attention.layer_norm_rms_epsilon is missing".into())
-            })?;
-        let theta = self
-            .get(&key("rope.freq_base"))
-            .and_then(|v| v.as_f64())
-            .unwrap_or(10000.0);
+        // A value JSON cannot hold (inf, NaN) must be refused here, naming the key: written
+        // into the config it would become null.
+        let positive = |k: &str, v: Option<f64>| match v {
+            Some(x) if x.is_finite() && x > 0.0 => Ok(x),
+            Some(x) => Err(bad(format!(
+                "metadata {k} is {x}; it must be finite and positive"
+            ))),
+            None => Err(bad(format!("metadata {k} is not a number"))),
+        };
+        let eps_key = key("attention.layer_norm_rms_epsilon");
+        let eps = match self.get(&eps_key) {
+            Some(v) => positive(&eps_key, v.as_f64())?,
+            None => return Err(bad(format!("metadata {eps_key} is missing"))),
+        };
+        let theta_key = key("rope.freq_base");
+        let theta = match self.get(&theta_key) {
+            Some(v) => positive(&theta_key, v.as_f64())?,
+            None => 10000.0,
+        };
         let context = self.meta_u64(&key("context_length")).unwrap_or(2048);
         if heads == 0 {
             return Err(bad("llama.attention.head_count is 0".into()));
@@ -674,7 +690,9 @@ impl GgufFile {
                 "rope_freqs.weight (Llama 3.1 rope scaling) is not supported".into(),
             ));
         }
-        let embd_rows = self.info("token_embd.weight").map(|t| t.shape[0] as u64);
+        let embd_rows = self
+            .info("token_embd.weight")
+            .and_then(|t| t.shape.first().map(|&d| d as u64));
         let tokens = self
             .get("tokenizer.ggml.tokens")
             .and_then(|v| v.as_array())

@@ -61,6 +61,32 @@ impl SafetensorsFile {
                 )
             })?;
             let (s, e) = info.data_offsets;
+            // The header is checked for consistency, not against the file: a truncated file
+            // must be refused here, not fault when the tensor is read.
+            let (start, end) = match (data_start.checked_add(s), data_start.checked_add(e)) {
+                (Some(a), Some(b)) if a <= b && b <= mmap.len() => (a, b),
+                _ => {
+                    return Err(OctetError::bad_file(
+                        path,
+                        format!(
+                            "tensor {name}: bytes {s}..{e} of the data lie outside the file \
+                             ({} bytes of data); is it truncated?",
+                            mmap.len().saturating_sub(data_start)
+                        ),
+                    ))
+                }
+            };
+            let numel = info.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+            if numel.and_then(|n| n.checked_mul(dtype.size())) != Some(end - start) {
+                return Err(OctetError::bad_file(
+                    path,
+                    format!(
+                        "tensor {name}: shape {:?} of {dtype:?} does not match its {} bytes",
+                        info.shape,
+                        end - start
+                    ),
+                ));
+            }
             entries.insert(
                 name.clone(),
                 Entry {
@@ -68,8 +94,8 @@ impl SafetensorsFile {
                         dtype,
                         shape: info.shape.clone(),
                     },
-                    start: data_start + s,
-                    end: data_start + e,
+                    start,
+                    end,
                 },
             );
         }

@@ -65,6 +65,12 @@ struct ZipEntry {
     stored: bool,
 }
 
+/// The largest inflated/compressed ratio deflate can produce (1032:1), rounded up.
+const MAX_DEFLATE_RATIO: usize = 1100;
+
+/// The largest `data.pkl` read (a state dict's pickle is kilobytes to a few megabytes).
+const MAX_PICKLE_BYTES: usize = 256 << 20;
+
 /// The most dimensions a tensor may have (far above any real checkpoint's).
 const MAX_RANK: usize = 64;
 
@@ -101,6 +107,12 @@ impl TorchBinFile {
         let prefix = pkl_name[..pkl_name.len() - "data.pkl".len()].to_string();
 
         if let Some(e) = entries.get(&format!("{prefix}byteorder")) {
+            if e.size > 16 {
+                return Err(bad(format!(
+                    "{prefix}byteorder declares {} bytes; it holds a word",
+                    e.size
+                )));
+            }
             let order = read_entry(&mmap, e).map_err(|m| bad(format!("{prefix}byteorder: {m}")))?;
             if order.as_ref() != b"little" {
                 return Err(bad(format!(
@@ -110,8 +122,14 @@ impl TorchBinFile {
             }
         }
 
-        let pkl =
-            read_entry(&mmap, &entries[&pkl_name]).map_err(|m| bad(format!("{pkl_name}: {m}")))?;
+        let pkl_entry = &entries[&pkl_name];
+        if pkl_entry.size > MAX_PICKLE_BYTES {
+            return Err(bad(format!(
+                "{pkl_name} declares {} bytes, more than a state dict's pickle needs ({MAX_PICKLE_BYTES})",
+                pkl_entry.size
+            )));
+        }
+        let pkl = read_entry(&mmap, pkl_entry).map_err(|m| bad(format!("{pkl_name}: {m}")))?;
         let top = Unpickler::new(&pkl)
             .run()
             .map_err(|m| bad(format!("{pkl_name}: {m}")))?;
@@ -135,10 +153,17 @@ impl TorchBinFile {
                             "tensor {name:?}: its storage entry {entry_name} is missing"
                         ))
                     })?;
+                    // Only the bytes the pickle's storage needs are ever inflated, whatever
+                    // size the zip entry declares.
+                    let needed = t.storage.numel.checked_mul(t.storage.dtype.size());
+                    let size = match needed {
+                        Some(n) if e.stored || n <= e.size => n.min(e.size),
+                        _ => e.size,
+                    };
                     storages.push(StorageEntry {
                         zip_index: e.index,
                         data_start: e.data_start,
-                        size: e.size,
+                        size,
                         stored: e.stored,
                     });
                     storage_ids.insert(entry_name.clone(), storages.len() - 1);
@@ -184,6 +209,12 @@ impl TorchBinFile {
         // Not written by torch.save, but a re-zipped checkpoint may deflate its entries.
         let mut archive = zip::ZipArchive::new(Cursor::new(&self.mmap[..]))
             .map_err(|e| OctetError::bad_file(&self.path, format!("zip: {e}")))?;
+        crate::memory::ensure_fits(
+            &format!("inflating a storage of {}", self.path.display()),
+            s.size as u64,
+            tch::Device::Cpu,
+            "",
+        )?;
         let out = decompress(&mut archive, s.zip_index, s.size)
             .map_err(|m| OctetError::bad_file(&self.path, m))?;
         Ok(Cow::Owned(out))
@@ -257,6 +288,14 @@ fn list_zip_entries(mmap: &[u8]) -> std::result::Result<HashMap<String, ZipEntry
             size: to_usize(f.size())?,
             stored,
         };
+        // Deflate cannot expand data more than about 1032:1; a larger declared size is a
+        // lie, refused before anything is inflated.
+        if !stored && entry.size / MAX_DEFLATE_RATIO > entry.compressed_size {
+            return Err(format!(
+                "{name}: declares {} bytes inflated from {} compressed, beyond what deflate can encode",
+                entry.size, entry.compressed_size
+            ));
+        }
         if stored && entry.size != entry.compressed_size {
             return Err(format!(
                 "{name}: stored entry with size {} != compressed size {}",
@@ -317,8 +356,14 @@ fn decompress(
         .by_index(index)
         .map_err(|e| format!("zip entry #{index}: {e}"))?;
     let name = f.name().to_string();
+    if (size as u64) > f.size() {
+        return Err(format!(
+            "{name}: {size} bytes are needed but the entry declares {}",
+            f.size()
+        ));
+    }
     let mut out = Vec::with_capacity(size);
-    f.take(size as u64 + 1)
+    f.take(size as u64)
         .read_to_end(&mut out)
         .map_err(|e| format!("{name}: cannot decompress: {e}"))?;
     if out.len() != size {

@@ -55,13 +55,26 @@ fn check_8bit(node: &Node, weight_rank: usize, with_bias: bool) -> std::result::
 fn quantized_from(t: &mut LayerTensors) -> Result<Quantized> {
     let q = t.take("weight")?;
     let absmax = t.take("absmax")?;
-    let code = QuantCode::from_tensor(&t.take("code")?)?;
-    let block = infer_block_size(q.numel(), absmax.numel()).ok_or_else(|| {
-        OctetError::InvalidArgument(format!(
-            "module {}: absmax length fits no block size",
-            t.path()
-        ))
-    })?;
+    let code = t.take("code")?;
+    stored_quantized(t.path(), q, absmax, &code)
+}
+
+/// A stored 8-bit weight of `module` from its tensors, every value checked as it enters: the
+/// code sorted and finite, absmax finite and non-negative, the block size implied by the
+/// lengths.
+pub fn stored_quantized(
+    module: &str,
+    q: Tensor,
+    absmax: Tensor,
+    code: &Tensor,
+) -> Result<Quantized> {
+    let bad = |problem: String| OctetError::InvalidArgument(format!("module {module}: {problem}"));
+    let code = QuantCode::from_tensor(code).map_err(|e| bad(format!("{module}.code: {e}")))?;
+    let block = infer_block_size(q.numel(), absmax.numel())
+        .ok_or_else(|| bad("absmax length fits no block size".into()))?;
+    let absmax = absmax.f_to_kind(Kind::Float)?.f_contiguous()?;
+    let values = Vec::<f32>::try_from(&absmax)?;
+    crate::validate::check_absmax(&format!("{module}.absmax"), &values).map_err(bad)?;
     Quantized::from_parts(q, absmax, code, block)
 }
 

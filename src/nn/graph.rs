@@ -283,7 +283,7 @@ pub fn check_weight_shapes(graph: &ModuleGraph, expected: &[(String, Vec<usize>)
             .unwrap_or_default();
         if &w != shape {
             return Err(OctetError::ShapeMismatch {
-                what: format!("{path}.weight (against config.json)"),
+                what: format!("{path}.weight (against the config)"),
                 expected: format!("{shape:?}"),
                 found: format!("{w:?}"),
             });

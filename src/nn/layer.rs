@@ -216,7 +216,7 @@ pub fn expect_weight_shape(path: &str, layer: &dyn Layer, want: &[usize]) -> Res
     let want: Vec<i64> = want.iter().map(|&d| d as i64).collect();
     if got != want {
         return Err(OctetError::ShapeMismatch {
-            what: format!("{path}.weight (against config.json)"),
+            what: format!("{path}.weight (against the config)"),
             expected: format!("{want:?}"),
             found: format!("{got:?}"),
         });

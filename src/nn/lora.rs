@@ -72,6 +72,24 @@ pub struct LoraLayer {
     training: bool,
 }
 
+/// The rank as a tensor dimension, refused when 0 or larger than the layer's widest side
+/// (a larger rank adds nothing a full update could not, and only costs memory).
+fn checked_rank(r: usize, shape: AdapterShape) -> Result<i64> {
+    let widest = match shape {
+        AdapterShape::Linear {
+            in_features,
+            out_features,
+        } => in_features.max(out_features),
+        AdapterShape::Embedding { vocab, dim } => vocab.max(dim),
+    };
+    if r == 0 || r > widest {
+        return Err(OctetError::InvalidArgument(format!(
+            "LoRA rank {r} must be between 1 and the layer's widest side ({widest})"
+        )));
+    }
+    Ok(r as i64)
+}
+
 impl LoraLayer {
     /// Wraps `base` with freshly initialised adapters (PEFT's init: Linear A is
     /// kaiming-uniform(a=√5), i.e. U(±1/√in), B zeros; Embedding A zeros, B standard normal).
@@ -82,15 +100,10 @@ impl LoraLayer {
                 base.kind()
             ))
         })?;
-        if config.r == 0 {
-            return Err(OctetError::InvalidArgument(
-                "LoRA rank must be at least 1".into(),
-            ));
-        }
+        let r = checked_rank(config.r, shape)?;
         let device = base.device();
         // Drawn on the CPU and moved, so one seed gives the same adapters on every device.
         let opts = (Kind::Float, Device::Cpu);
-        let r = config.r as i64;
         let (a, b) = match shape {
             AdapterShape::Linear {
                 in_features,
@@ -125,26 +138,52 @@ impl LoraLayer {
         b: Tensor,
         path: &str,
     ) -> Result<Self> {
-        let mut l = Self::wrap(base, config)?;
-        if a.size() != l.a.size() || b.size() != l.b.size() {
+        let shape = base.adapter_shape().ok_or_else(|| {
+            OctetError::InvalidArgument(format!(
+                "{path}: LoRA cannot be attached to a {} layer",
+                base.kind()
+            ))
+        })?;
+        // The expected shapes come from the rank alone: nothing is allocated before the
+        // tensors are known to fit (a rank of 2^32 in a config must not reach an allocator).
+        let r = checked_rank(config.r, shape)?;
+        let (ea, eb) = match shape {
+            AdapterShape::Linear {
+                in_features,
+                out_features,
+            } => ([r, in_features as i64], [out_features as i64, r]),
+            AdapterShape::Embedding { vocab, dim } => ([r, vocab as i64], [dim as i64, r]),
+        };
+        if a.size() != ea || b.size() != eb {
             return Err(OctetError::ShapeMismatch {
                 what: format!("adapter for {path} (A, B)"),
-                expected: format!("{:?}, {:?}", l.a.size(), l.b.size()),
+                expected: format!("{ea:?}, {eb:?}"),
                 found: format!("{:?}, {:?}", a.size(), b.size()),
             });
         }
-        let device = l.a.device();
-        l.a = a
-            .to_kind(Kind::Float)
-            .to_device(device)
-            .detach()
-            .set_requires_grad(true);
-        l.b = b
-            .to_kind(Kind::Float)
-            .to_device(device)
-            .detach()
-            .set_requires_grad(true);
-        Ok(l)
+        for (which, t) in [("A", &a), ("B", &b)] {
+            if !t.is_floating_point() {
+                return Err(OctetError::InvalidArgument(format!(
+                    "adapter for {path}: {which} is {:?}, not floating point",
+                    t.kind()
+                )));
+            }
+        }
+        let device = base.device();
+        let load = |t: Tensor| -> Result<Tensor> {
+            Ok(t.f_to_kind(Kind::Float)?
+                .f_to_device(device)?
+                .detach()
+                .set_requires_grad(true))
+        };
+        Ok(LoraLayer {
+            base,
+            shape,
+            a: load(a)?,
+            b: load(b)?,
+            config,
+            training: false,
+        })
     }
 
     /// The frozen base layer.

@@ -495,6 +495,12 @@ pub fn evaluate(
     if data.is_empty() {
         return Ok(None);
     }
+    let vocab = model.info().vocab_size;
+    crate::model::check_token_ids(
+        data.iter().flat_map(|s| &s.input_ids),
+        vocab,
+        "held-out data",
+    )?;
     model.visit_layers(&mut |_, l| l.set_training(false));
     let device = crate::model::model_device(&*model);
     let (mut nll, mut n) = (0.0, 0i64);
@@ -817,14 +823,12 @@ fn train_run(opts: &TrainOptions) -> Result<TrainSummary> {
             "no training sequences after the held-out split",
         ));
     }
-    if let Some(max_id) = dataset.train.iter().flat_map(|s| s.input_ids.iter()).max() {
-        if *max_id as usize >= info.vocab_size {
-            return Err(OctetError::InvalidArgument(format!(
-                "the tokenizer produces id {max_id}, beyond the model's vocabulary of {}",
-                info.vocab_size
-            )));
-        }
-    }
+    let all = dataset.train.iter().chain(&dataset.eval);
+    crate::model::check_token_ids(
+        all.flat_map(|s| &s.input_ids),
+        info.vocab_size,
+        &opts.data.display().to_string(),
+    )?;
     let base_fp = fingerprint(&mut loaded);
     let base_name = opts.model.display().to_string();
     let targets = opts
