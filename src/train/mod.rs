@@ -2,6 +2,7 @@
 
 pub mod adam8bit;
 pub mod adamw;
+pub mod checkpoint;
 pub mod data;
 pub mod optim;
 pub mod schedule;
