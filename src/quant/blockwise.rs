@@ -185,6 +185,8 @@ impl Quantized {
         if let Some(&bad) = id_vec.iter().find(|&&i| i < 0 || i >= rows) {
             return Err(out_of_range(bad));
         }
+        // SAFETY: the CPU-kernel branch: `q` (uint8) and `absmax` (f32) are CPU tensors made
+        // contiguous here, owned by this frame and only read while the slices live.
         let q = self.q.contiguous();
         let qs = unsafe { cpu_slice::<u8>(&q) };
         let absmax = self.absmax.contiguous();
@@ -196,6 +198,8 @@ impl Quantized {
         let out = Tensor::empty(out_shape.as_slice(), (kind, Device::Cpu));
         macro_rules! rows_into {
             ($t:ty) => {{
+                // SAFETY: `out` was just allocated contiguous on the CPU with the element type
+                // `$t` stands for, and this is the only view of it.
                 let dst = unsafe { cpu_slice_mut::<$t>(&out) };
                 for (row_out, &id) in dst.chunks_mut(cols).zip(&id_vec) {
                     let start = id as usize * cols;
@@ -286,6 +290,9 @@ pub fn quantize(x: &Tensor, block: BlockSize, code: &QuantCode) -> Result<Quanti
     let q = Tensor::empty(xf.size().as_slice(), (Kind::Uint8, Device::Cpu));
     let absmax = Tensor::empty([block.blocks_for(numel) as i64], (Kind::Float, Device::Cpu));
     let table = NearestTable::new(code);
+    // SAFETY: `xf` is a contiguous f32 CPU tensor (checked above; a cast copy is contiguous),
+    // only read; `q` and `absmax` were just allocated contiguous on the CPU with their element
+    // types, and each has exactly one view.
     unsafe {
         kernels::quantize_into(
             &table,

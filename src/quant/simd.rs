@@ -373,6 +373,7 @@ mod tests {
             for amax in [1.0f32, 0.0123, 3.7e-5, 812.5] {
                 for len in [1024, 1031, 4096, 4096 + 77] {
                     let (mut a, mut b) = (vec![0u16; len], vec![0u16; len]);
+                    // SAFETY: VBMI was checked above; both buffers hold `len` 16-bit values.
                     unsafe {
                         dequantize_block_table16(&code, amax, &q[..len], a.as_mut_ptr(), format);
                         dequantize_block_gather(
@@ -390,6 +391,7 @@ mod tests {
         for amax in [1.0f32, 0.0123, 812.5] {
             for len in [1024, 1031, 4096 + 77] {
                 let (mut a, mut b) = (vec![0f32; len], vec![0f32; len]);
+                // SAFETY: VBMI was checked above; both buffers hold `len` f32 values.
                 unsafe {
                     dequantize_block_table32(&code, amax, &q[..len], a.as_mut_ptr());
                     dequantize_block_gather(
