@@ -1,9 +1,21 @@
 //! Temporary folders left beside an output by a run that was killed: `.NAME.tmp-PID` (a
 //! half-written output) and `.NAME.tmp-PID.old` (the previous output, moved aside for the
 //! instant of the swap). Called while holding the output's lock, so no live octet is
-//! writing them; a folder whose PID still runs is left alone all the same.
+//! writing them; a folder whose PID still runs is left alone all the same, and so is one that
+//! only looks like a leftover (see [`made_by_octet`]).
 use crate::error::{OctetError, Result};
 use std::path::Path;
+
+/// Whether `dir` is a folder octet made: it holds the output marker (written right after the
+/// temporary folder is created) or an octet manifest, or it is still empty (a run killed in
+/// between). Anything else named like a leftover is the user's and is never removed.
+pub fn made_by_octet(dir: &Path) -> bool {
+    let empty = std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_none());
+    dir.is_dir()
+        && (empty
+            || dir.join(super::MARKER).is_file()
+            || dir.join(crate::manifest::MANIFEST_FILE).is_file())
+}
 
 /// The temporary sibling a process `pid` writes output `out` into.
 pub fn tmp_path(out: &Path, pid: u32) -> std::path::PathBuf {
@@ -54,6 +66,14 @@ pub fn clean(out: &Path) -> Result<()> {
             eprintln!(
                 "note: put back {} from {} (a replacement by PID {pid} was interrupted)",
                 out.display(),
+                path.display()
+            );
+            continue;
+        }
+        if !made_by_octet(&path) {
+            eprintln!(
+                "note: left {} alone: it is named like an octet leftover but octet did not \
+                 write it",
                 path.display()
             );
             continue;

@@ -80,6 +80,14 @@ impl OutputDir {
         let (abs, lock) = prepare(target, force, inputs, false)?;
         let tmp = leftovers::tmp_path(&abs, std::process::id());
         if tmp.exists() {
+            // Left by an earlier process with this PID; removed only if octet made it.
+            if !leftovers::made_by_octet(&tmp) {
+                return Err(OctetError::InvalidArgument(format!(
+                    "{}: is in the way of octet's temporary folder and octet did not write it; \
+                     move it away",
+                    tmp.display()
+                )));
+            }
             std::fs::remove_dir_all(&tmp).map_err(|e| OctetError::io(&tmp, e))?;
         }
         std::fs::create_dir(&tmp).map_err(|e| OctetError::io(&tmp, e))?;

@@ -439,6 +439,11 @@ fn temp_folders_of_dead_runs_are_removed_and_live_ones_kept() {
     let stale = tmp.path().join(format!(".q.tmp-{dead}"));
     std::fs::create_dir(&stale).unwrap();
     std::fs::write(stale.join("model.safetensors"), vec![0u8; 4096]).unwrap();
+    std::fs::write(stale.join(".octet-output"), "").unwrap();
+    // Named like a leftover of another dead PID, but not octet's: it must survive.
+    let lookalike = tmp.path().join(format!(".q.tmp-{}", dead_pid()));
+    std::fs::create_dir(&lookalike).unwrap();
+    std::fs::write(lookalike.join("notes.txt"), "mine").unwrap();
     let live = tmp.path().join(format!(".q.tmp-{}", std::process::id()));
     std::fs::create_dir(&live).unwrap();
     let other = tmp.path().join(format!(".other.tmp-{dead}"));
@@ -452,6 +457,10 @@ fn temp_folders_of_dead_runs_are_removed_and_live_ones_kept() {
         r.stderr
     );
     assert!(live.exists(), "a live process's folder was removed");
+    assert!(
+        lookalike.join("notes.txt").exists(),
+        "a folder octet did not write was removed"
+    );
     assert!(
         other.exists(),
         "another output's leftovers are not this run's business"
