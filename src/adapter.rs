@@ -297,15 +297,7 @@ pub fn save_adapter(model: &mut dyn CausalLm, config: &AdapterConfig, dir: &Path
 /// (integers would be taken as values) or NaN/Inf.
 pub fn read_adapter_tensor(store: &dyn TensorStore, name: &str) -> Result<Tensor> {
     let bad = |m: String| OctetError::bad_file(store.path(), m);
-    let meta = store
-        .meta(name)
-        .ok_or_else(|| bad(format!("no tensor named {name}")))?;
-    if !meta.dtype.is_float() {
-        return Err(bad(format!(
-            "tensor {name} is {:?}, not floating point",
-            meta.dtype
-        )));
-    }
+    let meta = store.require_float_meta(name, ", not floating point")?;
     let bytes = store.bytes(name)?;
     crate::validate::check_finite(name, meta.dtype, &bytes).map_err(bad)?;
     crate::io::dtype::tensor_from_bytes(meta.dtype, &meta.shape, &bytes)

@@ -360,15 +360,10 @@ fn has_tokenizer(dir: &Path) -> bool {
 /// 8-bit .bin) before it is copied: what is written must load back.
 fn check_stored_8bit(store: &dyn TensorStore, name: &str, pname: &str, bytes: &[u8]) -> Result<()> {
     let bad = |m: String| OctetError::bad_file(store.path(), m);
-    let meta = store
-        .meta(name)
-        .ok_or_else(|| bad(format!("no tensor named {name}")))?;
-    if !meta.dtype.is_float() {
-        return Err(bad(format!(
-            "tensor {name} is {:?}; an 8-bit weight's {pname} must be floating point",
-            meta.dtype
-        )));
-    }
+    let meta = store.require_float_meta(
+        name,
+        &format!("; an 8-bit weight's {pname} must be floating point"),
+    )?;
     let mut values = vec![0f32; meta.numel()];
     dtype::float_bytes_to_f32(meta.dtype, bytes, &mut values)?;
     if pname == "code" {
@@ -386,18 +381,7 @@ fn quantize_tensor(
     block: crate::quant::BlockSize,
     q: &QuantizeOptions,
 ) -> Result<(crate::quant::StreamOutput, Vec<f32>)> {
-    let meta = store
-        .meta(name)
-        .ok_or_else(|| OctetError::bad_file(store.path(), format!("no tensor named {name}")))?;
-    if !meta.dtype.is_float() {
-        return Err(OctetError::bad_file(
-            store.path(),
-            format!(
-                "tensor {name} is {:?}; only float tensors can be quantized",
-                meta.dtype
-            ),
-        ));
-    }
+    let meta = store.require_float_meta(name, "; only float tensors can be quantized")?;
     // An 8-bit block cannot hold NaN or Inf (its scale would be non-finite), so these are
     // refused even with --allow-nonfinite; --skip keeps such a module in float.
     let nonfinite = |i: usize, v: f32| {

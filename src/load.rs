@@ -146,18 +146,14 @@ pub fn resolve_arch(
 
 /// Reads one stored tensor as a CPU tensor of its own dtype.
 pub fn read_tensor(store: &dyn TensorStore, name: &str) -> Result<Tensor> {
-    let meta = store
-        .meta(name)
-        .ok_or_else(|| OctetError::bad_file(store.path(), format!("no tensor named {name}")))?;
+    let meta = store.require_meta(name)?;
     let bytes = store.bytes(name)?;
     dtype::tensor_from_bytes(meta.dtype, &meta.shape, &bytes)
 }
 
 /// Reads a float tensor's values as f32.
 pub fn read_f32(store: &dyn TensorStore, name: &str) -> Result<Vec<f32>> {
-    let meta = store
-        .meta(name)
-        .ok_or_else(|| OctetError::bad_file(store.path(), format!("no tensor named {name}")))?;
+    let meta = store.require_meta(name)?;
     if !meta.dtype.is_float() {
         return Err(OctetError::bad_file(
             store.path(),

@@ -11,7 +11,7 @@ pub mod torch_bin;
 pub use checkpoint::{open_checkpoint, open_file};
 pub use dtype::Dtype;
 
-use crate::error::Result;
+use crate::error::{OctetError, Result};
 use std::borrow::Cow;
 use std::path::Path;
 
@@ -49,4 +49,23 @@ pub trait TensorStore {
     fn bytes(&self, name: &str) -> Result<Cow<'_, [u8]>>;
     /// Hints that `name`'s data will not be read again (lets memory-mapped pages go).
     fn release(&self, _name: &str) {}
+
+    /// Dtype and shape of `name`, or an error naming the file.
+    fn require_meta(&self, name: &str) -> Result<TensorMeta> {
+        self.meta(name)
+            .ok_or_else(|| OctetError::bad_file(self.path(), format!("no tensor named {name}")))
+    }
+
+    /// As [`TensorStore::require_meta`], refusing a tensor that is not floating point; `why`
+    /// ends the message "tensor NAME is DTYPE…".
+    fn require_float_meta(&self, name: &str, why: &str) -> Result<TensorMeta> {
+        let meta = self.require_meta(name)?;
+        if !meta.dtype.is_float() {
+            return Err(OctetError::bad_file(
+                self.path(),
+                format!("tensor {name} is {:?}{why}", meta.dtype),
+            ));
+        }
+        Ok(meta)
+    }
 }
