@@ -83,44 +83,12 @@ impl TorchBinFile {
     /// the tensor's offset and extent.
     pub fn open(path: &Path) -> Result<Self> {
         let bad = |msg: String| OctetError::bad_file(path, msg);
-        let file = std::fs::File::open(path).map_err(|e| OctetError::io(path, e))?;
-        let len = file.metadata().map_err(|e| OctetError::io(path, e))?.len();
-        if len == 0 {
-            return Err(bad("empty file".into()));
-        }
-        // SAFETY: the map is read-only; like every mmap-based checkpoint reader we rely on the
-        // file not being truncated or rewritten by another process while it is open.
-        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| OctetError::io(path, e))?;
-        if !mmap.starts_with(b"PK") {
-            let hint = if mmap.starts_with(&[0x80]) {
-                " (it looks like the legacy pre-1.6 torch.save format, which is not supported; \
-                 re-save it with a recent torch)"
-            } else {
-                ""
-            };
-            return Err(bad(format!("not a zip archive{hint}")));
-        }
-
+        let mmap = map_zip(path)?;
         let entries = list_zip_entries(&mmap).map_err(&bad)?;
         let pkl_name = find_data_pkl(&entries)
             .ok_or_else(|| bad("no data.pkl entry: not a torch.save checkpoint".into()))?;
         let prefix = pkl_name[..pkl_name.len() - "data.pkl".len()].to_string();
-
-        if let Some(e) = entries.get(&format!("{prefix}byteorder")) {
-            if e.size > 16 {
-                return Err(bad(format!(
-                    "{prefix}byteorder declares {} bytes; it holds a word",
-                    e.size
-                )));
-            }
-            let order = read_entry(&mmap, e).map_err(|m| bad(format!("{prefix}byteorder: {m}")))?;
-            if order.as_ref() != b"little" {
-                return Err(bad(format!(
-                    "byte order {:?} is not supported (only little-endian checkpoints are)",
-                    String::from_utf8_lossy(&order)
-                )));
-            }
-        }
+        check_byteorder(&mmap, &entries, &prefix).map_err(&bad)?;
 
         let pkl_entry = &entries[&pkl_name];
         if pkl_entry.size > MAX_PICKLE_BYTES {
@@ -138,59 +106,13 @@ impl TorchBinFile {
         let found =
             collect_tensors(&top, name_budget).map_err(|m| bad(format!("{pkl_name}: {m}")))?;
         drop(top);
-
-        let mut names = Vec::with_capacity(found.len());
-        let mut tensors = HashMap::with_capacity(found.len());
-        let mut storages: Vec<StorageEntry> = Vec::new();
-        let mut storage_ids: HashMap<String, usize> = HashMap::new();
-        for (name, t) in found {
-            let entry_name = format!("{prefix}data/{}", t.storage.key);
-            let storage = match storage_ids.get(&entry_name) {
-                Some(&id) => id,
-                None => {
-                    let e = entries.get(&entry_name).ok_or_else(|| {
-                        bad(format!(
-                            "tensor {name:?}: its storage entry {entry_name} is missing"
-                        ))
-                    })?;
-                    // Only the bytes the pickle's storage needs are ever inflated, whatever
-                    // size the zip entry declares.
-                    let needed = t.storage.numel.checked_mul(t.storage.dtype.size());
-                    let size = match needed {
-                        Some(n) if e.stored || n <= e.size => n.min(e.size),
-                        _ => e.size,
-                    };
-                    storages.push(StorageEntry {
-                        zip_index: e.index,
-                        data_start: e.data_start,
-                        size,
-                        stored: e.stored,
-                    });
-                    storage_ids.insert(entry_name.clone(), storages.len() - 1);
-                    storages.len() - 1
-                }
-            };
-            check_view(&name, &t, storages[storage].size, &entry_name).map_err(&bad)?;
-            let entry = TensorEntry {
-                meta: TensorMeta {
-                    dtype: t.storage.dtype,
-                    shape: t.shape.clone(),
-                },
-                storage,
-                offset: t.offset,
-                stride: t.stride.clone(),
-            };
-            if tensors.insert(name.clone(), entry).is_some() {
-                return Err(bad(format!("tensor name {name:?} occurs twice")));
-            }
-            names.push(name);
-        }
+        let index = TensorIndex::build(found, &entries, &prefix).map_err(&bad)?;
         Ok(TorchBinFile {
             path: path.to_path_buf(),
             mmap,
-            names,
-            tensors,
-            storages,
+            names: index.names,
+            tensors: index.tensors,
+            storages: index.storages,
         })
     }
 
@@ -844,217 +766,371 @@ impl<'a> Unpickler<'a> {
             let op = self
                 .u8()
                 .map_err(|_| format!("pickle ends at byte {at} without a STOP opcode"))?;
-            match op {
-                0x80 => {
-                    // PROTO
-                    let v = self.u8()?;
-                    if v > 5 {
-                        return Err(format!("unsupported pickle protocol {v}"));
-                    }
-                }
-                0x95 => {
-                    // FRAME: framing is only a buffering hint.
-                    self.take(8)?;
-                }
-                b'.' => return self.pop(at), // STOP
-                b'(' => self.metastack.push(std::mem::take(&mut self.stack)), // MARK
-                b'0' => {
-                    // POP (of a bare MARK too, as CPython does)
-                    if self.stack.pop().is_none() {
-                        self.pop_mark(at)?;
-                    }
-                }
-                b'1' => {
-                    self.pop_mark(at)?; // POP_MARK
-                }
-                b'2' => {
-                    // DUP
-                    let v = self.top(at)?.clone();
-                    self.stack.push(v);
-                }
-                b'N' => self.stack.push(Value::None),
-                0x88 | 0x89 => self.stack.push(Value::Opaque("bool")), // NEWTRUE / NEWFALSE
-                b'J' => {
-                    let v = i32::from_le_bytes(self.arr()?);
-                    self.stack.push(Value::Int(v.into()));
-                }
-                b'K' => {
-                    let v = self.u8()?;
-                    self.stack.push(Value::Int(v.into()));
-                }
-                b'M' => {
-                    let v = u16::from_le_bytes(self.arr()?);
-                    self.stack.push(Value::Int(v.into()));
-                }
-                0x8a | 0x8b => {
-                    // LONG1 / LONG4: little-endian two's complement.
-                    let n = if op == 0x8a {
-                        self.u8()? as usize
-                    } else {
-                        self.len_i32(at)?
-                    };
-                    let b = self.take(n)?;
-                    self.stack
-                        .push(le_signed(b).map_or(Value::Opaque("int"), Value::Int));
-                }
-                b'G' => {
-                    // BINFLOAT: 8-byte big-endian double.
-                    self.take(8)?;
-                    self.stack.push(Value::Opaque("float"));
-                }
-                b'X' => {
-                    let n = self.u32()? as usize;
-                    let v = self.utf8(n, at)?;
-                    self.stack.push(v);
-                }
-                0x8c => {
-                    let n = self.u8()? as usize;
-                    let v = self.utf8(n, at)?;
-                    self.stack.push(v);
-                }
-                0x8d => {
-                    let n = self.len_u64()?;
-                    let v = self.utf8(n, at)?;
-                    self.stack.push(v);
-                }
-                b'U' | b'T' => {
-                    // SHORT_BINSTRING / BINSTRING (protocol-1 byte strings)
-                    let n = if op == b'U' {
-                        self.u8()? as usize
-                    } else {
-                        self.len_i32(at)?
-                    };
-                    let b = self.take(n)?;
-                    self.stack
-                        .push(Value::Str(String::from_utf8_lossy(b).into()));
-                }
-                b'C' | b'B' | 0x8e => {
-                    // SHORT_BINBYTES / BINBYTES / BINBYTES8
-                    let n = match op {
-                        b'C' => self.u8()? as usize,
-                        b'B' => self.u32()? as usize,
-                        _ => self.len_u64()?,
-                    };
-                    self.take(n)?;
-                    self.stack.push(Value::Opaque("bytes"));
-                }
-                b')' => self.stack.push(Self::tuple(Vec::new())),
-                b']' => self.stack.push(Value::List(Rc::default())),
-                b'}' => self.stack.push(Value::Dict(Rc::default())),
-                b't' => {
-                    let items = self.pop_mark(at)?;
-                    self.stack.push(Self::tuple(items));
-                }
-                0x85..=0x87 => {
-                    // TUPLE1..3
-                    let n = (op - 0x84) as usize;
-                    if self.stack.len() < n {
-                        return Err(format!("pickle stack underflow at byte {at}"));
-                    }
-                    let items = self.stack.split_off(self.stack.len() - n);
-                    self.stack.push(Self::tuple(items));
-                }
-                b'l' => {
-                    let items = self.pop_mark(at)?;
-                    self.stack
-                        .push(Value::List(Rc::new(RefCell::new(Seq(items)))));
-                }
-                b'd' => {
-                    let items = self.pop_mark(at)?;
-                    let d = Value::Dict(Rc::default());
-                    set_items(&d, items, at)?;
-                    self.stack.push(d);
-                }
-                b'a' | b'e' => {
-                    // APPEND / APPENDS
-                    let items = if op == b'a' {
-                        vec![self.pop(at)?]
-                    } else {
-                        self.pop_mark(at)?
-                    };
-                    match self.top(at)? {
-                        Value::List(l) => l.borrow_mut().0.extend(items),
-                        other => return Err(format!("APPEND to a {} at byte {at}", other.kind())),
-                    }
-                }
-                b's' | b'u' => {
-                    // SETITEM / SETITEMS
-                    let items = if op == b's' {
-                        let v = self.pop(at)?;
-                        let k = self.pop(at)?;
-                        vec![k, v]
-                    } else {
-                        self.pop_mark(at)?
-                    };
-                    let d = self.top(at)?.clone();
-                    set_items(&d, items, at)?;
-                }
-                b'q' => {
-                    let i = self.u8()?;
-                    self.memo_put(i.into(), at)?;
-                }
-                b'r' => {
-                    let i = self.u32()?;
-                    self.memo_put(i, at)?;
-                }
-                0x94 => {
-                    // MEMOIZE
-                    let i =
-                        u32::try_from(self.memo.len()).map_err(|_| "memo too large".to_string())?;
-                    self.memo_put(i, at)?;
-                }
-                b'h' => {
-                    let i = self.u8()?;
-                    let v = self.memo_get(i.into(), at)?;
-                    self.stack.push(v);
-                }
-                b'j' => {
-                    let i = self.u32()?;
-                    let v = self.memo_get(i, at)?;
-                    self.stack.push(v);
-                }
-                b'c' => {
-                    let module = self.line()?;
-                    let name = self.line()?;
-                    self.stack
-                        .push(Value::Global(resolve_global(module, name, at)?));
-                }
-                0x93 => {
-                    // STACK_GLOBAL
-                    let name = self.pop(at)?;
-                    let module = self.pop(at)?;
-                    let (Value::Str(module), Value::Str(name)) = (&module, &name) else {
-                        return Err(format!(
-                            "STACK_GLOBAL with non-string operands at byte {at}"
-                        ));
-                    };
-                    self.stack
-                        .push(Value::Global(resolve_global(module, name, at)?));
-                }
-                b'R' | 0x81 => {
-                    // REDUCE / NEWOBJ: callable(*args), for allowed globals only.
-                    let args = self.pop(at)?;
-                    let callable = self.pop(at)?;
-                    let v = call(&callable, &args, at)?;
-                    self.stack.push(v);
-                }
-                b'b' => {
-                    // BUILD: the state (e.g. a state dict's `_metadata`) carries no weights.
-                    self.pop(at)?;
-                    self.top(at)?;
-                }
-                b'Q' => {
-                    // BINPERSID
-                    let pid = self.pop(at)?;
-                    self.stack.push(persistent_load(&pid, at)?);
-                }
-                other => {
-                    return Err(format!(
-                        "unknown or unsupported pickle opcode 0x{other:02x} at byte {at}"
-                    ));
+            if op == b'.' {
+                return self.pop(at); // STOP
+            }
+            self.step(op, at)?;
+        }
+    }
+
+    /// Interprets one opcode other than STOP, dispatching by family.
+    fn step(&mut self, op: u8, at: usize) -> PResult<()> {
+        match op {
+            0x80 | 0x95 | b'(' | b'0' | b'1' | b'2' => self.control(op, at),
+            b'N' | 0x88 | 0x89 | b'J' | b'K' | b'M' | 0x8a | 0x8b | b'G' => self.number(op, at),
+            b'X' | 0x8c | 0x8d | b'U' | b'T' | b'C' | b'B' | 0x8e => self.string(op, at),
+            b')' | b']' | b'}' | b't' | 0x85..=0x87 | b'l' | b'd' | b'a' | b'e' | b's' | b'u' => {
+                self.container(op, at)
+            }
+            b'q' | b'r' | 0x94 | b'h' | b'j' => self.memo_op(op, at),
+            b'c' | 0x93 | b'R' | 0x81 | b'b' | b'Q' => self.object(op, at),
+            other => Err(format!(
+                "unknown or unsupported pickle opcode 0x{other:02x} at byte {at}"
+            )),
+        }
+    }
+
+    /// PROTO, FRAME, MARK, POP, POP_MARK and DUP.
+    fn control(&mut self, op: u8, at: usize) -> PResult<()> {
+        match op {
+            0x80 => {
+                let v = self.u8()?;
+                if v > 5 {
+                    return Err(format!("unsupported pickle protocol {v}"));
                 }
             }
+            // FRAME: framing is only a buffering hint.
+            0x95 => {
+                self.take(8)?;
+            }
+            b'(' => self.metastack.push(std::mem::take(&mut self.stack)),
+            // POP (of a bare MARK too, as CPython does)
+            b'0' => {
+                if self.stack.pop().is_none() {
+                    self.pop_mark(at)?;
+                }
+            }
+            b'1' => {
+                self.pop_mark(at)?;
+            }
+            _ => {
+                let v = self.top(at)?.clone();
+                self.stack.push(v);
+            }
         }
+        Ok(())
+    }
+
+    /// None, booleans, integers and floats (floats and booleans carry no weights: opaque).
+    fn number(&mut self, op: u8, at: usize) -> PResult<()> {
+        let v = match op {
+            b'N' => Value::None,
+            0x88 | 0x89 => Value::Opaque("bool"), // NEWTRUE / NEWFALSE
+            b'J' => Value::Int(i32::from_le_bytes(self.arr()?).into()),
+            b'K' => Value::Int(self.u8()?.into()),
+            b'M' => Value::Int(u16::from_le_bytes(self.arr()?).into()),
+            // LONG1 / LONG4: little-endian two's complement.
+            0x8a | 0x8b => {
+                let n = if op == 0x8a {
+                    self.u8()? as usize
+                } else {
+                    self.len_i32(at)?
+                };
+                le_signed(self.take(n)?).map_or(Value::Opaque("int"), Value::Int)
+            }
+            // BINFLOAT: 8-byte big-endian double.
+            _ => {
+                self.take(8)?;
+                Value::Opaque("float")
+            }
+        };
+        self.stack.push(v);
+        Ok(())
+    }
+
+    /// Unicode strings, protocol-1 byte strings and bytes objects.
+    fn string(&mut self, op: u8, at: usize) -> PResult<()> {
+        let v = match op {
+            b'X' => {
+                let n = self.u32()? as usize;
+                self.utf8(n, at)?
+            }
+            0x8c => {
+                let n = self.u8()? as usize;
+                self.utf8(n, at)?
+            }
+            0x8d => {
+                let n = self.len_u64()?;
+                self.utf8(n, at)?
+            }
+            // SHORT_BINSTRING / BINSTRING
+            b'U' | b'T' => {
+                let n = if op == b'U' {
+                    self.u8()? as usize
+                } else {
+                    self.len_i32(at)?
+                };
+                Value::Str(String::from_utf8_lossy(self.take(n)?).into())
+            }
+            // SHORT_BINBYTES / BINBYTES / BINBYTES8
+            _ => {
+                let n = match op {
+                    b'C' => self.u8()? as usize,
+                    b'B' => self.u32()? as usize,
+                    _ => self.len_u64()?,
+                };
+                self.take(n)?;
+                Value::Opaque("bytes")
+            }
+        };
+        self.stack.push(v);
+        Ok(())
+    }
+
+    /// Tuples, lists and dicts: building them and filling them.
+    fn container(&mut self, op: u8, at: usize) -> PResult<()> {
+        match op {
+            b')' => self.stack.push(Self::tuple(Vec::new())),
+            b']' => self.stack.push(Value::List(Rc::default())),
+            b'}' => self.stack.push(Value::Dict(Rc::default())),
+            b't' => {
+                let items = self.pop_mark(at)?;
+                self.stack.push(Self::tuple(items));
+            }
+            // TUPLE1..3
+            0x85..=0x87 => {
+                let n = (op - 0x84) as usize;
+                if self.stack.len() < n {
+                    return Err(format!("pickle stack underflow at byte {at}"));
+                }
+                let items = self.stack.split_off(self.stack.len() - n);
+                self.stack.push(Self::tuple(items));
+            }
+            b'l' => {
+                let items = self.pop_mark(at)?;
+                self.stack
+                    .push(Value::List(Rc::new(RefCell::new(Seq(items)))));
+            }
+            b'd' => {
+                let items = self.pop_mark(at)?;
+                let d = Value::Dict(Rc::default());
+                set_items(&d, items, at)?;
+                self.stack.push(d);
+            }
+            // APPEND / APPENDS
+            b'a' | b'e' => {
+                let items = if op == b'a' {
+                    vec![self.pop(at)?]
+                } else {
+                    self.pop_mark(at)?
+                };
+                match self.top(at)? {
+                    Value::List(l) => l.borrow_mut().0.extend(items),
+                    other => return Err(format!("APPEND to a {} at byte {at}", other.kind())),
+                }
+            }
+            // SETITEM / SETITEMS
+            _ => {
+                let items = if op == b's' {
+                    let v = self.pop(at)?;
+                    let k = self.pop(at)?;
+                    vec![k, v]
+                } else {
+                    self.pop_mark(at)?
+                };
+                let d = self.top(at)?.clone();
+                set_items(&d, items, at)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// BINPUT, LONG_BINPUT, MEMOIZE, BINGET and LONG_BINGET.
+    fn memo_op(&mut self, op: u8, at: usize) -> PResult<()> {
+        match op {
+            b'q' => {
+                let i = self.u8()?;
+                self.memo_put(i.into(), at)
+            }
+            b'r' => {
+                let i = self.u32()?;
+                self.memo_put(i, at)
+            }
+            0x94 => {
+                let i = u32::try_from(self.memo.len()).map_err(|_| "memo too large".to_string())?;
+                self.memo_put(i, at)
+            }
+            _ => {
+                let i = if op == b'h' {
+                    self.u8()?.into()
+                } else {
+                    self.u32()?
+                };
+                let v = self.memo_get(i, at)?;
+                self.stack.push(v);
+                Ok(())
+            }
+        }
+    }
+
+    /// GLOBAL, STACK_GLOBAL, REDUCE, NEWOBJ, BUILD and BINPERSID: object construction, for
+    /// allowed globals only.
+    fn object(&mut self, op: u8, at: usize) -> PResult<()> {
+        let v = match op {
+            b'c' => {
+                let module = self.line()?;
+                let name = self.line()?;
+                Value::Global(resolve_global(module, name, at)?)
+            }
+            0x93 => {
+                let name = self.pop(at)?;
+                let module = self.pop(at)?;
+                let (Value::Str(module), Value::Str(name)) = (&module, &name) else {
+                    return Err(format!(
+                        "STACK_GLOBAL with non-string operands at byte {at}"
+                    ));
+                };
+                Value::Global(resolve_global(module, name, at)?)
+            }
+            // REDUCE / NEWOBJ: callable(*args).
+            b'R' | 0x81 => {
+                let args = self.pop(at)?;
+                let callable = self.pop(at)?;
+                call(&callable, &args, at)?
+            }
+            // BUILD: the state (e.g. a state dict's `_metadata`) carries no weights.
+            b'b' => {
+                self.pop(at)?;
+                self.top(at)?;
+                return Ok(());
+            }
+            // BINPERSID
+            _ => {
+                let pid = self.pop(at)?;
+                persistent_load(&pid, at)?
+            }
+        };
+        self.stack.push(v);
+        Ok(())
+    }
+}
+
+/// Maps `path` read-only and checks it is a zip archive (telling the legacy format apart).
+fn map_zip(path: &Path) -> Result<Mmap> {
+    let file = std::fs::File::open(path).map_err(|e| OctetError::io(path, e))?;
+    let len = file.metadata().map_err(|e| OctetError::io(path, e))?.len();
+    if len == 0 {
+        return Err(OctetError::bad_file(path, "empty file"));
+    }
+    // SAFETY: the map is read-only; like every mmap-based checkpoint reader we rely on the
+    // file not being truncated or rewritten by another process while it is open.
+    let mmap = unsafe { Mmap::map(&file) }.map_err(|e| OctetError::io(path, e))?;
+    if !mmap.starts_with(b"PK") {
+        let hint = if mmap.starts_with(&[0x80]) {
+            " (it looks like the legacy pre-1.6 torch.save format, which is not supported; \
+             re-save it with a recent torch)"
+        } else {
+            ""
+        };
+        return Err(OctetError::bad_file(
+            path,
+            format!("not a zip archive{hint}"),
+        ));
+    }
+    Ok(mmap)
+}
+
+/// Refuses a checkpoint whose `byteorder` entry says anything but little-endian.
+fn check_byteorder(
+    mmap: &[u8],
+    entries: &HashMap<String, ZipEntry>,
+    prefix: &str,
+) -> std::result::Result<(), String> {
+    let Some(e) = entries.get(&format!("{prefix}byteorder")) else {
+        return Ok(());
+    };
+    if e.size > 16 {
+        return Err(format!(
+            "{prefix}byteorder declares {} bytes; it holds a word",
+            e.size
+        ));
+    }
+    let order = read_entry(mmap, e).map_err(|m| format!("{prefix}byteorder: {m}"))?;
+    if order.as_ref() != b"little" {
+        return Err(format!(
+            "byte order {:?} is not supported (only little-endian checkpoints are)",
+            String::from_utf8_lossy(&order)
+        ));
+    }
+    Ok(())
+}
+
+/// The pickle's tensors resolved against the zip's storage entries.
+struct TensorIndex {
+    names: Vec<String>,
+    tensors: HashMap<String, TensorEntry>,
+    storages: Vec<StorageEntry>,
+}
+
+impl TensorIndex {
+    /// Checks that every tensor's storage entry exists and covers its view, and that no
+    /// name occurs twice.
+    fn build(
+        found: Vec<(String, Rc<TensorRef>)>,
+        entries: &HashMap<String, ZipEntry>,
+        prefix: &str,
+    ) -> std::result::Result<Self, String> {
+        let mut index = TensorIndex {
+            names: Vec::with_capacity(found.len()),
+            tensors: HashMap::with_capacity(found.len()),
+            storages: Vec::new(),
+        };
+        let mut storage_ids: HashMap<String, usize> = HashMap::new();
+        for (name, t) in found {
+            let entry_name = format!("{prefix}data/{}", t.storage.key);
+            let storage = match storage_ids.get(&entry_name) {
+                Some(&id) => id,
+                None => {
+                    let e = entries.get(&entry_name).ok_or_else(|| {
+                        format!("tensor {name:?}: its storage entry {entry_name} is missing")
+                    })?;
+                    index.storages.push(storage_entry(e, &t));
+                    storage_ids.insert(entry_name.clone(), index.storages.len() - 1);
+                    index.storages.len() - 1
+                }
+            };
+            check_view(&name, &t, index.storages[storage].size, &entry_name)?;
+            let entry = TensorEntry {
+                meta: TensorMeta {
+                    dtype: t.storage.dtype,
+                    shape: t.shape.clone(),
+                },
+                storage,
+                offset: t.offset,
+                stride: t.stride.clone(),
+            };
+            if index.tensors.insert(name.clone(), entry).is_some() {
+                return Err(format!("tensor name {name:?} occurs twice"));
+            }
+            index.names.push(name);
+        }
+        Ok(index)
+    }
+}
+
+/// The storage behind `t`: only the bytes the pickle's storage needs are ever inflated,
+/// whatever size the zip entry declares.
+fn storage_entry(e: &ZipEntry, t: &TensorRef) -> StorageEntry {
+    let needed = t.storage.numel.checked_mul(t.storage.dtype.size());
+    let size = match needed {
+        Some(n) if e.stored || n <= e.size => n.min(e.size),
+        _ => e.size,
+    };
+    StorageEntry {
+        zip_index: e.index,
+        data_start: e.data_start,
+        size,
+        stored: e.stored,
     }
 }
 
