@@ -277,17 +277,34 @@ impl ParamState {
         })
     }
 
-    fn bytes(&self) -> usize {
+    /// The step count and the state tensors under their saved field names (bitsandbytes').
+    fn fields(&self) -> (u64, Vec<(&'static str, &Tensor)>) {
         match self {
-            ParamState::Full { m, v, .. } => 4 * (m.numel() + v.numel()),
+            ParamState::Full { step, m, v } => (*step, vec![("state1", m), ("state2", v)]),
             ParamState::Quant {
+                step,
                 q1,
                 q2,
                 absmax1,
                 absmax2,
-                ..
-            } => q1.numel() + q2.numel() + 4 * (absmax1.numel() + absmax2.numel()),
+            } => (
+                *step,
+                vec![
+                    ("state1", q1),
+                    ("state2", q2),
+                    ("absmax1", absmax1),
+                    ("absmax2", absmax2),
+                ],
+            ),
         }
+    }
+
+    fn bytes(&self) -> usize {
+        self.fields()
+            .1
+            .iter()
+            .map(|(_, t)| t.numel() * t.kind().elt_size_in_bytes())
+            .sum()
     }
 }
 
@@ -381,16 +398,9 @@ impl Adam8bit {
 
     fn step_param(&mut self, i: usize, lr: f64) -> Result<()> {
         let p = &self.params[i];
-        let Some(g) = grad_f32(p) else {
+        let Some(g) = grad_f32(p, i)? else {
             return Ok(());
         };
-        if g.size() != p.size() {
-            return Err(OctetError::ShapeMismatch {
-                what: format!("gradient of parameter {i}"),
-                expected: format!("{:?}", p.size()),
-                found: format!("{:?}", g.size()),
-            });
-        }
         if self.states[i].is_none() {
             self.states[i] = Some(ParamState::fresh(p, self.min_8bit_size)?);
         }
@@ -508,26 +518,10 @@ impl Optimizer for Adam8bit {
         let mut out = Vec::new();
         for (i, st) in self.states.iter().enumerate() {
             let Some(st) = st else { continue };
-            let name = |f: &str| format!("state.{i}.{f}");
-            match st {
-                ParamState::Full { step, m, v } => {
-                    out.push((name("step"), step_tensor(*step)));
-                    out.push((name("state1"), cpu_snapshot(m)));
-                    out.push((name("state2"), cpu_snapshot(v)));
-                }
-                ParamState::Quant {
-                    step,
-                    q1,
-                    q2,
-                    absmax1,
-                    absmax2,
-                } => {
-                    out.push((name("step"), step_tensor(*step)));
-                    out.push((name("state1"), cpu_snapshot(q1)));
-                    out.push((name("state2"), cpu_snapshot(q2)));
-                    out.push((name("absmax1"), cpu_snapshot(absmax1)));
-                    out.push((name("absmax2"), cpu_snapshot(absmax2)));
-                }
+            let (step, fields) = st.fields();
+            out.push((format!("state.{i}.step"), step_tensor(step)));
+            for (f, t) in fields {
+                out.push((format!("state.{i}.{f}"), cpu_snapshot(t)));
             }
         }
         out

@@ -13,7 +13,7 @@ use super::optim::{
     check_lr, check_params, cpu_snapshot, grad_f32, owned_on, pow_libm, state_field, state_step,
     step_tensor, zero_grads, AdamConfig, Optimizer, StateEntries,
 };
-use crate::error::{OctetError, Result};
+use crate::error::Result;
 use tch::{Kind, Tensor};
 
 /// The moments of one parameter.
@@ -63,16 +63,9 @@ impl AdamW {
 
     fn step_param(&mut self, i: usize, lr: f64) -> Result<()> {
         let p = &self.params[i];
-        let Some(g) = grad_f32(p) else {
+        let Some(g) = grad_f32(p, i)? else {
             return Ok(());
         };
-        if g.size() != p.size() {
-            return Err(OctetError::ShapeMismatch {
-                what: format!("gradient of parameter {i}"),
-                expected: format!("{:?}", p.size()),
-                found: format!("{:?}", g.size()),
-            });
-        }
         if self.states[i].is_none() {
             let zeros = || Tensor::f_zeros(p.size().as_slice(), (Kind::Float, p.device()));
             self.states[i] = Some(AdamWState {

@@ -90,18 +90,26 @@ pub(crate) fn check_params(params: &[Tensor], op: &'static str) -> Result<()> {
     Ok(())
 }
 
-/// The parameter's gradient as a contiguous f32 tensor, or `None` when it has none.
-pub(crate) fn grad_f32(p: &Tensor) -> Option<Tensor> {
+/// Parameter `i`'s gradient as a contiguous f32 tensor, or `None` when it has none; a
+/// gradient whose shape differs from the parameter's is an error.
+pub(crate) fn grad_f32(p: &Tensor, i: usize) -> Result<Option<Tensor>> {
     let g = p.grad();
     if !g.defined() {
-        return None;
+        return Ok(None);
+    }
+    if g.size() != p.size() {
+        return Err(OctetError::ShapeMismatch {
+            what: format!("gradient of parameter {i}"),
+            expected: format!("{:?}", p.size()),
+            found: format!("{:?}", g.size()),
+        });
     }
     let g = if g.kind() == Kind::Float {
         g
     } else {
         g.to_kind(Kind::Float)
     };
-    Some(g.contiguous())
+    Ok(Some(g.contiguous()))
 }
 
 /// Zeroes each parameter's gradient in place (keeping the buffer, like PyTorch's
