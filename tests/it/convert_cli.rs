@@ -1,6 +1,7 @@
 //! `octet convert` / `inspect` end to end: outputs against transformers, snapshots of the
 //! module graph, and bad inputs.
 use crate::common;
+use crate::common::{convert, max_abs_diff};
 
 use octet::load::{load_model, LoadOptions};
 use std::path::Path;
@@ -10,26 +11,10 @@ fn tiny(dir: &str) -> std::path::PathBuf {
     common::fixture(&format!("tiny_gptj/{dir}"))
 }
 
-fn convert(model: &Path, out: &Path, extra: &[&str]) -> (bool, String, String) {
-    let mut args = vec![
-        "convert",
-        "--model",
-        model.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ];
-    args.extend_from_slice(extra);
-    common::octet(&args)
-}
-
 fn logits(dir: &Path) -> Tensor {
     let ids = &common::load_safetensors(&tiny("reference.safetensors"))["input_ids"];
     let m = load_model(dir, &LoadOptions::default()).unwrap();
     tch::no_grad(|| m.model.forward(ids))
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    (a - b).abs().max().double_value(&[])
 }
 
 #[test]

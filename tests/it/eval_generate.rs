@@ -1,6 +1,7 @@
 //! `octet eval` and `octet generate` on the tiny GPT-J: perplexity and greedy tokens against
 //! transformers, the KV cache against full recomputation, streaming output, and bad inputs.
 use crate::common;
+use crate::common::script_json;
 
 use octet::eval::{perplexity, windows, Window};
 use octet::generate::{generate, generate_batch, GenerateOptions, Sampler, TextStream};
@@ -28,24 +29,6 @@ fn text_file(dir: &Path) -> PathBuf {
 
 fn load(dir: &Path) -> LoadedModel {
     load_model(dir, &LoadOptions::default()).unwrap()
-}
-
-/// Runs a script from `scripts/` and returns its stdout parsed as JSON.
-fn script_json(script: &str, args: &[&OsStr]) -> serde_json::Value {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("scripts")
-        .join(script);
-    let out = std::process::Command::new(common::python())
-        .arg(path)
-        .args(args)
-        .output()
-        .expect("run python");
-    assert!(
-        out.status.success(),
-        "{script} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("JSON on stdout")
 }
 
 fn eval_json(args: &[&str]) -> serde_json::Value {

@@ -2,6 +2,7 @@
 //! tensors against gguf's own de-quantizer, logits against transformers on the same weights,
 //! config and tokenizer from the metadata, conversion to a self-contained octet folder.
 use crate::common;
+use crate::common::{convert, max_abs_diff};
 
 use octet::io::gguf::{GgufFile, GgufValue};
 use octet::io::{Dtype, TensorStore};
@@ -19,10 +20,6 @@ fn gguf_reference() -> std::collections::BTreeMap<String, Tensor> {
 
 fn input_ids() -> Tensor {
     common::load_safetensors(&tiny("reference.safetensors"))["input_ids"].shallow_clone()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    (a - b).abs().max().double_value(&[])
 }
 
 fn stored_f32(store: &dyn TensorStore, name: &str) -> Tensor {
@@ -139,19 +136,6 @@ fn tokenizer_comes_from_the_metadata() {
     }
 }
 
-fn convert(model: &Path, out: &Path, extra: &[&str]) -> (bool, String) {
-    let mut args = vec![
-        "convert",
-        "--model",
-        model.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ];
-    args.extend_from_slice(extra);
-    let (ok, _, stderr) = common::octet(&args);
-    (ok, stderr)
-}
-
 #[test]
 fn converting_a_gguf_gives_a_self_contained_folder() {
     let tmp = tempfile::tempdir().unwrap();
@@ -159,7 +143,7 @@ fn converting_a_gguf_gives_a_self_contained_folder() {
     Tensor::write_safetensors(&[("input_ids", &input_ids())], &ids_file).unwrap();
     let gguf = tiny("tied.gguf");
     let out = tmp.path().join("octet");
-    let (ok, stderr) = convert(&gguf, &out, &["--block-size", "64"]);
+    let (ok, _, stderr) = convert(&gguf, &out, &["--block-size", "64"]);
     assert!(ok, "{stderr}");
     for f in [
         "config.json",
@@ -291,7 +275,7 @@ fn bad_files_are_refused_with_clear_errors() {
 
     // Conversion of a refused file leaves nothing behind.
     let out = tmp.path().join("out");
-    let (ok, stderr) = convert(&truncated, &out, &[]);
+    let (ok, _, stderr) = convert(&truncated, &out, &[]);
     assert!(!ok && stderr.contains("truncated.gguf"), "{stderr}");
     assert!(!out.exists());
 }

@@ -2,9 +2,10 @@
 //! forward passes, the plugin's own Conv1D kinds, cached decoding, `octet inspect`, and LoRA
 //! training whose adapter Hugging Face peft loads.
 use crate::common;
+use crate::common::{cached_logits, convert, hf_logits, ids_file, max_abs_diff};
 
 use octet::load::{load_model, LoadOptions, QuantizeOptions};
-use octet::model::{CausalLm, LayerCache};
+
 use std::path::{Path, PathBuf};
 use tch::{Kind, Tensor};
 
@@ -16,42 +17,9 @@ fn reference() -> std::collections::BTreeMap<String, Tensor> {
     common::load_safetensors(&tiny("reference.safetensors"))
 }
 
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    (a - b).abs().max().double_value(&[])
-}
-
 fn logits(dir: &Path, opts: &LoadOptions) -> Tensor {
     let m = load_model(dir, opts).unwrap();
     tch::no_grad(|| m.model.forward(&reference()["input_ids"]))
-}
-
-fn convert(model: &Path, out: &Path, extra: &[&str]) -> (bool, String, String) {
-    let mut args = vec![
-        "convert",
-        "--model",
-        model.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ];
-    args.extend_from_slice(extra);
-    common::octet(&args)
-}
-
-/// Writes the reference ids where hf_logits.py can read them.
-fn ids_file(dir: &Path) -> PathBuf {
-    let p = dir.join("ids.safetensors");
-    Tensor::write_safetensors(&[("input_ids", &reference()["input_ids"])], &p).unwrap();
-    p
-}
-
-/// transformers' logits for a model folder (and optionally a PEFT adapter on it).
-fn hf_logits(model: &Path, ids: &Path, out: &Path, adapter: Option<&Path>) -> Tensor {
-    let mut args = vec![model.as_os_str(), ids.as_os_str(), out.as_os_str()];
-    if let Some(a) = adapter {
-        args.push(a.as_os_str());
-    }
-    common::run_script("hf_logits.py", &args);
-    common::load_safetensors(out)["logits"].shallow_clone()
 }
 
 #[test]
@@ -74,7 +42,7 @@ fn f32_forward_matches_transformers() {
 #[test]
 fn converted_8bit_matches_transformers_on_the_same_dequantized_weights() {
     let tmp = tempfile::tempdir().unwrap();
-    let ids = ids_file(tmp.path());
+    let ids = ids_file(tmp.path(), &reference()["input_ids"]);
     for block in ["4096", "64"] {
         let out = tmp.path().join(format!("octet-{block}"));
         let (ok, _, stderr) = convert(&tiny("hf_safetensors"), &out, &["--block-size", block]);
@@ -118,22 +86,6 @@ fn quantizing_on_load_equals_converting() {
     let a = logits(&tiny("hf_safetensors"), &on_load);
     let b = logits(&out, &LoadOptions::default());
     assert_eq!(max_abs_diff(&a, &b), 0.0);
-}
-
-/// Logits of `ids` fed in two pieces through the KV cache.
-fn cached_logits(model: &dyn CausalLm, ids: &Tensor, split: i64) -> Tensor {
-    let n = model.info().blocks;
-    let mut caches: Vec<LayerCache> = (0..n).map(|_| LayerCache::default()).collect();
-    let t = ids.size()[1];
-    let mut out = Vec::new();
-    for (start, len) in [(0, split), (split, t - split)] {
-        let mut h = model.embed(&ids.narrow(1, start, len));
-        for (i, c) in caches.iter_mut().enumerate() {
-            h = model.block(i, &h, Some(c));
-        }
-        out.push(model.head(&h));
-    }
-    Tensor::cat(&out, 1)
 }
 
 #[test]
@@ -293,7 +245,12 @@ fn trained_adapter_loads_in_peft_with_matching_logits() {
         max_abs_diff(&ours, &before) > 1e-3,
         "the trained adapter changes nothing"
     );
-    let theirs = hf_logits(&hf, &ids_file(t), &t.join("peft.safetensors"), Some(&run));
+    let theirs = hf_logits(
+        &hf,
+        &ids_file(t, &reference()["input_ids"]),
+        &t.join("peft.safetensors"),
+        Some(&run),
+    );
     let d = max_abs_diff(&ours, &theirs);
     assert!(d < 1e-4, "octet vs peft max |diff| {d}");
 }

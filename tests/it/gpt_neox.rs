@@ -2,10 +2,11 @@
 //! forms, parallel and sequential residuals, 8-bit, cached decoding, `octet inspect`, and a
 //! trained adapter that Hugging Face peft loads.
 use crate::common;
+use crate::common::{cached_logits, convert, hf_logits, ids_file, max_abs_diff};
 
 use octet::load::{load_model, LoadOptions, QuantizeOptions};
-use octet::model::{CausalLm, LayerCache};
-use std::path::{Path, PathBuf};
+
+use std::path::PathBuf;
 use tch::{Kind, Tensor};
 
 fn tiny(dir: &str) -> PathBuf {
@@ -14,37 +15,6 @@ fn tiny(dir: &str) -> PathBuf {
 
 fn reference() -> std::collections::BTreeMap<String, Tensor> {
     common::load_safetensors(&tiny("reference.safetensors"))
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    (a - b).abs().max().double_value(&[])
-}
-
-fn convert(model: &Path, out: &Path, extra: &[&str]) -> (bool, String, String) {
-    let mut args = vec![
-        "convert",
-        "--model",
-        model.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ];
-    args.extend_from_slice(extra);
-    common::octet(&args)
-}
-
-fn ids_file(dir: &Path) -> PathBuf {
-    let p = dir.join("ids.safetensors");
-    Tensor::write_safetensors(&[("input_ids", &reference()["input_ids"])], &p).unwrap();
-    p
-}
-
-fn hf_logits(model: &Path, ids: &Path, out: &Path, adapter: Option<&Path>) -> Tensor {
-    let mut args = vec![model.as_os_str(), ids.as_os_str(), out.as_os_str()];
-    if let Some(a) = adapter {
-        args.push(a.as_os_str());
-    }
-    common::run_script("hf_logits.py", &args);
-    common::load_safetensors(out)["logits"].shallow_clone()
 }
 
 #[test]
@@ -104,7 +74,7 @@ fn rotary_settings_are_read_from_either_config_form() {
 #[test]
 fn converted_8bit_matches_transformers_on_the_same_dequantized_weights() {
     let tmp = tempfile::tempdir().unwrap();
-    let ids = ids_file(tmp.path());
+    let ids = ids_file(tmp.path(), &reference()["input_ids"]);
     for block in ["4096", "64"] {
         let out = tmp.path().join(format!("octet-{block}"));
         let (ok, _, stderr) = convert(&tiny("hf_safetensors"), &out, &["--block-size", block]);
@@ -124,21 +94,6 @@ fn converted_8bit_matches_transformers_on_the_same_dequantized_weights() {
         let d = max_abs_diff(&ours, &theirs);
         assert!(d < 1e-4, "block {block}: max |diff| {d}");
     }
-}
-
-fn cached_logits(model: &dyn CausalLm, ids: &Tensor, split: i64) -> Tensor {
-    let n = model.info().blocks;
-    let mut caches: Vec<LayerCache> = (0..n).map(|_| LayerCache::default()).collect();
-    let t = ids.size()[1];
-    let mut out = Vec::new();
-    for (start, len) in [(0, split), (split, t - split)] {
-        let mut h = model.embed(&ids.narrow(1, start, len));
-        for (i, c) in caches.iter_mut().enumerate() {
-            h = model.block(i, &h, Some(c));
-        }
-        out.push(model.head(&h));
-    }
-    Tensor::cat(&out, 1)
 }
 
 #[test]
@@ -218,7 +173,12 @@ fn trained_adapter_loads_in_peft_with_matching_logits() {
     let mut m = load_model(&base8, &LoadOptions::default()).unwrap();
     octet::adapter::load_adapter(m.model.as_mut(), &run).unwrap();
     let ours = tch::no_grad(|| m.model.forward(ids));
-    let theirs = hf_logits(&hf, &ids_file(t), &t.join("peft.safetensors"), Some(&run));
+    let theirs = hf_logits(
+        &hf,
+        &ids_file(t, &reference()["input_ids"]),
+        &t.join("peft.safetensors"),
+        Some(&run),
+    );
     let d = max_abs_diff(&ours, &theirs);
     assert!(d < 1e-4, "octet vs peft max |diff| {d}");
 }

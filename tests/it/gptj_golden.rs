@@ -1,16 +1,13 @@
 //! GPT-J forward against transformers (scripts/gen_tiny_gptj.py): float, 8-bit, every
 //! checkpoint form.
 use crate::common;
+use crate::common::max_abs_diff;
 
 use octet::load::{load_model, LoadOptions, QuantizeOptions};
 use tch::{Kind, Tensor};
 
 fn reference() -> std::collections::BTreeMap<String, Tensor> {
     common::load_safetensors(&common::fixture("tiny_gptj/reference.safetensors"))
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    (a - b).abs().max().double_value(&[])
 }
 
 fn logits_of(dir: &str, quantize: Option<QuantizeOptions>) -> Tensor {

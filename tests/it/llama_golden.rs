@@ -1,6 +1,7 @@
 //! Llama forward against transformers (scripts/gen_tiny_llama.py): tied and untied heads, GQA,
 //! biases with a custom head_dim, the KV cache, 8-bit conversion, and `inspect` snapshots.
 use crate::common;
+use crate::common::{convert_ok, max_abs_diff};
 
 use octet::load::{load_model, LoadOptions};
 use octet::model::LayerCache;
@@ -17,26 +18,9 @@ fn reference() -> std::collections::BTreeMap<String, Tensor> {
     common::load_safetensors(&tiny("reference.safetensors"))
 }
 
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    (a - b).abs().max().double_value(&[])
-}
-
 fn logits(dir: &Path, opts: &LoadOptions) -> Tensor {
     let m = load_model(dir, opts).unwrap();
     tch::no_grad(|| m.model.forward(&reference()["input_ids"]))
-}
-
-fn convert(model: &Path, out: &Path, extra: &[&str]) {
-    let mut args = vec![
-        "convert",
-        "--model",
-        model.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ];
-    args.extend_from_slice(extra);
-    let (ok, _, stderr) = common::octet(&args);
-    assert!(ok, "convert {}: {stderr}", model.display());
 }
 
 #[test]
@@ -91,7 +75,7 @@ fn eight_bit_models_match_transformers_on_the_same_dequantized_weights() {
     Tensor::write_safetensors(&[("input_ids", &reference()["input_ids"])], &ids_file).unwrap();
     for v in ["tied", "bias"] {
         let out = tmp.path().join(format!("octet-{v}"));
-        convert(&tiny(v), &out, &["--block-size", "64"]);
+        convert_ok(&tiny(v), &out, &["--block-size", "64"]);
         let m = load_model(&out, &LoadOptions::default()).unwrap();
         assert_eq!(
             m.graph.node("model.embed_tokens").unwrap().kind,
@@ -236,7 +220,7 @@ fn lora_training_step_through_the_8bit_tied_head() {
 fn inspect_snapshots() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("octet");
-    convert(&tiny("tied"), &out, &[]);
+    convert_ok(&tiny("tied"), &out, &[]);
     let (ok, hf, stderr) = common::octet(&["inspect", tiny("untied").to_str().unwrap()]);
     assert!(ok, "{stderr}");
     insta::assert_snapshot!("inspect_tiny_llama_hf", hf);

@@ -1,7 +1,7 @@
 //! Bad input files: each case is the exact bad input, refused with a message naming the file
 //! and the problem, a plain error exit (1, never a panic's 101 or an abort), and nothing
 //! written.
-use super::common::{copy_dir, fixture, load_safetensors, python};
+use super::common::{copy_dir, err_text, fixture, load_safetensors, python, s};
 use octet::adapter::{attach_lora, save_adapter, AdapterConfig, Targets};
 use octet::load::{load_model, LoadOptions};
 use octet::nn::LoraConfig;
@@ -42,10 +42,6 @@ fn assert_nothing_written(out: &Path) {
         .filter(|n| n.starts_with(&format!(".{name}")))
         .collect();
     assert!(left.is_empty(), "left behind: {left:?}");
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 /// A copy of the tiny GPT-J with `config.json`'s `n_layer` set to `value` (verbatim JSON).
@@ -127,10 +123,7 @@ fn convert_refuses_a_gptj8bit_bin_with_an_unsorted_code() {
     );
     assert_nothing_written(&out);
     // Loading it directly (eval, generate) is refused the same way.
-    let err = load_model(&m, &LoadOptions::default())
-        .err()
-        .unwrap()
-        .to_string();
+    let err = err_text(load_model(&m, &LoadOptions::default()));
     assert!(
         err.contains("pytorch_model.bin") && err.contains("q_proj.code"),
         "{err}"
@@ -517,10 +510,7 @@ fn an_unknown_arch_in_octet_toml_names_octet_toml() {
         toml.replace("arch = \"gptj\"", "arch = \"nosuch\""),
     )
     .unwrap();
-    let err = load_model(&m, &LoadOptions::default())
-        .err()
-        .unwrap()
-        .to_string();
+    let err = err_text(load_model(&m, &LoadOptions::default()));
     assert!(
         err.contains("octet.toml") && err.contains("nosuch"),
         "{err}"
@@ -598,10 +588,7 @@ fn gguf_config_errors_name_the_gguf_file_not_config_json() {
         "llama.attention.head_count",
         &3u32.to_le_bytes(),
     );
-    let err = load_model(&g, &LoadOptions::default())
-        .err()
-        .unwrap()
-        .to_string();
+    let err = err_text(load_model(&g, &LoadOptions::default()));
     assert!(
         err.contains("m.gguf") && !err.contains("config.json"),
         "{err}"
@@ -613,10 +600,7 @@ fn a_deflated_entry_declaring_more_than_deflate_can_encode_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let p = tmp.path().join("lying-size.bin");
     make_bad_bin("lying-size", &p);
-    let err = octet::io::torch_bin::TorchBinFile::open(&p)
-        .err()
-        .unwrap()
-        .to_string();
+    let err = err_text(octet::io::torch_bin::TorchBinFile::open(&p));
     assert!(
         err.contains("lying-size.bin") && err.contains("beyond what deflate can encode"),
         "{err}"
@@ -652,10 +636,7 @@ fn a_truncated_safetensors_file_is_refused_at_open() {
     let p = tmp.path().join("t.safetensors");
     let b = std::fs::read(fixture("torch_bin/state.safetensors")).unwrap();
     std::fs::write(&p, &b[..b.len() - 100]).unwrap();
-    let err = octet::io::safetensors::SafetensorsFile::open(&p)
-        .err()
-        .unwrap()
-        .to_string();
+    let err = err_text(octet::io::safetensors::SafetensorsFile::open(&p));
     assert!(
         err.contains("t.safetensors")
             && (err.contains("truncated") || err.contains("not fully covered")),
@@ -672,10 +653,7 @@ fn a_tokenizer_json_with_a_malformed_decoder_is_an_error_not_a_panic() {
     let bad = good.replacen("\"decoder\": {", "\"decoder\": y", 1);
     assert_ne!(good, bad);
     std::fs::write(tmp.path().join("tokenizer.json"), bad).unwrap();
-    let err = octet::tokenizer::Tokenizer::from_dir(tmp.path())
-        .err()
-        .unwrap()
-        .to_string();
+    let err = err_text(octet::tokenizer::Tokenizer::from_dir(tmp.path()));
     assert!(
         err.contains("tokenizer.json") && err.contains("invalid JSON"),
         "{err}"
@@ -694,10 +672,7 @@ fn a_config_with_zero_positions_is_refused_naming_config_json() {
     let bad = cfg.replace("\"n_positions\": 64", "\"n_positions\": 0");
     assert_ne!(cfg, bad);
     std::fs::write(m.join("config.json"), bad).unwrap();
-    let err = load_model(&m, &LoadOptions::default())
-        .err()
-        .unwrap()
-        .to_string();
+    let err = err_text(load_model(&m, &LoadOptions::default()));
     assert!(
         err.contains("config.json") && err.contains("n_positions is 0"),
         "{err}"
@@ -729,10 +704,7 @@ fn a_gguf_tensor_without_dimensions_is_an_error_not_a_panic() {
                 for n in g.names() {
                     let _ = g.bytes(&n);
                 }
-                let err = load_model(&p, &LoadOptions::default())
-                    .err()
-                    .unwrap()
-                    .to_string();
+                let err = err_text(load_model(&p, &LoadOptions::default()));
                 assert!(err.contains("m.gguf"), "{name}: {err}");
             }
         }

@@ -4,6 +4,7 @@
 //! refusal asserts the exit code, the message (what and where) and that nothing changed on
 //! disk.
 use crate::common;
+use crate::common::s;
 
 use octet::nn::Layer;
 use octet::outdir::{lock, OutputLock, MARKER};
@@ -88,10 +89,6 @@ fn model_in_project(root: &Path) -> PathBuf {
     common::copy_dir(&tiny("hf_safetensors"), &model);
     std::fs::write(root.join("p/notes.txt"), "the user's own notes").unwrap();
     model
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 fn data_file(dir: &Path) -> PathBuf {

@@ -5,6 +5,8 @@
 //! (scripts/fetch_smollm2.sh, scripts/gen_tokenizer_vectors.py --gguf).
 use crate::common;
 
+use crate::common::{convert_ok, script_json};
+
 use octet::io::gguf::GgufFile;
 use octet::load::{load_model, LoadOptions};
 use octet::model::CausalLm;
@@ -73,43 +75,6 @@ fn perplexity(model: &dyn CausalLm, ids: &[i64]) -> f64 {
     (nll / count as f64).exp()
 }
 
-fn convert(model: &Path, out: &Path, extra: &[&str]) {
-    let mut args = vec![
-        "convert",
-        "--model",
-        model.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ];
-    args.extend_from_slice(extra);
-    let (ok, _, stderr) = common::octet(&args);
-    assert!(ok, "convert: {stderr}");
-}
-
-/// Runs a script from `scripts/` with the venv's Python; returns its stdout parsed as JSON.
-fn script_json(script: &str, args: &[&std::ffi::OsStr]) -> serde_json::Value {
-    let out = std::process::Command::new(common::python())
-        .arg(
-            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                .join("scripts")
-                .join(script),
-        )
-        .args(args)
-        .output()
-        .expect("run python");
-    assert!(
-        out.status.success(),
-        "{script} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "{script} printed no JSON ({e}):\n{}",
-            String::from_utf8_lossy(&out.stdout)
-        )
-    })
-}
-
 /// Folder for what the tests here share, under cargo's per-target scratch directory; each run
 /// starts it afresh (it is several hundred MB, so it is not a leaked temp dir per run).
 fn scratch() -> &'static Path {
@@ -128,7 +93,7 @@ fn octet8() -> &'static Path {
     D.get_or_init(|| {
         let t0 = Instant::now();
         let d = scratch().join("octet8");
-        convert(&gguf(), &d, &[]);
+        convert_ok(&gguf(), &d, &[]);
         eprintln!("[{:6.1} s] converted to 8-bit", elapsed(t0));
         d
     })
@@ -141,7 +106,7 @@ fn hf_f32() -> &'static Path {
     D.get_or_init(|| {
         let t0 = Instant::now();
         let float_dir = scratch().join("float");
-        convert(
+        convert_ok(
             &gguf(),
             &float_dir,
             &["--skip", "model.embed_tokens", "--skip", "*_proj"],

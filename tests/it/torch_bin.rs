@@ -1,5 +1,6 @@
 //! Integration tests of the `torch.save` reader against fixtures written by real torch
 //! (scripts/gen_torch_bin_fixtures.py, run on demand) and hand-made malformed files.
+use crate::common::err_text;
 use octet::io::torch_bin::TorchBinFile;
 use octet::io::{Dtype, TensorStore};
 use octet::OctetError;
@@ -265,10 +266,7 @@ fn views_are_checked_against_their_storage() {
             .unwrap_or_else(|| panic!("case {i} must be refused"));
         assert!(matches!(err, OctetError::BadFile { .. }), "case {i}: {err}");
     }
-    let err = open_with(&tensor_pickle(4, 0, &[2], &[1]), None)
-        .err()
-        .unwrap()
-        .to_string();
+    let err = err_text(open_with(&tensor_pickle(4, 0, &[2], &[1]), None));
     assert!(
         err.contains("archive/data/0") && err.contains("missing"),
         "{err}"
@@ -277,10 +275,7 @@ fn views_are_checked_against_their_storage() {
 
 #[test]
 fn unknown_opcode_is_an_error() {
-    let err = open_with(b"\x80\x02}q\x00\xfe.", None)
-        .err()
-        .unwrap()
-        .to_string();
+    let err = err_text(open_with(b"\x80\x02}q\x00\xfe.", None));
     assert!(err.contains("0xfe") && err.contains("byte 5"), "{err}");
     // Bad memo index, stack underflow, non-dict top level.
     for p in [&b"\x80\x02h\x07."[..], b"\x80\x02s.", b"\x80\x02K\x01."] {
