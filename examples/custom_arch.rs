@@ -9,6 +9,8 @@
 //!
 //! Run with `cargo run --release --example custom_arch`. See docs/adding-an-architecture.md.
 use octet::adapter::{attach_lora, Targets};
+use octet::arch::Spec;
+use octet::arch::{architectures, Architecture, ArchitectureRegistration};
 use octet::convert::{convert, ConvertOptions};
 use octet::error::Result;
 use octet::load::{load_model, LoadOptions};
@@ -17,8 +19,6 @@ use octet::nn::graph::{check_weight_shapes, ModuleGraph, Node};
 use octet::nn::layer::check_params;
 use octet::nn::registry::{kind_names, LayerKind};
 use octet::nn::{float::LayerNorm, Layer, LayerMap, LayerTensors, LoraConfig};
-use octet::registry::{architectures, Architecture, ArchitectureRegistration};
-use octet::spec::Spec;
 use octet::OctetError;
 use serde::Deserialize;
 use std::sync::OnceLock;
@@ -281,7 +281,7 @@ fn main() -> anyhow::Result<()> {
     }
     println!("\nlayer kinds: {}\n", kind_names().join(", "));
     anyhow::ensure!(
-        octet::registry::find("toy_mlp").is_ok(),
+        octet::arch::find("toy_mlp").is_ok(),
         "toy_mlp is not registered"
     );
 

@@ -1,6 +1,6 @@
 //! `octet archs`: the registered architectures.
+use octet::arch::architectures;
 use octet::nn::registry;
-use octet::registry::architectures;
 
 pub fn run() -> anyhow::Result<()> {
     println!(

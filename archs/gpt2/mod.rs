@@ -9,11 +9,11 @@ mod model;
 pub use config::Gpt2Config;
 pub use model::{weight_shapes, Gpt2};
 
+use crate::arch::Spec;
+use crate::arch::{Architecture, ArchitectureRegistration};
 use crate::error::Result;
 use crate::model::CausalLm;
 use crate::nn::LayerMap;
-use crate::registry::{Architecture, ArchitectureRegistration};
-use crate::spec::Spec;
 use std::sync::OnceLock;
 use tch::Kind;
 
@@ -24,8 +24,8 @@ impl Architecture for Gpt2Arch {
         static SPEC: OnceLock<Spec> = OnceLock::new();
         SPEC.get_or_init(|| {
             Spec::parse(
-                include_str!("../../specs/gpt2.toml"),
-                std::path::Path::new("specs/gpt2.toml"),
+                include_str!("spec.toml"),
+                std::path::Path::new("archs/gpt2/spec.toml"),
             )
             .expect("the bundled GPT-2 spec is valid (checked by tests)")
         })

@@ -6,11 +6,11 @@ mod model;
 pub use config::LlamaConfig;
 pub use model::{weight_shapes, Llama};
 
+use crate::arch::Spec;
+use crate::arch::{Architecture, ArchitectureRegistration};
 use crate::error::Result;
 use crate::model::CausalLm;
 use crate::nn::LayerMap;
-use crate::registry::{Architecture, ArchitectureRegistration};
-use crate::spec::Spec;
 use std::sync::OnceLock;
 use tch::Kind;
 
@@ -21,8 +21,8 @@ impl Architecture for LlamaArch {
         static SPEC: OnceLock<Spec> = OnceLock::new();
         SPEC.get_or_init(|| {
             Spec::parse(
-                include_str!("../../specs/llama.toml"),
-                std::path::Path::new("specs/llama.toml"),
+                include_str!("spec.toml"),
+                std::path::Path::new("archs/llama/spec.toml"),
             )
             .expect("the bundled Llama spec is valid (checked by tests)")
         })

@@ -6,11 +6,11 @@ mod model;
 pub use config::GptjConfig;
 pub use model::Gptj;
 
+use crate::arch::Spec;
+use crate::arch::{Architecture, ArchitectureRegistration};
 use crate::error::Result;
 use crate::model::CausalLm;
 use crate::nn::LayerMap;
-use crate::registry::{Architecture, ArchitectureRegistration};
-use crate::spec::Spec;
 use std::sync::OnceLock;
 use tch::Kind;
 
@@ -21,8 +21,8 @@ impl Architecture for GptjArch {
         static SPEC: OnceLock<Spec> = OnceLock::new();
         SPEC.get_or_init(|| {
             Spec::parse(
-                include_str!("../../specs/gptj.toml"),
-                std::path::Path::new("specs/gptj.toml"),
+                include_str!("spec.toml"),
+                std::path::Path::new("archs/gptj/spec.toml"),
             )
             .expect("the bundled GPT-J spec is valid (checked by tests)")
         })

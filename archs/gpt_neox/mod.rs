@@ -7,11 +7,11 @@ mod model;
 pub use config::{GptNeoxConfig, RopeParameters};
 pub use model::{weight_shapes, GptNeox};
 
+use crate::arch::Spec;
+use crate::arch::{Architecture, ArchitectureRegistration};
 use crate::error::Result;
 use crate::model::CausalLm;
 use crate::nn::LayerMap;
-use crate::registry::{Architecture, ArchitectureRegistration};
-use crate::spec::Spec;
 use std::sync::OnceLock;
 use tch::Kind;
 
@@ -22,8 +22,8 @@ impl Architecture for GptNeoxArch {
         static SPEC: OnceLock<Spec> = OnceLock::new();
         SPEC.get_or_init(|| {
             Spec::parse(
-                include_str!("../../specs/gpt_neox.toml"),
-                std::path::Path::new("specs/gpt_neox.toml"),
+                include_str!("spec.toml"),
+                std::path::Path::new("archs/gpt_neox/spec.toml"),
             )
             .expect("the bundled GPT-NeoX spec is valid (checked by tests)")
         })
