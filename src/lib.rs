@@ -25,7 +25,8 @@ pub mod train;
 pub mod validate;
 
 /// The architecture plugins compiled into the crate, one folder each under `archs/`; each
-/// registers itself with `inventory`, so adding one is its folder and one line here.
+/// registers itself (see docs/adding-an-architecture.md), so adding one is its folder and
+/// one line here.
 #[path = "../archs"]
 pub mod archs {
     pub mod gpt2;
@@ -33,5 +34,9 @@ pub mod archs {
     pub mod gptj;
     pub mod llama;
 }
+
+/// Re-exported for [`register_architecture!`] and out-of-crate plugins.
+#[doc(hidden)]
+pub use inventory;
 
 pub use error::{OctetError, Result};

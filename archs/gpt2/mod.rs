@@ -7,51 +7,33 @@ pub mod conv1d;
 mod model;
 
 pub use config::Gpt2Config;
-pub use model::{weight_shapes, Gpt2};
+pub use model::{modules, Gpt2};
 
-use crate::arch::Spec;
-use crate::arch::{Architecture, ArchitectureRegistration};
+use crate::arch::{Modules, Plugin};
 use crate::error::Result;
 use crate::model::CausalLm;
 use crate::nn::LayerMap;
-use std::sync::OnceLock;
 use tch::Kind;
 
-struct Gpt2Arch;
+/// The GPT-2 plugin.
+pub struct Gpt2Plugin;
 
-impl Architecture for Gpt2Arch {
-    fn spec(&self) -> &Spec {
-        static SPEC: OnceLock<Spec> = OnceLock::new();
-        SPEC.get_or_init(|| {
-            Spec::parse(
-                include_str!("spec.toml"),
-                std::path::Path::new("archs/gpt2/spec.toml"),
-            )
-            .expect("the bundled GPT-2 spec is valid (checked by tests)")
-        })
-    }
-    fn description(&self) -> &'static str {
-        "GPT-2: convert, inspect, train (LoRA), eval, generate, merge; 8-bit Conv1D + Embedding, tied head"
-    }
-    fn check(&self, config: &serde_json::Value, graph: &crate::nn::ModuleGraph) -> Result<()> {
-        let cfg = Gpt2Config::from_json(config)?;
-        crate::nn::graph::check_weight_shapes(graph, &weight_shapes(&cfg))
-    }
-    fn build(
-        &self,
-        config: &serde_json::Value,
-        layers: &mut LayerMap,
-        kind: Kind,
-    ) -> Result<Box<dyn CausalLm>> {
-        let cfg = Gpt2Config::from_json(config)?;
-        Ok(Box::new(Gpt2::new(cfg, layers, kind)?))
-    }
+impl Plugin for Gpt2Plugin {
+    type Config = Gpt2Config;
+    const SPEC: &'static str = include_str!("spec.toml");
+    const SPEC_PATH: &'static str = "archs/gpt2/spec.toml";
+    const DESCRIPTION: &'static str = "GPT-2: convert, inspect, train (LoRA), eval, generate, merge; 8-bit Conv1D + Embedding, tied head";
     /// Conv1D weights are `[in, out]`: PEFT adapters for them say `fan_in_fan_out = true`.
-    fn fan_in_fan_out(&self) -> bool {
-        true
+    const FAN_IN_FAN_OUT: bool = true;
+    fn config(json: &serde_json::Value) -> Result<Gpt2Config> {
+        Gpt2Config::from_json(json)
+    }
+    fn modules(cfg: &Gpt2Config, _has: &dyn Fn(&str) -> bool) -> Modules {
+        model::modules(cfg)
+    }
+    fn build(cfg: Gpt2Config, layers: &mut LayerMap, kind: Kind) -> Result<Box<dyn CausalLm>> {
+        Ok(Box::new(Gpt2::new(cfg, layers, kind)?))
     }
 }
 
-static GPT2: Gpt2Arch = Gpt2Arch;
-
-inventory::submit! { ArchitectureRegistration { get: || &GPT2 } }
+crate::register_architecture!(Gpt2Plugin);

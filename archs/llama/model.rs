@@ -1,5 +1,7 @@
 //! The Llama forward pass over octet layers (float or 8-bit, with or without adapters).
 use super::config::LlamaConfig;
+use crate::arch::modules::refuse_leftovers;
+use crate::arch::{Bias, ModuleDecl, Modules};
 use crate::error::{OctetError, Result};
 use crate::model::{CausalLm, LayerCache, ModelInfo};
 use crate::nn::float::LayerNorm;
@@ -7,16 +9,42 @@ use crate::nn::rmsnorm::RmsNorm;
 use crate::nn::{Layer, LayerMap};
 use tch::{Device, Kind, Tensor};
 
-struct Block {
-    input_layernorm: RmsNorm,
-    q_proj: Box<dyn Layer>,
-    k_proj: Box<dyn Layer>,
-    v_proj: Box<dyn Layer>,
-    o_proj: Box<dyn Layer>,
-    post_attention_layernorm: RmsNorm,
-    gate_proj: Box<dyn Layer>,
-    up_proj: Box<dyn Layer>,
-    down_proj: Box<dyn Layer>,
+crate::declare_block! {
+    /// One Llama block: every module it has, with the shape its config implies and the
+    /// config flag that gives its projections a bias.
+    struct Block(c: &LlamaConfig) {
+        input_layernorm: RmsNorm = "input_layernorm" [c.hidden_size],
+        q_proj: Box<dyn Layer> = "self_attn.q_proj" [c.q_width(), c.hidden_size] bias attention_bias(c),
+        k_proj: Box<dyn Layer> = "self_attn.k_proj" [c.kv_width(), c.hidden_size] bias attention_bias(c),
+        v_proj: Box<dyn Layer> = "self_attn.v_proj" [c.kv_width(), c.hidden_size] bias attention_bias(c),
+        o_proj: Box<dyn Layer> = "self_attn.o_proj" [c.hidden_size, c.q_width()] bias attention_bias(c),
+        post_attention_layernorm: RmsNorm = "post_attention_layernorm" [c.hidden_size],
+        gate_proj: Box<dyn Layer> = "mlp.gate_proj" [c.intermediate_size, c.hidden_size] bias mlp_bias(c),
+        up_proj: Box<dyn Layer> = "mlp.up_proj" [c.intermediate_size, c.hidden_size] bias mlp_bias(c),
+        down_proj: Box<dyn Layer> = "mlp.down_proj" [c.hidden_size, c.intermediate_size] bias mlp_bias(c),
+    }
+}
+
+fn attention_bias(c: &LlamaConfig) -> Bias {
+    Bias::Config {
+        key: "attention_bias",
+        set: c.attention_bias,
+    }
+}
+
+fn mlp_bias(c: &LlamaConfig) -> Bias {
+    Bias::Config {
+        key: "mlp_bias",
+        set: c.mlp_bias,
+    }
+}
+
+const EMBED_TOKENS: &str = "model.embed_tokens";
+const NORM: &str = "model.norm";
+const LM_HEAD: &str = "lm_head";
+
+fn block_prefix(i: usize) -> String {
+    format!("model.layers.{i}")
 }
 
 /// A Llama model.
@@ -32,121 +60,40 @@ pub struct Llama {
     inv_freq: Tensor,
 }
 
-fn take_norm(layers: &mut LayerMap, path: &str, dim: usize, eps: f64) -> Result<RmsNorm> {
-    let mut n: RmsNorm = layers.take_as(path)?;
-    crate::nn::layer::expect_weight_shape(path, &n, &[dim])?;
-    n.params.eps = eps;
-    Ok(n)
-}
-
-/// Paths of the linear modules of block `i`, with their `[out, in]` shapes and whether the
-/// config gives them a bias.
-fn block_linears(cfg: &LlamaConfig, i: usize) -> Vec<(String, Vec<usize>, bool)> {
-    let (d, inter, hd) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim());
-    let (q, kv) = (cfg.num_attention_heads * hd, cfg.kv_heads() * hd);
-    let p = |s: &str| format!("model.layers.{i}.{s}");
-    let (ab, mb) = (cfg.attention_bias, cfg.mlp_bias);
-    vec![
-        (p("self_attn.q_proj"), vec![q, d], ab),
-        (p("self_attn.k_proj"), vec![kv, d], ab),
-        (p("self_attn.v_proj"), vec![kv, d], ab),
-        (p("self_attn.o_proj"), vec![d, q], ab),
-        (p("mlp.gate_proj"), vec![inter, d], mb),
-        (p("mlp.up_proj"), vec![inter, d], mb),
-        (p("mlp.down_proj"), vec![d, inter], mb),
-    ]
-}
-
-/// Every module of a Llama with its weight shape, as the config implies; `lm_head` is left
-/// out when `with_head` is false (tied embeddings and no separate head stored).
-pub fn weight_shapes(cfg: &LlamaConfig, with_head: bool) -> Vec<(String, Vec<usize>)> {
+/// Every module of a Llama, as the config implies, in a checkpoint holding modules `has`:
+/// `lm_head` is left out for tied embeddings with no separate head stored (a tied checkpoint
+/// may still carry a copy of it; some exporters write both).
+pub fn modules(cfg: &LlamaConfig, has: &dyn Fn(&str) -> bool) -> Modules {
     let (d, v) = (cfg.hidden_size, cfg.vocab_size);
-    let mut out = vec![("model.embed_tokens".to_string(), vec![v, d])];
+    let mut out = Modules::new();
+    out.push(ModuleDecl::layer(EMBED_TOKENS, vec![v, d]));
     for i in 0..cfg.num_hidden_layers {
-        out.push((format!("model.layers.{i}.input_layernorm"), vec![d]));
-        out.push((
-            format!("model.layers.{i}.post_attention_layernorm"),
-            vec![d],
-        ));
-        out.extend(block_linears(cfg, i).into_iter().map(|(p, s, _)| (p, s)));
+        out.extend(Block::modules(cfg, &block_prefix(i)));
     }
-    out.push(("model.norm".to_string(), vec![d]));
-    if with_head {
-        out.push(("lm_head".to_string(), vec![v, d]));
+    out.push(ModuleDecl::norm(NORM, d));
+    if !cfg.tie_word_embeddings || has(LM_HEAD) {
+        out.push(ModuleDecl::layer(LM_HEAD, vec![v, d]));
     }
     out
-}
-
-/// Checks a checkpoint's graph against the config: every module with its shape, and biases
-/// present exactly where `attention_bias` / `mlp_bias` say.
-pub fn check_graph(cfg: &LlamaConfig, graph: &crate::nn::ModuleGraph) -> Result<()> {
-    // A tied checkpoint may still carry a copy of the head (some exporters write both).
-    let with_head = !cfg.tie_word_embeddings || graph.node("lm_head").is_some();
-    crate::nn::graph::check_weight_shapes(graph, &weight_shapes(cfg, with_head))?;
-    for i in 0..cfg.num_hidden_layers {
-        for (path, _, bias) in block_linears(cfg, i) {
-            let has = graph.node(&path).is_some_and(|n| n.param("bias").is_some());
-            if has != bias {
-                let flag = if path.contains("self_attn") {
-                    "attention_bias"
-                } else {
-                    "mlp_bias"
-                };
-                return Err(OctetError::InvalidArgument(format!(
-                    "{path}: the checkpoint {} a bias but config.json has {flag} = {bias}",
-                    if has { "has" } else { "lacks" }
-                )));
-            }
-        }
-    }
-    Ok(())
 }
 
 impl Llama {
     /// Assembles the model from built layers, checking every shape against the config.
     pub fn new(cfg: LlamaConfig, layers: &mut LayerMap, kind: Kind) -> Result<Self> {
-        let (d, v, eps) = (cfg.hidden_size, cfg.vocab_size, cfg.rms_norm_eps);
-        let embed_tokens = layers.take_checked("model.embed_tokens", &[v, d])?;
-        let mut blocks = Vec::with_capacity(cfg.num_hidden_layers);
-        for i in 0..cfg.num_hidden_layers {
-            let p = |s: &str| format!("model.layers.{i}.{s}");
-            let mut lin = Vec::with_capacity(7);
-            for (path, shape, _) in block_linears(&cfg, i) {
-                lin.push(layers.take_checked(&path, &shape)?);
-            }
-            let mut lin = lin.into_iter();
-            let mut next = || lin.next().expect("block_linears lists seven modules");
-            blocks.push(Block {
-                input_layernorm: take_norm(layers, &p("input_layernorm"), d, eps)?,
-                q_proj: next(),
-                k_proj: next(),
-                v_proj: next(),
-                o_proj: next(),
-                post_attention_layernorm: take_norm(
-                    layers,
-                    &p("post_attention_layernorm"),
-                    d,
-                    eps,
-                )?,
-                gate_proj: next(),
-                up_proj: next(),
-                down_proj: next(),
-            });
-        }
-        let norm = take_norm(layers, "model.norm", d, eps)?;
-        let lm_head = if cfg.tie_word_embeddings && !layers.remaining().contains(&"lm_head") {
+        let eps = cfg.rms_norm_eps;
+        let top = modules(&cfg, &|p| layers.remaining().contains(&p));
+        let embed_tokens: Box<dyn Layer> = top.take(layers, EMBED_TOKENS, eps)?;
+        let blocks = (0..cfg.num_hidden_layers)
+            .map(|i| Block::take(layers, &cfg, &block_prefix(i), eps))
+            .collect::<Result<_>>()?;
+        let norm = top.take(layers, NORM, eps)?;
+        let lm_head = if top.get(LM_HEAD).is_some() {
+            Some(top.take(layers, LM_HEAD, eps)?)
+        } else {
             check_tied_embedding(embed_tokens.as_ref())?;
             None
-        } else {
-            Some(layers.take_checked("lm_head", &[v, d])?)
         };
-        let rest = layers.remaining();
-        if !rest.is_empty() {
-            return Err(OctetError::InvalidArgument(format!(
-                "modules unknown to Llama: {}",
-                rest.join(", ")
-            )));
-        }
+        refuse_leftovers(layers, "Llama")?;
         let inv_freq = inv_freq(cfg.head_dim(), cfg.rope_theta());
         Ok(Llama {
             cfg,
@@ -258,35 +205,18 @@ impl CausalLm for Llama {
         logits.to_kind(Kind::Float)
     }
     fn visit_layers(&mut self, f: &mut dyn FnMut(&str, &mut Box<dyn Layer>)) {
-        f("model.embed_tokens", &mut self.embed_tokens);
+        f(EMBED_TOKENS, &mut self.embed_tokens);
         for (i, b) in self.blocks.iter_mut().enumerate() {
-            for (name, l) in [
-                ("self_attn.q_proj", &mut b.q_proj),
-                ("self_attn.k_proj", &mut b.k_proj),
-                ("self_attn.v_proj", &mut b.v_proj),
-                ("self_attn.o_proj", &mut b.o_proj),
-                ("mlp.gate_proj", &mut b.gate_proj),
-                ("mlp.up_proj", &mut b.up_proj),
-                ("mlp.down_proj", &mut b.down_proj),
-            ] {
-                f(&format!("model.layers.{i}.{name}"), l);
-            }
+            b.visit_layers(&block_prefix(i), f);
         }
         if let Some(head) = &mut self.lm_head {
-            f("lm_head", head);
+            f(LM_HEAD, head);
         }
     }
     fn visit_norms(&mut self, f: &mut dyn FnMut(&str, &mut LayerNorm)) {
         for (i, b) in self.blocks.iter_mut().enumerate() {
-            f(
-                &format!("model.layers.{i}.input_layernorm"),
-                &mut b.input_layernorm.params,
-            );
-            f(
-                &format!("model.layers.{i}.post_attention_layernorm"),
-                &mut b.post_attention_layernorm.params,
-            );
+            b.visit_norms(&block_prefix(i), f);
         }
-        f("model.norm", &mut self.norm.params);
+        f(NORM, &mut self.norm.params);
     }
 }

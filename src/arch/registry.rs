@@ -1,6 +1,6 @@
 //! The architecture registry: plugins submit an [`ArchitectureRegistration`] with `inventory`,
 //! and octet finds them by name or from a model's config.json.
-use super::spec::Spec;
+use crate::arch::Spec;
 use crate::error::{OctetError, Result};
 use crate::model::CausalLm;
 use crate::nn::LayerMap;

@@ -1,0 +1,115 @@
+//! What an architecture writes ([`Plugin`]) and what octet derives from it for every one of
+//! them ([`Registered`]: spec parsed once, `check`, `build`), registered with one
+//! [`register_architecture!`](crate::register_architecture) line.
+use super::modules::Modules;
+use super::registry::Architecture;
+use super::spec::Spec;
+use crate::error::Result;
+use crate::io::gguf::GgufMapping;
+use crate::model::CausalLm;
+use crate::nn::{LayerMap, ModuleGraph};
+use std::marker::PhantomData;
+use std::path::Path;
+use std::sync::OnceLock;
+use tch::Kind;
+
+/// An architecture plugin: its spec, its config, its one list of modules and its model.
+pub trait Plugin: 'static {
+    /// The parsed config.json.
+    type Config;
+    /// The spec TOML (`include_str!("spec.toml")`).
+    const SPEC: &'static str;
+    /// Where the spec comes from, named in errors (`archs/gptj/spec.toml`).
+    const SPEC_PATH: &'static str;
+    /// One line on what it supports, for `octet archs`.
+    const DESCRIPTION: &'static str;
+    /// Whether its adaptable weights are stored `[in, out]` (GPT-2's Conv1D): written as
+    /// `fan_in_fan_out` in the PEFT adapter configs octet saves.
+    const FAN_IN_FAN_OUT: bool = false;
+
+    /// Parses and validates config.json.
+    fn config(json: &serde_json::Value) -> Result<Self::Config>;
+
+    /// Every module with the shape the config implies; `has` says whether the checkpoint
+    /// holds a module, for the ones a checkpoint may or may not store (a tied head).
+    fn modules(cfg: &Self::Config, has: &dyn Fn(&str) -> bool) -> Modules;
+
+    /// Builds the model from its config and its built layers (taken by path).
+    fn build(cfg: Self::Config, layers: &mut LayerMap, kind: Kind) -> Result<Box<dyn CausalLm>>;
+
+    /// How its GGUF files map onto its Hugging Face checkpoints, if it reads GGUF.
+    fn gguf() -> Option<&'static dyn GgufMapping> {
+        None
+    }
+}
+
+/// A registered plugin: the [`Architecture`] octet's pipelines use, derived from a [`Plugin`].
+pub struct Registered<P> {
+    spec: OnceLock<Spec>,
+    plugin: PhantomData<fn() -> P>,
+}
+
+impl<P> Registered<P> {
+    /// For `static`s (see [`register_architecture!`](crate::register_architecture)).
+    pub const fn new() -> Self {
+        Registered {
+            spec: OnceLock::new(),
+            plugin: PhantomData,
+        }
+    }
+}
+
+impl<P> Default for Registered<P> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<P: Plugin> Architecture for Registered<P> {
+    fn spec(&self) -> &Spec {
+        self.spec.get_or_init(|| {
+            Spec::parse(P::SPEC, Path::new(P::SPEC_PATH))
+                .expect("a bundled spec is valid (checked by its plugin's tests)")
+        })
+    }
+    fn description(&self) -> &'static str {
+        P::DESCRIPTION
+    }
+    fn check(&self, config: &serde_json::Value, graph: &ModuleGraph) -> Result<()> {
+        let cfg = P::config(config)?;
+        let modules = P::modules(&cfg, &|p| graph.node(p).is_some());
+        modules.check_spec(self.spec())?;
+        modules.check_graph(graph)
+    }
+    fn build(
+        &self,
+        config: &serde_json::Value,
+        layers: &mut LayerMap,
+        kind: Kind,
+    ) -> Result<Box<dyn CausalLm>> {
+        P::build(P::config(config)?, layers, kind)
+    }
+    fn fan_in_fan_out(&self) -> bool {
+        P::FAN_IN_FAN_OUT
+    }
+}
+
+/// Registers a [`Plugin`] type as an architecture (and its GGUF mapping, if any): the one
+/// line an architecture needs besides its folder. Works from any crate linked into the
+/// binary.
+#[macro_export]
+macro_rules! register_architecture {
+    ($plugin:ty) => {
+        const _: () = {
+            static ARCH: $crate::arch::Registered<$plugin> = $crate::arch::Registered::new();
+            $crate::inventory::submit! {
+                $crate::arch::ArchitectureRegistration { get: || &ARCH }
+            }
+            $crate::inventory::submit! {
+                $crate::io::gguf::GgufRegistration {
+                    get: <$plugin as $crate::arch::Plugin>::gguf,
+                }
+            }
+        };
+    };
+}
