@@ -113,3 +113,108 @@ macro_rules! register_architecture {
         };
     };
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::archs::{gpt2::Gpt2Plugin, gpt_neox::GptNeoxPlugin, gptj::GptjPlugin};
+    use crate::archs::{gptj, llama::LlamaPlugin};
+    use serde_json::json;
+
+    /// A plugin's modules for a tiny config, with every optional module stored and with none.
+    fn declared<P: Plugin>(config: serde_json::Value) -> Vec<Modules> {
+        let cfg = P::config(&config).unwrap();
+        vec![P::modules(&cfg, &|_| true), P::modules(&cfg, &|_| false)]
+    }
+
+    fn tiny_configs() -> Vec<(&'static str, Vec<Modules>)> {
+        vec![
+            (
+                "gptj",
+                declared::<GptjPlugin>(json!({"vocab_size": 11, "n_embd": 8, "n_layer": 2,
+                    "n_head": 2, "rotary_dim": 2, "n_positions": 16})),
+            ),
+            (
+                "gpt2",
+                declared::<Gpt2Plugin>(json!({"vocab_size": 11, "n_embd": 8, "n_layer": 2,
+                    "n_head": 2, "n_positions": 16})),
+            ),
+            (
+                "gpt_neox",
+                declared::<GptNeoxPlugin>(json!({"vocab_size": 11, "hidden_size": 8,
+                    "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 32,
+                    "max_position_embeddings": 16, "rotary_pct": 0.5, "tie_word_embeddings": false})),
+            ),
+            (
+                "llama",
+                declared::<LlamaPlugin>(json!({"vocab_size": 11, "hidden_size": 8,
+                    "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+                    "intermediate_size": 16, "tie_word_embeddings": true})),
+            ),
+        ]
+    }
+
+    #[test]
+    fn declared_modules_and_specs_agree() {
+        for (name, lists) in tiny_configs() {
+            let spec = crate::arch::find(name).unwrap().spec();
+            for list in &lists {
+                list.check_spec(spec).unwrap();
+            }
+            // Every pattern of the spec describes some declared module.
+            for (pattern, kind) in &spec.modules {
+                assert!(
+                    lists
+                        .iter()
+                        .flat_map(|l| l.iter())
+                        .any(|d| pattern.matches(&d.path)),
+                    "{name}: spec module {} ({kind}) is declared nowhere",
+                    pattern.as_str()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn spec_check_names_an_undeclared_kind_and_a_misdeclared_norm() {
+        let spec = crate::arch::find("gptj").unwrap().spec();
+        let mut m = Modules::new();
+        m.push(crate::arch::ModuleDecl::layer(
+            "transformer.h.0.attn.qkv",
+            vec![2, 2],
+        ));
+        let err = m.check_spec(spec).unwrap_err().to_string();
+        assert!(err.contains("transformer.h.0.attn.qkv"), "{err}");
+        let mut m = Modules::new();
+        m.push(crate::arch::ModuleDecl::layer(
+            "transformer.h.0.ln_1",
+            vec![2],
+        ));
+        let err = m.check_spec(spec).unwrap_err().to_string();
+        assert!(err.contains("LayerNorm"), "{err}");
+    }
+
+    #[test]
+    fn gptj_visitors_reach_exactly_the_declared_modules() {
+        let cfg = gptj::GptjConfig::from_json(&json!({"vocab_size": 11, "n_embd": 8,
+            "n_layer": 2, "n_head": 2, "rotary_dim": 2, "n_positions": 16}))
+        .unwrap();
+        let mut layers = gptj::random_layers(&cfg, false, (Kind::Float, tch::Device::Cpu)).unwrap();
+        let mut model = gptj::Gptj::new(cfg.clone(), &mut layers, Kind::Float).unwrap();
+        let mut visited = Vec::new();
+        crate::model::CausalLm::visit_layers(&mut model, &mut |p, _| visited.push(p.to_string()));
+        crate::model::CausalLm::visit_norms(&mut model, &mut |p, _| visited.push(p.to_string()));
+        let mut declared: Vec<String> =
+            gptj::modules(&cfg).iter().map(|d| d.path.clone()).collect();
+        visited.sort();
+        declared.sort();
+        assert_eq!(visited, declared);
+        // The loader's shape check comes from the same list: a wrong shape is refused.
+        let mut layers = gptj::random_layers(&cfg, false, (Kind::Float, tch::Device::Cpu)).unwrap();
+        let wide = gptj::GptjConfig {
+            n_inner: Some(40),
+            ..cfg
+        };
+        assert!(gptj::Gptj::new(wide, &mut layers, Kind::Float).is_err());
+    }
+}
