@@ -9,7 +9,7 @@
 //!
 //! Run with `cargo run --release --example custom_arch`. See docs/adding-an-architecture.md.
 use octet::adapter::{attach_lora, Targets};
-use octet::arch::{architectures, Bias, ModuleDecl, Modules, Plugin};
+use octet::arch::{Bias, ModuleDecl, Modules, Plugin};
 use octet::convert::{convert, ConvertOptions};
 use octet::error::Result;
 use octet::load::{load_model, LoadOptions};
@@ -259,21 +259,7 @@ fn write_checkpoint(dir: &std::path::Path, cfg: &serde_json::Value) -> anyhow::R
 
 fn main() -> anyhow::Result<()> {
     // What `octet archs` prints, from the same registries.
-    println!(
-        "{:<10} {:<28} {:<10} {:<10} description",
-        "name", "hf architectures", "block", "lora"
-    );
-    for a in architectures() {
-        let s = a.spec();
-        println!(
-            "{:<10} {:<28} {:<10} {:<10} {}",
-            a.name(),
-            s.hf_architectures.join(","),
-            s.block_size.get(),
-            s.lora_targets.join(","),
-            a.description()
-        );
-    }
+    print!("{}", octet::arch::registry::table());
     println!("\nlayer kinds: {}\n", kind_names().join(", "));
     anyhow::ensure!(
         octet::arch::find("toy_mlp").is_ok(),

@@ -53,6 +53,27 @@ pub fn architectures() -> Vec<&'static dyn Architecture> {
     v
 }
 
+/// The table `octet archs` prints: one row per registered architecture (name, Hugging Face
+/// names, block size, default LoRA targets, description), under a header.
+pub fn table() -> String {
+    let mut out = format!(
+        "{:<10} {:<28} {:<10} {:<10} description\n",
+        "name", "hf architectures", "block", "lora"
+    );
+    for a in architectures() {
+        let s = a.spec();
+        out += &format!(
+            "{:<10} {:<28} {:<10} {:<10} {}\n",
+            a.name(),
+            s.hf_architectures.join(","),
+            s.block_size.get(),
+            s.lora_targets.join(","),
+            a.description()
+        );
+    }
+    out
+}
+
 fn known() -> String {
     architectures()
         .iter()
