@@ -13,7 +13,7 @@
 mod common;
 
 use common::{bench_device, env_or, peak_rss_mib, python, script, sync};
-use octet::adapters::gptj::{random_layers, Gptj, GptjConfig};
+use octet::archs::gptj::{random_layers, Gptj, GptjConfig};
 use octet::generate::generate_batch;
 use std::process::Command;
 use std::time::Instant;

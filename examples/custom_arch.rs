@@ -9,19 +9,17 @@
 //!
 //! Run with `cargo run --release --example custom_arch`. See docs/adding-an-architecture.md.
 use octet::adapter::{attach_lora, Targets};
+use octet::arch::{Bias, ModuleDecl, Modules, Plugin};
 use octet::convert::{convert, ConvertOptions};
 use octet::error::Result;
 use octet::load::{load_model, LoadOptions};
 use octet::model::{CausalLm, LayerCache, ModelInfo};
-use octet::nn::graph::{check_weight_shapes, ModuleGraph, Node};
+use octet::nn::graph::Node;
 use octet::nn::layer::check_params;
 use octet::nn::registry::{kind_names, LayerKind};
 use octet::nn::{float::LayerNorm, Layer, LayerMap, LayerTensors, LoraConfig};
-use octet::registry::{architectures, Architecture, ArchitectureRegistration};
-use octet::spec::Spec;
 use octet::OctetError;
 use serde::Deserialize;
-use std::sync::OnceLock;
 use tch::{Device, Kind, Tensor};
 
 // ---------------------------------------------------------------------------------------
@@ -69,7 +67,8 @@ fn build_gate(_: &Node, mut t: LayerTensors) -> Result<Box<dyn Layer>> {
 inventory::submit! { LayerKind { name: "ToyGate", check: check_gate, build: build_gate } }
 
 // ---------------------------------------------------------------------------------------
-// 2. The spec: layer kind per module path, what is quantized, default LoRA targets.
+// 2. The spec: layer kind per module path, what is quantized, default LoRA targets. (An
+//    in-crate plugin keeps it in archs/<name>/spec.toml and uses include_str!("spec.toml").)
 // ---------------------------------------------------------------------------------------
 
 const SPEC: &str = r#"
@@ -111,25 +110,36 @@ impl ToyConfig {
             OctetError::InvalidArgument(format!("config.json: invalid toy_mlp config: {e}"))
         })
     }
+}
 
-    /// Every module with its weight shape: what `check` compares a checkpoint against.
-    fn weight_shapes(&self) -> Vec<(String, Vec<usize>)> {
-        let (v, d) = (self.vocab_size, self.hidden_size);
-        let mut out = vec![("embed".to_string(), vec![v, d])];
-        for i in 0..self.num_layers {
-            out.push((format!("blocks.{i}.gate"), vec![d]));
-            out.push((format!("blocks.{i}.up"), vec![4 * d, d]));
-            out.push((format!("blocks.{i}.down"), vec![d, 4 * d]));
-        }
-        out.push(("head".to_string(), vec![v, d]));
-        out
+// The one list of modules: each block's modules with the shapes the config implies. It gives
+// the graph and spec checks, the shape-checked `take`, and the visitors.
+octet::declare_block! {
+    /// One gated residual MLP block.
+    struct ToyBlock(c: &ToyConfig) {
+        gate: Box<dyn Layer> = "gate" [c.hidden_size],
+        up: Box<dyn Layer> = "up" [4 * c.hidden_size, c.hidden_size] bias Bias::Always,
+        down: Box<dyn Layer> = "down" [c.hidden_size, 4 * c.hidden_size] bias Bias::Always,
     }
 }
 
-struct ToyBlock {
-    gate: Box<dyn Layer>,
-    up: Box<dyn Layer>,
-    down: Box<dyn Layer>,
+const EMBED: &str = "embed";
+const HEAD: &str = "head";
+
+fn block_prefix(i: usize) -> String {
+    format!("blocks.{i}")
+}
+
+/// Every module of a toy model, as its config implies.
+fn modules(cfg: &ToyConfig) -> Modules {
+    let (v, d) = (cfg.vocab_size, cfg.hidden_size);
+    let mut out = Modules::new();
+    out.push(ModuleDecl::layer(EMBED, vec![v, d]));
+    for i in 0..cfg.num_layers {
+        out.extend(ToyBlock::modules(cfg, &block_prefix(i)));
+    }
+    out.push(ModuleDecl::layer(HEAD, vec![v, d]));
+    out
 }
 
 struct ToyMlp {
@@ -169,13 +179,11 @@ impl CausalLm for ToyMlp {
         self.head.forward(h).to_kind(Kind::Float)
     }
     fn visit_layers(&mut self, f: &mut dyn FnMut(&str, &mut Box<dyn Layer>)) {
-        f("embed", &mut self.embed);
+        f(EMBED, &mut self.embed);
         for (i, b) in self.blocks.iter_mut().enumerate() {
-            f(&format!("blocks.{i}.gate"), &mut b.gate);
-            f(&format!("blocks.{i}.up"), &mut b.up);
-            f(&format!("blocks.{i}.down"), &mut b.down);
+            b.visit_layers(&block_prefix(i), f);
         }
-        f("head", &mut self.head);
+        f(HEAD, &mut self.head);
     }
     fn visit_norms(&mut self, _f: &mut dyn FnMut(&str, &mut LayerNorm)) {}
 }
@@ -184,40 +192,27 @@ impl CausalLm for ToyMlp {
 // 4. The plugin, registered with `inventory` like octet's own.
 // ---------------------------------------------------------------------------------------
 
-struct ToyArch;
+struct ToyPlugin;
 
-impl Architecture for ToyArch {
-    fn spec(&self) -> &Spec {
-        static PARSED: OnceLock<Spec> = OnceLock::new();
-        PARSED.get_or_init(|| {
-            Spec::parse(SPEC, std::path::Path::new("examples/custom_arch.rs"))
-                .expect("the toy spec is valid")
-        })
+impl Plugin for ToyPlugin {
+    type Config = ToyConfig;
+    const SPEC: &'static str = SPEC;
+    const SPEC_PATH: &'static str = "examples/custom_arch.rs";
+    const DESCRIPTION: &'static str = "toy per-position MLP LM (examples/custom_arch.rs)";
+    fn config(json: &serde_json::Value) -> Result<ToyConfig> {
+        ToyConfig::from_json(json)
     }
-    fn description(&self) -> &'static str {
-        "toy per-position MLP LM (examples/custom_arch.rs)"
+    fn modules(cfg: &ToyConfig, _has: &dyn Fn(&str) -> bool) -> Modules {
+        modules(cfg)
     }
-    fn check(&self, config: &serde_json::Value, graph: &ModuleGraph) -> Result<()> {
-        check_weight_shapes(graph, &ToyConfig::from_json(config)?.weight_shapes())
-    }
-    fn build(
-        &self,
-        config: &serde_json::Value,
-        layers: &mut LayerMap,
-        kind: Kind,
-    ) -> Result<Box<dyn CausalLm>> {
-        let cfg = ToyConfig::from_json(config)?;
-        let embed = layers.take("embed")?;
+    fn build(cfg: ToyConfig, layers: &mut LayerMap, kind: Kind) -> Result<Box<dyn CausalLm>> {
+        let top = modules(&cfg);
+        let embed = top.take(layers, EMBED, 0.0)?;
         let blocks = (0..cfg.num_layers)
-            .map(|i| {
-                Ok(ToyBlock {
-                    gate: layers.take(&format!("blocks.{i}.gate"))?,
-                    up: layers.take(&format!("blocks.{i}.up"))?,
-                    down: layers.take(&format!("blocks.{i}.down"))?,
-                })
-            })
+            .map(|i| ToyBlock::take(layers, &cfg, &block_prefix(i), 0.0))
             .collect::<Result<_>>()?;
-        let head = layers.take("head")?;
+        let head = top.take(layers, HEAD, 0.0)?;
+        octet::arch::modules::refuse_leftovers(layers, "toy_mlp")?;
         Ok(Box::new(ToyMlp {
             cfg,
             kind,
@@ -228,9 +223,9 @@ impl Architecture for ToyArch {
     }
 }
 
-static TOY: ToyArch = ToyArch;
-
-inventory::submit! { ArchitectureRegistration { get: || &TOY } }
+// The one registration line (in-crate plugins have it in their mod.rs, plus `pub mod <name>;`
+// in src/lib.rs).
+octet::register_architecture!(ToyPlugin);
 
 // ---------------------------------------------------------------------------------------
 // 5. Using it.
@@ -242,20 +237,20 @@ fn write_checkpoint(dir: &std::path::Path, cfg: &serde_json::Value) -> anyhow::R
     let toy = ToyConfig::from_json(cfg)?;
     let opts = (Kind::Float, Device::Cpu);
     let mut tensors = Vec::new();
-    for (path, shape) in toy.weight_shapes() {
-        let shape: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
-        let w = if path.ends_with("gate") {
+    for m in modules(&toy).iter() {
+        let shape: Vec<i64> = m.shape.iter().map(|&d| d as i64).collect();
+        let w = if m.path.ends_with("gate") {
             Tensor::ones(shape.as_slice(), opts) + Tensor::randn(shape.as_slice(), opts) * 0.1
         } else {
             Tensor::randn(shape.as_slice(), opts) * 0.2
         };
-        if path.ends_with("up") || path.ends_with("down") {
+        if m.bias.present() {
             tensors.push((
-                format!("{path}.bias"),
+                format!("{}.bias", m.path),
                 Tensor::randn([shape[0]], opts) * 0.05,
             ));
         }
-        tensors.push((format!("{path}.weight"), w));
+        tensors.push((format!("{}.weight", m.path), w));
     }
     octet::io::safetensors::save_tensors(&dir.join("model.safetensors"), &tensors, &[])?;
     std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(cfg)?)?;
@@ -264,24 +259,10 @@ fn write_checkpoint(dir: &std::path::Path, cfg: &serde_json::Value) -> anyhow::R
 
 fn main() -> anyhow::Result<()> {
     // What `octet archs` prints, from the same registries.
-    println!(
-        "{:<10} {:<28} {:<10} {:<10} description",
-        "name", "hf architectures", "block", "lora"
-    );
-    for a in architectures() {
-        let s = a.spec();
-        println!(
-            "{:<10} {:<28} {:<10} {:<10} {}",
-            a.name(),
-            s.hf_architectures.join(","),
-            s.block_size.get(),
-            s.lora_targets.join(","),
-            a.description()
-        );
-    }
+    print!("{}", octet::arch::registry::table());
     println!("\nlayer kinds: {}\n", kind_names().join(", "));
     anyhow::ensure!(
-        octet::registry::find("toy_mlp").is_ok(),
+        octet::arch::find("toy_mlp").is_ok(),
         "toy_mlp is not registered"
     );
 

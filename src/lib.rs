@@ -3,6 +3,7 @@
 #![warn(missing_docs)]
 
 pub mod adapter;
+pub mod arch;
 pub mod convert;
 pub mod device;
 pub mod error;
@@ -18,14 +19,24 @@ pub mod model;
 pub mod nn;
 pub mod outdir;
 pub mod quant;
-pub mod registry;
 pub mod sizes;
-pub mod spec;
 pub mod tokenizer;
 pub mod train;
 pub mod validate;
 
-#[path = "../adapters/mod.rs"]
-pub mod adapters;
+/// The architecture plugins compiled into the crate, one folder each under `archs/`; each
+/// registers itself (see docs/adding-an-architecture.md), so adding one is its folder and
+/// one line here.
+#[path = "../archs"]
+pub mod archs {
+    pub mod gpt2;
+    pub mod gpt_neox;
+    pub mod gptj;
+    pub mod llama;
+}
+
+/// Re-exported for [`register_architecture!`] and out-of-crate plugins.
+#[doc(hidden)]
+pub use inventory;
 
 pub use error::{OctetError, Result};

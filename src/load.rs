@@ -1,13 +1,13 @@
 //! Loading a model folder (Hugging Face, octet-converted, or GPT-J 8-bit .bin) into a runnable
 //! model, optionally quantizing float modules module by module as they are read.
+use crate::arch::PathPattern;
+use crate::arch::{resolve, Architecture};
 use crate::error::{OctetError, Result};
 use crate::io::{dtype, open_checkpoint, TensorStore};
 use crate::manifest::Manifest;
 use crate::model::CausalLm;
 use crate::nn::{registry, LayerMap, LayerTensors, ModuleGraph, Node};
 use crate::quant::{self, fit_code, BlockSize, CodeKind, FitOptions, QuantCode};
-use crate::registry::{resolve, Architecture};
-use crate::spec::PathPattern;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
@@ -135,7 +135,7 @@ pub fn resolve_arch(
 ) -> Result<&'static dyn Architecture> {
     if arch == "auto" {
         if let Some(m) = Manifest::read(dir)? {
-            return crate::registry::find(&m.arch).map_err(|e| OctetError::Config {
+            return crate::arch::find(&m.arch).map_err(|e| OctetError::Config {
                 path: dir.join(crate::manifest::MANIFEST_FILE),
                 problem: format!("arch: {e}"),
             });

@@ -500,7 +500,7 @@ fn f32_bytes(v: &[f32]) -> Vec<u8> {
 fn output_graph(
     model: &Path,
     stored: &ModuleGraph,
-    arch: &dyn crate::registry::Architecture,
+    arch: &dyn crate::arch::Architecture,
     format: MergeFormat,
 ) -> Result<(ModuleGraph, BlockSize)> {
     let block = match Manifest::read(model)? {

@@ -10,7 +10,7 @@ mod quant_report;
 mod train;
 
 use clap::{Parser, Subcommand};
-use octet::spec::PathPattern;
+use octet::arch::PathPattern;
 
 /// octet: fine-tune big causal language models with frozen 8-bit weights and LoRA adapters.
 #[derive(Parser, Debug)]

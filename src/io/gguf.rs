@@ -2,11 +2,12 @@
 //! data, exposed as a [`TensorStore`] under Hugging Face names.
 //!
 //! Tensors of type F32, F16 and BF16 are served as stored; Q8_0, Q4_0 and Q4_1 are de-quantized
-//! to f32 on read with ggml's formulas (bit-identical to `gguf.quants.dequantize`). For
-//! `general.architecture = "llama"` the llama.cpp names map to `LlamaForCausalLM`'s and the
-//! row permutation llama.cpp's converter applies to q/k projections is undone. The metadata
-//! also yields the model's config.json ([`GgufFile::config`]) and its byte-level BPE tokenizer
-//! ([`GgufFile::hf_tokenizer`]), so a GGUF file is a complete model source on its own.
+//! to f32 on read with ggml's formulas (bit-identical to `gguf.quants.dequantize`). How an
+//! architecture's llama.cpp names map to its Hugging Face ones, which row permutations to
+//! undo, and the config.json its metadata implies are the architecture plugin's business: it
+//! registers a [`GgufMapping`] for its `general.architecture` (archs/llama/gguf.rs). The
+//! metadata also yields the byte-level BPE tokenizer ([`GgufFile::hf_tokenizer`]), so a GGUF
+//! file is a complete model source on its own.
 use super::{Dtype, TensorMeta, TensorStore};
 use crate::error::{OctetError, Result};
 use memmap2::Mmap;
@@ -28,6 +29,41 @@ pub fn is_gguf(path: &Path) -> bool {
             .extension()
             .and_then(|e| e.to_str())
             .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+}
+
+/// How one architecture's GGUF files map onto its Hugging Face checkpoints; an
+/// architecture plugin provides it (`Plugin::gguf`).
+pub trait GgufMapping: Sync {
+    /// The `general.architecture` value it reads (`llama`).
+    fn gguf_name(&self) -> &'static str;
+    /// The Hugging Face name of the llama.cpp tensor `raw` (`blk.0.attn_q.weight` →
+    /// `model.layers.0.self_attn.q_proj.weight`); `None` keeps the name.
+    fn tensor_name(&self, raw: &str) -> Option<String>;
+    /// For a tensor whose rows llama.cpp's converter permuted per head (llama's q/k), the
+    /// head count, so that reads undo it.
+    fn permuted_heads(&self, file: &GgufFile, raw: &str) -> Result<Option<usize>>;
+    /// The Hugging Face config.json the file's metadata implies.
+    fn config(&self, file: &GgufFile) -> Result<serde_json::Value>;
+}
+
+/// A GGUF mapping's registration (submitted by `register_architecture!` for every plugin;
+/// `get` returns `None` for one that reads no GGUF).
+pub struct GgufRegistration {
+    /// Returns the plugin's mapping, if any.
+    pub get: fn() -> Option<&'static dyn GgufMapping>,
+}
+inventory::collect!(GgufRegistration);
+
+/// Every registered mapping.
+fn mappings() -> impl Iterator<Item = &'static dyn GgufMapping> {
+    inventory::iter::<GgufRegistration>
+        .into_iter()
+        .filter_map(|r| (r.get)())
+}
+
+/// The mapping registered for `general.architecture = arch`.
+fn mapping_for(arch: &str) -> Option<&'static dyn GgufMapping> {
+    mappings().find(|m| m.gguf_name() == arch)
 }
 
 /// A metadata value.
@@ -322,6 +358,126 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// Reads the magic and the version; only little-endian versions 2 and 3 are read.
+fn read_version(r: &mut Reader<'_>) -> Result<u32> {
+    let path = r.path;
+    if r.take(4).ok() != Some(MAGIC.as_slice()) {
+        return Err(OctetError::bad_file(
+            path,
+            "not a GGUF file (no GGUF magic)",
+        ));
+    }
+    let version = r.u32()?;
+    let problem = match version {
+        2 | 3 => return Ok(version),
+        1 => "GGUF version 1 is not supported (re-convert with a current llama.cpp)".to_string(),
+        v if v.swap_bytes() == 2 || v.swap_bytes() == 3 => {
+            "big-endian GGUF files are not supported".to_string()
+        }
+        v => format!("unsupported GGUF version {v}"),
+    };
+    Err(OctetError::bad_file(path, problem))
+}
+
+/// Reads `n` metadata entries; a key may appear once.
+fn read_metadata(r: &mut Reader<'_>, n: usize) -> Result<BTreeMap<String, GgufValue>> {
+    let mut metadata = BTreeMap::new();
+    for _ in 0..n {
+        let key = r.string()?;
+        let ty = r.u32()?;
+        let v = r.value(ty, 0)?;
+        if metadata.insert(key.clone(), v).is_some() {
+            return Err(r.bad(format!("metadata key {key} appears twice")));
+        }
+    }
+    Ok(metadata)
+}
+
+/// A tensor info as stored, before it is validated against the file.
+struct TensorHeader {
+    name: String,
+    /// ggml order (fastest-varying first).
+    ne: Vec<u64>,
+    ty: u32,
+    offset: u64,
+}
+
+fn read_tensor_header(r: &mut Reader<'_>) -> Result<TensorHeader> {
+    let name = r.string()?;
+    let n_dims = r.u32()?;
+    if n_dims > MAX_DIMS {
+        return Err(r.bad(format!("tensor {name} has {n_dims} dimensions")));
+    }
+    let ne = (0..n_dims).map(|_| r.u64()).collect::<Result<_>>()?;
+    let ty = r.u32()?;
+    let offset = r.u64()?;
+    Ok(TensorHeader {
+        name,
+        ne,
+        ty,
+        offset,
+    })
+}
+
+/// Where tensor data lives in the file, to place and validate each tensor info.
+struct Layout<'a> {
+    path: &'a Path,
+    alignment: u64,
+    data_start: u64,
+    file_len: u64,
+}
+
+impl Layout<'_> {
+    /// Validates a tensor's type, dimensions, alignment and extent.
+    fn place(&self, h: TensorHeader) -> Result<GgufTensorInfo> {
+        let TensorHeader {
+            name,
+            ne,
+            ty,
+            offset,
+        } = h;
+        let bad = |p: String| OctetError::bad_file(self.path, format!("tensor {name}: {p}"));
+        let ty = GgmlType::from_id(ty).map_err(|t| {
+            bad(format!(
+                "{t} cannot be read (octet reads F32, F16, BF16, Q8_0, Q4_0 and Q4_1)"
+            ))
+        })?;
+        let numel = ne
+            .iter()
+            .try_fold(1u64, |a, &d| a.checked_mul(d))
+            .filter(|&n| n < (1 << 48))
+            .ok_or_else(|| bad(format!("dimensions {ne:?} overflow")))?;
+        let (be, bb) = (ty.block_elems() as u64, ty.block_bytes() as u64);
+        if ne.first().is_some_and(|&d| d % be != 0) {
+            return Err(bad(format!(
+                "rows of {} elements are not whole {ty:?} blocks of {be}",
+                ne[0]
+            )));
+        }
+        let nbytes = numel / be * bb;
+        let alignment = self.alignment;
+        if offset % alignment != 0 {
+            return Err(bad(format!(
+                "data offset {offset} is not a multiple of the alignment {alignment}"
+            )));
+        }
+        let start = self.data_start.saturating_add(offset);
+        let file_len = self.file_len;
+        if start.checked_add(nbytes).is_none_or(|e| e > file_len) {
+            return Err(bad(format!(
+                "data ({nbytes} bytes at {start}) runs past the end of the file ({file_len} bytes)"
+            )));
+        }
+        Ok(GgufTensorInfo {
+            shape: ne.iter().rev().map(|&d| d as usize).collect(),
+            name,
+            ty,
+            offset: start as usize,
+            nbytes: nbytes as usize,
+        })
+    }
+}
+
 /// A served tensor: its Hugging Face name, its index in the file and, for llama's q/k
 /// projections, the head count whose row permutation is undone.
 struct Served {
@@ -364,46 +520,11 @@ impl GgufFile {
             pos: 0,
             path,
         };
-        if r.take(4).ok() != Some(MAGIC.as_slice()) {
-            return Err(OctetError::bad_file(
-                path,
-                "not a GGUF file (no GGUF magic)",
-            ));
-        }
-        let version = r.u32()?;
-        match version {
-            2 | 3 => {}
-            1 => {
-                return Err(OctetError::bad_file(
-                    path,
-                    "GGUF version 1 is not supported (re-convert with a current llama.cpp)",
-                ))
-            }
-            v if v.swap_bytes() == 2 || v.swap_bytes() == 3 => {
-                return Err(OctetError::bad_file(
-                    path,
-                    "big-endian GGUF files are not supported",
-                ))
-            }
-            v => {
-                return Err(OctetError::bad_file(
-                    path,
-                    format!("unsupported GGUF version {v}"),
-                ))
-            }
-        }
+        let version = read_version(&mut r)?;
         // Each tensor info takes at least 8 + 4 + 4 + 8 bytes, each metadata entry 8 + 4.
         let n_tensors = r.count(24, "tensor")?;
         let n_kv = r.count(12, "metadata")?;
-        let mut metadata = BTreeMap::new();
-        for _ in 0..n_kv {
-            let key = r.string()?;
-            let ty = r.u32()?;
-            let v = r.value(ty, 0)?;
-            if metadata.insert(key.clone(), v).is_some() {
-                return Err(r.bad(format!("metadata key {key} appears twice")));
-            }
-        }
+        let metadata = read_metadata(&mut r, n_kv)?;
         let alignment = match metadata.get("general.alignment") {
             None => DEFAULT_ALIGNMENT,
             Some(v) => v
@@ -411,69 +532,30 @@ impl GgufFile {
                 .filter(|a| a.is_power_of_two())
                 .ok_or_else(|| r.bad(format!("general.alignment {v:?} is not a power of two")))?,
         };
-        let mut raw = Vec::with_capacity(n_tensors);
-        for _ in 0..n_tensors {
-            let name = r.string()?;
-            let n_dims = r.u32()?;
-            if n_dims > MAX_DIMS {
-                return Err(r.bad(format!("tensor {name} has {n_dims} dimensions")));
-            }
-            let mut ne = Vec::with_capacity(n_dims as usize);
-            for _ in 0..n_dims {
-                ne.push(r.u64()?);
-            }
-            let ty = r.u32()?;
-            let offset = r.u64()?;
-            raw.push((name, ne, ty, offset));
-        }
+        let raw = (0..n_tensors)
+            .map(|_| read_tensor_header(&mut r))
+            .collect::<Result<Vec<_>>>()?;
         let data_start = (r.pos as u64)
             .div_ceil(alignment)
             .checked_mul(alignment)
             .ok_or_else(|| r.bad(format!("general.alignment {alignment} is too large")))?;
-        let file_len = mmap.len() as u64;
+        let layout = Layout {
+            path,
+            alignment,
+            data_start,
+            file_len: mmap.len() as u64,
+        };
         let mut tensors = Vec::with_capacity(raw.len());
         let mut seen = HashMap::new();
-        for (name, ne, ty, offset) in raw {
-            let bad = |p: String| OctetError::bad_file(path, format!("tensor {name}: {p}"));
-            let ty = GgmlType::from_id(ty).map_err(|t| {
-                bad(format!(
-                    "{t} cannot be read (octet reads F32, F16, BF16, Q8_0, Q4_0 and Q4_1)"
-                ))
-            })?;
-            let numel = ne
-                .iter()
-                .try_fold(1u64, |a, &d| a.checked_mul(d))
-                .filter(|&n| n < (1 << 48))
-                .ok_or_else(|| bad(format!("dimensions {ne:?} overflow")))?;
-            let (be, bb) = (ty.block_elems() as u64, ty.block_bytes() as u64);
-            if ne.first().is_some_and(|&d| d % be != 0) {
-                return Err(bad(format!(
-                    "rows of {} elements are not whole {ty:?} blocks of {be}",
-                    ne[0]
-                )));
+        for header in raw {
+            let info = layout.place(header)?;
+            if seen.insert(info.name.clone(), tensors.len()).is_some() {
+                return Err(OctetError::bad_file(
+                    path,
+                    format!("tensor {}: the name appears twice", info.name),
+                ));
             }
-            let nbytes = numel / be * bb;
-            if offset % alignment != 0 {
-                return Err(bad(format!(
-                    "data offset {offset} is not a multiple of the alignment {alignment}"
-                )));
-            }
-            let start = data_start.saturating_add(offset);
-            if start.checked_add(nbytes).is_none_or(|e| e > file_len) {
-                return Err(bad(format!(
-                    "data ({nbytes} bytes at {start}) runs past the end of the file ({file_len} bytes)"
-                )));
-            }
-            if seen.insert(name.clone(), tensors.len()).is_some() {
-                return Err(bad("the name appears twice".into()));
-            }
-            tensors.push(GgufTensorInfo {
-                shape: ne.iter().rev().map(|&d| d as usize).collect(),
-                name,
-                ty,
-                offset: start as usize,
-                nbytes: nbytes as usize,
-            });
+            tensors.push(info);
         }
         let mut g = GgufFile {
             path: path.to_path_buf(),
@@ -531,6 +613,11 @@ impl GgufFile {
         &self.tensors
     }
 
+    /// The tensor stored as `raw_name` (a llama.cpp name).
+    pub fn tensor_info(&self, raw_name: &str) -> Option<&GgufTensorInfo> {
+        self.info(raw_name)
+    }
+
     fn info(&self, raw_name: &str) -> Option<&GgufTensorInfo> {
         self.tensors.iter().find(|t| t.name == raw_name)
     }
@@ -550,11 +637,13 @@ impl GgufFile {
         Ok(out)
     }
 
-    fn meta_u64(&self, key: &str) -> Option<u64> {
+    /// The integer metadata value under `key`.
+    pub fn meta_u64(&self, key: &str) -> Option<u64> {
         self.get(key).and_then(|v| v.as_u64())
     }
 
-    fn required_u64(&self, key: &str) -> Result<u64> {
+    /// The integer metadata value under `key`; an error names the file and the key.
+    pub fn required_u64(&self, key: &str) -> Result<u64> {
         self.meta_u64(key).ok_or_else(|| {
             OctetError::bad_file(
                 &self.path,
@@ -563,47 +652,42 @@ impl GgufFile {
         })
     }
 
-    /// Hugging Face names for every tensor, with the permutations to undo.
-    fn serve_names(&self) -> Result<Vec<Served>> {
-        let llama = self.architecture() == Some("llama");
-        let heads = if llama {
-            let h = self.required_u64("llama.attention.head_count")? as usize;
-            let kv = self
-                .meta_u64("llama.attention.head_count_kv")
-                .map_or(h, |v| v as usize);
-            Some((h, kv))
-        } else {
-            None
+    /// The number under `key`, if present, refused unless finite and positive: a value JSON
+    /// cannot hold (inf, NaN) would become null in a config.json.
+    pub fn positive_f64(&self, key: &str) -> Result<Option<f64>> {
+        let Some(v) = self.get(key) else {
+            return Ok(None);
         };
+        match v.as_f64() {
+            Some(x) if x.is_finite() && x > 0.0 => Ok(Some(x)),
+            Some(x) => Err(self.bad(format!(
+                "metadata {key} is {x}; it must be finite and positive"
+            ))),
+            None => Err(self.bad(format!("metadata {key} is not a number"))),
+        }
+    }
+
+    /// An error naming this file and `problem`.
+    pub fn bad(&self, problem: impl Into<String>) -> OctetError {
+        OctetError::bad_file(&self.path, problem.into())
+    }
+
+    /// Hugging Face names for every tensor, with the permutations to undo, from the mapping
+    /// registered for the file's architecture (names as stored without one).
+    fn serve_names(&self) -> Result<Vec<Served>> {
+        let mapping = self.architecture().and_then(mapping_for);
         let mut out = Vec::with_capacity(self.tensors.len());
         for (index, t) in self.tensors.iter().enumerate() {
-            let (name, unpermute_heads) = match heads {
-                Some((h, kv)) => {
-                    let name = llama_hf_name(&t.name).unwrap_or_else(|| t.name.clone());
-                    let n = if t.name.contains(".attn_q.") {
-                        Some(h)
-                    } else if t.name.contains(".attn_k.") {
-                        Some(kv)
-                    } else {
-                        None
-                    };
-                    if let Some(n) = n {
-                        let rows = t.shape.first().copied().unwrap_or(0);
-                        if rows == 0
-                            || !n
-                                .checked_mul(2)
-                                .is_some_and(|m| m > 0 && rows.is_multiple_of(m))
-                        {
-                            return Err(OctetError::bad_file(
-                                &self.path,
-                                format!(
-                                    "tensor {}: {rows} rows do not split into {n} heads of even size",
-                                    t.name
-                                ),
-                            ));
-                        }
+            let (name, unpermute_heads) = match mapping {
+                Some(m) => {
+                    let heads = m.permuted_heads(self, &t.name)?;
+                    if let Some(n) = heads {
+                        self.check_head_rows(t, n)?;
                     }
-                    (name, n)
+                    (
+                        m.tensor_name(&t.name).unwrap_or_else(|| t.name.clone()),
+                        heads,
+                    )
                 }
                 None => (t.name.clone(), None),
             };
@@ -616,6 +700,21 @@ impl GgufFile {
         Ok(out)
     }
 
+    /// Refuses a permuted tensor whose rows do not split into `heads` heads of even size.
+    fn check_head_rows(&self, t: &GgufTensorInfo, heads: usize) -> Result<()> {
+        let rows = t.shape.first().copied().unwrap_or(0);
+        let splits = heads
+            .checked_mul(2)
+            .is_some_and(|m| m > 0 && rows.is_multiple_of(m));
+        if rows == 0 || !splits {
+            return Err(self.bad(format!(
+                "tensor {}: {rows} rows do not split into {heads} heads of even size",
+                t.name
+            )));
+        }
+        Ok(())
+    }
+
     fn served(&self, name: &str) -> Result<(&Served, &GgufTensorInfo)> {
         let s = self
             .by_name
@@ -625,114 +724,20 @@ impl GgufFile {
         Ok((s, &self.tensors[s.index]))
     }
 
-    /// The Hugging Face config.json this file implies (llama only): sizes from the
-    /// `llama.*` keys, tied embeddings when there is no `output.weight`, biases when the first
-    /// block has them, token ids from the tokenizer keys.
+    /// The Hugging Face config.json this file implies, from the mapping registered for its
+    /// `general.architecture`.
     pub fn config(&self) -> Result<serde_json::Value> {
         let arch = self.architecture().unwrap_or("(none)");
-        if arch != "llama" {
-            return Err(OctetError::bad_file(
-                &self.path,
-                format!("GGUF architecture '{arch}' is not supported (octet reads llama GGUFs)"),
-            ));
-        }
-        let bad = |p: String| OctetError::bad_file(&self.path, p);
-        let key = |k: &str| format!("llama.{k}");
-        let hidden = self.required_u64(&key("embedding_length"))?;
-        let layers = self.required_u64(&key("block_count"))?;
-        let heads = self.required_u64(&key("attention.head_count"))?;
-        let kv = self
-            .meta_u64(&key("attention.head_count_kv"))
-            .unwrap_or(heads);
-        let inter = self.required_u64(&key("feed_forward_length"))?;
-        // A value JSON cannot hold (inf, NaN) must be refused here, naming the key: written
-        // into the config it would become null.
-        let positive = |k: &str, v: Option<f64>| match v {
-            Some(x) if x.is_finite() && x > 0.0 => Ok(x),
-            Some(x) => Err(bad(format!(
-                "metadata {k} is {x}; it must be finite and positive"
-            ))),
-            None => Err(bad(format!("metadata {k} is not a number"))),
-        };
-        let eps_key = key("attention.layer_norm_rms_epsilon");
-        let eps = match self.get(&eps_key) {
-            Some(v) => positive(&eps_key, v.as_f64())?,
-            None => return Err(bad(format!("metadata {eps_key} is missing"))),
-        };
-        let theta_key = key("rope.freq_base");
-        let theta = match self.get(&theta_key) {
-            Some(v) => positive(&theta_key, v.as_f64())?,
-            None => 10000.0,
-        };
-        let context = self.meta_u64(&key("context_length")).unwrap_or(2048);
-        if heads == 0 {
-            return Err(bad("llama.attention.head_count is 0".into()));
-        }
-        let head_dim = self
-            .meta_u64(&key("attention.key_length"))
-            .unwrap_or(hidden / heads);
-        if let Some(rd) = self.meta_u64(&key("rope.dimension_count")) {
-            if rd != head_dim {
-                return Err(bad(format!(
-                    "partial rotary (llama.rope.dimension_count {rd} of head size {head_dim}) is not supported"
-                )));
+        match mapping_for(arch) {
+            Some(m) => m.config(self),
+            None => {
+                let known: Vec<&str> = mappings().map(|m| m.gguf_name()).collect();
+                Err(self.bad(format!(
+                    "GGUF architecture '{arch}' is not supported (octet reads {} GGUFs)",
+                    known.join(", ")
+                )))
             }
         }
-        if let Some(s) = self
-            .get(&key("rope.scaling.type"))
-            .and_then(|v| v.as_str())
-            .filter(|s| *s != "none")
-        {
-            return Err(bad(format!("rope scaling '{s}' is not supported")));
-        }
-        if self.info("rope_freqs.weight").is_some() {
-            return Err(bad(
-                "rope_freqs.weight (Llama 3.1 rope scaling) is not supported".into(),
-            ));
-        }
-        let embd_rows = self
-            .info("token_embd.weight")
-            .and_then(|t| t.shape.first().map(|&d| d as u64));
-        let tokens = self
-            .get("tokenizer.ggml.tokens")
-            .and_then(|v| v.as_array())
-            .map(|a| a.len() as u64);
-        // The embedding's rows are what the model needs (a vocabulary may be padded).
-        let vocab = self
-            .meta_u64(&key("vocab_size"))
-            .or(embd_rows)
-            .or(tokens)
-            .ok_or_else(|| bad("cannot tell the vocabulary size".into()))?;
-        let mut cfg = serde_json::json!({
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
-            "vocab_size": vocab,
-            "hidden_size": hidden,
-            "intermediate_size": inter,
-            "num_hidden_layers": layers,
-            "num_attention_heads": heads,
-            "num_key_value_heads": kv,
-            "head_dim": head_dim,
-            "hidden_act": "silu",
-            "max_position_embeddings": context,
-            "rms_norm_eps": eps,
-            "rope_theta": theta,
-            "rope_scaling": null,
-            "attention_bias": self.info("blk.0.attn_q.bias").is_some(),
-            "mlp_bias": self.info("blk.0.ffn_gate.bias").is_some(),
-            "tie_word_embeddings": self.info("output.weight").is_none(),
-            "torch_dtype": "float32",
-        });
-        for (ours, theirs) in [
-            ("bos_token_id", "bos_token_id"),
-            ("eos_token_id", "eos_token_id"),
-            ("pad_token_id", "padding_token_id"),
-        ] {
-            if let Some(id) = self.meta_u64(&format!("tokenizer.ggml.{theirs}")) {
-                cfg[ours] = id.into();
-            }
-        }
-        Ok(cfg)
     }
 
     fn tokens(&self) -> Result<Vec<&str>> {
@@ -895,36 +900,6 @@ impl GgufFile {
             );
         }
     }
-}
-
-/// `blk.N.attn_q.weight` → `model.layers.N.self_attn.q_proj.weight`, and so on.
-fn llama_hf_name(raw: &str) -> Option<String> {
-    match raw {
-        "token_embd.weight" => return Some("model.embed_tokens.weight".into()),
-        "output_norm.weight" => return Some("model.norm.weight".into()),
-        "output.weight" => return Some("lm_head.weight".into()),
-        _ => {}
-    }
-    let rest = raw.strip_prefix("blk.")?;
-    let (n, rest) = rest.split_once('.')?;
-    n.parse::<usize>().ok()?;
-    let (part, param) = rest.split_once('.')?;
-    if param != "weight" && param != "bias" {
-        return None;
-    }
-    let module = match part {
-        "attn_norm" => "input_layernorm",
-        "ffn_norm" => "post_attention_layernorm",
-        "attn_q" => "self_attn.q_proj",
-        "attn_k" => "self_attn.k_proj",
-        "attn_v" => "self_attn.v_proj",
-        "attn_output" => "self_attn.o_proj",
-        "ffn_gate" => "mlp.gate_proj",
-        "ffn_up" => "mlp.up_proj",
-        "ffn_down" => "mlp.down_proj",
-        _ => return None,
-    };
-    Some(format!("model.layers.{n}.{module}.{param}"))
 }
 
 /// GPT-2's split, as tokenizers' ByteLevel applies it.
@@ -1095,20 +1070,6 @@ pub fn read_config(path: &Path) -> Result<serde_json::Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn names_map_to_llama() {
-        assert_eq!(
-            llama_hf_name("blk.12.attn_output.weight").as_deref(),
-            Some("model.layers.12.self_attn.o_proj.weight")
-        );
-        assert_eq!(
-            llama_hf_name("blk.0.attn_q.bias").as_deref(),
-            Some("model.layers.0.self_attn.q_proj.bias")
-        );
-        assert_eq!(llama_hf_name("blk.x.attn_q.weight"), None);
-        assert_eq!(llama_hf_name("rope_freqs.weight"), None);
-    }
 
     #[test]
     fn unpermute_inverts_the_converter() {

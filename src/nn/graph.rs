@@ -2,10 +2,10 @@
 //! kind and the tensors it holds. It describes a checkpoint without loading it, so conversion
 //! and `inspect` work on models far bigger than memory.
 use super::registry;
+use crate::arch::Spec;
 use crate::error::{OctetError, Result};
 use crate::io::{Dtype, TensorStore};
 use crate::quant::{BlockSize, CODE_LEN};
-use crate::spec::Spec;
 use std::cmp::Ordering;
 use std::fmt::Write;
 

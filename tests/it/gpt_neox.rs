@@ -58,14 +58,14 @@ fn a_head_stored_as_lm_head_is_read_like_embed_out() {
 fn rotary_settings_are_read_from_either_config_form() {
     let read = |dir: &str| {
         let cfg = octet::load::read_config(&tiny(dir)).unwrap();
-        octet::adapters::gpt_neox::GptNeoxConfig::from_json(&cfg).unwrap()
+        octet::archs::gpt_neox::GptNeoxConfig::from_json(&cfg).unwrap()
     };
     for dir in ["hf_safetensors", "hf_bin"] {
         let c = read(dir);
         assert_eq!((c.rotary_dims(), c.rotary_base()), (4, 5000.0), "{dir}");
     }
     let odd = serde_json::json!({"hidden_size": 48, "num_attention_heads": 4, "rotary_pct": 0.25});
-    let err = octet::adapters::gpt_neox::GptNeoxConfig::from_json(&odd)
+    let err = octet::archs::gpt_neox::GptNeoxConfig::from_json(&odd)
         .expect_err("3 rotated dimensions cannot be paired")
         .to_string();
     assert!(err.contains("even"), "{err}");

@@ -193,7 +193,7 @@ fn perplexity_matches_transformers_and_8bit_is_no_worse_than_bitsandbytes() {
 
     // transformers on exactly the f32 weights, then with bitsandbytes' blockwise 8-bit round
     // trip of the same modules at the same block size (the llama spec's default).
-    let block = octet::registry::find("llama").unwrap().spec().block_size;
+    let block = octet::arch::find("llama").unwrap().spec().block_size;
     assert_eq!(
         manifest.block_size,
         block.get() as i64,

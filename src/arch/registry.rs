@@ -1,9 +1,9 @@
 //! The architecture registry: plugins submit an [`ArchitectureRegistration`] with `inventory`,
 //! and octet finds them by name or from a model's config.json.
+use crate::arch::Spec;
 use crate::error::{OctetError, Result};
 use crate::model::CausalLm;
 use crate::nn::LayerMap;
-use crate::spec::Spec;
 use tch::Kind;
 
 /// An architecture plugin.
@@ -51,6 +51,27 @@ pub fn architectures() -> Vec<&'static dyn Architecture> {
         .collect();
     v.sort_by(|a, b| a.name().cmp(b.name()));
     v
+}
+
+/// The table `octet archs` prints: one row per registered architecture (name, Hugging Face
+/// names, block size, default LoRA targets, description), under a header.
+pub fn table() -> String {
+    let mut out = format!(
+        "{:<10} {:<28} {:<10} {:<10} description\n",
+        "name", "hf architectures", "block", "lora"
+    );
+    for a in architectures() {
+        let s = a.spec();
+        out += &format!(
+            "{:<10} {:<28} {:<10} {:<10} {}\n",
+            a.name(),
+            s.hf_architectures.join(","),
+            s.block_size.get(),
+            s.lora_targets.join(","),
+            a.description()
+        );
+    }
+    out
 }
 
 fn known() -> String {

@@ -1,52 +1,41 @@
 //! Llama (`LlamaForCausalLM`): RMSNorm, SwiGLU MLP, grouped-query attention, rotary
 //! embeddings (default rope only), optional biases, optionally tied embeddings.
 mod config;
+mod gguf;
 mod model;
 
 pub use config::LlamaConfig;
-pub use model::{weight_shapes, Llama};
+pub use model::{modules, Llama};
 
+use crate::arch::{Modules, Plugin};
 use crate::error::Result;
 use crate::model::CausalLm;
 use crate::nn::LayerMap;
-use crate::registry::{Architecture, ArchitectureRegistration};
-use crate::spec::Spec;
-use std::sync::OnceLock;
 use tch::Kind;
 
-struct LlamaArch;
+/// The Llama plugin.
+pub struct LlamaPlugin;
 
-impl Architecture for LlamaArch {
-    fn spec(&self) -> &Spec {
-        static SPEC: OnceLock<Spec> = OnceLock::new();
-        SPEC.get_or_init(|| {
-            Spec::parse(
-                include_str!("../../specs/llama.toml"),
-                std::path::Path::new("specs/llama.toml"),
-            )
-            .expect("the bundled Llama spec is valid (checked by tests)")
-        })
+impl Plugin for LlamaPlugin {
+    type Config = LlamaConfig;
+    const SPEC: &'static str = include_str!("spec.toml");
+    const SPEC_PATH: &'static str = "archs/llama/spec.toml";
+    const DESCRIPTION: &'static str = "Llama (also from GGUF): convert, inspect, train (LoRA), eval, generate, merge; 8-bit Linear + Embedding, tied heads";
+    fn config(json: &serde_json::Value) -> Result<LlamaConfig> {
+        LlamaConfig::from_json(json)
     }
-    fn description(&self) -> &'static str {
-        "Llama (also from GGUF): convert, inspect, train (LoRA), eval, generate, merge; 8-bit Linear + Embedding, tied heads"
+    fn modules(cfg: &LlamaConfig, has: &dyn Fn(&str) -> bool) -> Modules {
+        model::modules(cfg, has)
     }
-    fn check(&self, config: &serde_json::Value, graph: &crate::nn::ModuleGraph) -> Result<()> {
-        model::check_graph(&LlamaConfig::from_json(config)?, graph)
-    }
-    fn build(
-        &self,
-        config: &serde_json::Value,
-        layers: &mut LayerMap,
-        kind: Kind,
-    ) -> Result<Box<dyn CausalLm>> {
-        let cfg = LlamaConfig::from_json(config)?;
+    fn build(cfg: LlamaConfig, layers: &mut LayerMap, kind: Kind) -> Result<Box<dyn CausalLm>> {
         Ok(Box::new(Llama::new(cfg, layers, kind)?))
+    }
+    fn gguf() -> Option<&'static dyn crate::io::gguf::GgufMapping> {
+        Some(&gguf::LlamaGguf)
     }
 }
 
-static LLAMA: LlamaArch = LlamaArch;
-
-inventory::submit! { ArchitectureRegistration { get: || &LLAMA } }
+crate::register_architecture!(LlamaPlugin);
 
 #[cfg(test)]
 mod tests {
@@ -54,7 +43,7 @@ mod tests {
 
     #[test]
     fn spec_selects_the_documented_modules() {
-        let s = LLAMA.spec();
+        let s = crate::arch::find("llama").unwrap().spec();
         for m in [
             "model.embed_tokens",
             "model.layers.3.self_attn.o_proj",

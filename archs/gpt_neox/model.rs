@@ -1,18 +1,30 @@
 //! The GPT-NeoX forward pass over octet layers (float or 8-bit, with or without adapters).
 use super::config::GptNeoxConfig;
+use crate::arch::modules::refuse_leftovers;
+use crate::arch::{ModuleDecl, Modules};
 use crate::error::{OctetError, Result};
 use crate::model::{CausalLm, LayerCache, ModelInfo};
 use crate::nn::float::LayerNorm;
 use crate::nn::{Layer, LayerMap};
 use tch::{Device, Kind, Tensor};
 
-struct Block {
-    input_layernorm: LayerNorm,
-    post_attention_layernorm: LayerNorm,
-    query_key_value: Box<dyn Layer>,
-    dense: Box<dyn Layer>,
-    dense_h_to_4h: Box<dyn Layer>,
-    dense_4h_to_h: Box<dyn Layer>,
+crate::declare_block! {
+    /// One GPT-NeoX block: every module it has, with the shape its config implies.
+    struct Block(c: &GptNeoxConfig) {
+        input_layernorm: LayerNorm = "input_layernorm" [c.hidden_size],
+        post_attention_layernorm: LayerNorm = "post_attention_layernorm" [c.hidden_size],
+        query_key_value: Box<dyn Layer> = "attention.query_key_value" [3 * c.hidden_size, c.hidden_size],
+        dense: Box<dyn Layer> = "attention.dense" [c.hidden_size, c.hidden_size],
+        dense_h_to_4h: Box<dyn Layer> = "mlp.dense_h_to_4h" [c.intermediate_size, c.hidden_size],
+        dense_4h_to_h: Box<dyn Layer> = "mlp.dense_4h_to_h" [c.hidden_size, c.intermediate_size],
+    }
+}
+
+const EMBED_IN: &str = "gpt_neox.embed_in";
+const FINAL_LAYER_NORM: &str = "gpt_neox.final_layer_norm";
+
+fn block_prefix(i: usize) -> String {
+    format!("gpt_neox.layers.{i}")
 }
 
 /// A GPT-NeoX model (`GPTNeoXForCausalLM`: Pythia, GPT-NeoX-20B).
@@ -30,23 +42,18 @@ pub struct GptNeox {
     cos: Tensor,
 }
 
-/// Every module of a GPT-NeoX with its weight shape, as the config implies; `head` is the
-/// head's module name, `None` for a tied head with no separate module stored.
-pub fn weight_shapes(cfg: &GptNeoxConfig, head: Option<&str>) -> Vec<(String, Vec<usize>)> {
-    let (d, inner, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
-    let mut out = vec![("gpt_neox.embed_in".to_string(), vec![v, d])];
+/// Every module of a GPT-NeoX, as the config implies, in a checkpoint holding modules `has`
+/// (the head is stored under one of two names, or not at all when tied).
+pub fn modules(cfg: &GptNeoxConfig, has: &dyn Fn(&str) -> bool) -> Modules {
+    let (d, v) = (cfg.hidden_size, cfg.vocab_size);
+    let mut out = Modules::new();
+    out.push(ModuleDecl::layer(EMBED_IN, vec![v, d]));
     for i in 0..cfg.num_hidden_layers {
-        let p = |s: &str| format!("gpt_neox.layers.{i}.{s}");
-        out.push((p("input_layernorm"), vec![d]));
-        out.push((p("post_attention_layernorm"), vec![d]));
-        out.push((p("attention.query_key_value"), vec![3 * d, d]));
-        out.push((p("attention.dense"), vec![d, d]));
-        out.push((p("mlp.dense_h_to_4h"), vec![inner, d]));
-        out.push((p("mlp.dense_4h_to_h"), vec![d, inner]));
+        out.extend(Block::modules(cfg, &block_prefix(i)));
     }
-    out.push(("gpt_neox.final_layer_norm".to_string(), vec![d]));
-    if let Some(h) = head {
-        out.push((h.to_string(), vec![v, d]));
+    out.push(ModuleDecl::norm(FINAL_LAYER_NORM, d));
+    if let Some(h) = head_name(cfg, has) {
+        out.push(ModuleDecl::layer(h, vec![v, d]));
     }
     out
 }
@@ -54,7 +61,7 @@ pub fn weight_shapes(cfg: &GptNeoxConfig, head: Option<&str>) -> Vec<(String, Ve
 /// The head's module name in a checkpoint holding modules `has`: Pythia checkpoints (and
 /// `save_pretrained`) say `embed_out`, a transformers 5 state dict says `lm_head`; `None`
 /// for a tied head stored nowhere (a tied checkpoint may still carry a copy of it).
-pub fn head_name(cfg: &GptNeoxConfig, has: impl Fn(&str) -> bool) -> Option<&'static str> {
+fn head_name(cfg: &GptNeoxConfig, has: &dyn Fn(&str) -> bool) -> Option<&'static str> {
     if has("lm_head") {
         Some("lm_head")
     } else if has("embed_out") || !cfg.tie_word_embeddings {
@@ -80,30 +87,16 @@ fn rotary_tables(positions: usize, rd: usize, base: f64) -> (Tensor, Tensor) {
 impl GptNeox {
     /// Assembles the model from built layers, checking every shape against the config.
     pub fn new(cfg: GptNeoxConfig, layers: &mut LayerMap, kind: Kind) -> Result<Self> {
-        let (d, inner, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
         let eps = cfg.layer_norm_eps;
-        let embed_in = layers.take_checked("gpt_neox.embed_in", &[v, d])?;
-        let mut blocks = Vec::with_capacity(cfg.num_hidden_layers);
-        for i in 0..cfg.num_hidden_layers {
-            let p = |s: &str| format!("gpt_neox.layers.{i}.{s}");
-            blocks.push(Block {
-                input_layernorm: layers.take_layer_norm(&p("input_layernorm"), d, eps)?,
-                post_attention_layernorm: layers.take_layer_norm(
-                    &p("post_attention_layernorm"),
-                    d,
-                    eps,
-                )?,
-                query_key_value: layers
-                    .take_checked(&p("attention.query_key_value"), &[3 * d, d])?,
-                dense: layers.take_checked(&p("attention.dense"), &[d, d])?,
-                dense_h_to_4h: layers.take_checked(&p("mlp.dense_h_to_4h"), &[inner, d])?,
-                dense_4h_to_h: layers.take_checked(&p("mlp.dense_4h_to_h"), &[d, inner])?,
-            });
-        }
-        let final_layer_norm = layers.take_layer_norm("gpt_neox.final_layer_norm", d, eps)?;
-        let head_name = head_name(&cfg, |p| layers.remaining().contains(&p));
+        let has = |p: &str| layers.remaining().contains(&p);
+        let (top, head_name) = (modules(&cfg, &has), head_name(&cfg, &has));
+        let embed_in: Box<dyn Layer> = top.take(layers, EMBED_IN, eps)?;
+        let blocks = (0..cfg.num_hidden_layers)
+            .map(|i| Block::take(layers, &cfg, &block_prefix(i), eps))
+            .collect::<Result<_>>()?;
+        let final_layer_norm = top.take(layers, FINAL_LAYER_NORM, eps)?;
         let head = if let Some(name) = head_name {
-            Some((name, layers.take_checked(name, &[v, d])?))
+            Some((name, top.take(layers, name, eps)?))
         } else {
             if !crate::nn::tied::can_tie(embed_in.as_ref()) {
                 return Err(OctetError::InvalidArgument(format!(
@@ -113,13 +106,7 @@ impl GptNeox {
             }
             None
         };
-        let rest = layers.remaining();
-        if !rest.is_empty() {
-            return Err(OctetError::InvalidArgument(format!(
-                "modules unknown to GPT-NeoX: {}",
-                rest.join(", ")
-            )));
-        }
+        refuse_leftovers(layers, "GPT-NeoX")?;
         let (sin, cos) = rotary_tables(
             cfg.max_position_embeddings,
             cfg.rotary_dims(),
@@ -242,16 +229,9 @@ impl CausalLm for GptNeox {
         logits.to_kind(Kind::Float)
     }
     fn visit_layers(&mut self, f: &mut dyn FnMut(&str, &mut Box<dyn Layer>)) {
-        f("gpt_neox.embed_in", &mut self.embed_in);
+        f(EMBED_IN, &mut self.embed_in);
         for (i, b) in self.blocks.iter_mut().enumerate() {
-            for (name, l) in [
-                ("attention.query_key_value", &mut b.query_key_value),
-                ("attention.dense", &mut b.dense),
-                ("mlp.dense_h_to_4h", &mut b.dense_h_to_4h),
-                ("mlp.dense_4h_to_h", &mut b.dense_4h_to_h),
-            ] {
-                f(&format!("gpt_neox.layers.{i}.{name}"), l);
-            }
+            b.visit_layers(&block_prefix(i), f);
         }
         if let Some((name, head)) = &mut self.head {
             f(name, head);
@@ -259,15 +239,8 @@ impl CausalLm for GptNeox {
     }
     fn visit_norms(&mut self, f: &mut dyn FnMut(&str, &mut LayerNorm)) {
         for (i, b) in self.blocks.iter_mut().enumerate() {
-            f(
-                &format!("gpt_neox.layers.{i}.input_layernorm"),
-                &mut b.input_layernorm,
-            );
-            f(
-                &format!("gpt_neox.layers.{i}.post_attention_layernorm"),
-                &mut b.post_attention_layernorm,
-            );
+            b.visit_norms(&block_prefix(i), f);
         }
-        f("gpt_neox.final_layer_norm", &mut self.final_layer_norm);
+        f(FINAL_LAYER_NORM, &mut self.final_layer_norm);
     }
 }

@@ -1,5 +1,7 @@
 //! The GPT-2 forward pass over octet layers (float or 8-bit, with or without adapters).
 use super::config::Gpt2Config;
+use crate::arch::modules::refuse_leftovers;
+use crate::arch::{ModuleDecl, Modules};
 use crate::error::{OctetError, Result};
 use crate::model::{CausalLm, LayerCache, ModelInfo};
 use crate::nn::bnb8::Bnb8Embedding;
@@ -7,13 +9,25 @@ use crate::nn::float::{Embedding, LayerNorm};
 use crate::nn::{Layer, LayerMap, LoraLayer};
 use tch::{Device, Kind, Tensor};
 
-struct Block {
-    ln_1: LayerNorm,
-    c_attn: Box<dyn Layer>,
-    attn_c_proj: Box<dyn Layer>,
-    ln_2: LayerNorm,
-    c_fc: Box<dyn Layer>,
-    mlp_c_proj: Box<dyn Layer>,
+crate::declare_block! {
+    /// One GPT-2 block: every module it has, with the shape its config implies (`Conv1D`
+    /// weights are `[in, out]`).
+    struct Block(c: &Gpt2Config) {
+        ln_1: LayerNorm = "ln_1" [c.n_embd],
+        c_attn: Box<dyn Layer> = "attn.c_attn" [c.n_embd, 3 * c.n_embd],
+        attn_c_proj: Box<dyn Layer> = "attn.c_proj" [c.n_embd, c.n_embd],
+        ln_2: LayerNorm = "ln_2" [c.n_embd],
+        c_fc: Box<dyn Layer> = "mlp.c_fc" [c.n_embd, c.inner()],
+        mlp_c_proj: Box<dyn Layer> = "mlp.c_proj" [c.inner(), c.n_embd],
+    }
+}
+
+const WTE: &str = "transformer.wte";
+const WPE: &str = "transformer.wpe";
+const LN_F: &str = "transformer.ln_f";
+
+fn block_prefix(i: usize) -> String {
+    format!("transformer.h.{i}")
 }
 
 /// A GPT-2 model (`GPT2LMHeadModel`).
@@ -26,24 +40,17 @@ pub struct Gpt2 {
     ln_f: LayerNorm,
 }
 
-/// Every module of a GPT-2 with its weight shape, as the config implies. `Conv1D` weights
-/// are `[in, out]`; there is no `lm_head` (the head is `transformer.wte`).
-pub fn weight_shapes(cfg: &Gpt2Config) -> Vec<(String, Vec<usize>)> {
-    let (d, inner) = (cfg.n_embd, cfg.inner());
-    let mut out = vec![
-        ("transformer.wte".to_string(), vec![cfg.vocab_size, d]),
-        ("transformer.wpe".to_string(), vec![cfg.n_positions, d]),
-    ];
+/// Every module of a GPT-2, as the config implies. There is no `lm_head` (the head is
+/// `transformer.wte`).
+pub fn modules(cfg: &Gpt2Config) -> Modules {
+    let d = cfg.n_embd;
+    let mut out = Modules::new();
+    out.push(ModuleDecl::layer(WTE, vec![cfg.vocab_size, d]));
+    out.push(ModuleDecl::layer(WPE, vec![cfg.n_positions, d]));
     for i in 0..cfg.n_layer {
-        let p = |s: &str| format!("transformer.h.{i}.{s}");
-        out.push((p("ln_1"), vec![d]));
-        out.push((p("attn.c_attn"), vec![d, 3 * d]));
-        out.push((p("attn.c_proj"), vec![d, d]));
-        out.push((p("ln_2"), vec![d]));
-        out.push((p("mlp.c_fc"), vec![d, inner]));
-        out.push((p("mlp.c_proj"), vec![inner, d]));
+        out.extend(Block::modules(cfg, &block_prefix(i)));
     }
-    out.push(("transformer.ln_f".to_string(), vec![d]));
+    out.push(ModuleDecl::norm(LN_F, d));
     out
 }
 
@@ -90,30 +97,16 @@ fn embedding_table(layer: &dyn Layer, kind: Kind) -> Tensor {
 impl Gpt2 {
     /// Assembles the model from built layers, checking every shape against the config.
     pub fn new(cfg: Gpt2Config, layers: &mut LayerMap, kind: Kind) -> Result<Self> {
-        let (d, inner, eps) = (cfg.n_embd, cfg.inner(), cfg.layer_norm_epsilon);
-        let wte = layers.take_checked("transformer.wte", &[cfg.vocab_size, d])?;
+        let eps = cfg.layer_norm_epsilon;
+        let top = modules(&cfg);
+        let wte: Box<dyn Layer> = top.take(layers, WTE, eps)?;
         check_tied_embedding(wte.as_ref())?;
-        let wpe = layers.take_checked("transformer.wpe", &[cfg.n_positions, d])?;
-        let mut blocks = Vec::with_capacity(cfg.n_layer);
-        for i in 0..cfg.n_layer {
-            let p = |s: &str| format!("transformer.h.{i}.{s}");
-            blocks.push(Block {
-                ln_1: layers.take_layer_norm(&p("ln_1"), d, eps)?,
-                c_attn: layers.take_checked(&p("attn.c_attn"), &[d, 3 * d])?,
-                attn_c_proj: layers.take_checked(&p("attn.c_proj"), &[d, d])?,
-                ln_2: layers.take_layer_norm(&p("ln_2"), d, eps)?,
-                c_fc: layers.take_checked(&p("mlp.c_fc"), &[d, inner])?,
-                mlp_c_proj: layers.take_checked(&p("mlp.c_proj"), &[inner, d])?,
-            });
-        }
-        let ln_f = layers.take_layer_norm("transformer.ln_f", d, eps)?;
-        let rest = layers.remaining();
-        if !rest.is_empty() {
-            return Err(OctetError::InvalidArgument(format!(
-                "modules unknown to GPT-2: {}",
-                rest.join(", ")
-            )));
-        }
+        let wpe = top.take(layers, WPE, eps)?;
+        let blocks = (0..cfg.n_layer)
+            .map(|i| Block::take(layers, &cfg, &block_prefix(i), eps))
+            .collect::<Result<_>>()?;
+        let ln_f = top.take(layers, LN_F, eps)?;
+        refuse_leftovers(layers, "GPT-2")?;
         Ok(Gpt2 {
             cfg,
             kind,
@@ -204,24 +197,16 @@ impl CausalLm for Gpt2 {
         .to_kind(Kind::Float)
     }
     fn visit_layers(&mut self, f: &mut dyn FnMut(&str, &mut Box<dyn Layer>)) {
-        f("transformer.wte", &mut self.wte);
-        f("transformer.wpe", &mut self.wpe);
+        f(WTE, &mut self.wte);
+        f(WPE, &mut self.wpe);
         for (i, b) in self.blocks.iter_mut().enumerate() {
-            for (name, l) in [
-                ("attn.c_attn", &mut b.c_attn),
-                ("attn.c_proj", &mut b.attn_c_proj),
-                ("mlp.c_fc", &mut b.c_fc),
-                ("mlp.c_proj", &mut b.mlp_c_proj),
-            ] {
-                f(&format!("transformer.h.{i}.{name}"), l);
-            }
+            b.visit_layers(&block_prefix(i), f);
         }
     }
     fn visit_norms(&mut self, f: &mut dyn FnMut(&str, &mut LayerNorm)) {
         for (i, b) in self.blocks.iter_mut().enumerate() {
-            f(&format!("transformer.h.{i}.ln_1"), &mut b.ln_1);
-            f(&format!("transformer.h.{i}.ln_2"), &mut b.ln_2);
+            b.visit_norms(&block_prefix(i), f);
         }
-        f("transformer.ln_f", &mut self.ln_f);
+        f(LN_F, &mut self.ln_f);
     }
 }

@@ -1,4 +1,4 @@
-//! Architecture specs (`specs/*.toml`): layer kinds by path pattern, what is quantized, the
+//! Architecture specs (`archs/<name>/spec.toml`): layer kinds by path pattern, what is quantized, the
 //! default LoRA targets and block size.
 use crate::error::{OctetError, Result};
 use crate::quant::BlockSize;
@@ -198,16 +198,16 @@ mod tests {
 
     #[test]
     fn invalid_spec_names_file_and_key() {
-        let text =
-            include_str!("../specs/gptj.toml").replace("block_size = 4096", "block_size = 1000");
-        let err = Spec::parse(&text, Path::new("specs/broken.toml"))
+        let text = include_str!("../../archs/gptj/spec.toml")
+            .replace("block_size = 4096", "block_size = 1000");
+        let err = Spec::parse(&text, Path::new("archs/broken/spec.toml"))
             .unwrap_err()
             .to_string();
         assert!(
-            err.contains("specs/broken.toml") && err.contains("block_size"),
+            err.contains("archs/broken/spec.toml") && err.contains("block_size"),
             "{err}"
         );
-        let text = include_str!("../specs/gptj.toml").replace("[lora]", "[lora]\nrank = 3");
+        let text = include_str!("../../archs/gptj/spec.toml").replace("[lora]", "[lora]\nrank = 3");
         let err = Spec::parse(&text, Path::new("x.toml"))
             .unwrap_err()
             .to_string();
@@ -217,8 +217,8 @@ mod tests {
     #[test]
     fn gptj_spec_selects_the_documented_modules() {
         let s = Spec::parse(
-            include_str!("../specs/gptj.toml"),
-            Path::new("specs/gptj.toml"),
+            include_str!("../../archs/gptj/spec.toml"),
+            Path::new("archs/gptj/spec.toml"),
         )
         .unwrap();
         for m in [

@@ -1,19 +1,32 @@
 //! The GPT-J forward pass over octet layers (float or 8-bit, with or without adapters).
 use super::config::GptjConfig;
-use crate::error::{OctetError, Result};
+use crate::arch::modules::refuse_leftovers;
+use crate::arch::{Bias, ModuleDecl, Modules};
+use crate::error::Result;
 use crate::model::{CausalLm, LayerCache, ModelInfo};
 use crate::nn::float::LayerNorm;
 use crate::nn::{Layer, LayerMap};
 use tch::{Device, Kind, Tensor};
 
-struct Block {
-    ln_1: LayerNorm,
-    q_proj: Box<dyn Layer>,
-    k_proj: Box<dyn Layer>,
-    v_proj: Box<dyn Layer>,
-    out_proj: Box<dyn Layer>,
-    fc_in: Box<dyn Layer>,
-    fc_out: Box<dyn Layer>,
+crate::declare_block! {
+    /// One GPT-J block: every module it has, with the shape its config implies.
+    struct Block(c: &GptjConfig) {
+        ln_1: LayerNorm = "ln_1" [c.n_embd],
+        q_proj: Box<dyn Layer> = "attn.q_proj" [c.n_embd, c.n_embd] bias Bias::Never,
+        k_proj: Box<dyn Layer> = "attn.k_proj" [c.n_embd, c.n_embd] bias Bias::Never,
+        v_proj: Box<dyn Layer> = "attn.v_proj" [c.n_embd, c.n_embd] bias Bias::Never,
+        out_proj: Box<dyn Layer> = "attn.out_proj" [c.n_embd, c.n_embd] bias Bias::Never,
+        fc_in: Box<dyn Layer> = "mlp.fc_in" [c.inner(), c.n_embd] bias Bias::Always,
+        fc_out: Box<dyn Layer> = "mlp.fc_out" [c.n_embd, c.inner()] bias Bias::Always,
+    }
+}
+
+const WTE: &str = "transformer.wte";
+const LN_F: &str = "transformer.ln_f";
+const LM_HEAD: &str = "lm_head";
+
+fn block_prefix(i: usize) -> String {
+    format!("transformer.h.{i}")
 }
 
 /// A GPT-J model.
@@ -29,52 +42,31 @@ pub struct Gptj {
     cos: Tensor,
 }
 
-/// Every module of a GPT-J with its weight shape, as the config implies.
-pub fn weight_shapes(cfg: &GptjConfig) -> Vec<(String, Vec<usize>)> {
-    let (d, inner, v) = (cfg.n_embd, cfg.inner(), cfg.vocab_size);
-    let mut out = vec![("transformer.wte".to_string(), vec![v, d])];
+/// Every module of a GPT-J, as the config implies.
+pub fn modules(cfg: &GptjConfig) -> Modules {
+    let (d, v) = (cfg.n_embd, cfg.vocab_size);
+    let mut out = Modules::new();
+    out.push(ModuleDecl::layer(WTE, vec![v, d]));
     for i in 0..cfg.n_layer {
-        let p = |s: &str| format!("transformer.h.{i}.{s}");
-        out.push((p("ln_1"), vec![d]));
-        for proj in ["attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.out_proj"] {
-            out.push((p(proj), vec![d, d]));
-        }
-        out.push((p("mlp.fc_in"), vec![inner, d]));
-        out.push((p("mlp.fc_out"), vec![d, inner]));
+        out.extend(Block::modules(cfg, &block_prefix(i)));
     }
-    out.push(("transformer.ln_f".to_string(), vec![d]));
-    out.push(("lm_head".to_string(), vec![v, d]));
+    out.push(ModuleDecl::norm(LN_F, d));
+    out.push(ModuleDecl::layer(LM_HEAD, vec![v, d]).with_bias(Bias::Always));
     out
 }
 
 impl Gptj {
     /// Assembles the model from built layers, checking every shape against the config.
     pub fn new(cfg: GptjConfig, layers: &mut LayerMap, kind: Kind) -> Result<Self> {
-        let (d, inner, v) = (cfg.n_embd, cfg.inner(), cfg.vocab_size);
         let eps = cfg.layer_norm_epsilon;
-        let wte = layers.take_checked("transformer.wte", &[v, d])?;
-        let mut blocks = Vec::with_capacity(cfg.n_layer);
-        for i in 0..cfg.n_layer {
-            let p = |s: &str| format!("transformer.h.{i}.{s}");
-            blocks.push(Block {
-                ln_1: layers.take_layer_norm(&p("ln_1"), d, eps)?,
-                q_proj: layers.take_checked(&p("attn.q_proj"), &[d, d])?,
-                k_proj: layers.take_checked(&p("attn.k_proj"), &[d, d])?,
-                v_proj: layers.take_checked(&p("attn.v_proj"), &[d, d])?,
-                out_proj: layers.take_checked(&p("attn.out_proj"), &[d, d])?,
-                fc_in: layers.take_checked(&p("mlp.fc_in"), &[inner, d])?,
-                fc_out: layers.take_checked(&p("mlp.fc_out"), &[d, inner])?,
-            });
-        }
-        let ln_f = layers.take_layer_norm("transformer.ln_f", d, eps)?;
-        let lm_head = layers.take_checked("lm_head", &[v, d])?;
-        let rest = layers.remaining();
-        if !rest.is_empty() {
-            return Err(OctetError::InvalidArgument(format!(
-                "modules unknown to GPT-J: {}",
-                rest.join(", ")
-            )));
-        }
+        let top = modules(&cfg);
+        let wte = top.take(layers, WTE, eps)?;
+        let blocks = (0..cfg.n_layer)
+            .map(|i| Block::take(layers, &cfg, &block_prefix(i), eps))
+            .collect::<Result<_>>()?;
+        let ln_f = top.take(layers, LN_F, eps)?;
+        let lm_head = top.take(layers, LM_HEAD, eps)?;
+        refuse_leftovers(layers, "GPT-J")?;
         let (sin, cos) = rotary_tables(cfg.n_positions, cfg.rotary_dim());
         Ok(Gptj {
             cfg,
@@ -198,25 +190,16 @@ impl CausalLm for Gptj {
             .to_kind(Kind::Float)
     }
     fn visit_layers(&mut self, f: &mut dyn FnMut(&str, &mut Box<dyn Layer>)) {
-        f("transformer.wte", &mut self.wte);
+        f(WTE, &mut self.wte);
         for (i, b) in self.blocks.iter_mut().enumerate() {
-            for (name, l) in [
-                ("attn.q_proj", &mut b.q_proj),
-                ("attn.k_proj", &mut b.k_proj),
-                ("attn.v_proj", &mut b.v_proj),
-                ("attn.out_proj", &mut b.out_proj),
-                ("mlp.fc_in", &mut b.fc_in),
-                ("mlp.fc_out", &mut b.fc_out),
-            ] {
-                f(&format!("transformer.h.{i}.{name}"), l);
-            }
+            b.visit_layers(&block_prefix(i), f);
         }
-        f("lm_head", &mut self.lm_head);
+        f(LM_HEAD, &mut self.lm_head);
     }
     fn visit_norms(&mut self, f: &mut dyn FnMut(&str, &mut LayerNorm)) {
         for (i, b) in self.blocks.iter_mut().enumerate() {
-            f(&format!("transformer.h.{i}.ln_1"), &mut b.ln_1);
+            b.visit_norms(&block_prefix(i), f);
         }
-        f("transformer.ln_f", &mut self.ln_f);
+        f(LN_F, &mut self.ln_f);
     }
 }

@@ -4,50 +4,35 @@ mod config;
 mod model;
 
 pub use config::GptjConfig;
-pub use model::Gptj;
+pub use model::{modules, Gptj};
 
+use crate::arch::{Modules, Plugin};
 use crate::error::Result;
 use crate::model::CausalLm;
 use crate::nn::LayerMap;
-use crate::registry::{Architecture, ArchitectureRegistration};
-use crate::spec::Spec;
-use std::sync::OnceLock;
 use tch::Kind;
 
-struct GptjArch;
+/// The GPT-J plugin.
+pub struct GptjPlugin;
 
-impl Architecture for GptjArch {
-    fn spec(&self) -> &Spec {
-        static SPEC: OnceLock<Spec> = OnceLock::new();
-        SPEC.get_or_init(|| {
-            Spec::parse(
-                include_str!("../../specs/gptj.toml"),
-                std::path::Path::new("specs/gptj.toml"),
-            )
-            .expect("the bundled GPT-J spec is valid (checked by tests)")
-        })
+impl Plugin for GptjPlugin {
+    type Config = GptjConfig;
+    const SPEC: &'static str = include_str!("spec.toml");
+    const SPEC_PATH: &'static str = "archs/gptj/spec.toml";
+    const DESCRIPTION: &'static str =
+        "GPT-J: convert, inspect, train (LoRA), eval, generate, merge; 8-bit Linear + Embedding";
+    fn config(json: &serde_json::Value) -> Result<GptjConfig> {
+        GptjConfig::from_json(json)
     }
-    fn description(&self) -> &'static str {
-        "GPT-J: convert, inspect, train (LoRA), eval, generate, merge; 8-bit Linear + Embedding"
+    fn modules(cfg: &GptjConfig, _has: &dyn Fn(&str) -> bool) -> Modules {
+        model::modules(cfg)
     }
-    fn check(&self, config: &serde_json::Value, graph: &crate::nn::ModuleGraph) -> Result<()> {
-        let cfg = GptjConfig::from_json(config)?;
-        crate::nn::graph::check_weight_shapes(graph, &model::weight_shapes(&cfg))
-    }
-    fn build(
-        &self,
-        config: &serde_json::Value,
-        layers: &mut LayerMap,
-        kind: Kind,
-    ) -> Result<Box<dyn CausalLm>> {
-        let cfg = GptjConfig::from_json(config)?;
+    fn build(cfg: GptjConfig, layers: &mut LayerMap, kind: Kind) -> Result<Box<dyn CausalLm>> {
         Ok(Box::new(Gptj::new(cfg, layers, kind)?))
     }
 }
 
-static GPTJ: GptjArch = GptjArch;
-
-inventory::submit! { ArchitectureRegistration { get: || &GPTJ } }
+crate::register_architecture!(GptjPlugin);
 
 /// Layers of a GPT-J with random frozen weights, for benchmarks, created on `on.1`: 8-bit
 /// weights are drawn directly as bytes (never materialised in float), so a 6B-parameter shape
@@ -70,21 +55,18 @@ pub fn random_layers(
         let absmax = Tensor::rand([block.blocks_for(numel as usize) as i64], f32_on) * 0.05 + 0.01;
         Quantized::from_parts(q, absmax, QuantCode::dynamic_signed(), block)
     };
+    let spec = crate::arch::find("gptj")?.spec();
     let mut layers = LayerMap::default();
-    for (path, shape) in model::weight_shapes(cfg) {
-        let s: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
-        let has_bias = path.ends_with("fc_in")
-            || path.ends_with("fc_out")
-            || path == "lm_head"
-            || path.ends_with("out_proj");
-        let bias = (has_bias && !path.ends_with("out_proj")).then(|| Tensor::zeros([s[0]], f32_on));
-        let layer: Box<dyn crate::nn::Layer> = if s.len() == 1 {
+    for m in model::modules(cfg).iter() {
+        let s: Vec<i64> = m.shape.iter().map(|&d| d as i64).collect();
+        let bias = m.bias.present().then(|| Tensor::zeros([s[0]], f32_on));
+        let layer: Box<dyn crate::nn::Layer> = if m.norm {
             Box::new(LayerNorm {
                 weight: Tensor::ones([s[0]], f32_on),
                 bias: Some(Tensor::zeros([s[0]], f32_on)),
                 eps: cfg.layer_norm_epsilon,
             })
-        } else if path == "transformer.wte" {
+        } else if spec.module_kind(&m.path) == Some("Embedding") {
             if eight_bit {
                 Box::new(Bnb8Embedding {
                     weight: quantized(&s)?,
@@ -105,7 +87,7 @@ pub fn random_layers(
                 bias,
             })
         };
-        layers.insert(path, layer);
+        layers.insert(m.path.clone(), layer);
     }
     Ok(layers)
 }

@@ -156,6 +156,16 @@ impl LlamaConfig {
             .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
     }
 
+    /// Width of the query projection's output (`heads × head_dim`).
+    pub fn q_width(&self) -> usize {
+        self.num_attention_heads * self.head_dim()
+    }
+
+    /// Width of the key and value projections' outputs (`kv_heads × head_dim`).
+    pub fn kv_width(&self) -> usize {
+        self.kv_heads() * self.head_dim()
+    }
+
     /// Rotary base: `rope_parameters.rope_theta`, else `rope_theta`, else 10000.
     pub fn rope_theta(&self) -> f64 {
         self.rope_parameters
