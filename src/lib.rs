@@ -2,7 +2,6 @@
 //! gradient checkpointing and LoRA adapters, on libtorch.
 #![warn(missing_docs)]
 
-pub mod adapter;
 pub mod convert;
 pub mod device;
 pub mod error;
@@ -17,9 +16,11 @@ pub mod merge;
 pub mod model;
 pub mod nn;
 pub mod outdir;
+pub mod peft;
 pub mod quant;
 pub mod registry;
 pub mod sizes;
+pub mod source;
 pub mod spec;
 pub mod tokenizer;
 pub mod train;
