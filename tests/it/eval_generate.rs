@@ -825,3 +825,99 @@ fn eight_bit_decode_steps_match_the_full_forward() {
         }
     }
 }
+
+/// `eval --adapter` takes the folders `merge` takes: a pickled `adapter_model.bin` holding a
+/// `modules_to_save` copy of lm_head, as peft saves it and with the `.modules_to_save.`
+/// wrapper some peft versions keep in the names. Logits and perplexity against peft's.
+#[test]
+fn bin_adapter_with_modules_to_save_matches_peft() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = text_file(tmp.path());
+    let model = hf();
+    let adapter = tmp.path().join("adapter_bin");
+    let ids = Tensor::from_slice(&[1i64, 5, 9, 2, 7, 3, 11, 4]).unsqueeze(0);
+    let ids_file = tmp.path().join("ids.safetensors");
+    Tensor::write_safetensors(&[("input_ids", &ids)], &ids_file).unwrap();
+    let logits_file = tmp.path().join("logits.safetensors");
+    common::run_script(
+        "make_peft_adapter.py",
+        &[
+            model.as_os_str(),
+            adapter.as_os_str(),
+            ids_file.as_os_str(),
+            logits_file.as_os_str(),
+            OsStr::new("--bin"),
+            OsStr::new("--modules-to-save"),
+            OsStr::new("lm_head"),
+        ],
+    );
+    assert!(adapter.join("adapter_model.bin").is_file());
+    assert!(!adapter.join("adapter_model.safetensors").exists());
+
+    let mut m = load(&model);
+    let cfg = octet::peft::load_adapter(m.model.as_mut(), &adapter).unwrap();
+    assert_eq!(cfg.modules_to_save, Some(vec!["lm_head".to_string()]));
+    let ours = tch::no_grad(|| m.model.forward(&ids));
+    let theirs = &common::load_safetensors(&logits_file)["logits"];
+    let d = (&ours - theirs).abs().max().double_value(&[]);
+    assert!(
+        d < 1e-4,
+        "logits with the adapter differ from peft's by {d}"
+    );
+
+    let ppl = |adapter: &Path| {
+        eval_json(&[
+            "--model",
+            model.to_str().unwrap(),
+            "--adapter",
+            adapter.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--stride",
+            "24",
+        ])["perplexity"]
+            .as_f64()
+            .unwrap()
+    };
+    let theirs = script_json(
+        "hf_perplexity.py",
+        &[
+            model.as_os_str(),
+            data.as_os_str(),
+            OsStr::new("64"),
+            OsStr::new("24"),
+            OsStr::new("--adapter"),
+            adapter.as_os_str(),
+        ],
+    )["perplexity"]
+        .as_f64()
+        .unwrap();
+    let p = ppl(&adapter);
+    assert!(
+        rel(p, theirs) < 1e-4,
+        "octet {p}, transformers+peft {theirs}"
+    );
+
+    // The same tensors as safetensors, lm_head's named inside the modules_to_save wrapper.
+    let wrapped = tmp.path().join("adapter_wrapped");
+    std::fs::create_dir_all(&wrapped).unwrap();
+    std::fs::copy(
+        adapter.join("adapter_config.json"),
+        wrapped.join("adapter_config.json"),
+    )
+    .unwrap();
+    let store = octet::io::open_file(&adapter.join("adapter_model.bin")).unwrap();
+    let tensors: Vec<(String, Tensor)> = store
+        .names()
+        .into_iter()
+        .map(|n| {
+            let t = octet::peft::read_adapter_tensor(store.as_ref(), &n).unwrap();
+            (n.replace("lm_head.", "lm_head.modules_to_save.default."), t)
+        })
+        .collect();
+    assert!(tensors.iter().any(|(n, _)| n.contains(".modules_to_save.")));
+    octet::io::safetensors::save_tensors(&wrapped.join("adapter_model.safetensors"), &tensors, &[])
+        .unwrap();
+    let pw = ppl(&wrapped);
+    assert!(rel(pw, p) < 1e-9, "wrapped names {pw}, plain {p}");
+}
