@@ -57,6 +57,26 @@ fn eval_json(args: &[&str]) -> serde_json::Value {
     serde_json::from_str(&stdout).unwrap()
 }
 
+/// A peft-made adapter on the tiny model in `dir/name` (make_peft_adapter.py with `extra`),
+/// and peft's logits for `ids` with it applied.
+fn peft_adapter(dir: &Path, name: &str, ids: &Tensor, extra: &[&str]) -> (PathBuf, Tensor) {
+    let model = hf();
+    let adapter = dir.join(name);
+    let ids_file = dir.join(format!("{name}_ids.safetensors"));
+    Tensor::write_safetensors(&[("input_ids", ids)], &ids_file).unwrap();
+    let logits_file = dir.join(format!("{name}_logits.safetensors"));
+    let mut args = vec![
+        model.as_os_str(),
+        adapter.as_os_str(),
+        ids_file.as_os_str(),
+        logits_file.as_os_str(),
+    ];
+    args.extend(extra.iter().map(OsStr::new));
+    common::run_script("make_peft_adapter.py", &args);
+    let logits = common::load_safetensors(&logits_file)["logits"].shallow_clone();
+    (adapter, logits)
+}
+
 fn rel(a: f64, b: f64) -> f64 {
     (a - b).abs() / b.abs()
 }
@@ -202,23 +222,8 @@ fn defaults_max_tokens_and_adapter_match_transformers() {
     let data = text_file(tmp.path());
     let model = hf();
     // A peft-made adapter (non-zero B, on wte too), applied by both sides.
-    let adapter = tmp.path().join("adapter");
-    let ids_file = tmp.path().join("ids.safetensors");
-    Tensor::write_safetensors(
-        &[("input_ids", &Tensor::from_slice(&[1i64, 2, 3]).unsqueeze(0))],
-        &ids_file,
-    )
-    .unwrap();
-    let logits_file = tmp.path().join("logits.safetensors");
-    common::run_script(
-        "make_peft_adapter.py",
-        &[
-            model.as_os_str(),
-            adapter.as_os_str(),
-            ids_file.as_os_str(),
-            logits_file.as_os_str(),
-        ],
-    );
+    let ids = Tensor::from_slice(&[1i64, 2, 3]).unsqueeze(0);
+    let (adapter, _) = peft_adapter(tmp.path(), "adapter", &ids, &[]);
     let theirs = script_json(
         "hf_perplexity.py",
         &[
@@ -834,22 +839,12 @@ fn bin_adapter_with_modules_to_save_matches_peft() {
     let tmp = tempfile::tempdir().unwrap();
     let data = text_file(tmp.path());
     let model = hf();
-    let adapter = tmp.path().join("adapter_bin");
     let ids = Tensor::from_slice(&[1i64, 5, 9, 2, 7, 3, 11, 4]).unsqueeze(0);
-    let ids_file = tmp.path().join("ids.safetensors");
-    Tensor::write_safetensors(&[("input_ids", &ids)], &ids_file).unwrap();
-    let logits_file = tmp.path().join("logits.safetensors");
-    common::run_script(
-        "make_peft_adapter.py",
-        &[
-            model.as_os_str(),
-            adapter.as_os_str(),
-            ids_file.as_os_str(),
-            logits_file.as_os_str(),
-            OsStr::new("--bin"),
-            OsStr::new("--modules-to-save"),
-            OsStr::new("lm_head"),
-        ],
+    let (adapter, theirs) = peft_adapter(
+        tmp.path(),
+        "adapter_bin",
+        &ids,
+        &["--bin", "--modules-to-save", "lm_head"],
     );
     assert!(adapter.join("adapter_model.bin").is_file());
     assert!(!adapter.join("adapter_model.safetensors").exists());
@@ -858,8 +853,7 @@ fn bin_adapter_with_modules_to_save_matches_peft() {
     let cfg = octet::peft::load_adapter(m.model.as_mut(), &adapter).unwrap();
     assert_eq!(cfg.modules_to_save, Some(vec!["lm_head".to_string()]));
     let ours = tch::no_grad(|| m.model.forward(&ids));
-    let theirs = &common::load_safetensors(&logits_file)["logits"];
-    let d = (&ours - theirs).abs().max().double_value(&[]);
+    let d = (&ours - &theirs).abs().max().double_value(&[]);
     assert!(
         d < 1e-4,
         "logits with the adapter differ from peft's by {d}"

@@ -81,20 +81,21 @@ fn trained(t: &Path, b: &Base, name: &str, extra: &[&str]) -> PathBuf {
     run
 }
 
-/// An adapter made by peft itself (q_proj, v_proj, fc_in, wte; r = 4, alpha = 12).
-fn peft_made(t: &Path, b: &Base) -> PathBuf {
-    let made = t.join("peft_made");
-    let logits = t.join("peft_made_logits.safetensors");
-    common::run_script(
-        "make_peft_adapter.py",
-        &[
-            b.hf.as_os_str(),
-            made.as_os_str(),
-            b.ids_path.as_os_str(),
-            logits.as_os_str(),
-        ],
-    );
-    made
+/// An adapter made by peft itself (q_proj, v_proj, fc_in, wte; r = 4, alpha = 12) in
+/// `t/name`, with make_peft_adapter.py's `extra` options; also returns the file of peft's
+/// logits for `b.ids` with the adapter applied.
+fn peft_made(t: &Path, b: &Base, name: &str, extra: &[&str]) -> (PathBuf, PathBuf) {
+    let made = t.join(name);
+    let logits = t.join(format!("{name}_logits.safetensors"));
+    let mut args = vec![
+        b.hf.as_os_str(),
+        made.as_os_str(),
+        b.ids_path.as_os_str(),
+        logits.as_os_str(),
+    ];
+    args.extend(extra.iter().map(std::ffi::OsStr::new));
+    common::run_script("make_peft_adapter.py", &args);
+    (made, logits)
 }
 
 fn merge(model: &Path, adapter: &Path, out: &Path, format: &str) -> (bool, String, String) {
@@ -150,7 +151,10 @@ fn hf_f32_merge_matches_peft_merge_and_unload() {
     let t = tmp.path();
     let b = base(t);
     let base_logits = hf_logits(&b.hf, &b.ids_path, &t.join("base_logits.safetensors"));
-    for adapter in [trained(t, &b, "trained", &[]), peft_made(t, &b)] {
+    for adapter in [
+        trained(t, &b, "trained", &[]),
+        peft_made(t, &b, "peft_made", &[]).0,
+    ] {
         let name = adapter.file_name().unwrap().to_str().unwrap().to_string();
         let out = t.join(format!("merged_{name}"));
         let (ok, stdout, err) = merge(&b.base8, &adapter, &out, "hf-f32");
@@ -471,19 +475,11 @@ fn bin_adapter_with_modules_to_save_merges_and_attaches_alike() {
     let tmp = tempfile::tempdir().unwrap();
     let t = tmp.path();
     let b = base(t);
-    let adapter = t.join("peft_bin");
-    let peft_logits = t.join("peft_bin_logits.safetensors");
-    common::run_script(
-        "make_peft_adapter.py",
-        &[
-            b.hf.as_os_str(),
-            adapter.as_os_str(),
-            b.ids_path.as_os_str(),
-            peft_logits.as_os_str(),
-            std::ffi::OsStr::new("--bin"),
-            std::ffi::OsStr::new("--modules-to-save"),
-            std::ffi::OsStr::new("lm_head"),
-        ],
+    let (adapter, peft_logits) = peft_made(
+        t,
+        &b,
+        "peft_bin",
+        &["--bin", "--modules-to-save", "lm_head"],
     );
     assert!(adapter.join("adapter_model.bin").is_file());
     let theirs = &common::load_safetensors(&peft_logits)["logits"];
