@@ -16,10 +16,10 @@
 mod common;
 
 use common::{bench_device, env_or, gpu_used_mib, peak_rss_mib, python, script, short_error, sync};
-use octet::adapter::{attach_lora, trainable_tensors, Targets};
 use octet::archs::gptj::{random_layers, Gptj, GptjConfig};
 use octet::model::CausalLm;
 use octet::nn::LoraConfig;
+use octet::peft::{attach_lora, trainable_tensors, Targets};
 use octet::train::adam8bit::{Adam8bit, StateRounding};
 use octet::train::optim::{AdamConfig, Optimizer};
 use octet::train::step::forward_backward;

@@ -8,7 +8,6 @@
 //! to 8-bit, and runs a forward pass on both.
 //!
 //! Run with `cargo run --release --example custom_arch`. See docs/adding-an-architecture.md.
-use octet::adapter::{attach_lora, Targets};
 use octet::arch::{Bias, ModuleDecl, Modules, Plugin};
 use octet::convert::{convert, ConvertOptions};
 use octet::error::Result;
@@ -18,6 +17,7 @@ use octet::nn::graph::Node;
 use octet::nn::layer::check_params;
 use octet::nn::registry::{kind_names, LayerKind};
 use octet::nn::{float::LayerNorm, Layer, LayerMap, LayerTensors, LoraConfig};
+use octet::peft::{attach_lora, Targets};
 use octet::OctetError;
 use serde::Deserialize;
 use tch::{Device, Kind, Tensor};

@@ -1,16 +1,15 @@
 //! `octet convert`: a Hugging Face checkpoint to octet's 8-bit format, streamed tensor by
 //! tensor so that peak memory is bounded by a few times the largest tensor.
 use crate::error::{OctetError, Result};
-use crate::io::checkpoint::WEIGHT_FILES;
 use crate::io::safetensors::SafetensorsWriter;
-use crate::io::{dtype, open_checkpoint, Dtype, TensorStore};
-use crate::load::{
-    check_checkpoint, choose_code, read_config, read_f32, resolve_arch, QuantizeOptions,
-};
-use crate::manifest::{sha256_file, Manifest, SourceFile, TensorError};
-use crate::nn::{registry, ModuleGraph};
-use crate::outdir::{copy_side_files, OutputDir};
-use crate::quant::{QuantError, StreamingQuantizer};
+use crate::io::{dtype, Dtype, TensorStore};
+use crate::load::{choose_code, read_f32, QuantizeOptions};
+use crate::manifest::{Manifest, SourceFile, TensorError};
+use crate::nn::{registry, ModuleGraph, Node};
+use crate::outdir::OutputDir;
+use crate::quant::{BlockSize, QuantError, StreamOutput, StreamingQuantizer};
+use crate::source::ModelSource;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 /// Options of [`convert`].
@@ -120,54 +119,6 @@ fn plan_shards(
     shards
 }
 
-fn source_files(dir: &Path) -> Result<Vec<SourceFile>> {
-    let mut files: Vec<PathBuf> = Vec::new();
-    // A single-file source (GGUF) carries its config in itself.
-    let weight_files: &[&str] = if dir.is_file() { &[] } else { &WEIGHT_FILES };
-    for f in weight_files {
-        let p = dir.join(f);
-        if !p.exists() {
-            continue;
-        }
-        files.push(p.clone());
-        if f.ends_with(".index.json") {
-            let text = std::fs::read_to_string(&p).map_err(|e| OctetError::io(&p, e))?;
-            let json: serde_json::Value =
-                serde_json::from_str(&text).map_err(|e| OctetError::bad_file(&p, e.to_string()))?;
-            let mut shards: Vec<&str> = json["weight_map"]
-                .as_object()
-                .map(|m| m.values().filter_map(|v| v.as_str()).collect())
-                .unwrap_or_default();
-            shards.sort_unstable();
-            shards.dedup();
-            files.extend(shards.iter().map(|s| dir.join(s)));
-        }
-        break;
-    }
-    files.push(if dir.is_file() {
-        dir.to_path_buf()
-    } else {
-        dir.join("config.json")
-    });
-    files
-        .iter()
-        .map(|p| {
-            let bytes = std::fs::metadata(p)
-                .map_err(|e| OctetError::io(p, e))?
-                .len();
-            let name = p
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            Ok(SourceFile {
-                name,
-                bytes,
-                sha256: sha256_file(p)?,
-            })
-        })
-        .collect()
-}
-
 fn progress_bar(show: bool, total: u64) -> indicatif::ProgressBar {
     if !show {
         return indicatif::ProgressBar::hidden();
@@ -184,133 +135,20 @@ fn progress_bar(show: bool, total: u64) -> indicatif::ProgressBar {
 
 /// Converts the checkpoint in `model` into an octet folder at `out`.
 pub fn convert(model: &Path, out: &Path, opts: &ConvertOptions) -> Result<ConvertReport> {
-    let config = read_config(model)?;
-    let arch = resolve_arch(model, &opts.arch, &config)?;
-    let store = open_checkpoint(model)?;
-    let stored = ModuleGraph::from_store(store.as_ref(), arch.spec())?;
-    check_checkpoint(arch, &config, model, store.as_ref(), &stored)?;
+    let source = ModelSource::open(model, &opts.arch)?;
     let outdir = OutputDir::create(out, opts.force, &[model])?;
-    let mut graph = stored.clone();
-    let (block, _) = opts.quantize.apply(&mut graph, arch);
+    let mut graph = source.graph.clone();
+    let (block, _) = opts.quantize.apply(&mut graph, source.arch);
     // Hashing the sources is I/O-bound; it overlaps the conversion on its own thread.
-    let hashing = {
-        let model = model.to_path_buf();
-        std::thread::spawn(move || source_files(&model))
-    };
-
-    let plan: Vec<(String, Dtype, Vec<usize>)> = graph
-        .nodes
-        .iter()
-        .flat_map(|n| {
-            n.params
-                .iter()
-                .map(move |p| (n.tensor_name(&p.name), p.dtype, p.shape.clone()))
-        })
-        .collect();
-    // Module index and parameter name of each planned tensor.
-    let owner: std::collections::HashMap<String, (usize, String)> = graph
-        .nodes
-        .iter()
-        .enumerate()
-        .flat_map(|(i, n)| {
-            n.params
-                .iter()
-                .map(move |p| (n.tensor_name(&p.name), (i, p.name.clone())))
-        })
-        .collect();
-    let shards = plan_shards(&plan, opts.shard_bytes);
-    let shard_names: Vec<String> = if shards.len() == 1 {
-        vec!["model.safetensors".into()]
-    } else {
-        (1..=shards.len())
-            .map(|i| format!("model-{i:05}-of-{:05}.safetensors", shards.len()))
-            .collect()
-    };
-
-    let pb = progress_bar(opts.progress, stored.nbytes() as u64);
-    let mut rows = Vec::new();
-    // The quantized (q, absmax, code) of the current module, written as its tensors come up.
-    let mut pending: Option<(String, crate::quant::StreamOutput, Vec<f32>)> = None;
-    let meta = [
-        ("format".to_string(), "pt".to_string()),
-        ("octet_arch".to_string(), arch.name().to_string()),
-    ];
-    for (shard, file) in shards.iter().zip(&shard_names) {
-        let mut w = SafetensorsWriter::create(&outdir.path().join(file), shard, &meta)?;
-        for (name, _, _) in shard {
-            let (node_i, pname) = &owner[name];
-            let (s, t) = (&stored.nodes[*node_i], &graph.nodes[*node_i]);
-            let pname = pname.as_str();
-            let rep = (s.kind != t.kind)
-                .then(|| registry::replacement_for(&s.kind))
-                .flatten();
-            if rep.is_some_and(|r| r.quantized_param == pname) {
-                let out = quantize_tensor(store.as_ref(), name, block, &opts.quantize)?;
-                let bytes_in = s.param(pname).map_or(0, |p| p.nbytes());
-                let row = ConvertedTensor {
-                    name: name.clone(),
-                    bytes_in,
-                    bytes_out: out.0.q.len() + 4 * out.0.absmax.len() + 4 * out.1.len(),
-                    error: out.0.error,
-                };
-                w.write(name, &out.0.q)?;
-                pb.inc(bytes_in as u64);
-                rows.push(row);
-                pending = Some((t.path.clone(), out.0, out.1));
-            } else if pname == "absmax" || pname == "code" {
-                match &pending {
-                    Some((path, q, code)) if *path == t.path => {
-                        let vals: &[f32] = if pname == "absmax" { &q.absmax } else { code };
-                        let bytes: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
-                        w.write(name, &bytes)?;
-                    }
-                    _ => {
-                        // Already 8-bit in the source: copied as stored, once its values
-                        // are known to load back.
-                        let b = store.bytes(name)?;
-                        check_stored_8bit(store.as_ref(), name, pname, &b)?;
-                        w.write(name, &b)?;
-                        rows.push(ConvertedTensor {
-                            name: name.clone(),
-                            bytes_in: b.len(),
-                            bytes_out: b.len(),
-                            error: None,
-                        });
-                        pb.inc(b.len() as u64);
-                    }
-                }
-            } else {
-                let b = store.bytes(name)?;
-                if !opts.allow_nonfinite {
-                    let dtype = s.param(pname).map_or(Dtype::U8, |p| p.dtype);
-                    crate::validate::check_finite(name, dtype, &b).map_err(|m| {
-                        OctetError::bad_file(
-                            store.path(),
-                            format!("{m} (pass --allow-nonfinite to keep it)"),
-                        )
-                    })?;
-                }
-                w.write(name, &b)?;
-                rows.push(ConvertedTensor {
-                    name: name.clone(),
-                    bytes_in: b.len(),
-                    bytes_out: b.len(),
-                    error: None,
-                });
-                pb.inc(b.len() as u64);
-            }
-            store.release(name);
-        }
-        w.finish()?;
-    }
-    pb.finish_and_clear();
-    if shards.len() > 1 {
-        write_index(outdir.path(), &shards, &shard_names)?;
-    }
-    copy_side_files(model, outdir.path())?;
-    if crate::io::gguf::is_gguf(model) {
-        crate::io::gguf::GgufFile::open(model)?.write_side_files(outdir.path())?;
-    }
+    let paths = source.source_paths()?;
+    let hashing = std::thread::spawn(move || {
+        paths
+            .iter()
+            .map(|p| SourceFile::describe(p))
+            .collect::<Result<Vec<_>>>()
+    });
+    let (rows, shard_names) = write_weights(&source, &graph, block, opts, outdir.path())?;
+    source.write_side_files(outdir.path())?;
     let mut warnings = Vec::new();
     if !has_tokenizer(outdir.path()) {
         warnings.push(format!(
@@ -321,7 +159,7 @@ pub fn convert(model: &Path, out: &Path, opts: &ConvertOptions) -> Result<Conver
         ));
     }
     let manifest = Manifest {
-        arch: arch.name().to_string(),
+        arch: source.arch.name().to_string(),
         block_size: block.get() as i64,
         code: opts.quantize.code,
         octet_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -343,11 +181,153 @@ pub fn convert(model: &Path, out: &Path, opts: &ConvertOptions) -> Result<Conver
     let out = outdir.commit()?;
     Ok(ConvertReport {
         out,
-        arch: arch.name().to_string(),
+        arch: source.arch.name().to_string(),
         tensors: rows,
         shards: shard_names,
         warnings,
     })
+}
+
+/// Writes the converted weights of `graph` into `dir`, in shards of at most
+/// `opts.shard_bytes` (with an index when there are several); returns the per-tensor rows and
+/// the shard names.
+fn write_weights(
+    source: &ModelSource,
+    graph: &ModuleGraph,
+    block: BlockSize,
+    opts: &ConvertOptions,
+    dir: &Path,
+) -> Result<(Vec<ConvertedTensor>, Vec<String>)> {
+    // Module index and parameter name of each planned tensor.
+    let owner: HashMap<String, (usize, String)> = graph
+        .nodes
+        .iter()
+        .enumerate()
+        .flat_map(|(i, n)| {
+            n.params
+                .iter()
+                .map(move |p| (n.tensor_name(&p.name), (i, p.name.clone())))
+        })
+        .collect();
+    let shards = plan_shards(&graph.tensor_plan(), opts.shard_bytes);
+    let shard_names: Vec<String> = if shards.len() == 1 {
+        vec!["model.safetensors".into()]
+    } else {
+        (1..=shards.len())
+            .map(|i| format!("model-{i:05}-of-{:05}.safetensors", shards.len()))
+            .collect()
+    };
+    let meta = [
+        ("format".to_string(), "pt".to_string()),
+        ("octet_arch".to_string(), source.arch.name().to_string()),
+    ];
+    let mut conv = TensorConverter {
+        store: source.store.as_ref(),
+        opts,
+        block,
+        pb: progress_bar(opts.progress, source.graph.nbytes() as u64),
+        rows: Vec::new(),
+        pending: None,
+    };
+    for (shard, file) in shards.iter().zip(&shard_names) {
+        let mut w = SafetensorsWriter::create(&dir.join(file), shard, &meta)?;
+        for (name, _, _) in shard {
+            let (i, pname) = &owner[name];
+            conv.write(
+                &mut w,
+                name,
+                &source.graph.nodes[*i],
+                &graph.nodes[*i],
+                pname,
+            )?;
+            conv.store.release(name);
+        }
+        w.finish()?;
+    }
+    conv.pb.finish_and_clear();
+    if shards.len() > 1 {
+        write_index(dir, &shards, &shard_names)?;
+    }
+    Ok((conv.rows, shard_names))
+}
+
+/// Writes a conversion's tensors one by one: quantized, with its absmax and code, or copied.
+struct TensorConverter<'a> {
+    store: &'a dyn TensorStore,
+    opts: &'a ConvertOptions,
+    block: BlockSize,
+    pb: indicatif::ProgressBar,
+    rows: Vec<ConvertedTensor>,
+    /// The quantized (q, absmax, code) of the current module, written as its tensors come up.
+    pending: Option<(String, StreamOutput, Vec<f32>)>,
+}
+
+impl TensorConverter<'_> {
+    /// Writes tensor `name`, parameter `pname` of stored module `s`, as output module `t`.
+    fn write(
+        &mut self,
+        w: &mut SafetensorsWriter,
+        name: &str,
+        s: &Node,
+        t: &Node,
+        pname: &str,
+    ) -> Result<()> {
+        let rep = (s.kind != t.kind)
+            .then(|| registry::replacement_for(&s.kind))
+            .flatten();
+        if rep.is_some_and(|r| r.quantized_param == pname) {
+            let (out, code) = quantize_tensor(self.store, name, self.block, &self.opts.quantize)?;
+            let bytes_in = s.param(pname).map_or(0, |p| p.nbytes());
+            w.write(name, &out.q)?;
+            self.rows.push(ConvertedTensor {
+                name: name.to_string(),
+                bytes_in,
+                bytes_out: out.q.len() + 4 * out.absmax.len() + 4 * code.len(),
+                error: out.error,
+            });
+            self.pb.inc(bytes_in as u64);
+            self.pending = Some((t.path.clone(), out, code));
+            return Ok(());
+        }
+        if pname == "absmax" || pname == "code" {
+            if let Some((path, q, code)) = &self.pending {
+                if *path == t.path {
+                    let vals: &[f32] = if pname == "absmax" { &q.absmax } else { code };
+                    let bytes: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
+                    return w.write(name, &bytes);
+                }
+            }
+            // Already 8-bit in the source: copied as stored, once its values are known to
+            // load back.
+            let b = self.store.bytes(name)?;
+            check_stored_8bit(self.store, name, pname, &b)?;
+            return self.copy(w, name, &b);
+        }
+        let b = self.store.bytes(name)?;
+        if !self.opts.allow_nonfinite {
+            let dtype = s.param(pname).map_or(Dtype::U8, |p| p.dtype);
+            crate::validate::check_finite(name, dtype, &b).map_err(|m| {
+                OctetError::bad_file(
+                    self.store.path(),
+                    format!("{m} (pass --allow-nonfinite to keep it)"),
+                )
+            })?;
+        }
+        self.copy(w, name, &b)
+    }
+
+    /// Writes a tensor's stored bytes unchanged.
+    fn copy(&mut self, w: &mut SafetensorsWriter, name: &str, b: &[u8]) -> Result<()> {
+        w.write(name, b)?;
+        self.rows.push(ConvertedTensor {
+            name: name.to_string(),
+            bytes_in: b.len(),
+            bytes_out: b.len(),
+            error: None,
+        });
+        self.pb.inc(b.len() as u64);
+        Ok(())
+    }
 }
 
 /// Whether `dir` holds a tokenizer octet can read.

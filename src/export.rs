@@ -1,10 +1,10 @@
 //! Writing a Hugging Face checkpoint (safetensors + config + tokenizer) from any model folder,
 //! with 8-bit modules de-quantized: what transformers loads directly.
 use crate::error::{OctetError, Result};
-use crate::io::open_checkpoint;
-use crate::load::{read_config, read_tensor, resolve_arch};
-use crate::nn::{registry, ModuleGraph};
-use crate::outdir::{copy_side_files, OutputDir};
+use crate::load::read_tensor;
+use crate::nn::registry;
+use crate::outdir::OutputDir;
+use crate::source::ModelSource;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -19,11 +19,9 @@ pub fn export_hf(
     force: bool,
     mut edit: impl FnMut(&str, &mut BTreeMap<String, Tensor>) -> Result<()>,
 ) -> Result<std::path::PathBuf> {
-    let config = read_config(model)?;
-    let arch = resolve_arch(model, "auto", &config)?;
+    let source = ModelSource::open(model, "auto")?;
     let outdir = OutputDir::create(out, force, &[model])?;
-    let store = open_checkpoint(model)?;
-    let graph = ModuleGraph::from_store(store.as_ref(), arch.spec())?;
+    let (store, graph) = (&source.store, &source.graph);
     let mut tensors: Vec<(String, Tensor)> = Vec::new();
     for node in &graph.nodes {
         let mut params: BTreeMap<String, Tensor> = BTreeMap::new();
@@ -68,7 +66,7 @@ pub fn export_hf(
         &tensors,
         &[("format".into(), "pt".into())],
     )?;
-    copy_side_files(model, outdir.path())?;
+    source.write_side_files(outdir.path())?;
     outdir.commit()
 }
 

@@ -2,7 +2,6 @@
 //! gradient checkpointing and LoRA adapters, on libtorch.
 #![warn(missing_docs)]
 
-pub mod adapter;
 pub mod arch;
 pub mod convert;
 pub mod device;
@@ -18,8 +17,10 @@ pub mod merge;
 pub mod model;
 pub mod nn;
 pub mod outdir;
+pub mod peft;
 pub mod quant;
 pub mod sizes;
+pub mod source;
 pub mod tokenizer;
 pub mod train;
 pub mod validate;

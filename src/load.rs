@@ -1,13 +1,13 @@
 //! Loading a model folder (Hugging Face, octet-converted, or GPT-J 8-bit .bin) into a runnable
 //! model, optionally quantizing float modules module by module as they are read.
 use crate::arch::PathPattern;
-use crate::arch::{resolve, Architecture};
+use crate::arch::Architecture;
 use crate::error::{OctetError, Result};
-use crate::io::{dtype, open_checkpoint, TensorStore};
-use crate::manifest::Manifest;
+use crate::io::{dtype, TensorStore};
 use crate::model::CausalLm;
 use crate::nn::{registry, LayerMap, LayerTensors, ModuleGraph, Node};
 use crate::quant::{self, fit_code, BlockSize, CodeKind, FitOptions, QuantCode};
+use crate::source::{config_origin, ModelSource};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
@@ -88,62 +88,6 @@ pub struct LoadedModel {
     pub dir: PathBuf,
 }
 
-/// Reads and parses `dir/config.json`; for a GGUF file, the config its metadata implies.
-pub fn read_config(dir: &Path) -> Result<serde_json::Value> {
-    if crate::io::gguf::is_gguf(dir) {
-        return crate::io::gguf::read_config(dir);
-    }
-    let p = dir.join("config.json");
-    let text = std::fs::read_to_string(&p).map_err(|e| OctetError::io(&p, e))?;
-    serde_json::from_str(&text).map_err(|e| OctetError::bad_file(&p, format!("invalid JSON: {e}")))
-}
-
-/// The file a model's config comes from: `dir/config.json`, or the GGUF file itself.
-pub fn config_origin(dir: &Path) -> PathBuf {
-    if crate::io::gguf::is_gguf(dir) {
-        dir.to_path_buf()
-    } else {
-        dir.join("config.json")
-    }
-}
-
-/// Checks a checkpoint against its config before anything is built: the config's sizes
-/// within bounds and consistent with the stored tensors ([`crate::sizes::check_config`]),
-/// then the plugin's own check of every module. Config problems name the config's file,
-/// checkpoint problems the weights file.
-pub fn check_checkpoint(
-    arch: &dyn Architecture,
-    config: &serde_json::Value,
-    dir: &Path,
-    store: &dyn TensorStore,
-    stored: &ModuleGraph,
-) -> Result<()> {
-    let origin = config_origin(dir);
-    crate::sizes::check_config(config, &origin, stored, store.path())?;
-    arch.check(config, stored).map_err(|e| match e {
-        OctetError::ConfigValue(_) => e.in_config(&origin),
-        other => OctetError::bad_file(store.path(), other.to_string()),
-    })
-}
-
-/// Picks the architecture of a model folder: `arch` unless `auto`, else octet.toml's, else
-/// config.json's.
-pub fn resolve_arch(
-    dir: &Path,
-    arch: &str,
-    config: &serde_json::Value,
-) -> Result<&'static dyn Architecture> {
-    if arch == "auto" {
-        if let Some(m) = Manifest::read(dir)? {
-            return crate::arch::find(&m.arch).map_err(|e| OctetError::Config {
-                path: dir.join(crate::manifest::MANIFEST_FILE),
-                problem: format!("arch: {e}"),
-            });
-        }
-    }
-    resolve(arch, config, &config_origin(dir))
-}
-
 /// Reads one stored tensor as a CPU tensor of its own dtype.
 pub fn read_tensor(store: &dyn TensorStore, name: &str) -> Result<Tensor> {
     let meta = store.require_meta(name)?;
@@ -218,11 +162,13 @@ fn build_node(
 
 /// Loads the model in `dir`.
 pub fn load_model(dir: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
-    let config = read_config(dir)?;
-    let arch = resolve_arch(dir, &opts.arch, &config)?;
-    let store = open_checkpoint(dir)?;
-    let stored = ModuleGraph::from_store(store.as_ref(), arch.spec())?;
-    check_checkpoint(arch, &config, dir, store.as_ref(), &stored)?;
+    let ModelSource {
+        config,
+        arch,
+        store,
+        graph: stored,
+        ..
+    } = ModelSource::open(dir, &opts.arch)?;
     crate::memory::ensure_fits(
         &format!("loading the model in {}", dir.display()),
         crate::sizes::model_bytes(&config, &stored),

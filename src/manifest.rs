@@ -18,6 +18,23 @@ pub struct SourceFile {
     pub sha256: String,
 }
 
+impl SourceFile {
+    /// The name, size and SHA-256 of the file at `path`.
+    pub fn describe(path: &Path) -> Result<Self> {
+        let bytes = std::fs::metadata(path)
+            .map_err(|e| OctetError::io(path, e))?
+            .len();
+        Ok(SourceFile {
+            name: path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            bytes,
+            sha256: sha256_file(path)?,
+        })
+    }
+}
+
 /// The quantization error of one tensor.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct TensorError {

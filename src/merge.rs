@@ -4,16 +4,18 @@
 //!
 //! Merges are computed in f32 from the de-quantized base, one module at a time, and written
 //! tensor by tensor, so peak memory is a few times the largest module, not the model.
-use crate::adapter::{AdapterConfig, ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX};
 use crate::error::{OctetError, Result};
 use crate::io::safetensors::SafetensorsWriter;
-use crate::io::{open_checkpoint, open_file, Dtype, TensorStore};
-use crate::load::{read_config, read_tensor, resolve_arch, QuantizeOptions};
-use crate::manifest::{sha256_file, Manifest, SourceFile, TensorError};
+use crate::io::{Dtype, TensorStore};
+use crate::load::{read_tensor, QuantizeOptions};
+use crate::manifest::{Manifest, SourceFile, TensorError};
 use crate::nn::bnb8::infer_block_size;
-use crate::nn::{registry, ModuleGraph, Node};
-use crate::outdir::{copy_side_files, OutputDir};
+use crate::nn::registry::{quantized_param, replacement_to};
+use crate::nn::{ModuleGraph, Node, ParamInfo};
+use crate::outdir::OutputDir;
+use crate::peft::{Adapter, AdapterConfig, ModuleEdit, ADAPTER_CONFIG};
 use crate::quant::{BlockSize, CodeKind, QuantCode, StreamingQuantizer};
+use crate::source::ModelSource;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
@@ -123,302 +125,6 @@ impl MergeReport {
             .fold(0.0, f64::max);
         (n, if n == 0 { 0.0 } else { sum / n as f64 }, max)
     }
-}
-
-/// A LoRA pair for one module, as stored (f32).
-struct LoraPair {
-    a: Tensor,
-    b: Tensor,
-    a_name: String,
-    b_name: String,
-    embedding: bool,
-}
-
-/// What the adapter changes in one module.
-#[derive(Default)]
-struct ModuleEdit {
-    lora: Option<LoraPair>,
-    /// Parameter name → (adapter tensor name, trained value).
-    replace: BTreeMap<String, (String, Tensor)>,
-}
-
-/// A parsed adapter folder.
-struct Adapter {
-    config: AdapterConfig,
-    weights: PathBuf,
-    modules: BTreeMap<String, ModuleEdit>,
-}
-
-/// The adapter's weight file: safetensors, or the older pickled `adapter_model.bin`.
-fn adapter_weights(dir: &Path) -> Result<PathBuf> {
-    ["adapter_model.safetensors", "adapter_model.bin"]
-        .iter()
-        .map(|f| dir.join(f))
-        .find(|p| p.is_file())
-        .ok_or_else(|| {
-            OctetError::bad_file(
-                dir,
-                format!("not a PEFT adapter folder (no {ADAPTER_WEIGHTS} or adapter_model.bin)"),
-            )
-        })
-}
-
-/// Reads an adapter folder and sorts its tensors by module. Half-pairs are refused here.
-fn read_adapter(dir: &Path) -> Result<Adapter> {
-    if !dir.join(ADAPTER_CONFIG).is_file() {
-        return Err(OctetError::bad_file(
-            dir,
-            format!("not a PEFT adapter folder (no {ADAPTER_CONFIG})"),
-        ));
-    }
-    let config = AdapterConfig::read(dir)?;
-    for key in ["rank_pattern", "alpha_pattern"] {
-        if config
-            .extra
-            .get(key)
-            .is_some_and(|v| v.as_object().is_some_and(|o| !o.is_empty()))
-        {
-            return Err(OctetError::bad_file(
-                dir.join(ADAPTER_CONFIG),
-                format!("per-module ranks or alphas ({key}) are not supported"),
-            ));
-        }
-    }
-    let weights = adapter_weights(dir)?;
-    let store = open_file(&weights)?;
-    let mut halves: BTreeMap<String, [Option<(String, Tensor)>; 2]> = BTreeMap::new();
-    let mut embedding: BTreeMap<String, bool> = BTreeMap::new();
-    let mut modules: BTreeMap<String, ModuleEdit> = BTreeMap::new();
-    for name in store.names() {
-        // peft drops the adapter name ("default") and the modules_to_save wrapper when it
-        // saves, but not in every version.
-        let key = name
-            .replace(".modules_to_save.", ".")
-            .replace(".default.", ".")
-            .replace(".default", "");
-        let key = key.strip_prefix(PEFT_PREFIX).ok_or_else(|| {
-            OctetError::bad_file(
-                &weights,
-                format!("tensor {name} lacks the {PEFT_PREFIX} prefix"),
-            )
-        })?;
-        let t = crate::adapter::read_adapter_tensor(store.as_ref(), &name)?.to_kind(Kind::Float);
-        let lora = [
-            (".lora_A.weight", 0, false),
-            (".lora_B.weight", 1, false),
-            (".lora_embedding_A", 0, true),
-            (".lora_embedding_B", 1, true),
-        ]
-        .into_iter()
-        .find_map(|(suffix, i, emb)| key.strip_suffix(suffix).map(|p| (p, i, emb)));
-        if let Some((path, i, emb)) = lora {
-            if *embedding.entry(path.to_string()).or_insert(emb) != emb {
-                return Err(OctetError::bad_file(
-                    &weights,
-                    format!("{path} has both Linear and Embedding LoRA tensors"),
-                ));
-            }
-            halves.entry(path.to_string()).or_default()[i] = Some((name.clone(), t));
-        } else if key.contains("lora_") {
-            return Err(OctetError::bad_file(
-                &weights,
-                format!("tensor {name} is no LoRA tensor octet knows (DoRA or another variant?)"),
-            ));
-        } else {
-            let (path, param) = key.rsplit_once('.').ok_or_else(|| {
-                OctetError::bad_file(&weights, format!("tensor {name} names no module"))
-            })?;
-            modules
-                .entry(path.to_string())
-                .or_default()
-                .replace
-                .insert(param.to_string(), (name.clone(), t));
-        }
-    }
-    for (path, [a, b]) in halves {
-        let embedding = embedding.get(&path).copied().unwrap_or(false);
-        let (an, bn) = if embedding {
-            ("lora_embedding_A", "lora_embedding_B")
-        } else {
-            ("lora_A.weight", "lora_B.weight")
-        };
-        let ((a_name, a), (b_name, b)) = match (a, b) {
-            (Some(a), Some(b)) => (a, b),
-            (Some((n, _)), None) => {
-                return Err(OctetError::bad_file(
-                    &weights,
-                    format!("tensor {n}: {path} has {an} without {bn}"),
-                ))
-            }
-            (None, Some((n, _))) => {
-                return Err(OctetError::bad_file(
-                    &weights,
-                    format!("tensor {n}: {path} has {bn} without {an}"),
-                ))
-            }
-            (None, None) => continue,
-        };
-        modules.entry(path).or_default().lora = Some(LoraPair {
-            a,
-            b,
-            a_name,
-            b_name,
-            embedding,
-        });
-    }
-    if modules.is_empty() {
-        return Err(OctetError::bad_file(
-            &weights,
-            "the adapter holds no tensors",
-        ));
-    }
-    Ok(Adapter {
-        config,
-        weights,
-        modules,
-    })
-}
-
-/// The replacement that produced the 8-bit kind `kind`, if it is one.
-fn replacement_to(kind: &str) -> Option<&'static registry::Replacement> {
-    inventory::iter::<registry::Replacement>
-        .into_iter()
-        .find(|r| r.to == kind)
-}
-
-/// The quantized parameter of an 8-bit kind, if `kind` is one.
-fn quantized_param(kind: &str) -> Option<&'static str> {
-    replacement_to(kind).map(|r| r.quantized_param)
-}
-
-fn is_embedding_kind(kind: &str) -> bool {
-    kind.ends_with("Embedding")
-}
-
-fn shape_error(what: &str, expected: String, found: &[i64]) -> OctetError {
-    OctetError::ShapeMismatch {
-        what: what.to_string(),
-        expected,
-        found: format!("{found:?}"),
-    }
-}
-
-/// Checks, before anything is written, that every adapter tensor lands on a module of this
-/// model with a fitting shape.
-fn check_adapter(adapter: &Adapter, graph: &ModuleGraph, arch: &str) -> Result<()> {
-    let weights = &adapter.weights;
-    if adapter.modules.keys().all(|p| graph.node(p).is_none()) {
-        let first = adapter.modules.keys().next().cloned().unwrap_or_default();
-        let trained_on = adapter
-            .config
-            .base_model_name_or_path
-            .as_deref()
-            .map(|b| format!(" (it was trained on {b})"))
-            .unwrap_or_default();
-        return Err(OctetError::bad_file(
-            weights,
-            format!(
-                "the adapter does not fit this {arch} model: none of its {} modules (e.g. {first}) \
-                 exists here; was it trained for another architecture{trained_on}?",
-                adapter.modules.len()
-            ),
-        ));
-    }
-    let r = adapter.config.r as i64;
-    let fifo = adapter.config.fan_in_fan_out;
-    for (path, edit) in &adapter.modules {
-        let node = graph.node(path).ok_or_else(|| {
-            let name = edit
-                .lora
-                .as_ref()
-                .map(|l| l.a_name.clone())
-                .or_else(|| edit.replace.values().next().map(|(n, _)| n.clone()))
-                .unwrap_or_default();
-            OctetError::bad_file(
-                weights,
-                format!("tensor {name}: this {arch} model has no module {path}"),
-            )
-        })?;
-        if let Some(l) = &edit.lora {
-            let w = node
-                .param(quantized_param(&node.kind).unwrap_or("weight"))
-                .filter(|p| p.shape.len() == 2)
-                .ok_or_else(|| {
-                    OctetError::bad_file(
-                        weights,
-                        format!(
-                            "tensor {}: {path} ({}) has no 2-d weight to merge into",
-                            l.a_name, node.kind
-                        ),
-                    )
-                })?;
-            let (w0, w1) = (w.shape[0] as i64, w.shape[1] as i64);
-            if l.embedding != is_embedding_kind(&node.kind) {
-                let form = if l.embedding { "Embedding" } else { "Linear" };
-                return Err(OctetError::bad_file(
-                    weights,
-                    format!(
-                        "tensor {}: a {form} adapter, but {path} is a {}",
-                        l.a_name, node.kind
-                    ),
-                ));
-            }
-            // [r, in] / [out, r] for Linear (weight [out, in], or [in, out] with
-            // fan_in_fan_out); [r, vocab] / [dim, r] for Embedding (weight [vocab, dim]).
-            let (fan_in, fan_out) = if l.embedding || fifo {
-                (w0, w1)
-            } else {
-                (w1, w0)
-            };
-            let want_a = [r, fan_in];
-            let want_b = [fan_out, r];
-            let shape = format!("{w:?}", w = w.shape);
-            if l.a.size() != want_a {
-                return Err(shape_error(
-                    &format!(
-                        "adapter tensor {} ({path}.weight is {shape}, r = {r})",
-                        l.a_name
-                    ),
-                    format!("{want_a:?}"),
-                    &l.a.size(),
-                ));
-            }
-            if l.b.size() != want_b {
-                return Err(shape_error(
-                    &format!(
-                        "adapter tensor {} ({path}.weight is {shape}, r = {r})",
-                        l.b_name
-                    ),
-                    format!("{want_b:?}"),
-                    &l.b.size(),
-                ));
-            }
-        }
-        for (param, (name, t)) in &edit.replace {
-            let p = node.param(param).ok_or_else(|| {
-                OctetError::bad_file(
-                    weights,
-                    format!("tensor {name}: {path} ({}) has no {param}", node.kind),
-                )
-            })?;
-            let q = quantized_param(&node.kind);
-            if !(p.dtype.is_float() || q == Some(param.as_str())) {
-                return Err(OctetError::bad_file(
-                    weights,
-                    format!("tensor {name}: {path}.{param} is not a trainable float tensor"),
-                ));
-            }
-            let want: Vec<i64> = p.shape.iter().map(|&d| d as i64).collect();
-            if t.size() != want {
-                return Err(shape_error(
-                    &format!("adapter tensor {name}"),
-                    format!("{want:?} (as {path}.{param})"),
-                    &t.size(),
-                ));
-            }
-        }
-    }
-    Ok(())
 }
 
 /// Reads a module's tensors in f32, with its 8-bit parameter de-quantized.
@@ -574,97 +280,136 @@ fn requantize(w: &Tensor, block: BlockSize) -> Result<([Vec<u8>; 3], crate::quan
     ))
 }
 
-/// The bytes of one module's output tensors, in the output node's parameter order.
-#[allow(clippy::too_many_arguments)]
-fn module_outputs(
-    store: &dyn TensorStore,
-    s: &Node,
-    t: &Node,
-    edit: Option<&ModuleEdit>,
-    config: &AdapterConfig,
+/// Merges module by module, keeping the re-quantization error of each 8-bit weight written.
+struct Merger<'a> {
+    store: &'a dyn TensorStore,
+    config: &'a AdapterConfig,
+    /// Block size for modules that become 8-bit.
     block: BlockSize,
     device: Device,
-    errors: &mut Vec<TensorError>,
-) -> Result<Vec<(String, Vec<u8>)>> {
-    let stored_q = quantized_param(&s.kind);
-    let out_q = quantized_param(&t.kind);
-    let weight_changes = edit
-        .is_some_and(|e| e.lora.is_some() || stored_q.is_some_and(|q| e.replace.contains_key(q)));
-    // An 8-bit module the adapter leaves alone keeps its bytes exactly: no added error.
-    if stored_q.is_some() && out_q.is_some() && !weight_changes {
-        return t
-            .params
+    errors: Vec<TensorError>,
+}
+
+impl Merger<'_> {
+    /// The bytes of one module's output tensors, in the output node's parameter order.
+    fn module_outputs(
+        &mut self,
+        s: &Node,
+        t: &Node,
+        edit: Option<&ModuleEdit>,
+    ) -> Result<Vec<(String, Vec<u8>)>> {
+        let stored_q = quantized_param(&s.kind);
+        let out_q = quantized_param(&t.kind);
+        let weight_changes = edit.is_some_and(|e| {
+            e.lora.is_some() || stored_q.is_some_and(|q| e.replace.contains_key(q))
+        });
+        // An 8-bit module the adapter leaves alone keeps its bytes exactly: no added error.
+        if stored_q.is_some() && out_q.is_some() && !weight_changes {
+            return self.kept_8bit(s, t, edit);
+        }
+        let mut params = read_module_f32(self.store, s, self.device)?;
+        let weight = stored_q.or(out_q).unwrap_or("weight");
+        if let Some(e) = edit {
+            apply_edit(
+                e,
+                weight,
+                &mut params,
+                self.config.lora().scale(),
+                self.config.fan_in_fan_out,
+            )?;
+        }
+        for t in params.values_mut() {
+            *t = t.f_to_device(Device::Cpu)?;
+        }
+        let mut requantized = match out_q {
+            Some(q) => Some(self.requantized(s, q, &params)?),
+            None => None,
+        };
+        let mut out = Vec::with_capacity(t.params.len());
+        for p in &t.params {
+            let bytes = match (&mut requantized, p.name.as_str()) {
+                (Some(b), n) if Some(n) == out_q => std::mem::take(&mut b[0]),
+                (Some(b), "absmax") => std::mem::take(&mut b[1]),
+                (Some(b), "code") => std::mem::take(&mut b[2]),
+                _ => self.float_bytes(s, p, &params)?,
+            };
+            out.push((p.name.clone(), bytes));
+        }
+        Ok(out)
+    }
+
+    /// An 8-bit module whose weight the adapter leaves alone: its stored bytes, with any
+    /// replaced parameter (a trained bias) in their place.
+    fn kept_8bit(
+        &self,
+        s: &Node,
+        t: &Node,
+        edit: Option<&ModuleEdit>,
+    ) -> Result<Vec<(String, Vec<u8>)>> {
+        t.params
             .iter()
             .map(|p| {
                 let bytes = match edit.and_then(|e| e.replace.get(&p.name)) {
                     Some((_, v)) => tensor_bytes(&v.to_kind(p.dtype.kind()))?,
-                    None => store.bytes(&s.tensor_name(&p.name))?.into_owned(),
+                    None => self.store.bytes(&s.tensor_name(&p.name))?.into_owned(),
                 };
                 Ok((p.name.clone(), bytes))
             })
-            .collect();
+            .collect()
     }
-    let mut params = read_module_f32(store, s, device)?;
-    let weight = stored_q.or(out_q).unwrap_or("weight");
-    if let Some(e) = edit {
-        apply_edit(
-            e,
-            weight,
-            &mut params,
-            config.lora().scale(),
-            config.fan_in_fan_out,
-        )?;
-    }
-    for t in params.values_mut() {
-        *t = t.f_to_device(Device::Cpu)?;
-    }
-    let mut requantized: Option<[Vec<u8>; 3]> = None;
-    if let Some(q) = out_q {
+
+    /// The merged weight `q` of stored module `s` re-quantized; its error is kept.
+    fn requantized(
+        &mut self,
+        s: &Node,
+        q: &str,
+        params: &BTreeMap<String, Tensor>,
+    ) -> Result<[Vec<u8>; 3]> {
         let w = params.get(q).ok_or_else(|| {
-            OctetError::bad_file(store.path(), format!("module {}: no {q}", s.path))
+            OctetError::bad_file(self.store.path(), format!("module {}: no {q}", s.path))
         })?;
         // The base's own block size where it was 8-bit; the manifest's for new modules.
         let block = match (s.param(q), s.param("absmax")) {
-            (Some(p), Some(a)) if stored_q.is_some() => {
-                infer_block_size(p.shape.iter().product(), a.shape[0]).unwrap_or(block)
+            (Some(p), Some(a)) if quantized_param(&s.kind).is_some() => {
+                infer_block_size(p.shape.iter().product(), a.shape[0]).unwrap_or(self.block)
             }
-            _ => block,
+            _ => self.block,
         };
         let (bytes, err) = requantize(w, block)?;
-        errors.push(TensorError {
+        self.errors.push(TensorError {
             name: s.tensor_name(q),
             rel_mse: err.rel_mse(),
             max_abs_err: err.max_abs_err,
         });
-        requantized = Some(bytes);
+        Ok(bytes)
     }
-    let mut out = Vec::with_capacity(t.params.len());
-    for p in &t.params {
-        let bytes = match (&mut requantized, p.name.as_str()) {
-            (Some(b), n) if Some(n) == out_q => std::mem::take(&mut b[0]),
-            (Some(b), "absmax") => std::mem::take(&mut b[1]),
-            (Some(b), "code") => std::mem::take(&mut b[2]),
-            _ => {
-                let v = params.get(&p.name).ok_or_else(|| {
-                    OctetError::bad_file(store.path(), format!("module {}: no {}", s.path, p.name))
-                })?;
-                // A value past f16's range would silently become ±inf in the checkpoint.
-                if p.dtype == Dtype::F16
-                    && v.numel() > 0
-                    && v.is_floating_point()
-                    && v.abs().max().double_value(&[]) > f64::from(half::f16::MAX)
-                {
-                    return Err(OctetError::InvalidArgument(format!(
-                        "{}: merged values exceed the float16 range; use --format hf-f32",
-                        s.tensor_name(&p.name)
-                    )));
-                }
-                tensor_bytes(&v.to_kind(p.dtype.kind()))?
-            }
-        };
-        out.push((p.name.clone(), bytes));
+
+    /// A merged float parameter in its output dtype.
+    fn float_bytes(
+        &self,
+        s: &Node,
+        p: &ParamInfo,
+        params: &BTreeMap<String, Tensor>,
+    ) -> Result<Vec<u8>> {
+        let v = params.get(&p.name).ok_or_else(|| {
+            OctetError::bad_file(
+                self.store.path(),
+                format!("module {}: no {}", s.path, p.name),
+            )
+        })?;
+        // A value past f16's range would silently become ±inf in the checkpoint.
+        if p.dtype == Dtype::F16
+            && v.numel() > 0
+            && v.is_floating_point()
+            && v.abs().max().double_value(&[]) > f64::from(half::f16::MAX)
+        {
+            return Err(OctetError::InvalidArgument(format!(
+                "{}: merged values exceed the float16 range; use --format hf-f32",
+                s.tensor_name(&p.name)
+            )));
+        }
+        tensor_bytes(&v.to_kind(p.dtype.kind()))
     }
-    Ok(out)
 }
 
 /// Refuses to write a tensor octet (or transformers) could not use: non-finite float values,
@@ -710,20 +455,6 @@ fn set_config_dtype(config: &mut serde_json::Value, name: &str) {
     }
 }
 
-fn source_entry(path: &Path) -> Result<SourceFile> {
-    let bytes = std::fs::metadata(path)
-        .map_err(|e| OctetError::io(path, e))?
-        .len();
-    Ok(SourceFile {
-        name: path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default(),
-        bytes,
-        sha256: sha256_file(path)?,
-    })
-}
-
 fn dir_bytes(dir: &Path) -> Result<u64> {
     let mut n = 0;
     for e in std::fs::read_dir(dir).map_err(|e| OctetError::io(dir, e))? {
@@ -741,90 +472,36 @@ fn dir_bytes(dir: &Path) -> Result<u64> {
 /// land on a module of the model with a fitting shape; this is checked before anything is
 /// written, and a failed merge leaves no output behind.
 pub fn merge(model: &Path, adapter: &Path, out: &Path, opts: &MergeOptions) -> Result<MergeReport> {
-    let ad = read_adapter(adapter)?;
-    let config = read_config(model)?;
-    let arch = resolve_arch(model, "auto", &config)?;
-    let store = open_checkpoint(model)?;
-    let stored = ModuleGraph::from_store(store.as_ref(), arch.spec())?;
-    crate::load::check_checkpoint(arch, &config, model, store.as_ref(), &stored)?;
-    check_adapter(&ad, &stored, arch.name())?;
-    let (graph, block) = output_graph(model, &stored, arch, opts.format)?;
+    let ad = Adapter::read(adapter)?;
+    let source = ModelSource::open(model, "auto")?;
+    let arch = source.arch.name();
+    ad.check_fits(&source.graph, &format!("this {arch} model"))?;
+    let (graph, block) = output_graph(model, &source.graph, source.arch, opts.format)?;
     let outdir = OutputDir::create(out, opts.force, &[model, adapter])?;
-
-    let plan: Vec<(String, Dtype, Vec<usize>)> = graph
-        .nodes
-        .iter()
-        .flat_map(|n| {
-            n.params
-                .iter()
-                .map(move |p| (n.tensor_name(&p.name), p.dtype, p.shape.clone()))
-        })
-        .collect();
-    let mut meta = vec![("format".to_string(), "pt".to_string())];
-    if opts.format == MergeFormat::Octet8 {
-        meta.push(("octet_arch".to_string(), arch.name().to_string()));
-    }
-    let mut w = SafetensorsWriter::create(&outdir.path().join("model.safetensors"), &plan, &meta)?;
-    let mut errors = Vec::new();
-    for (s, t) in stored.nodes.iter().zip(&graph.nodes) {
-        let edit = ad.modules.get(&s.path);
-        for (name, bytes) in module_outputs(
-            store.as_ref(),
-            s,
-            t,
-            edit,
-            &ad.config,
-            block,
-            opts.device,
-            &mut errors,
-        )? {
-            check_output(t, &name, &bytes)?;
-            w.write(&t.tensor_name(&name), &bytes)?;
-        }
-        for p in &s.params {
-            store.release(&s.tensor_name(&p.name));
-        }
-    }
-    w.finish()?;
-
-    copy_side_files(model, outdir.path())?;
+    let errors = write_merged(&source, &graph, &ad, block, opts, outdir.path())?;
+    source.write_side_files(outdir.path())?;
     match opts.format.hf_dtype() {
-        Some(dtype) => {
-            let mut cfg = config.clone();
-            set_config_dtype(
-                &mut cfg,
-                if dtype == Dtype::F16 {
-                    "float16"
-                } else {
-                    "float32"
-                },
-            );
-            let p = outdir.path().join("config.json");
-            let text = serde_json::to_string_pretty(&cfg)
-                .map_err(|e| OctetError::InvalidArgument(e.to_string()))?;
-            std::fs::write(&p, text).map_err(|e| OctetError::io(&p, e))?;
+        Some(dtype) => write_hf_config(&source.config, dtype, outdir.path())?,
+        None => Manifest {
+            arch: arch.to_string(),
+            block_size: block.get() as i64,
+            code: CodeKind::Dynamic,
+            octet_version: env!("CARGO_PKG_VERSION").to_string(),
+            source: [
+                source.store.path(),
+                &source.config_origin(),
+                &adapter.join(ADAPTER_CONFIG),
+                &ad.weights,
+            ]
+            .into_iter()
+            .map(SourceFile::describe)
+            .collect::<Result<_>>()?,
+            tensors: errors.clone(),
         }
-        None => {
-            let mut source = vec![
-                source_entry(store.path())?,
-                source_entry(&model.join("config.json"))?,
-            ];
-            source.push(source_entry(&adapter.join(ADAPTER_CONFIG))?);
-            source.push(source_entry(&ad.weights)?);
-            Manifest {
-                arch: arch.name().to_string(),
-                block_size: block.get() as i64,
-                code: CodeKind::Dynamic,
-                octet_version: env!("CARGO_PKG_VERSION").to_string(),
-                source,
-                tensors: errors.clone(),
-            }
-            .write(outdir.path())?;
-        }
+        .write(outdir.path())?,
     }
     let bytes_written = dir_bytes(outdir.path())?;
     let out = outdir.commit()?;
-
     let mut merged = Vec::new();
     let mut replaced = Vec::new();
     for (path, e) in &ad.modules {
@@ -835,11 +512,65 @@ pub fn merge(model: &Path, adapter: &Path, out: &Path, opts: &MergeOptions) -> R
     }
     Ok(MergeReport {
         out,
-        arch: arch.name().to_string(),
+        arch: arch.to_string(),
         format: opts.format,
         merged,
         replaced,
         requantized: errors,
         bytes_written,
     })
+}
+
+/// Writes the merged weights of every module of `graph` into `dir/model.safetensors`;
+/// returns the re-quantization error of each 8-bit weight written.
+fn write_merged(
+    source: &ModelSource,
+    graph: &ModuleGraph,
+    ad: &Adapter,
+    block: BlockSize,
+    opts: &MergeOptions,
+    dir: &Path,
+) -> Result<Vec<TensorError>> {
+    let mut meta = vec![("format".to_string(), "pt".to_string())];
+    if opts.format == MergeFormat::Octet8 {
+        meta.push(("octet_arch".to_string(), source.arch.name().to_string()));
+    }
+    let plan = graph.tensor_plan();
+    let mut w = SafetensorsWriter::create(&dir.join("model.safetensors"), &plan, &meta)?;
+    let store = source.store.as_ref();
+    let mut merger = Merger {
+        store,
+        config: &ad.config,
+        block,
+        device: opts.device,
+        errors: Vec::new(),
+    };
+    for (s, t) in source.graph.nodes.iter().zip(&graph.nodes) {
+        for (name, bytes) in merger.module_outputs(s, t, ad.modules.get(&s.path))? {
+            check_output(t, &name, &bytes)?;
+            w.write(&t.tensor_name(&name), &bytes)?;
+        }
+        for p in &s.params {
+            store.release(&s.tensor_name(&p.name));
+        }
+    }
+    w.finish()?;
+    Ok(merger.errors)
+}
+
+/// Writes the base's config with its dtype entries set to what the weights are stored in.
+fn write_hf_config(config: &serde_json::Value, dtype: Dtype, dir: &Path) -> Result<()> {
+    let mut cfg = config.clone();
+    set_config_dtype(
+        &mut cfg,
+        if dtype == Dtype::F16 {
+            "float16"
+        } else {
+            "float32"
+        },
+    );
+    let p = dir.join("config.json");
+    let text = serde_json::to_string_pretty(&cfg)
+        .map_err(|e| OctetError::InvalidArgument(e.to_string()))?;
+    std::fs::write(&p, text).map_err(|e| OctetError::io(&p, e))
 }

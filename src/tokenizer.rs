@@ -40,7 +40,7 @@ impl Tokenizer {
     pub fn from_dir(dir: impl AsRef<Path>) -> Result<Self> {
         let dir = dir.as_ref();
         // A GGUF file carries its tokenizer in its metadata.
-        if dir.is_file() && dir.extension().is_some_and(|e| e == "gguf") {
+        if crate::io::gguf::is_gguf(dir) {
             return crate::io::gguf::GgufFile::open(dir)?.tokenizer();
         }
         let json = dir.join("tokenizer.json");

@@ -3,9 +3,9 @@
 use super::parse_device;
 use super::train::parse_dtype;
 use anyhow::{bail, Context};
-use octet::adapter::load_adapter;
 use octet::eval::{check_window, perplexity, Perplexity};
 use octet::load::{load_model, LoadOptions, LoadedModel, QuantizeOptions};
+use octet::peft::load_adapter;
 use octet::tokenizer::Tokenizer;
 use std::path::{Path, PathBuf};
 

@@ -1,8 +1,6 @@
 //! `octet inspect`: the module graph of a model folder.
-use octet::io::open_checkpoint;
-use octet::load::{read_config, resolve_arch};
 use octet::manifest::Manifest;
-use octet::nn::ModuleGraph;
+use octet::source::ModelSource;
 use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]
@@ -16,11 +14,8 @@ pub struct Args {
 
 /// The text `inspect` prints for `dir`.
 pub fn render(dir: &std::path::Path, arch: &str) -> anyhow::Result<String> {
-    let config = read_config(dir)?;
-    let arch = resolve_arch(dir, arch, &config)?;
-    let store = open_checkpoint(dir)?;
-    let graph = ModuleGraph::from_store(store.as_ref(), arch.spec())?;
-    let mut out = format!("architecture: {}\n", arch.name());
+    let source = ModelSource::open(dir, arch)?;
+    let mut out = format!("architecture: {}\n", source.arch.name());
     if let Some(m) = Manifest::read(dir)? {
         let code = format!("{:?}", m.code).to_lowercase();
         out += &format!(
@@ -29,7 +24,7 @@ pub fn render(dir: &std::path::Path, arch: &str) -> anyhow::Result<String> {
         );
     }
     out += "\n";
-    out += &graph.render();
+    out += &source.graph.render();
     Ok(out)
 }
 

@@ -1,7 +1,7 @@
 //! `octet train`: LoRA fine-tuning. Settings come from `--config FILE` (TOML) with flags
 //! overriding it, then the defaults.
-use octet::adapter::Targets;
 use octet::nn::LoraConfig;
+use octet::peft::Targets;
 use octet::train::schedule::ScheduleKind;
 use octet::train::trainer::{train, OptimKind, StopReason, TrainOptions};
 use serde::Deserialize;

@@ -14,20 +14,20 @@ pub const WEIGHT_FILES: [&str; 4] = [
     "pytorch_model.bin",
 ];
 
-/// Opens one weight file by its extension.
+/// Opens one weight file: GGUF by [`super::gguf::is_gguf`], the others by their extension.
 pub fn open_file(path: &Path) -> Result<Box<dyn TensorStore>> {
     let name = path
         .file_name()
         .and_then(|n| n.to_str())
         .unwrap_or_default();
-    if name.ends_with(".index.json") {
+    if super::gguf::is_gguf(path) {
+        Ok(Box::new(super::gguf::GgufFile::open(path)?))
+    } else if name.ends_with(".index.json") {
         Ok(Box::new(ShardedStore::open(path)?))
     } else if name.ends_with(".safetensors") {
         Ok(Box::new(SafetensorsFile::open(path)?))
     } else if name.ends_with(".bin") || name.ends_with(".pt") || name.ends_with(".pth") {
         Ok(Box::new(TorchBinFile::open(path)?))
-    } else if super::gguf::is_gguf(path) {
-        Ok(Box::new(super::gguf::GgufFile::open(path)?))
     } else {
         Err(OctetError::bad_file(
             path,

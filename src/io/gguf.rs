@@ -22,13 +22,26 @@ const DEFAULT_ALIGNMENT: u64 = 32;
 /// ggml tensors have at most four dimensions.
 const MAX_DIMS: u32 = 4;
 
-/// Whether `path` is a GGUF file (by its `.gguf` extension).
+/// Whether `path` is a GGUF file: a file that starts with the GGUF magic bytes or is named
+/// `.gguf` (in any case). The one test every reader uses; a `.gguf` file with other bytes is
+/// then refused by [`GgufFile::open`] with the reason, rather than taken for another format.
 pub fn is_gguf(path: &Path) -> bool {
-    path.is_file()
-        && path
-            .extension()
-            .and_then(|e| e.to_str())
-            .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+    if !path.is_file() {
+        return false;
+    }
+    let named = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
+    named || starts_with_magic(path)
+}
+
+fn starts_with_magic(path: &Path) -> bool {
+    use std::io::Read;
+    let mut head = [0u8; 4];
+    File::open(path)
+        .and_then(|mut f| f.read_exact(&mut head))
+        .is_ok_and(|_| &head == MAGIC)
 }
 
 /// How one architecture's GGUF files map onto its Hugging Face checkpoints; an
@@ -1094,6 +1107,26 @@ mod tests {
         b[2] = 0xF0;
         dequantize_block(GgmlType::Q4_0, &b, &mut out);
         assert_eq!((out[0], out[16]), (-16.0, 14.0));
+    }
+
+    #[test]
+    fn gguf_is_told_by_its_magic_or_its_name_in_any_case() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, bytes: &[u8]| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, bytes).unwrap();
+            p
+        };
+        assert!(is_gguf(&write("M.GGUF", b"GGUF\x03\0\0\0")));
+        assert!(is_gguf(&write("model.bin", b"GGUF\x03\0\0\0")));
+        // Named .gguf but not one: still taken for GGUF, so its reader says what is wrong.
+        assert!(is_gguf(&write("x.gguf", b"GGML")));
+        assert!(!is_gguf(&write(
+            "model.safetensors",
+            b"\x08\0\0\0\0\0\0\0{}"
+        )));
+        assert!(!is_gguf(&write("short.bin", b"GG")));
+        assert!(!is_gguf(dir.path()));
     }
 
     #[test]

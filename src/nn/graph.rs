@@ -216,6 +216,18 @@ impl ModuleGraph {
         replaced
     }
 
+    /// Every tensor as (full name, dtype, shape), in module order: what a writer plans.
+    pub fn tensor_plan(&self) -> Vec<(String, Dtype, Vec<usize>)> {
+        self.nodes
+            .iter()
+            .flat_map(|n| {
+                n.params
+                    .iter()
+                    .map(move |p| (n.tensor_name(&p.name), p.dtype, p.shape.clone()))
+            })
+            .collect()
+    }
+
     /// The module at `path`.
     pub fn node(&self, path: &str) -> Option<&Node> {
         self.nodes.iter().find(|n| n.path == path)

@@ -42,6 +42,18 @@ pub fn replacement_for(from: &str) -> Option<&'static Replacement> {
         .find(|r| r.from == from)
 }
 
+/// The replacement that produced the 8-bit kind `to`, if it is one.
+pub fn replacement_to(to: &str) -> Option<&'static Replacement> {
+    inventory::iter::<Replacement>
+        .into_iter()
+        .find(|r| r.to == to)
+}
+
+/// The quantized parameter of an 8-bit kind, if `kind` is one.
+pub fn quantized_param(kind: &str) -> Option<&'static str> {
+    replacement_to(kind).map(|r| r.quantized_param)
+}
+
 /// Kind names registered more than once (a plugin bug, reported by `octet archs`).
 pub fn duplicate_kinds() -> Vec<&'static str> {
     let mut seen = std::collections::BTreeMap::new();

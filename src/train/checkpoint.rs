@@ -5,10 +5,10 @@ use super::data::{BatcherState, Dataset};
 use super::optim::Optimizer;
 use super::schedule::ScheduleKind;
 use super::trainer::{OptimKind, TrainOptions};
-use crate::adapter::{save_adapter, AdapterConfig, Targets, ADAPTER_CONFIG, ADAPTER_WEIGHTS};
 use crate::error::{OctetError, Result};
 use crate::io::safetensors::save_tensors;
 use crate::model::CausalLm;
+use crate::peft::{save_adapter, AdapterConfig, Targets, ADAPTER_CONFIG, ADAPTER_WEIGHTS};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 

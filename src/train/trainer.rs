@@ -10,9 +10,6 @@ use super::data::{Batcher, Dataset, Sequence};
 use super::optim::{AdamConfig, Optimizer};
 use super::schedule::{LrSchedule, ScheduleKind};
 use super::step::{causal_lm_nll, forward_backward};
-use crate::adapter::{
-    attach_lora, load_adapter, train_extras, trainable_tensors, AdapterConfig, Targets,
-};
 use crate::error::{OctetError, Result};
 use crate::io::safetensors::SafetensorsFile;
 use crate::io::TensorStore;
@@ -20,6 +17,9 @@ use crate::load::{load_model, read_tensor, LoadOptions, LoadedModel, QuantizeOpt
 use crate::model::CausalLm;
 use crate::nn::{Layer, LoraConfig};
 use crate::outdir::InPlaceOutput;
+use crate::peft::{
+    attach_lora, load_adapter, train_extras, trainable_tensors, AdapterConfig, Targets,
+};
 use crate::tokenizer::Tokenizer;
 use serde::{Deserialize, Serialize};
 use std::io::Write;

@@ -40,6 +40,26 @@ fn eval_json(args: &[&str]) -> serde_json::Value {
     serde_json::from_str(&stdout).unwrap()
 }
 
+/// A peft-made adapter on the tiny model in `dir/name` (make_peft_adapter.py with `extra`),
+/// and peft's logits for `ids` with it applied.
+fn peft_adapter(dir: &Path, name: &str, ids: &Tensor, extra: &[&str]) -> (PathBuf, Tensor) {
+    let model = hf();
+    let adapter = dir.join(name);
+    let ids_file = dir.join(format!("{name}_ids.safetensors"));
+    Tensor::write_safetensors(&[("input_ids", ids)], &ids_file).unwrap();
+    let logits_file = dir.join(format!("{name}_logits.safetensors"));
+    let mut args = vec![
+        model.as_os_str(),
+        adapter.as_os_str(),
+        ids_file.as_os_str(),
+        logits_file.as_os_str(),
+    ];
+    args.extend(extra.iter().map(OsStr::new));
+    common::run_script("make_peft_adapter.py", &args);
+    let logits = common::load_safetensors(&logits_file)["logits"].shallow_clone();
+    (adapter, logits)
+}
+
 fn rel(a: f64, b: f64) -> f64 {
     (a - b).abs() / b.abs()
 }
@@ -185,23 +205,8 @@ fn defaults_max_tokens_and_adapter_match_transformers() {
     let data = text_file(tmp.path());
     let model = hf();
     // A peft-made adapter (non-zero B, on wte too), applied by both sides.
-    let adapter = tmp.path().join("adapter");
-    let ids_file = tmp.path().join("ids.safetensors");
-    Tensor::write_safetensors(
-        &[("input_ids", &Tensor::from_slice(&[1i64, 2, 3]).unsqueeze(0))],
-        &ids_file,
-    )
-    .unwrap();
-    let logits_file = tmp.path().join("logits.safetensors");
-    common::run_script(
-        "make_peft_adapter.py",
-        &[
-            model.as_os_str(),
-            adapter.as_os_str(),
-            ids_file.as_os_str(),
-            logits_file.as_os_str(),
-        ],
-    );
+    let ids = Tensor::from_slice(&[1i64, 2, 3]).unsqueeze(0);
+    let (adapter, _) = peft_adapter(tmp.path(), "adapter", &ids, &[]);
     let theirs = script_json(
         "hf_perplexity.py",
         &[
@@ -807,4 +812,89 @@ fn eight_bit_decode_steps_match_the_full_forward() {
             });
         }
     }
+}
+
+/// `eval --adapter` takes the folders `merge` takes: a pickled `adapter_model.bin` holding a
+/// `modules_to_save` copy of lm_head, as peft saves it and with the `.modules_to_save.`
+/// wrapper some peft versions keep in the names. Logits and perplexity against peft's.
+#[test]
+fn bin_adapter_with_modules_to_save_matches_peft() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = text_file(tmp.path());
+    let model = hf();
+    let ids = Tensor::from_slice(&[1i64, 5, 9, 2, 7, 3, 11, 4]).unsqueeze(0);
+    let (adapter, theirs) = peft_adapter(
+        tmp.path(),
+        "adapter_bin",
+        &ids,
+        &["--bin", "--modules-to-save", "lm_head"],
+    );
+    assert!(adapter.join("adapter_model.bin").is_file());
+    assert!(!adapter.join("adapter_model.safetensors").exists());
+
+    let mut m = load(&model);
+    let cfg = octet::peft::load_adapter(m.model.as_mut(), &adapter).unwrap();
+    assert_eq!(cfg.modules_to_save, Some(vec!["lm_head".to_string()]));
+    let ours = tch::no_grad(|| m.model.forward(&ids));
+    let d = (&ours - &theirs).abs().max().double_value(&[]);
+    assert!(
+        d < 1e-4,
+        "logits with the adapter differ from peft's by {d}"
+    );
+
+    let ppl = |adapter: &Path| {
+        eval_json(&[
+            "--model",
+            model.to_str().unwrap(),
+            "--adapter",
+            adapter.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--stride",
+            "24",
+        ])["perplexity"]
+            .as_f64()
+            .unwrap()
+    };
+    let theirs = script_json(
+        "hf_perplexity.py",
+        &[
+            model.as_os_str(),
+            data.as_os_str(),
+            OsStr::new("64"),
+            OsStr::new("24"),
+            OsStr::new("--adapter"),
+            adapter.as_os_str(),
+        ],
+    )["perplexity"]
+        .as_f64()
+        .unwrap();
+    let p = ppl(&adapter);
+    assert!(
+        rel(p, theirs) < 1e-4,
+        "octet {p}, transformers+peft {theirs}"
+    );
+
+    // The same tensors as safetensors, lm_head's named inside the modules_to_save wrapper.
+    let wrapped = tmp.path().join("adapter_wrapped");
+    std::fs::create_dir_all(&wrapped).unwrap();
+    std::fs::copy(
+        adapter.join("adapter_config.json"),
+        wrapped.join("adapter_config.json"),
+    )
+    .unwrap();
+    let store = octet::io::open_file(&adapter.join("adapter_model.bin")).unwrap();
+    let tensors: Vec<(String, Tensor)> = store
+        .names()
+        .into_iter()
+        .map(|n| {
+            let t = octet::peft::read_adapter_tensor(store.as_ref(), &n).unwrap();
+            (n.replace("lm_head.", "lm_head.modules_to_save.default."), t)
+        })
+        .collect();
+    assert!(tensors.iter().any(|(n, _)| n.contains(".modules_to_save.")));
+    octet::io::safetensors::save_tensors(&wrapped.join("adapter_model.safetensors"), &tensors, &[])
+        .unwrap();
+    let pw = ppl(&wrapped);
+    assert!(rel(pw, p) < 1e-9, "wrapped names {pw}, plain {p}");
 }

@@ -4,7 +4,6 @@
 //! `OCTET_FUZZ_CASES` sets the number of cases (default 20,000), `OCTET_FUZZ_SEED` the seed.
 use super::common::{copy_dir, fixture};
 use super::fuzz_support::{peak_rss_kib, run, Style, Target};
-use octet::adapter::{attach_lora, load_adapter, save_adapter, AdapterConfig, Targets};
 use octet::io::gguf::GgufFile;
 use octet::io::safetensors::{save_tensors, SafetensorsFile};
 use octet::io::sharded::ShardedStore;
@@ -12,6 +11,7 @@ use octet::io::torch_bin::TorchBinFile;
 use octet::io::TensorStore;
 use octet::load::{load_model, read_tensor, LoadOptions};
 use octet::nn::LoraConfig;
+use octet::peft::{attach_lora, load_adapter, save_adapter, AdapterConfig, Targets};
 use octet::train::adam8bit::Adam8bit;
 use octet::train::data::{Batcher, BatcherState};
 use octet::train::optim::{AdamConfig, Optimizer};

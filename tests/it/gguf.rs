@@ -6,7 +6,8 @@ use crate::common::{convert, max_abs_diff};
 
 use octet::io::gguf::{GgufFile, GgufValue};
 use octet::io::{Dtype, TensorStore};
-use octet::load::{load_model, read_config, LoadOptions};
+use octet::load::{load_model, LoadOptions};
+use octet::source::read_config;
 use std::path::{Path, PathBuf};
 use tch::{Kind, Tensor};
 

@@ -239,7 +239,7 @@ fn trained_adapter_loads_in_peft_with_matching_logits() {
     let ids = &reference()["input_ids"];
     let mut m = load_model(&base8, &LoadOptions::default()).unwrap();
     let before = tch::no_grad(|| m.model.forward(ids));
-    octet::adapter::load_adapter(m.model.as_mut(), &run).unwrap();
+    octet::peft::load_adapter(m.model.as_mut(), &run).unwrap();
     let ours = tch::no_grad(|| m.model.forward(ids));
     assert!(
         max_abs_diff(&ours, &before) > 1e-3,

@@ -57,7 +57,7 @@ fn a_head_stored_as_lm_head_is_read_like_embed_out() {
 #[test]
 fn rotary_settings_are_read_from_either_config_form() {
     let read = |dir: &str| {
-        let cfg = octet::load::read_config(&tiny(dir)).unwrap();
+        let cfg = octet::source::read_config(&tiny(dir)).unwrap();
         octet::archs::gpt_neox::GptNeoxConfig::from_json(&cfg).unwrap()
     };
     for dir in ["hf_safetensors", "hf_bin"] {
@@ -171,7 +171,7 @@ fn trained_adapter_loads_in_peft_with_matching_logits() {
     assert!(cfg.contains("\"fan_in_fan_out\": false"), "{cfg}");
     let ids = &reference()["input_ids"];
     let mut m = load_model(&base8, &LoadOptions::default()).unwrap();
-    octet::adapter::load_adapter(m.model.as_mut(), &run).unwrap();
+    octet::peft::load_adapter(m.model.as_mut(), &run).unwrap();
     let ours = tch::no_grad(|| m.model.forward(ids));
     let theirs = hf_logits(
         &hf,

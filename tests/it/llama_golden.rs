@@ -176,11 +176,11 @@ fn grads(checkpointing: bool) -> Vec<(String, Tensor)> {
     let mut m = load_model(&tiny("tied"), &opts).unwrap();
     let _rng = common::global_rng();
     tch::manual_seed(0);
-    let targets = octet::adapter::Targets::parse("q_proj,v_proj,embed_tokens").unwrap();
+    let targets = octet::peft::Targets::parse("q_proj,v_proj,embed_tokens").unwrap();
     let cfg = octet::nn::LoraConfig::default();
-    let wrapped = octet::adapter::attach_lora(m.model.as_mut(), &targets, cfg).unwrap();
+    let wrapped = octet::peft::attach_lora(m.model.as_mut(), &targets, cfg).unwrap();
     assert_eq!(wrapped.len(), 5);
-    octet::adapter::train_extras(m.model.as_mut(), true, false);
+    octet::peft::train_extras(m.model.as_mut(), true, false);
     let ids = reference()["input_ids"].shallow_clone();
     let loss = octet::train::step::forward_backward(
         m.model.as_ref(),
@@ -192,7 +192,7 @@ fn grads(checkpointing: bool) -> Vec<(String, Tensor)> {
         0,
     );
     assert!(loss.is_finite());
-    octet::adapter::trainable_tensors(m.model.as_mut())
+    octet::peft::trainable_tensors(m.model.as_mut())
         .into_iter()
         .map(|(n, t)| (n, t.grad().copy()))
         .collect()

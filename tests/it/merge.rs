@@ -2,9 +2,9 @@
 //! re-quantized 8-bit output, and refusal of bad inputs.
 use crate::common;
 
-use octet::adapter::load_adapter;
 use octet::load::{load_model, LoadOptions};
 use octet::manifest::Manifest;
+use octet::peft::load_adapter;
 use std::path::{Path, PathBuf};
 use tch::{Kind, Tensor};
 
@@ -81,20 +81,21 @@ fn trained(t: &Path, b: &Base, name: &str, extra: &[&str]) -> PathBuf {
     run
 }
 
-/// An adapter made by peft itself (q_proj, v_proj, fc_in, wte; r = 4, alpha = 12).
-fn peft_made(t: &Path, b: &Base) -> PathBuf {
-    let made = t.join("peft_made");
-    let logits = t.join("peft_made_logits.safetensors");
-    common::run_script(
-        "make_peft_adapter.py",
-        &[
-            b.hf.as_os_str(),
-            made.as_os_str(),
-            b.ids_path.as_os_str(),
-            logits.as_os_str(),
-        ],
-    );
-    made
+/// An adapter made by peft itself (q_proj, v_proj, fc_in, wte; r = 4, alpha = 12) in
+/// `t/name`, with make_peft_adapter.py's `extra` options; also returns the file of peft's
+/// logits for `b.ids` with the adapter applied.
+fn peft_made(t: &Path, b: &Base, name: &str, extra: &[&str]) -> (PathBuf, PathBuf) {
+    let made = t.join(name);
+    let logits = t.join(format!("{name}_logits.safetensors"));
+    let mut args = vec![
+        b.hf.as_os_str(),
+        made.as_os_str(),
+        b.ids_path.as_os_str(),
+        logits.as_os_str(),
+    ];
+    args.extend(extra.iter().map(std::ffi::OsStr::new));
+    common::run_script("make_peft_adapter.py", &args);
+    (made, logits)
 }
 
 fn merge(model: &Path, adapter: &Path, out: &Path, format: &str) -> (bool, String, String) {
@@ -150,7 +151,10 @@ fn hf_f32_merge_matches_peft_merge_and_unload() {
     let t = tmp.path();
     let b = base(t);
     let base_logits = hf_logits(&b.hf, &b.ids_path, &t.join("base_logits.safetensors"));
-    for adapter in [trained(t, &b, "trained", &[]), peft_made(t, &b)] {
+    for adapter in [
+        trained(t, &b, "trained", &[]),
+        peft_made(t, &b, "peft_made", &[]).0,
+    ] {
         let name = adapter.file_name().unwrap().to_str().unwrap().to_string();
         let out = t.join(format!("merged_{name}"));
         let (ok, stdout, err) = merge(&b.base8, &adapter, &out, "hf-f32");
@@ -461,4 +465,44 @@ fn bad_inputs_are_refused_clearly_and_leave_nothing_behind() {
     // An unknown format.
     let (ok, _, err) = merge(&b.base8, &good, &t.join("o9"), "gguf");
     assert!(!ok && err.contains("gguf"), "{err}");
+}
+
+/// `merge` and `eval --adapter` accept the same folders and agree: a peft-made pickled
+/// `adapter_model.bin` with a `modules_to_save` copy of the 8-bit lm_head merges like peft
+/// applies it, and attached to the 8-bit base it gives the merged model's logits.
+#[test]
+fn bin_adapter_with_modules_to_save_merges_and_attaches_alike() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let b = base(t);
+    let (adapter, peft_logits) = peft_made(
+        t,
+        &b,
+        "peft_bin",
+        &["--bin", "--modules-to-save", "lm_head"],
+    );
+    assert!(adapter.join("adapter_model.bin").is_file());
+    let theirs = &common::load_safetensors(&peft_logits)["logits"];
+
+    let out = t.join("merged");
+    let (ok, stdout, err) = merge(&b.base8, &adapter, &out, "hf-f32");
+    assert!(ok, "{err}");
+    assert_eq!(summary(&stdout, "merged"), 7, "{stdout}");
+    // lm_head's weight and bias, from modules_to_save.
+    assert_eq!(summary(&stdout, "replaced"), 2, "{stdout}");
+    let merged = hf_logits(&out, &b.ids_path, &t.join("merged_logits.safetensors"));
+    let d = max_diff(&merged, theirs);
+    assert!(d < 1e-4, "merged logits differ from peft's by {d}");
+
+    let mut m = load_model(&b.base8, &LoadOptions::default()).unwrap();
+    load_adapter(m.model.as_mut(), &adapter).unwrap();
+    let adapted = tch::no_grad(|| m.model.forward(&b.ids));
+    let d = max_diff(&adapted, theirs);
+    assert!(
+        d < 1e-4,
+        "attached adapter's logits differ from peft's by {d}"
+    );
+
+    let (ok, _, err) = merge(&b.base8, &adapter, &t.join("merged8"), "octet8");
+    assert!(ok, "{err}");
 }

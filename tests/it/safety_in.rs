@@ -2,9 +2,9 @@
 //! and the problem, a plain error exit (1, never a panic's 101 or an abort), and nothing
 //! written.
 use super::common::{copy_dir, err_text, fixture, load_safetensors, python, s};
-use octet::adapter::{attach_lora, save_adapter, AdapterConfig, Targets};
 use octet::load::{load_model, LoadOptions};
 use octet::nn::LoraConfig;
+use octet::peft::{attach_lora, save_adapter, AdapterConfig, Targets};
 use std::path::{Path, PathBuf};
 use tch::{Kind, Tensor};
 

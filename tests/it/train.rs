@@ -2,9 +2,9 @@
 //! Hugging Face peft reads and writes.
 use crate::common;
 
-use octet::adapter::{attach_lora, load_adapter, trainable_tensors, Targets};
 use octet::load::{load_model, LoadOptions, QuantizeOptions};
 use octet::nn::LoraConfig;
+use octet::peft::{attach_lora, load_adapter, trainable_tensors, Targets};
 use octet::train::step::forward_backward;
 use std::path::{Path, PathBuf};
 use tch::{Kind, Tensor};
@@ -63,7 +63,7 @@ fn assert_checkpointed_matches_plain(targets: &str, wrapped_modules: usize) {
     };
     let wrapped = attach_lora(m.model.as_mut(), &targets, cfg).unwrap();
     assert_eq!(wrapped.len(), wrapped_modules);
-    octet::adapter::train_extras(m.model.as_mut(), true, true);
+    octet::peft::train_extras(m.model.as_mut(), true, true);
     m.model.visit_layers(&mut |_, l| l.set_training(true));
     // Non-zero B everywhere, so every gradient path is exercised.
     let params = trainable_tensors(m.model.as_mut());
