@@ -74,14 +74,6 @@ fn facts(gpus: &[device::GpuInfo]) -> serde_json::Value {
 
 /// The report as aligned text lines.
 fn print_text(v: &serde_json::Value, gpus: &[device::GpuInfo]) {
-    let linked = v["cuda"]["linked"].as_bool().unwrap_or(false);
-    let available = v["cuda"]["available"].as_bool().unwrap_or(false);
-    let s = |x: &serde_json::Value| match x {
-        serde_json::Value::Null => "unknown".to_string(),
-        serde_json::Value::String(s) => s.clone(),
-        other => other.to_string(),
-    };
-    let yn = |b: bool| if b { "yes" } else { "no" };
     println!(
         "octet            {} (commit {})",
         env!("CARGO_PKG_VERSION"),
@@ -93,6 +85,28 @@ fn print_text(v: &serde_json::Value, gpus: &[device::GpuInfo]) {
         s(&v["libtorch"]["cuda_built_with"]),
         s(&v["libtorch"]["path"])
     );
+    print_cuda(v, gpus);
+    println!(
+        "CPU kernels      {}{}, {} torch threads, {} kernel threads",
+        octet::quant::kernels::cpu_kernel_path(),
+        if octet::quant::generic_forced() {
+            " (generic tensor ops forced by OCTET_FORCE_GENERIC)"
+        } else {
+            ""
+        },
+        tch::get_num_threads(),
+        rayon::current_num_threads()
+    );
+    println!(
+        "host memory      {} available",
+        host_available_bytes().map_or("unknown".into(), human)
+    );
+}
+
+/// The CUDA lines: linking, availability, versions and one line per device.
+fn print_cuda(v: &serde_json::Value, gpus: &[device::GpuInfo]) {
+    let linked = v["cuda"]["linked"].as_bool().unwrap_or(false);
+    let available = v["cuda"]["available"].as_bool().unwrap_or(false);
     println!("CUDA linked      {}", yn(linked));
     match available {
         true => println!(
@@ -125,19 +139,21 @@ fn print_text(v: &serde_json::Value, gpus: &[device::GpuInfo]) {
             g.capability.1
         );
     }
-    println!(
-        "CPU kernels      {}{}, {} torch threads, {} kernel threads",
-        octet::quant::kernels::cpu_kernel_path(),
-        if octet::quant::generic_forced() {
-            " (generic tensor ops forced by OCTET_FORCE_GENERIC)"
-        } else {
-            ""
-        },
-        tch::get_num_threads(),
-        rayon::current_num_threads()
-    );
-    println!(
-        "host memory      {} available",
-        host_available_bytes().map_or("unknown".into(), human)
-    );
+}
+
+/// A JSON value as text; `unknown` for null.
+fn s(x: &serde_json::Value) -> String {
+    match x {
+        serde_json::Value::Null => "unknown".to_string(),
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn yn(b: bool) -> &'static str {
+    if b {
+        "yes"
+    } else {
+        "no"
+    }
 }

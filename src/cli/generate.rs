@@ -187,17 +187,11 @@ fn stream_continuation(
         return Err(e);
     }
     let elapsed = start.elapsed().as_secs_f64();
+    let first = first.unwrap_or(elapsed);
     let rest = stream.finish(&decode(&continuation)?);
     out.write_all(rest.as_bytes())?;
     out.flush()?;
 
-    let n = generated.len();
-    let first = first.unwrap_or(elapsed);
-    let decode_rate = if n > 1 {
-        (n - 1) as f64 / (elapsed - first).max(1e-9)
-    } else {
-        0.0
-    };
     let why = if stream.stopped() {
         "stop string"
     } else if generated.last().is_some_and(|t| eos.contains(t)) {
@@ -205,12 +199,21 @@ fn stream_continuation(
     } else {
         "length"
     };
+    report_speed(a, generated.len(), prompt_ids.len(), elapsed, first, why);
+    Ok(())
+}
+
+/// Tokens per second overall and after the first token (decode alone), on stderr.
+fn report_speed(a: &Args, n: usize, prompt: usize, elapsed: f64, first: f64, why: &str) {
+    let decode_rate = if n > 1 {
+        (n - 1) as f64 / (elapsed - first).max(1e-9)
+    } else {
+        0.0
+    };
     eprintln!(
-        "\n{n} tokens in {elapsed:.3} s ({:.1} tokens/s; first token after {:.1} ms for {} prompt tokens, then {decode_rate:.1} tokens/s; {}; stopped on {why})",
+        "\n{n} tokens in {elapsed:.3} s ({:.1} tokens/s; first token after {:.1} ms for {prompt} prompt tokens, then {decode_rate:.1} tokens/s; {}; stopped on {why})",
         n as f64 / elapsed.max(1e-9),
         first * 1e3,
-        prompt_ids.len(),
         if a.no_cache { "no cache" } else { "KV cache" },
     );
-    Ok(())
 }

@@ -248,6 +248,12 @@ impl TrainOptions {
             );
         }
         self.targets()?;
+        self.check_ranges()
+    }
+
+    /// Each number within its range, named as its flag.
+    fn check_ranges(&self) -> Result<()> {
+        let bad = |m: String| Err(OctetError::InvalidArgument(m));
         let at_least = |flag: &str, v: usize, min: usize| {
             if v < min {
                 bad(format!("--{flag} {v}: must be at least {min}"))

@@ -587,7 +587,9 @@ impl<'a> Run<'a> {
             eval_loss: None,
             peak_gpu_mib: self.track_gpu_memory(),
         };
-        if (opts.eval_every > 0 && self.step % opts.eval_every == 0) || self.step == opts.steps {
+        if (opts.eval_every > 0 && self.step.is_multiple_of(opts.eval_every))
+            || self.step == opts.steps
+        {
             m.eval_loss = evaluate(&mut *self.model, &data.eval, opts.batch_size)?;
             if let Some(e) = m.eval_loss.filter(|e| !e.is_finite()) {
                 self.pb.abandon();
@@ -691,7 +693,8 @@ impl<'a> Run<'a> {
     /// Appends the step to metrics.jsonl when due and moves the progress bar.
     fn log(&mut self, m: &StepMetrics) -> Result<()> {
         let (step, opts) = (self.step, self.opts);
-        if step % opts.log_every.max(1) == 0 || m.eval_loss.is_some() || step == opts.steps {
+        if step.is_multiple_of(opts.log_every.max(1)) || m.eval_loss.is_some() || step == opts.steps
+        {
             let line =
                 serde_json::to_string(m).map_err(|e| OctetError::InvalidArgument(e.to_string()))?;
             let (path, file) = &mut self.metrics;
@@ -732,7 +735,7 @@ fn train_run(opts: &TrainOptions) -> Result<TrainSummary> {
             stop = StopReason::StopAfter;
         }
         let step = run.step;
-        if (opts.save_every > 0 && step % opts.save_every == 0)
+        if (opts.save_every > 0 && step.is_multiple_of(opts.save_every))
             || step == opts.steps
             || stop != StopReason::Finished
         {
