@@ -92,6 +92,10 @@ pub fn from_flag(s: &str) -> Result<Device> {
     Ok(device)
 }
 
+/// Help text of a `--device` flag.
+pub const FLAG_HELP: &str =
+    "auto, cpu, cuda or cuda:N; auto picks cuda:0 when a GPU is usable, else the CPU";
+
 /// Parses a `--dtype` value: `f32`, `bf16` or `f16` (or their long names).
 pub fn parse_dtype(s: &str) -> Result<tch::Kind> {
     match s {

@@ -17,8 +17,8 @@ pub struct InferOptions {
     /// f32, bf16 or f16.
     #[arg(long, default_value = "f32")]
     pub dtype: String,
-    /// auto, cpu, cuda or cuda:N; auto picks cuda:0 when a GPU is usable, else the CPU.
-    #[arg(long, default_value = "auto")]
+    /// The device: auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto", help = crate::device::FLAG_HELP)]
     pub device: String,
 }
 

@@ -3,19 +3,15 @@
 use super::parse_device;
 use anyhow::{bail, Context};
 use octet::eval::{check_window, perplexity, Perplexity};
-use octet::infer::{load_for_inference, InferOptions};
+use octet::infer::load_for_inference;
 use octet::tokenizer::Tokenizer;
 use std::path::{Path, PathBuf};
 
 /// Flags.
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Model folder (Hugging Face or octet 8-bit).
-    #[arg(long)]
-    model: PathBuf,
-    /// PEFT LoRA adapter folder to apply to --model.
-    #[arg(long)]
-    adapter: Option<PathBuf>,
+    #[command(flatten)]
+    source: super::ModelArgs,
     /// Text file, tokenized whole (no BOS).
     #[arg(long)]
     data: PathBuf,
@@ -38,8 +34,6 @@ pub struct Args {
     /// Second model folder evaluated on the same tokens.
     #[arg(long)]
     compare: Option<PathBuf>,
-    #[command(flatten)]
-    load: InferOptions,
 }
 
 /// Tokens of `text` under `dir`'s tokenizer, as model ids.
@@ -61,13 +55,13 @@ fn read_ids(a: &Args) -> anyhow::Result<Vec<i64>> {
         ids.truncate(a.max_tokens.unwrap_or(usize::MAX));
         Ok(ids)
     };
-    let ids = tokens(&a.model)?;
+    let ids = tokens(&a.source.model)?;
     if let Some(c) = &a.compare {
         let has_tokenizer = c.join("tokenizer.json").is_file() || c.join("vocab.json").is_file();
         if has_tokenizer && tokens(c)? != ids {
             bail!(
                 "{} and {} tokenize the text differently; their perplexities are not comparable",
-                a.model.display(),
+                a.source.model.display(),
                 c.display()
             );
         }
@@ -76,15 +70,18 @@ fn read_ids(a: &Args) -> anyhow::Result<Vec<i64>> {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    octet::model::check_model_path(&a.model)?;
-    let load = a.load.load_options(parse_device(&a.load.device)?)?;
+    octet::model::check_model_path(&a.source.model)?;
+    let load = a
+        .source
+        .load
+        .load_options(parse_device(&a.source.load.device)?)?;
     let ids = read_ids(&a)?;
-    let m = load_for_inference(&a.model, a.adapter.as_deref(), &load)?;
+    let m = load_for_inference(&a.source.model, a.source.adapter.as_deref(), &load)?;
     let max_pos = m.model.info().max_positions;
     let ctx = a.ctx.unwrap_or(max_pos);
     let stride = a.stride.unwrap_or(ctx);
     check_window(ctx, stride, max_pos, ids.len())
-        .with_context(|| format!("evaluating {}", a.model.display()))?;
+        .with_context(|| format!("evaluating {}", a.source.model.display()))?;
     let base = perplexity(m.model.as_ref(), &ids, ctx, stride, a.batch_size)?;
     drop(m);
     let compare = match &a.compare {
@@ -97,9 +94,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         None => None,
     };
     if a.json {
-        print_json(&a.model, &base, compare.as_ref());
+        print_json(&a.source.model, &base, compare.as_ref());
     } else {
-        print_text(&a.model, &base, compare.as_ref());
+        print_text(&a.source.model, &base, compare.as_ref());
     }
     Ok(())
 }

@@ -4,7 +4,7 @@
 //! everything else (seed, notes, tokens/s) goes to stderr.
 use anyhow::{bail, Context};
 use octet::generate::{generate, model_eos_ids, room, GenerateOptions, TextStream};
-use octet::infer::{load_for_inference, InferOptions};
+use octet::infer::load_for_inference;
 use octet::model::CausalLm;
 use octet::tokenizer::Tokenizer;
 use std::io::Write;
@@ -15,12 +15,8 @@ use std::time::Instant;
 #[derive(clap::Args, Debug)]
 #[command(group(clap::ArgGroup::new("input").required(true).args(["prompt", "prompt_file"])))]
 pub struct Args {
-    /// Model folder (Hugging Face or octet 8-bit).
-    #[arg(long)]
-    model: PathBuf,
-    /// PEFT LoRA adapter folder to apply.
-    #[arg(long)]
-    adapter: Option<PathBuf>,
+    #[command(flatten)]
+    source: super::ModelArgs,
     /// Prompt text.
     #[arg(long)]
     prompt: Option<String>,
@@ -54,8 +50,6 @@ pub struct Args {
     /// Recompute the whole sequence every step instead of keeping a KV cache.
     #[arg(long)]
     no_cache: bool,
-    #[command(flatten)]
-    load: InferOptions,
 }
 
 /// The prompt's text, from `--prompt` or `--prompt-file`.
@@ -79,7 +73,7 @@ fn sampling(a: &Args, model: &dyn CausalLm, tok: &Tokenizer) -> GenerateOptions 
     });
     let mut eos = Vec::new();
     if !a.ignore_eos {
-        eos = model_eos_ids(&a.model);
+        eos = model_eos_ids(&a.source.model);
         if let Some(e) = tok.eos_id() {
             eos.push(i64::from(e));
         }
@@ -102,18 +96,18 @@ fn sampling(a: &Args, model: &dyn CausalLm, tok: &Tokenizer) -> GenerateOptions 
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let device = super::parse_device(&a.load.device)?;
+    let device = super::parse_device(&a.source.load.device)?;
     let prompt = read_prompt(&a)?;
-    octet::model::check_model_path(&a.model)?;
-    let tok = Tokenizer::from_dir(&a.model)?;
+    octet::model::check_model_path(&a.source.model)?;
+    let tok = Tokenizer::from_dir(&a.source.model)?;
     let prompt_ids: Vec<u32> = tok.encode(&prompt)?;
     if prompt_ids.is_empty() {
         bail!("the prompt is empty");
     }
     let m = load_for_inference(
-        &a.model,
-        a.adapter.as_deref(),
-        &a.load.load_options(device)?,
+        &a.source.model,
+        a.source.adapter.as_deref(),
+        &a.source.load.load_options(device)?,
     )?;
     let model = m.model.as_ref();
     let opts = sampling(&a, model, &tok);

@@ -143,8 +143,8 @@ pub struct TrainOptions {
     /// Replace a non-empty output folder.
     #[arg(long)]
     pub force: bool,
-    /// auto, cpu, cuda or cuda:N; auto picks cuda:0 when a GPU is usable, else the CPU.
-    #[arg(long, default_value = "auto")]
+    /// The device: auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto", help = crate::device::FLAG_HELP)]
     pub device: String,
     /// Save and stop after this many steps in total (resume later with --resume).
     #[arg(long)]
