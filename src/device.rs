@@ -92,6 +92,22 @@ pub fn from_flag(s: &str) -> Result<Device> {
     Ok(device)
 }
 
+/// Help text of a `--device` flag.
+pub const FLAG_HELP: &str =
+    "auto, cpu, cuda or cuda:N; auto picks cuda:0 when a GPU is usable, else the CPU";
+
+/// Parses a `--dtype` value: `f32`, `bf16` or `f16` (or their long names).
+pub fn parse_dtype(s: &str) -> Result<tch::Kind> {
+    match s {
+        "f32" | "float32" => Ok(tch::Kind::Float),
+        "bf16" | "bfloat16" => Ok(tch::Kind::BFloat16),
+        "f16" | "float16" => Ok(tch::Kind::Half),
+        o => Err(OctetError::InvalidArgument(format!(
+            "unknown dtype '{o}': expected f32, bf16 or f16"
+        ))),
+    }
+}
+
 /// Whether this binary was linked against libtorch's CUDA libraries.
 pub fn cuda_linked() -> bool {
     option_env!("OCTET_LINKED_CUDA").is_some() || loaded_library("libtorch_cuda.so").is_some()

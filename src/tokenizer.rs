@@ -4,6 +4,7 @@
 //! `vocab.json` + `merges.txt`; the latter is rebuilt here exactly as transformers'
 //! `GPT2TokenizerFast(vocab_file, merges_file)` does (byte-level BPE, no prefix space).
 use crate::error::{OctetError, Result};
+use crate::io::gguf::GgufFile;
 use std::collections::HashMap;
 use std::path::Path;
 use tokenizers::models::bpe::{Merges, Vocab, BPE};
@@ -41,7 +42,7 @@ impl Tokenizer {
         let dir = dir.as_ref();
         // A GGUF file carries its tokenizer in its metadata.
         if crate::io::gguf::is_gguf(dir) {
-            return crate::io::gguf::GgufFile::open(dir)?.tokenizer();
+            return Self::from_gguf(&GgufFile::open(dir)?);
         }
         let json = dir.join("tokenizer.json");
         let vocab = dir.join("vocab.json");
@@ -174,6 +175,18 @@ impl Tokenizer {
             eos,
             bos: None,
         }
+    }
+
+    /// The tokenizer a GGUF file's metadata describes, with the end- and beginning-of-sequence
+    /// ids it names (the vocabulary guess otherwise).
+    pub fn from_gguf(file: &GgufFile) -> Result<Self> {
+        let mut t = Self::from_tokenizers(file.hf_tokenizer()?);
+        let (eos, bos) = file.special_token_ids();
+        if eos.is_some() {
+            t.eos = eos;
+        }
+        t.bos = bos;
+        Ok(t)
     }
 
     /// Sets (or clears) the end-of-sequence id, for callers that know it from model metadata.

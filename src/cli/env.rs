@@ -16,14 +16,25 @@ fn version_string((major, minor): (i32, i32)) -> String {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
+    let gpus = device::gpus();
+    let v = facts(&gpus);
+    if a.json {
+        println!("{v}");
+    } else {
+        print_text(&v, &gpus);
+    }
+    Ok(())
+}
+
+/// Everything `env` reports, as the JSON object `--json` prints.
+fn facts(gpus: &[device::GpuInfo]) -> serde_json::Value {
     let commit = env!("OCTET_GIT_COMMIT");
     let libtorch_path = device::loaded_library("libtorch_cpu.so")
         .and_then(|p| p.parent().map(|d| d.display().to_string()));
     let linked = device::cuda_linked();
     let available = tch::Cuda::is_available();
-    let gpus = device::gpus();
     let cudnn = device::cudnn_version().map(|(a, b, c)| format!("{a}.{b}.{c}"));
-    let v = json!({
+    json!({
         "octet": {
             "version": env!("CARGO_PKG_VERSION"),
             "git_commit": (!commit.is_empty()).then_some(commit),
@@ -58,17 +69,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             "kernel_threads": rayon::current_num_threads(),
             "available_memory_mib": host_available_bytes().map(|b| b / (1 << 20)),
         },
-    });
-    if a.json {
-        println!("{v}");
-        return Ok(());
-    }
-    let s = |x: &serde_json::Value| match x {
-        serde_json::Value::Null => "unknown".to_string(),
-        serde_json::Value::String(s) => s.clone(),
-        other => other.to_string(),
-    };
-    let yn = |b: bool| if b { "yes" } else { "no" };
+    })
+}
+
+/// The report as aligned text lines.
+fn print_text(v: &serde_json::Value, gpus: &[device::GpuInfo]) {
     println!(
         "octet            {} (commit {})",
         env!("CARGO_PKG_VERSION"),
@@ -80,6 +85,28 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         s(&v["libtorch"]["cuda_built_with"]),
         s(&v["libtorch"]["path"])
     );
+    print_cuda(v, gpus);
+    println!(
+        "CPU kernels      {}{}, {} torch threads, {} kernel threads",
+        octet::quant::kernels::cpu_kernel_path(),
+        if octet::quant::generic_forced() {
+            " (generic tensor ops forced by OCTET_FORCE_GENERIC)"
+        } else {
+            ""
+        },
+        tch::get_num_threads(),
+        rayon::current_num_threads()
+    );
+    println!(
+        "host memory      {} available",
+        host_available_bytes().map_or("unknown".into(), human)
+    );
+}
+
+/// The CUDA lines: linking, availability, versions and one line per device.
+fn print_cuda(v: &serde_json::Value, gpus: &[device::GpuInfo]) {
+    let linked = v["cuda"]["linked"].as_bool().unwrap_or(false);
+    let available = v["cuda"]["available"].as_bool().unwrap_or(false);
     println!("CUDA linked      {}", yn(linked));
     match available {
         true => println!(
@@ -101,7 +128,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         s(&v["cuda"]["cudnn_version"]),
         yn(available && tch::Cuda::cudnn_is_available())
     );
-    for g in &gpus {
+    for g in gpus {
         println!(
             "  cuda:{}  {}  {} total, {} free, compute capability {}.{}",
             g.index,
@@ -112,20 +139,21 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             g.capability.1
         );
     }
-    println!(
-        "CPU kernels      {}{}, {} torch threads, {} kernel threads",
-        octet::quant::kernels::cpu_kernel_path(),
-        if octet::quant::generic_forced() {
-            " (generic tensor ops forced by OCTET_FORCE_GENERIC)"
-        } else {
-            ""
-        },
-        tch::get_num_threads(),
-        rayon::current_num_threads()
-    );
-    println!(
-        "host memory      {} available",
-        host_available_bytes().map_or("unknown".into(), human)
-    );
-    Ok(())
+}
+
+/// A JSON value as text; `unknown` for null.
+fn s(x: &serde_json::Value) -> String {
+    match x {
+        serde_json::Value::Null => "unknown".to_string(),
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn yn(b: bool) -> &'static str {
+    if b {
+        "yes"
+    } else {
+        "no"
+    }
 }

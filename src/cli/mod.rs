@@ -42,9 +42,21 @@ enum Command {
     Env(env::Args),
 }
 
+/// The flags naming the model `eval` and `generate` run, and how it is loaded.
+#[derive(clap::Args, Debug)]
+pub struct ModelArgs {
+    /// Model folder (Hugging Face or octet 8-bit).
+    #[arg(long)]
+    pub model: std::path::PathBuf,
+    /// PEFT LoRA adapter folder to apply to --model.
+    #[arg(long)]
+    pub adapter: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    pub load: octet::infer::InferOptions,
+}
+
 /// Help text of every `--device` flag.
-pub const DEVICE_HELP: &str =
-    "auto, cpu, cuda or cuda:N; auto picks cuda:0 when a GPU is usable, else the CPU";
+pub const DEVICE_HELP: &str = octet::device::FLAG_HELP;
 
 /// Parses and resolves `--device` through the library (an unusable device is an error that
 /// names `octet env`).

@@ -839,17 +839,14 @@ impl GgufFile {
         Ok(tok)
     }
 
-    /// The tokenizer wrapped for octet, its end- and beginning-of-sequence ids from
-    /// `tokenizer.ggml.eos_token_id` / `bos_token_id` when given.
-    pub fn tokenizer(&self) -> Result<crate::tokenizer::Tokenizer> {
-        let mut t = crate::tokenizer::Tokenizer::from_tokenizers(self.hf_tokenizer()?);
-        if let Some(eos) = self.meta_u64("tokenizer.ggml.eos_token_id") {
-            t.set_eos_id(Some(eos as u32));
-        }
-        if let Some(bos) = self.meta_u64("tokenizer.ggml.bos_token_id") {
-            t.set_bos_id(Some(bos as u32));
-        }
-        Ok(t)
+    /// The end- and beginning-of-sequence ids the metadata names
+    /// (`tokenizer.ggml.eos_token_id` / `bos_token_id`), each `None` when absent.
+    pub fn special_token_ids(&self) -> (Option<u32>, Option<u32>) {
+        let id = |key: &str| self.meta_u64(key).map(|v| v as u32);
+        (
+            id("tokenizer.ggml.eos_token_id"),
+            id("tokenizer.ggml.bos_token_id"),
+        )
     }
 
     /// Writes `config.json`, `tokenizer.json` and `tokenizer_config.json` into `dir`, so a

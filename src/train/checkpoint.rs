@@ -3,8 +3,7 @@
 //! the check that a resume keeps every setting that gives the saved state its meaning.
 use super::data::{BatcherState, Dataset};
 use super::optim::Optimizer;
-use super::schedule::ScheduleKind;
-use super::trainer::{OptimKind, TrainOptions};
+use super::options::{OptimKind, TrainOptions};
 use crate::error::{OctetError, Result};
 use crate::io::safetensors::save_tensors;
 use crate::model::CausalLm;
@@ -35,34 +34,12 @@ pub(super) struct RunState {
     pub(super) files: std::collections::BTreeMap<String, String>,
 }
 
-/// The settings of a run, named as their flags, compared on resume.
+/// The settings of a run, named as their flags, compared on resume: the keys of
+/// [`MUST_KEEP`] and [`MAY_CHANGE`] taken from the run's options, with `targets` resolved and
+/// `data` the SHA-256 of the tokenized data (train and held-out sequences).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-#[serde(rename_all = "kebab-case")]
-pub(super) struct RunSettings {
-    seq_len: usize,
-    batch_size: usize,
-    targets: String,
-    lora_r: usize,
-    lora_alpha: f64,
-    rslora: bool,
-    seed: u64,
-    eval_fraction: f64,
-    /// SHA-256 of the tokenized data (train and held-out sequences).
-    data: String,
-    optim: OptimKind,
-    train_norms: bool,
-    train_biases: bool,
-    steps: usize,
-    lr: f64,
-    warmup: usize,
-    schedule: ScheduleKind,
-    grad_accum: usize,
-    lora_dropout: f64,
-    weight_decay: f64,
-    max_grad_norm: f64,
-    eval_every: usize,
-    save_every: usize,
-}
+#[serde(transparent)]
+pub(super) struct RunSettings(serde_json::Map<String, serde_json::Value>);
 
 /// Settings a resumed run must keep, in the order they are checked (shapes first).
 const MUST_KEEP: [&str; 12] = [
@@ -113,44 +90,35 @@ fn describe(key: &str) -> &'static str {
 }
 
 impl RunSettings {
-    pub(super) fn of(opts: &TrainOptions, targets: &Targets, data: String) -> Self {
-        RunSettings {
-            seq_len: opts.seq_len,
-            batch_size: opts.batch_size,
-            targets: targets.to_string(),
-            lora_r: opts.lora.r,
-            lora_alpha: opts.lora.alpha,
-            rslora: opts.lora.rslora,
-            seed: opts.seed,
-            eval_fraction: opts.eval_fraction,
-            data,
-            optim: opts.optim,
-            train_norms: opts.train_norms,
-            train_biases: opts.train_biases,
-            steps: opts.steps,
-            lr: opts.lr,
-            warmup: opts.warmup,
-            schedule: opts.schedule,
-            grad_accum: opts.grad_accum,
-            lora_dropout: opts.lora.dropout,
-            weight_decay: opts.weight_decay,
-            max_grad_norm: opts.max_grad_norm,
-            eval_every: opts.eval_every,
-            save_every: opts.save_every,
-        }
+    pub(super) fn of(opts: &TrainOptions, targets: &Targets, data: String) -> Result<Self> {
+        let mut all = match serde_json::to_value(opts) {
+            Ok(serde_json::Value::Object(m)) => m,
+            _ => {
+                return Err(OctetError::InvalidArgument(
+                    "unserializable settings".into(),
+                ))
+            }
+        };
+        all.insert("targets".into(), targets.to_string().into());
+        all.insert("data".into(), data.into());
+        let wanted = MUST_KEEP.iter().chain(&MAY_CHANGE);
+        Ok(RunSettings(
+            wanted
+                .filter_map(|k| Some((k.to_string(), all.get(*k)?.clone())))
+                .collect(),
+        ))
     }
 
     /// Refuses a resume whose settings change what the saved state means, naming the first
     /// such setting; logs the ones that may change on stderr.
     pub(super) fn check_resume(&self, now: &RunSettings, state_file: &Path) -> Result<()> {
-        let as_map = |s: &RunSettings| match serde_json::to_value(s) {
-            Ok(serde_json::Value::Object(m)) => m,
-            _ => serde_json::Map::new(),
-        };
-        let (was, is) = (as_map(self), as_map(now));
+        let null = serde_json::Value::Null;
         let mut changed = Vec::new();
         for key in MUST_KEEP.iter().chain(&MAY_CHANGE) {
-            let (old, new) = (&was[*key], &is[*key]);
+            let (old, new) = (
+                self.0.get(*key).unwrap_or(&null),
+                now.0.get(*key).unwrap_or(&null),
+            );
             if old == new {
                 continue;
             }
@@ -344,7 +312,7 @@ mod tests {
     #[test]
     fn every_setting_is_either_kept_or_allowed_to_change() {
         let opts = TrainOptions::default();
-        let s = RunSettings::of(&opts, &Targets::Names(vec!["q".into()]), "fp".into());
+        let s = RunSettings::of(&opts, &Targets::Names(vec!["q".into()]), "fp".into()).unwrap();
         let serde_json::Value::Object(m) = serde_json::to_value(&s).unwrap() else {
             panic!("settings serialize to an object")
         };
@@ -361,7 +329,7 @@ mod tests {
     fn a_shape_setting_is_refused_by_name_and_a_schedule_setting_allowed() {
         let opts = TrainOptions::default();
         let t = Targets::Names(vec!["q".into()]);
-        let was = RunSettings::of(&opts, &t, "fp".into());
+        let was = RunSettings::of(&opts, &t, "fp".into()).unwrap();
         let longer = TrainOptions {
             seq_len: 256,
             steps: 500,
@@ -369,7 +337,7 @@ mod tests {
         };
         let err = was
             .check_resume(
-                &RunSettings::of(&longer, &t, "fp".into()),
+                &RunSettings::of(&longer, &t, "fp".into()).unwrap(),
                 Path::new("s.json"),
             )
             .unwrap_err()
@@ -383,7 +351,7 @@ mod tests {
             ..TrainOptions::default()
         };
         was.check_resume(
-            &RunSettings::of(&more_steps, &t, "fp".into()),
+            &RunSettings::of(&more_steps, &t, "fp".into()).unwrap(),
             Path::new("s"),
         )
         .unwrap();

@@ -5,6 +5,7 @@ pub mod adamw;
 pub mod checkpoint;
 pub mod data;
 pub mod optim;
+pub mod options;
 pub mod schedule;
 pub mod step;
 pub mod trainer;

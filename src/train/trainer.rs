@@ -6,16 +6,16 @@ use super::checkpoint::{
     find_checkpoint, fingerprint_data, save_checkpoint, RunSettings, RunState, OPTIMIZER_FILE,
     STATE_FILE,
 };
-use super::data::{Batcher, Dataset, Sequence};
+use super::data::{Batcher, BatcherState, Dataset, Sequence};
 use super::optim::{AdamConfig, Optimizer};
-use super::schedule::{LrSchedule, ScheduleKind};
+use super::schedule::LrSchedule;
 use super::step::{causal_lm_nll, forward_backward};
 use crate::error::{OctetError, Result};
 use crate::io::safetensors::SafetensorsFile;
 use crate::io::TensorStore;
 use crate::load::{load_model, read_tensor, LoadOptions, LoadedModel, QuantizeOptions};
 use crate::model::CausalLm;
-use crate::nn::{Layer, LoraConfig};
+use crate::nn::Layer;
 use crate::outdir::InPlaceOutput;
 use crate::peft::{
     attach_lora, load_adapter, train_extras, trainable_tensors, AdapterConfig, Targets,
@@ -28,133 +28,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
-/// Which optimizer updates the adapters.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum OptimKind {
-    /// bitsandbytes-style 8-bit Adam.
-    Adam8bit,
-    /// f32 AdamW.
-    Adamw,
-}
-
-impl std::str::FromStr for OptimKind {
-    type Err = OctetError;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "adam8bit" => Ok(OptimKind::Adam8bit),
-            "adamw" => Ok(OptimKind::Adamw),
-            o => Err(OctetError::InvalidArgument(format!(
-                "unknown optimizer '{o}': expected adam8bit or adamw"
-            ))),
-        }
-    }
-}
-
-/// Everything a training run needs, resolved.
-#[derive(Clone, Debug)]
-pub struct TrainOptions {
-    /// Model folder (HF or octet).
-    pub model: PathBuf,
-    /// Text / JSONL data file.
-    pub data: PathBuf,
-    /// Output folder.
-    pub out: PathBuf,
-    /// `auto` or a registry name.
-    pub arch: String,
-    /// Optimizer steps in total.
-    pub steps: usize,
-    /// Sequences per micro-batch.
-    pub batch_size: usize,
-    /// Micro-batches per optimizer step.
-    pub grad_accum: usize,
-    /// Tokens per sequence.
-    pub seq_len: usize,
-    /// Peak learning rate.
-    pub lr: f64,
-    /// Warm-up steps.
-    pub warmup: usize,
-    /// Decay after warm-up.
-    pub schedule: ScheduleKind,
-    /// Adapter hyper-parameters.
-    pub lora: LoraConfig,
-    /// Adapter targets; the spec's default when `None`.
-    pub targets: Option<Targets>,
-    /// Optimizer.
-    pub optim: OptimKind,
-    /// Decoupled weight decay.
-    pub weight_decay: f64,
-    /// Compute dtype (f32 or bf16).
-    pub kind: Kind,
-    /// Seed of adapters, data order and dropout.
-    pub seed: u64,
-    /// Evaluate every this many steps (0: only at the end).
-    pub eval_every: usize,
-    /// Save every this many steps (0: only at the end).
-    pub save_every: usize,
-    /// Fraction of sequences held out.
-    pub eval_fraction: f64,
-    /// Gradient-norm clip (0: off).
-    pub max_grad_norm: f64,
-    /// Block-level recompute.
-    pub checkpointing: bool,
-    /// Also train norm scales/shifts.
-    pub train_norms: bool,
-    /// Also train biases.
-    pub train_biases: bool,
-    /// Store frozen weights in 8-bit (float modules are quantized on load).
-    pub quantize: bool,
-    /// Continue the run saved in this folder.
-    pub resume: Option<PathBuf>,
-    /// Replace a non-empty output folder.
-    pub force: bool,
-    /// Device.
-    pub device: Device,
-    /// Draw a progress bar.
-    pub progress: bool,
-    /// Log every this many steps to metrics.jsonl.
-    pub log_every: usize,
-    /// Save and stop after this many steps in total, as Ctrl-C would (time-boxed runs).
-    pub stop_after: Option<usize>,
-}
-
-impl Default for TrainOptions {
-    fn default() -> Self {
-        TrainOptions {
-            model: PathBuf::new(),
-            data: PathBuf::new(),
-            out: PathBuf::new(),
-            arch: "auto".into(),
-            steps: 100,
-            batch_size: 4,
-            grad_accum: 1,
-            seq_len: 128,
-            lr: 2e-4,
-            warmup: 10,
-            schedule: ScheduleKind::Cosine,
-            lora: LoraConfig::default(),
-            targets: None,
-            optim: OptimKind::Adam8bit,
-            weight_decay: 0.0,
-            kind: Kind::Float,
-            seed: 0,
-            eval_every: 0,
-            save_every: 0,
-            eval_fraction: 0.1,
-            max_grad_norm: 1.0,
-            checkpointing: true,
-            train_norms: false,
-            train_biases: false,
-            quantize: true,
-            resume: None,
-            force: false,
-            device: Device::Cpu,
-            progress: false,
-            log_every: 1,
-            stop_after: None,
-        }
-    }
-}
+pub use super::options::{OptimKind, TrainOptions};
 
 /// One line of metrics.jsonl.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -374,91 +248,74 @@ fn open_output(opts: &TrainOptions) -> Result<InPlaceOutput> {
     InPlaceOutput::open(&opts.out, opts.force, continuing, &inputs)
 }
 
-impl TrainOptions {
-    /// Checks every setting against its range before anything is loaded or written.
-    pub fn validate(&self) -> Result<()> {
-        let bad = |m: String| Err(OctetError::InvalidArgument(m));
-        let at_least = |flag: &str, v: usize, min: usize| {
-            if v < min {
-                bad(format!("--{flag} {v}: must be at least {min}"))
-            } else {
-                Ok(())
-            }
-        };
-        at_least("steps", self.steps, 1)?;
-        at_least("batch-size", self.batch_size, 1)?;
-        at_least("grad-accum", self.grad_accum, 1)?;
-        at_least("seq-len", self.seq_len, 2)?;
-        at_least("lora-r", self.lora.r, 1)?;
-        if let Some(n) = self.stop_after {
-            at_least("stop-after", n, 1)?;
-        }
-        let finite = |flag: &str, v: f64, ok: bool, range: &str| {
-            if v.is_finite() && ok {
-                Ok(())
-            } else {
-                bad(format!("--{flag} {v}: must be {range}"))
-            }
-        };
-        finite("lr", self.lr, self.lr > 0.0, "a finite number > 0")?;
-        finite(
-            "lora-alpha",
-            self.lora.alpha,
-            self.lora.alpha > 0.0,
-            "a finite number > 0",
-        )?;
-        let d = self.lora.dropout;
-        finite("lora-dropout", d, (0.0..1.0).contains(&d), "in [0, 1)")?;
-        let f = self.eval_fraction;
-        finite("eval-fraction", f, (0.0..1.0).contains(&f), "in [0, 1)")?;
-        let wd = self.weight_decay;
-        finite("weight-decay", wd, wd >= 0.0, "a finite number ≥ 0")?;
-        let g = self.max_grad_norm;
-        finite(
-            "max-grad-norm",
-            g,
-            g >= 0.0,
-            "a finite number ≥ 0 (0: no clipping)",
-        )?;
-        if self.warmup > self.steps {
-            return bad(format!(
-                "--warmup {}: must not exceed --steps ({})",
-                self.warmup, self.steps
-            ));
-        }
-        Ok(())
-    }
-}
-
 /// Runs (or resumes) a training run.
 pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
     // De-quantization buffers live for the whole run rather than being re-faulted every step.
     crate::nn::scratch::retain(|| train_run(opts))
 }
 
-fn train_run(opts: &TrainOptions) -> Result<TrainSummary> {
+/// What a run is set to before anything is written: the resolved device, dtype and targets,
+/// the settings a resume is checked against, and the checkpoint to resume.
+struct Plan {
+    device: Device,
+    kind: Kind,
+    targets: Targets,
+    settings: RunSettings,
+    base_fp: String,
+    fan_in_fan_out: bool,
+    checkpoint: Option<(PathBuf, RunState)>,
+}
+
+/// Validates the options, loads the base model and the data, and finds the checkpoint to
+/// resume (refusing one whose settings do not fit), all before the output is touched.
+fn setup(opts: &TrainOptions) -> Result<(LoadedModel, Dataset, Plan)> {
     opts.validate()?;
     crate::model::check_model_path(&opts.model)?;
-    if opts.kind == Kind::Half {
-        // f16 gradients underflow without loss scaling, which this loop does not do.
-        return Err(OctetError::InvalidArgument(
-            "--dtype f16 is not supported for training (its gradients underflow without loss \
-             scaling): use --dtype bf16, which has f32's range, or f32; f16 works for eval and \
-             generate"
-                .into(),
-        ));
-    }
+    let kind = opts.kind()?;
+    let device = crate::device::from_flag(&opts.device)?;
     let tokenizer = Tokenizer::from_dir(&opts.model)?;
-    let quantize = opts.quantize.then(QuantizeOptions::default);
-    let mut loaded = load_model(
-        &opts.model,
-        &LoadOptions {
-            arch: opts.arch.clone(),
-            kind: opts.kind,
-            device: opts.device,
-            quantize,
-        },
-    )?;
+    let mut loaded = load_base(opts, kind, device)?;
+    let dataset = load_data(opts, &tokenizer, loaded.model.info().vocab_size)?;
+    let base_fp = fingerprint(&mut loaded);
+    let targets = match opts.targets()? {
+        Some(t) => t,
+        None => Targets::Names(loaded.arch.spec().lora_targets.clone()),
+    };
+    let settings = RunSettings::of(opts, &targets, fingerprint_data(&dataset))?;
+    let checkpoint = opts.resume.as_deref().map(find_checkpoint).transpose()?;
+    if let Some((sdir, st)) = &checkpoint {
+        let p = sdir.join(STATE_FILE);
+        match &st.settings {
+            Some(was) => was.check_resume(&settings, &p)?,
+            None => eprintln!(
+                "note: {} predates recorded settings; only the base and rank are checked",
+                p.display()
+            ),
+        }
+    }
+    let fan_in_fan_out = loaded.arch.fan_in_fan_out();
+    let plan = Plan {
+        device,
+        kind,
+        targets,
+        settings,
+        base_fp,
+        fan_in_fan_out,
+        checkpoint,
+    };
+    Ok((loaded, dataset, plan))
+}
+
+/// Loads the base model (8-bit unless `--no-quantize`) and checks that the run's shapes fit
+/// it and a micro-batch fits the device, before any batch is built or run.
+fn load_base(opts: &TrainOptions, kind: Kind, device: Device) -> Result<LoadedModel> {
+    let load = LoadOptions {
+        arch: opts.arch.clone(),
+        kind,
+        device,
+        quantize: (!opts.no_quantize).then(QuantizeOptions::default),
+    };
+    let loaded = load_model(&opts.model, &load)?;
     let info = loaded.model.info();
     if opts.seq_len > info.max_positions {
         return Err(OctetError::InvalidArgument(format!(
@@ -466,30 +323,27 @@ fn train_run(opts: &TrainOptions) -> Result<TrainSummary> {
             opts.seq_len, info.max_positions
         )));
     }
-    if opts.lora.r > info.hidden {
+    if opts.lora_r > info.hidden {
         return Err(OctetError::InvalidArgument(format!(
             "--lora-r {}: larger than the model's hidden width {}",
-            opts.lora.r, info.hidden
+            opts.lora_r, info.hidden
         )));
     }
-    // Refused before any batch is built or run.
+    let (batch, seq) = (opts.batch_size, opts.seq_len);
     crate::memory::ensure_fits(
-        &format!(
-            "a micro-batch of {} x {} tokens",
-            opts.batch_size, opts.seq_len
-        ),
-        crate::memory::training_batch_bytes(
-            &info,
-            opts.batch_size,
-            opts.seq_len,
-            opts.checkpointing,
-        ),
-        opts.device,
+        &format!("a micro-batch of {batch} x {seq} tokens"),
+        crate::memory::training_batch_bytes(&info, batch, seq, !opts.no_checkpointing),
+        device,
         "lower --batch-size or --seq-len (--grad-accum keeps the effective batch)",
     )?;
+    Ok(loaded)
+}
+
+/// Tokenizes and splits the data; every token id must have a row in the model.
+fn load_data(opts: &TrainOptions, tokenizer: &Tokenizer, vocab: usize) -> Result<Dataset> {
     let dataset = Dataset::load(
         &opts.data,
-        &tokenizer,
+        tokenizer,
         opts.seq_len,
         opts.eval_fraction,
         opts.seed,
@@ -504,109 +358,95 @@ fn train_run(opts: &TrainOptions) -> Result<TrainSummary> {
     let all = dataset.train.iter().chain(&dataset.eval);
     crate::model::check_token_ids(
         all.flat_map(|s| &s.input_ids),
-        info.vocab_size,
+        vocab,
         &opts.data.display().to_string(),
     )?;
-    let base_fp = fingerprint(&mut loaded);
-    let base_name = opts.model.display().to_string();
-    let targets = opts
-        .targets
-        .clone()
-        .unwrap_or_else(|| Targets::Names(loaded.arch.spec().lora_targets.clone()));
-    let settings = RunSettings::of(opts, &targets, fingerprint_data(&dataset));
-    let checkpoint = opts.resume.as_deref().map(find_checkpoint).transpose()?;
-    if let Some((sdir, st)) = &checkpoint {
-        let p = sdir.join(STATE_FILE);
-        match &st.settings {
-            Some(was) => was.check_resume(&settings, &p)?,
-            None => eprintln!(
-                "note: {} predates recorded settings; only the base and rank are checked",
-                p.display()
-            ),
-        }
-    }
+    Ok(dataset)
+}
 
-    let model = loaded.model.as_mut();
+/// Where a run starts: its checkpoint's adapters and data position, or fresh adapters.
+struct Start {
+    step: usize,
+    batcher: Batcher,
+    wrapped: Vec<String>,
+    resumed: Option<RunState>,
+    resumed_from: Option<PathBuf>,
+}
+
+/// Attaches fresh adapters, or restores the checkpoint's after checking that it was trained
+/// on this base with this rank.
+fn begin(
+    model: &mut dyn CausalLm,
+    opts: &TrainOptions,
+    plan: &mut Plan,
+    train_len: usize,
+) -> Result<Start> {
     tch::manual_seed(opts.seed as i64);
-    let (mut step, mut batcher, wrapped, resume_state) = match checkpoint {
-        Some((sdir, st)) => {
-            let p = sdir.join(STATE_FILE);
-            if st.base_fingerprint != base_fp {
-                return Err(OctetError::bad_file(&p, format!("this run was trained on another base model ({}); refusing to resume onto {}", st.base, base_name)));
-            }
-            if st.r != opts.lora.r {
-                return Err(OctetError::bad_file(
-                    &p,
-                    format!(
-                        "this run has LoRA rank {}, not --lora-r {}",
-                        st.r, opts.lora.r
-                    ),
-                ));
-            }
-            load_adapter(model, &sdir)?;
-            train_extras(model, st.train_norms, st.train_biases);
-            let batcher = Batcher::restore(st.batcher, dataset.train.len(), opts.batch_size)?;
-            (st.step, batcher, st.targets.clone(), Some((st, sdir)))
-        }
-        None => {
-            let wrapped = attach_lora(model, &targets, opts.lora)?;
-            train_extras(model, opts.train_norms, opts.train_biases);
-            (
-                0,
-                Batcher::new(dataset.train.len(), opts.batch_size, opts.seed)?,
-                wrapped,
-                None,
-            )
-        }
+    let Some((sdir, st)) = plan.checkpoint.take() else {
+        let wrapped = attach_lora(model, &plan.targets, opts.lora())?;
+        train_extras(model, opts.train_norms, opts.train_biases);
+        let batcher = Batcher::new(train_len, opts.batch_size, opts.seed)?;
+        return Ok(Start {
+            step: 0,
+            batcher,
+            wrapped,
+            resumed: None,
+            resumed_from: None,
+        });
     };
-    // Opened once the settings, checkpoint and targets are known good, so a refused run
-    // writes nothing.
-    let output = open_output(opts)?;
-    let out_dir = output.path().to_path_buf();
-    model.visit_layers(&mut |_, l| l.set_training(true));
-    if opts.kind != Kind::Float {
-        model.store_frozen_in(opts.kind);
+    let p = sdir.join(STATE_FILE);
+    if st.base_fingerprint != plan.base_fp {
+        let why = format!(
+            "this run was trained on another base model ({}); refusing to resume onto {}",
+            st.base,
+            opts.model.display()
+        );
+        return Err(OctetError::bad_file(&p, why));
     }
-    let named = trainable_tensors(model);
-    let params: Vec<Tensor> = named.iter().map(|(_, t)| t.shallow_clone()).collect();
-    let trainable_params: usize = params.iter().map(|p| p.numel()).sum();
-    let optim_kind = resume_state.as_ref().map_or(opts.optim, |s| s.0.optim);
-    let mut optimizer = build_optimizer(
-        optim_kind,
-        params.iter().map(|p| p.shallow_clone()).collect(),
-        opts.weight_decay,
-        opts.device,
-    )?;
-    if let Some((_, sdir)) = &resume_state {
-        let p = sdir.join(OPTIMIZER_FILE);
-        let store = SafetensorsFile::open(&p)?;
-        let state: Vec<(String, Tensor)> = store
-            .names()
-            .into_iter()
-            .map(|n| Ok((n.clone(), read_tensor(&store, &n)?)))
-            .collect::<Result<_>>()?;
-        optimizer
-            .load_state_dict(&state)
-            .map_err(|e| OctetError::bad_file(&p, e.to_string()))?;
+    if st.r != opts.lora_r {
+        let why = format!(
+            "this run has LoRA rank {}, not --lora-r {}",
+            st.r, opts.lora_r
+        );
+        return Err(OctetError::bad_file(&p, why));
     }
-    let mut adapter_cfg = AdapterConfig::new(
-        opts.lora,
-        &targets,
-        &base_name,
-        opts.train_biases || resume_state.as_ref().is_some_and(|s| s.0.train_biases),
-    );
-    adapter_cfg.fan_in_fan_out = loaded.arch.fan_in_fan_out();
-    let schedule = LrSchedule::new(opts.schedule, opts.lr, opts.warmup, opts.steps)?;
-    let metrics_path = out_dir.join(METRICS_FILE);
-    keep_metrics_through(&metrics_path, step)?;
-    let mut metrics_file = std::fs::OpenOptions::new()
+    load_adapter(model, &sdir)?;
+    train_extras(model, st.train_norms, st.train_biases);
+    Ok(Start {
+        step: st.step,
+        batcher: Batcher::restore(st.batcher, train_len, opts.batch_size)?,
+        wrapped: st.targets.clone(),
+        resumed: Some(st),
+        resumed_from: Some(sdir),
+    })
+}
+
+/// Loads an optimizer's saved state from `path`.
+fn restore_optimizer(optimizer: &mut dyn Optimizer, path: &Path) -> Result<()> {
+    let store = SafetensorsFile::open(path)?;
+    let state: Vec<(String, Tensor)> = store
+        .names()
+        .into_iter()
+        .map(|n| Ok((n.clone(), read_tensor(&store, &n)?)))
+        .collect::<Result<_>>()?;
+    optimizer
+        .load_state_dict(&state)
+        .map_err(|e| OctetError::bad_file(path, e.to_string()))
+}
+
+/// metrics.jsonl of the run folder, opened for appending after the lines past `step`.
+fn open_metrics(out_dir: &Path, step: usize) -> Result<(PathBuf, std::fs::File)> {
+    let path = out_dir.join(METRICS_FILE);
+    keep_metrics_through(&path, step)?;
+    let file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open(&metrics_path)
-        .map_err(|e| OctetError::io(&metrics_path, e))?;
-    install_interrupt_handler();
-    INTERRUPTED.store(false, Ordering::SeqCst);
+        .open(&path)
+        .map_err(|e| OctetError::io(&path, e))?;
+    Ok((path, file))
+}
 
+fn progress_bar(opts: &TrainOptions, step: usize) -> indicatif::ProgressBar {
     let pb = if opts.progress {
         indicatif::ProgressBar::new(opts.steps as u64)
     } else {
@@ -617,165 +457,301 @@ fn train_run(opts: &TrainOptions) -> Result<TrainSummary> {
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     pb.set_position(step as u64);
-    let state_of = |step: usize, batcher: &Batcher| RunState {
-        step,
-        batcher: batcher.state(),
-        seed: opts.seed,
-        base: base_name.clone(),
-        base_fingerprint: base_fp.clone(),
-        r: opts.lora.r,
-        targets: wrapped.clone(),
-        optim: optim_kind,
-        train_norms: opts.train_norms || resume_state.as_ref().is_some_and(|s| s.0.train_norms),
-        train_biases: adapter_cfg.bias == "all",
-        settings: Some(settings.clone()),
-        files: Default::default(),
-    };
-    let mut all_metrics = Vec::new();
-    let mut stop = StopReason::Finished;
-    let mut last_eval = None;
-    if opts.stop_after.is_some_and(|n| step >= n) && step < opts.steps {
-        // A resumed run already at its --stop-after: nothing to do, nothing to save.
-        stop = StopReason::StopAfter;
+    pb
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+/// A run in progress: the model with its adapters, the optimizer, and where output goes.
+struct Run<'a> {
+    opts: &'a TrainOptions,
+    model: &'a mut dyn CausalLm,
+    device: Device,
+    params: Vec<Tensor>,
+    optimizer: Box<dyn Optimizer>,
+    adapter_cfg: AdapterConfig,
+    schedule: LrSchedule,
+    /// The state saved with each checkpoint, but for its step and data position.
+    state: RunState,
+    batcher: Batcher,
+    step: usize,
+    /// The locked run folder.
+    output: InPlaceOutput,
+    metrics: (PathBuf, std::fs::File),
+    peak_gpu: Option<u64>,
+    pb: indicatif::ProgressBar,
+}
+
+impl<'a> Run<'a> {
+    /// Opens the output (once the settings, checkpoint and targets are known good, so a
+    /// refused run writes nothing) and builds the optimizer, with its saved state on resume.
+    fn prepare(
+        opts: &'a TrainOptions,
+        model: &'a mut dyn CausalLm,
+        plan: Plan,
+        start: Start,
+    ) -> Result<Self> {
+        let output = open_output(opts)?;
+        model.visit_layers(&mut |_, l| l.set_training(true));
+        if plan.kind != Kind::Float {
+            model.store_frozen_in(plan.kind);
+        }
+        let params: Vec<Tensor> = trainable_tensors(model)
+            .iter()
+            .map(|(_, t)| t.shallow_clone())
+            .collect();
+        let resumed = start.resumed.as_ref();
+        let optim = resumed.map_or(opts.optim, |st| st.optim);
+        let copies = params.iter().map(|p| p.shallow_clone()).collect();
+        let mut optimizer = build_optimizer(optim, copies, opts.weight_decay, plan.device)?;
+        if let Some(sdir) = &start.resumed_from {
+            restore_optimizer(optimizer.as_mut(), &sdir.join(OPTIMIZER_FILE))?;
+        }
+        let base = opts.model.display().to_string();
+        let train_biases = opts.train_biases || resumed.is_some_and(|st| st.train_biases);
+        let mut adapter_cfg = AdapterConfig::new(opts.lora(), &plan.targets, &base, train_biases);
+        adapter_cfg.fan_in_fan_out = plan.fan_in_fan_out;
+        let state = RunState {
+            step: start.step,
+            batcher: start.batcher.state(),
+            seed: opts.seed,
+            base,
+            base_fingerprint: plan.base_fp,
+            r: opts.lora_r,
+            targets: start.wrapped,
+            optim,
+            train_norms: opts.train_norms || resumed.is_some_and(|st| st.train_norms),
+            train_biases: adapter_cfg.bias == "all",
+            settings: Some(plan.settings),
+            files: Default::default(),
+        };
+        Ok(Run {
+            schedule: LrSchedule::new(opts.schedule, opts.lr, opts.warmup, opts.steps)?,
+            metrics: open_metrics(output.path(), start.step)?,
+            pb: progress_bar(opts, start.step),
+            opts,
+            model,
+            device: plan.device,
+            params,
+            optimizer,
+            adapter_cfg,
+            state,
+            batcher: start.batcher,
+            step: start.step,
+            output,
+            peak_gpu: None,
+        })
     }
-    let mut peak_gpu: Option<u64> = None;
-    while step < opts.steps && stop == StopReason::Finished {
+
+    /// Saves a checkpoint of the current step with data position `batcher`.
+    fn save(&mut self, batcher: BatcherState) -> Result<()> {
+        let state = RunState {
+            step: self.step,
+            batcher,
+            ..self.state.clone()
+        };
+        let (model, optimizer) = (&mut *self.model, self.optimizer.as_ref());
+        save_checkpoint(
+            model,
+            optimizer,
+            &self.adapter_cfg,
+            &state,
+            self.output.path(),
+        )
+    }
+
+    /// One optimizer step: its micro-batches, clipping and update, then evaluation and
+    /// logging as they fall due.
+    fn advance(&mut self, data: &Dataset) -> Result<StepMetrics> {
+        let opts = self.opts;
         let started = Instant::now();
-        let batcher_before = batcher.state();
-        optimizer.zero_grad();
+        let batcher_before = self.batcher.state();
+        self.optimizer.zero_grad();
         let mut loss_sum = 0.0;
         for micro in 0..opts.grad_accum {
-            let (ids, labels) = batcher.next_batch(&dataset.train)?;
-            // Built on the host, copied to the device once per micro-batch.
-            let ids = ids.to_device(opts.device);
-            let labels = labels.to_device(opts.device);
-            let micro_id = (step * opts.grad_accum + micro) as u64;
-            let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                forward_backward(
-                    &*model,
-                    &ids,
-                    &labels,
-                    1.0 / opts.grad_accum as f64,
-                    opts.checkpointing,
-                    opts.seed,
-                    micro_id,
-                )
-            }));
-            let loss = match run {
-                Ok(loss) => loss,
-                Err(panic) => {
-                    let msg = panic_message(&*panic);
-                    if !is_out_of_memory(&msg) {
-                        std::panic::resume_unwind(panic);
-                    }
-                    pb.abandon();
-                    optimizer.zero_grad();
-                    let kept = if step > 0 {
-                        let mut st = state_of(step, &batcher);
-                        st.batcher = batcher_before;
-                        save_checkpoint(model, optimizer.as_ref(), &adapter_cfg, &st, &out_dir)?;
-                        format!(
-                            "the last good checkpoint (step {step}) is saved in {}; continue it with --resume {}",
-                            opts.out.display(),
-                            opts.out.display()
-                        )
-                    } else {
-                        "no step had completed, so nothing was saved".to_string()
-                    };
-                    return Err(OctetError::InvalidArgument(format!(
-                        "{} ran out of memory in step {} (batch size {}, seq len {}): {kept}. \
-                         Lower --batch-size or --seq-len; raising --grad-accum keeps the \
-                         effective batch of {} sequences",
-                        crate::device::name(opts.device),
-                        step + 1,
-                        opts.batch_size,
-                        opts.seq_len,
-                        opts.batch_size * opts.grad_accum
-                    )));
-                }
-            };
-            if !loss.is_finite() {
-                pb.abandon();
-                return Err(OctetError::InvalidArgument(format!(
-                    "the loss became {loss} at step {}; stopping (the last good checkpoint in {} is kept)",
-                    step + 1,
-                    out_dir.display()
-                )));
-            }
-            loss_sum += loss;
+            loss_sum += self.micro_batch(&data.train, micro, batcher_before)?;
         }
-        let grad_norm = clip_grad_norm(&params, opts.max_grad_norm);
-        let lr = schedule.lr(step);
-        optimizer.step(lr)?;
-        step += 1;
+        let grad_norm = clip_grad_norm(&self.params, opts.max_grad_norm);
+        let lr = self.schedule.lr(self.step);
+        self.optimizer.step(lr)?;
+        self.step += 1;
         let tokens = (opts.batch_size * opts.seq_len * opts.grad_accum) as f64;
         let mut m = StepMetrics {
-            step,
+            step: self.step,
             loss: loss_sum / opts.grad_accum as f64,
             lr,
             tokens_per_s: tokens / started.elapsed().as_secs_f64(),
             grad_norm,
             eval_loss: None,
-            peak_gpu_mib: None,
+            peak_gpu_mib: self.track_gpu_memory(),
         };
-        if let Device::Cuda(n) = opts.device {
-            if let Some(used) = crate::device::used_bytes(n) {
-                let peak = peak_gpu.map_or(used, |p| p.max(used));
-                peak_gpu = Some(peak);
-                m.peak_gpu_mib = Some(peak as f64 / (1024.0 * 1024.0));
-            }
-        }
-        if (opts.eval_every > 0 && step % opts.eval_every == 0) || step == opts.steps {
-            m.eval_loss = evaluate(model, &dataset.eval, opts.batch_size)?;
+        if (opts.eval_every > 0 && self.step.is_multiple_of(opts.eval_every))
+            || self.step == opts.steps
+        {
+            m.eval_loss = evaluate(&mut *self.model, &data.eval, opts.batch_size)?;
             if let Some(e) = m.eval_loss.filter(|e| !e.is_finite()) {
-                pb.abandon();
+                self.pb.abandon();
                 return Err(OctetError::InvalidArgument(format!(
-                    "the held-out loss became {e} at step {step}; stopping (the last good \
+                    "the held-out loss became {e} at step {}; stopping (the last good \
                      checkpoint in {} is kept)",
-                    out_dir.display()
+                    self.step,
+                    self.output.path().display()
                 )));
             }
-            last_eval = m.eval_loss;
         }
-        if step % opts.log_every.max(1) == 0 || m.eval_loss.is_some() || step == opts.steps {
-            let line = serde_json::to_string(&m)
-                .map_err(|e| OctetError::InvalidArgument(e.to_string()))?;
-            writeln!(metrics_file, "{line}").map_err(|e| OctetError::io(&metrics_path, e))?;
+        self.log(&m)?;
+        Ok(m)
+    }
+
+    /// Forward and backward of one micro-batch; returns its loss. Running out of memory saves
+    /// the last good checkpoint (data position `before` the step) and names the flags to lower.
+    fn micro_batch(
+        &mut self,
+        train: &[Sequence],
+        micro: usize,
+        before: BatcherState,
+    ) -> Result<f64> {
+        let opts = self.opts;
+        let (ids, labels) = self.batcher.next_batch(train)?;
+        // Built on the host, copied to the device once per micro-batch.
+        let ids = ids.to_device(self.device);
+        let labels = labels.to_device(self.device);
+        let micro_id = (self.step * opts.grad_accum + micro) as u64;
+        let model = &*self.model;
+        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            forward_backward(
+                model,
+                &ids,
+                &labels,
+                1.0 / opts.grad_accum as f64,
+                !opts.no_checkpointing,
+                opts.seed,
+                micro_id,
+            )
+        }));
+        let loss = match run {
+            Ok(loss) => loss,
+            Err(panic) => {
+                if !is_out_of_memory(&panic_message(&*panic)) {
+                    std::panic::resume_unwind(panic);
+                }
+                return Err(self.out_of_memory(before)?);
+            }
+        };
+        if !loss.is_finite() {
+            self.pb.abandon();
+            return Err(OctetError::InvalidArgument(format!(
+                "the loss became {loss} at step {}; stopping (the last good checkpoint in {} is kept)",
+                self.step + 1,
+                self.output.path().display()
+            )));
         }
-        pb.set_message(format!(
+        Ok(loss)
+    }
+
+    /// The error for running out of memory, after saving the last completed step.
+    fn out_of_memory(&mut self, before: BatcherState) -> Result<OctetError> {
+        let opts = self.opts;
+        self.pb.abandon();
+        self.optimizer.zero_grad();
+        let step = self.step;
+        let kept = if step > 0 {
+            self.save(before)?;
+            format!(
+                "the last good checkpoint (step {step}) is saved in {}; continue it with --resume {}",
+                opts.out.display(),
+                opts.out.display()
+            )
+        } else {
+            "no step had completed, so nothing was saved".to_string()
+        };
+        Ok(OctetError::InvalidArgument(format!(
+            "{} ran out of memory in step {} (batch size {}, seq len {}): {kept}. \
+             Lower --batch-size or --seq-len; raising --grad-accum keeps the \
+             effective batch of {} sequences",
+            crate::device::name(self.device),
+            step + 1,
+            opts.batch_size,
+            opts.seq_len,
+            opts.batch_size * opts.grad_accum
+        )))
+    }
+
+    /// The GPU memory high-water mark so far, in MiB; `None` off a GPU.
+    fn track_gpu_memory(&mut self) -> Option<f64> {
+        let Device::Cuda(n) = self.device else {
+            return None;
+        };
+        let used = crate::device::used_bytes(n)?;
+        let peak = self.peak_gpu.map_or(used, |p| p.max(used));
+        self.peak_gpu = Some(peak);
+        Some(mib(peak))
+    }
+
+    /// Appends the step to metrics.jsonl when due and moves the progress bar.
+    fn log(&mut self, m: &StepMetrics) -> Result<()> {
+        let (step, opts) = (self.step, self.opts);
+        if step.is_multiple_of(opts.log_every.max(1)) || m.eval_loss.is_some() || step == opts.steps
+        {
+            let line =
+                serde_json::to_string(m).map_err(|e| OctetError::InvalidArgument(e.to_string()))?;
+            let (path, file) = &mut self.metrics;
+            writeln!(file, "{line}").map_err(|e| OctetError::io(&*path, e))?;
+        }
+        self.pb.set_message(format!(
             "loss {:.4} lr {:.2e} {:.0} tok/s",
-            m.loss, lr, m.tokens_per_s
+            m.loss, m.lr, m.tokens_per_s
         ));
-        pb.set_position(step as u64);
-        all_metrics.push(m);
+        self.pb.set_position(step as u64);
+        Ok(())
+    }
+}
+
+fn train_run(opts: &TrainOptions) -> Result<TrainSummary> {
+    let (mut loaded, dataset, mut plan) = setup(opts)?;
+    let model = loaded.model.as_mut();
+    let start = begin(&mut *model, opts, &mut plan, dataset.train.len())?;
+    let mut run = Run::prepare(opts, model, plan, start)?;
+    install_interrupt_handler();
+    INTERRUPTED.store(false, Ordering::SeqCst);
+    let mut metrics = Vec::new();
+    let mut stop = StopReason::Finished;
+    let mut last_eval = None;
+    let at_stop_after =
+        |step: usize| opts.stop_after.is_some_and(|n| step >= n) && step < opts.steps;
+    if at_stop_after(run.step) {
+        // A resumed run already at its --stop-after: nothing to do, nothing to save.
+        stop = StopReason::StopAfter;
+    }
+    while run.step < opts.steps && stop == StopReason::Finished {
+        let m = run.advance(&dataset)?;
+        last_eval = m.eval_loss.or(last_eval);
+        metrics.push(m);
         if INTERRUPTED.load(Ordering::SeqCst) {
             stop = StopReason::Interrupted;
-        } else if opts.stop_after.is_some_and(|n| step >= n) && step < opts.steps {
+        } else if at_stop_after(run.step) {
             stop = StopReason::StopAfter;
         }
-        if (opts.save_every > 0 && step % opts.save_every == 0)
+        let step = run.step;
+        if (opts.save_every > 0 && step.is_multiple_of(opts.save_every))
             || step == opts.steps
             || stop != StopReason::Finished
         {
-            save_checkpoint(
-                model,
-                optimizer.as_ref(),
-                &adapter_cfg,
-                &state_of(step, &batcher),
-                &out_dir,
-            )?;
+            run.save(run.batcher.state())?;
         }
     }
-    pb.finish_and_clear();
+    run.pb.finish_and_clear();
     Ok(TrainSummary {
-        steps: step,
-        metrics: all_metrics,
+        steps: run.step,
+        metrics,
         eval_loss: last_eval,
-        trainable_params,
-        optimizer_bytes: optimizer.state_bytes(),
+        trainable_params: run.params.iter().map(|p| p.numel()).sum(),
+        optimizer_bytes: run.optimizer.state_bytes(),
         stop,
-        targets: wrapped,
-        peak_gpu_mib: peak_gpu.map(|p| p as f64 / (1024.0 * 1024.0)),
+        targets: run.state.targets.clone(),
+        peak_gpu_mib: run.peak_gpu.map(mib),
     })
 }
 

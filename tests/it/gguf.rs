@@ -8,6 +8,7 @@ use octet::io::gguf::{GgufFile, GgufValue};
 use octet::io::{Dtype, TensorStore};
 use octet::load::{load_model, LoadOptions};
 use octet::source::read_config;
+use octet::tokenizer::Tokenizer;
 use std::path::{Path, PathBuf};
 use tch::{Kind, Tensor};
 
@@ -123,10 +124,8 @@ fn tokenizer_comes_from_the_metadata() {
     let r = gguf_reference();
     let text = "<|im_start|>The 2 foxes ran 1234 miles; the dog didn't.<|im_end|> héllo\n\n  x";
     for v in ["tied", "bias"] {
-        let t = GgufFile::open(&tiny(&format!("{v}.gguf")))
-            .unwrap()
-            .tokenizer()
-            .unwrap();
+        let t =
+            Tokenizer::from_gguf(&GgufFile::open(&tiny(&format!("{v}.gguf"))).unwrap()).unwrap();
         let ids = t.encode(text).unwrap();
         let want: Vec<i64> = Vec::try_from(&r[&format!("tokens_{v}")]).unwrap();
         let ids64: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
@@ -157,8 +156,8 @@ fn converting_a_gguf_gives_a_self_contained_folder() {
     let manifest = std::fs::read_to_string(out.join("octet.toml")).unwrap();
     assert!(manifest.contains("tied.gguf") && manifest.contains("arch = \"llama\""));
     // The written tokenizer is the one the metadata describes.
-    let from_dir = octet::tokenizer::Tokenizer::from_dir(&out).unwrap();
-    let from_gguf = GgufFile::open(&gguf).unwrap().tokenizer().unwrap();
+    let from_dir = Tokenizer::from_dir(&out).unwrap();
+    let from_gguf = Tokenizer::from_gguf(&GgufFile::open(&gguf).unwrap()).unwrap();
     let text = "Stratford 1564: <|im_start|>hello<|im_end|>";
     assert_eq!(
         from_dir.encode(text).unwrap(),

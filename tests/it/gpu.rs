@@ -429,7 +429,7 @@ fn train_losses(dir: &Path, device: Device, optim: OptimKind, steps: usize) -> V
         lr: 1e-3,
         warmup: 0,
         optim,
-        device,
+        device: octet::device::name(device),
         force: true,
         ..TrainOptions::default()
     };

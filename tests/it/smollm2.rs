@@ -151,7 +151,7 @@ fn perplexity_matches_transformers_and_8bit_is_no_worse_than_bitsandbytes() {
     let lap = |what: &str| eprintln!("[{:6.1} s] {what}", elapsed(t0));
     let gguf = gguf();
     let text = text();
-    let tok = GgufFile::open(&gguf).unwrap().tokenizer().unwrap();
+    let tok = Tokenizer::from_gguf(&GgufFile::open(&gguf).unwrap()).unwrap();
     let ids32 = tok.encode(text).unwrap();
     assert_eq!(
         tok.decode(&ids32).unwrap(),
@@ -455,7 +455,7 @@ fn gguf_tokenizer_matches_transformers_on_test_strings() {
     // The set holds strings where splitting off each digit first ("smollm") matters.
     assert_eq!(v.pre, "smollm");
     assert!(v.digit_split_changes > 0);
-    let tok = GgufFile::open(&gguf()).unwrap().tokenizer().unwrap();
+    let tok = Tokenizer::from_gguf(&GgufFile::open(&gguf()).unwrap()).unwrap();
     for x in &v.vectors {
         assert_eq!(tok.encode(&x.text).unwrap(), x.ids, "{:?}", x.text);
         assert_eq!(tok.decode(&x.ids).unwrap(), x.text, "decode {:?}", x.text);
@@ -478,7 +478,7 @@ fn converted_folder_keeps_the_gguf_eos_and_bos() {
     );
     // transformers reads the same ids from the file (<|im_end|>, <|im_start|>).
     assert_eq!((eos, bos), (v.eos_token_id, v.bos_token_id));
-    let from_gguf = g.tokenizer().unwrap();
+    let from_gguf = Tokenizer::from_gguf(&g).unwrap();
     assert_eq!(
         (from_gguf.eos_id(), from_gguf.bos_id()),
         (Some(eos), Some(bos))

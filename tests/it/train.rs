@@ -387,6 +387,63 @@ fn bad_training_inputs_are_refused_clearly() {
     assert!(!ok && err.contains("another base"), "{err}");
 }
 
+/// `--print-config` prints the resolved settings as the TOML `--config` reads: fed back, it
+/// prints the same; a flag wins over the file and the file over the default.
+#[test]
+fn print_config_round_trips_and_flags_beat_the_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let print = |args: &[&str]| {
+        let mut a = vec!["--print-config"];
+        a.extend_from_slice(args);
+        let (ok, out, err) = train(&a);
+        assert!(ok, "{err}");
+        out
+    };
+    let file = tmp.path().join("run.toml");
+    std::fs::write(
+        &file,
+        "model = \"m\"\ndata = \"d.txt\"\nout = \"o\"\nsteps = 50\nlr = 0.01\n\
+         lora-r = 4\nno-quantize = true\ntargets = \"q_proj,v_proj\"\n",
+    )
+    .unwrap();
+    let f = file.to_str().unwrap();
+    let first = print(&["--config", f, "--lr", "0.5", "--seed", "3"]);
+    let t: toml::Table = toml::from_str(&first).unwrap();
+    let int = |k: &str| t[k].as_integer().unwrap();
+    // Flag over file, file over default, default where neither says.
+    assert_eq!(t["lr"].as_float(), Some(0.5));
+    assert_eq!((int("seed"), int("steps"), int("lora-r")), (3, 50, 4));
+    assert_eq!(t["no-quantize"].as_bool(), Some(true));
+    assert_eq!(t["targets"].as_str(), Some("q_proj,v_proj"));
+    assert_eq!((int("batch-size"), int("seq-len")), (4, 128));
+    assert_eq!(t["schedule"].as_str(), Some("cosine"));
+    // The default warm-up of 10 steps is capped at a tenth of the 50.
+    assert_eq!(int("warmup"), 5);
+    // Printed, fed back, printed again: the same text.
+    let again = tmp.path().join("again.toml");
+    std::fs::write(&again, &first).unwrap();
+    assert_eq!(print(&["--config", again.to_str().unwrap()]), first);
+    // A flag still beats the printed file.
+    let third = print(&["--config", again.to_str().unwrap(), "--steps", "60"]);
+    assert!(
+        third.contains("steps = 60\n") && third.contains("warmup = 5\n"),
+        "{third}"
+    );
+    // The shipped example reads and round-trips too.
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/train.toml");
+    let printed = print(&["--config", example]);
+    assert!(printed.contains("lora-alpha = 16.0\n"), "{printed}");
+    std::fs::write(&again, &printed).unwrap();
+    assert_eq!(print(&["--config", again.to_str().unwrap()]), printed);
+    // A key that is no setting is refused, naming the file and the key.
+    std::fs::write(&again, "stepz = 3\n").unwrap();
+    let (ok, _, err) = train(&["--print-config", "--config", again.to_str().unwrap()]);
+    assert!(
+        !ok && err.contains("again.toml") && err.contains("stepz"),
+        "{err}"
+    );
+}
+
 fn ids_file(dir: &Path) -> (PathBuf, Tensor) {
     let ids = common::load_safetensors(&tiny("reference.safetensors"))["input_ids"].shallow_clone();
     let p = dir.join("ids.safetensors");
