@@ -8,7 +8,7 @@ use crate::load::{
     check_checkpoint, choose_code, read_config, read_f32, resolve_arch, QuantizeOptions,
 };
 use crate::manifest::{sha256_file, Manifest, SourceFile, TensorError};
-use crate::nn::{registry, ModuleGraph};
+use crate::nn::{kinds, ModuleGraph};
 use crate::outdir::{copy_side_files, OutputDir};
 use crate::quant::{QuantError, StreamingQuantizer};
 use std::path::{Path, PathBuf};
@@ -242,7 +242,7 @@ pub fn convert(model: &Path, out: &Path, opts: &ConvertOptions) -> Result<Conver
             let (s, t) = (&stored.nodes[*node_i], &graph.nodes[*node_i]);
             let pname = pname.as_str();
             let rep = (s.kind != t.kind)
-                .then(|| registry::replacement_for(&s.kind))
+                .then(|| kinds::replacement_for(&s.kind))
                 .flatten();
             if rep.is_some_and(|r| r.quantized_param == pname) {
                 let out = quantize_tensor(store.as_ref(), name, block, &opts.quantize)?;

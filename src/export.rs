@@ -3,7 +3,7 @@
 use crate::error::{OctetError, Result};
 use crate::io::open_checkpoint;
 use crate::load::{read_config, read_tensor, resolve_arch};
-use crate::nn::{registry, ModuleGraph};
+use crate::nn::{kinds, ModuleGraph};
 use crate::outdir::{copy_side_files, OutputDir};
 
 use std::collections::BTreeMap;
@@ -33,7 +33,7 @@ pub fn export_hf(
                 read_tensor(store.as_ref(), &node.tensor_name(&p.name))?,
             );
         }
-        if let Some(rep) = inventory_from(&node.kind) {
+        if let Some(rep) = kinds::quantized_param(&node.kind) {
             let q = params
                 .remove(rep)
                 .ok_or_else(|| OctetError::InvalidArgument(format!("{}: no {rep}", node.path)))?;
@@ -70,12 +70,4 @@ pub fn export_hf(
     )?;
     copy_side_files(model, outdir.path())?;
     outdir.commit()
-}
-
-/// The quantized parameter of an 8-bit kind, if `kind` is one.
-fn inventory_from(kind: &str) -> Option<&'static str> {
-    inventory::iter::<registry::Replacement>
-        .into_iter()
-        .find(|r| r.to == kind)
-        .map(|r| r.quantized_param)
 }

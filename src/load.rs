@@ -4,7 +4,7 @@ use crate::error::{OctetError, Result};
 use crate::io::{dtype, open_checkpoint, TensorStore};
 use crate::manifest::Manifest;
 use crate::model::CausalLm;
-use crate::nn::{registry, LayerMap, LayerTensors, ModuleGraph, Node};
+use crate::nn::{kinds, LayerMap, LayerTensors, ModuleGraph, Node};
 use crate::quant::{self, fit_code, BlockSize, CodeKind, FitOptions, QuantCode};
 use crate::registry::{resolve, Architecture};
 use crate::spec::PathPattern;
@@ -185,7 +185,7 @@ fn build_node(
 ) -> Result<Box<dyn crate::nn::Layer>> {
     let mut tensors = BTreeMap::new();
     let rep = (stored.kind != target.kind)
-        .then(|| registry::replacement_for(&stored.kind))
+        .then(|| kinds::replacement_for(&stored.kind))
         .flatten();
     for p in &stored.params {
         let name = stored.tensor_name(&p.name);
@@ -206,7 +206,7 @@ fn build_node(
         }
         store.release(&name);
     }
-    let kind = registry::layer_kind(&target.kind).ok_or_else(|| {
+    let kind = kinds::layer_kind(&target.kind).ok_or_else(|| {
         OctetError::InvalidArgument(format!(
             "module {}: no layer kind {} is registered",
             target.path, target.kind

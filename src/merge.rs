@@ -11,7 +11,8 @@ use crate::io::{open_checkpoint, open_file, Dtype, TensorStore};
 use crate::load::{read_config, read_tensor, resolve_arch, QuantizeOptions};
 use crate::manifest::{sha256_file, Manifest, SourceFile, TensorError};
 use crate::nn::bnb8::infer_block_size;
-use crate::nn::{registry, ModuleGraph, Node};
+use crate::nn::kinds::{quantized_param, replacement_to};
+use crate::nn::{ModuleGraph, Node};
 use crate::outdir::{copy_side_files, OutputDir};
 use crate::quant::{BlockSize, CodeKind, QuantCode, StreamingQuantizer};
 use std::collections::BTreeMap;
@@ -277,18 +278,6 @@ fn read_adapter(dir: &Path) -> Result<Adapter> {
         weights,
         modules,
     })
-}
-
-/// The replacement that produced the 8-bit kind `kind`, if it is one.
-fn replacement_to(kind: &str) -> Option<&'static registry::Replacement> {
-    inventory::iter::<registry::Replacement>
-        .into_iter()
-        .find(|r| r.to == kind)
-}
-
-/// The quantized parameter of an 8-bit kind, if `kind` is one.
-fn quantized_param(kind: &str) -> Option<&'static str> {
-    replacement_to(kind).map(|r| r.quantized_param)
 }
 
 fn is_embedding_kind(kind: &str) -> bool {

@@ -9,8 +9,8 @@
 use crate::error::Result;
 use crate::nn::bnb8::infer_block_size;
 use crate::nn::graph::Node;
+use crate::nn::kinds::{LayerKind, Replacement};
 use crate::nn::layer::check_params;
-use crate::nn::registry::{LayerKind, Replacement};
 use crate::nn::{AdapterShape, Layer, LayerTensors};
 use crate::quant::{Quantized, CODE_LEN};
 use tch::{Device, Kind, Tensor};

@@ -1,5 +1,5 @@
 //! `octet archs`: the registered architectures.
-use octet::nn::registry;
+use octet::nn::kinds;
 use octet::registry::architectures;
 
 pub fn run() -> anyhow::Result<()> {
@@ -18,8 +18,8 @@ pub fn run() -> anyhow::Result<()> {
             a.description()
         );
     }
-    println!("\nlayer kinds: {}", registry::kind_names().join(", "));
-    let dups = registry::duplicate_kinds();
+    println!("\nlayer kinds: {}", kinds::kind_names().join(", "));
+    let dups = kinds::duplicate_kinds();
     if !dups.is_empty() {
         anyhow::bail!("layer kinds registered more than once: {}", dups.join(", "));
     }

@@ -1,10 +1,10 @@
 //! Frozen blockwise 8-bit layers: the weight stays uint8 + absmax + code and is de-quantized
 //! just in time, living only for the multiplication (or, for embeddings, only the rows looked up).
 use super::float::{set_bias_trainable, trainable_bias};
-use super::graph::Node;
+use super::kinds::LayerKind;
+use super::layer::AdapterShape;
 use super::layer::{check_params, Layer, LayerTensors};
-use super::lora::AdapterShape;
-use super::registry::LayerKind;
+use super::node::Node;
 use crate::error::{OctetError, Result};
 use crate::quant::{BlockSize, QuantCode, Quantized, CODE_LEN};
 use tch::{Device, Kind, Tensor};

@@ -1,8 +1,8 @@
 //! Float layers as found in Hugging Face checkpoints: Linear, Embedding, LayerNorm.
-use super::graph::Node;
-use super::layer::{check_params, Layer, LayerTensors};
-use super::lora::AdapterShape;
-use super::registry::{LayerKind, Replacement};
+use super::kinds::{LayerKind, Replacement};
+use super::layer::AdapterShape;
+use super::layer::{check_params, expect_weight_shape, Layer, LayerMap, LayerTensors};
+use super::node::Node;
 use crate::error::Result;
 use tch::{Device, Tensor};
 
@@ -255,3 +255,14 @@ inventory::submit! { LayerKind { name: "Embedding", check: check_embedding, buil
 inventory::submit! { LayerKind { name: "LayerNorm", check: check_norm, build: build_norm } }
 inventory::submit! { Replacement { from: "Linear", to: "Bnb8Linear", quantized_param: "weight" } }
 inventory::submit! { Replacement { from: "Embedding", to: "Bnb8Embedding", quantized_param: "weight" } }
+
+// The LayerNorm lookup lives beside LayerNorm, so the layer map needs no float layer.
+impl LayerMap {
+    /// Takes the LayerNorm at `path`, checking its width and setting its epsilon from the config.
+    pub fn take_layer_norm(&mut self, path: &str, dim: usize, eps: f64) -> Result<LayerNorm> {
+        let mut n: LayerNorm = self.take_as(path)?;
+        expect_weight_shape(path, &n, &[dim])?;
+        n.eps = eps;
+        Ok(n)
+    }
+}

@@ -1,28 +1,10 @@
 //! LoRA adapters with PEFT's semantics, wrapped around any linear-like or embedding layer:
 //! `y = base(x) + (B·A·dropout(x))·s` with `s = alpha/r` (`alpha/√r` with rsLoRA).
 //! The base stays frozen; only A and B are trained, in f32, whatever the compute dtype.
+pub use super::layer::AdapterShape;
 use super::layer::Layer;
 use crate::error::{OctetError, Result};
 use tch::{Device, Kind, Tensor};
-
-/// Shape information a layer exposes so an adapter can be attached to it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum AdapterShape {
-    /// A projection from `in_features` to `out_features`.
-    Linear {
-        /// Input width.
-        in_features: usize,
-        /// Output width.
-        out_features: usize,
-    },
-    /// A lookup table of `vocab` rows of width `dim`.
-    Embedding {
-        /// Rows.
-        vocab: usize,
-        /// Row width.
-        dim: usize,
-    },
-}
 
 /// LoRA hyper-parameters.
 #[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]

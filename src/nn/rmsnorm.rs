@@ -1,9 +1,9 @@
 //! Root-mean-square normalisation (Llama's `LlamaRMSNorm`): `x · rsqrt(mean(x²) + eps) · weight`,
 //! the statistics computed in f32 and the scale applied after casting back, as Hugging Face does.
 use super::float::LayerNorm;
-use super::graph::Node;
+use super::kinds::LayerKind;
 use super::layer::{check_params, Layer, LayerTensors};
-use super::registry::LayerKind;
+use super::node::Node;
 use crate::error::Result;
 use tch::{Device, Kind, Tensor};
 
