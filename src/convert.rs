@@ -8,9 +8,10 @@ use crate::load::{
     check_checkpoint, choose_code, read_config, read_f32, resolve_arch, QuantizeOptions,
 };
 use crate::manifest::{sha256_file, Manifest, SourceFile, TensorError};
+use crate::nn::q8::Q8Weight;
 use crate::nn::{kinds, ModuleGraph};
 use crate::outdir::{copy_side_files, OutputDir};
-use crate::quant::{QuantError, StreamingQuantizer};
+use crate::quant::QuantError;
 use std::path::{Path, PathBuf};
 
 /// Options of [`convert`].
@@ -95,9 +96,6 @@ impl ConvertReport {
         (errs.len(), mean, errs.iter().cloned().fold(0.0, f64::max))
     }
 }
-
-/// Elements per chunk when streaming a tensor through the quantizer (16 MiB of f32).
-const CHUNK_ELEMS: usize = 4 << 20;
 
 fn plan_shards(
     tensors: &[(String, Dtype, Vec<usize>)],
@@ -191,7 +189,7 @@ pub fn convert(model: &Path, out: &Path, opts: &ConvertOptions) -> Result<Conver
     check_checkpoint(arch, &config, model, store.as_ref(), &stored)?;
     let outdir = OutputDir::create(out, opts.force, &[model])?;
     let mut graph = stored.clone();
-    let (block, _) = opts.quantize.apply(&mut graph, arch);
+    let (block, _) = opts.quantize.apply(&mut graph, arch.spec());
     // Hashing the sources is I/O-bound; it overlaps the conversion on its own thread.
     let hashing = {
         let model = model.to_path_buf();
@@ -406,8 +404,7 @@ fn quantize_tensor(
     };
     let bytes = store.bytes(name)?;
     let size = meta.dtype.size();
-    let sq = StreamingQuantizer::new(&code, block);
-    let out = sq.quantize(meta.numel(), CHUNK_ELEMS, true, |start, buf| {
+    let out = Q8Weight::quantize_stream(meta.numel(), block, &code, |start, buf| {
         dtype::float_bytes_to_f32(
             meta.dtype,
             &bytes[start * size..(start + buf.len()) * size],

@@ -27,8 +27,9 @@ pub enum AdapterShape {
 pub trait Layer: Send {
     /// The kind name (matches its [`super::kinds::LayerKind`]).
     fn kind(&self) -> &'static str;
-    /// Applies the layer: a projection of `x`, or an embedding lookup when `x` holds ids.
-    fn forward(&self, x: &Tensor) -> Tensor;
+    /// Applies the layer: a projection of `x`, or an embedding lookup when `x` holds ids. An
+    /// input that does not fit (a width, an id past the table) is an error, not a panic.
+    fn forward(&self, x: &Tensor) -> Result<Tensor>;
     /// The tensors the layer holds, under their parameter names (shallow clones).
     fn tensors(&self) -> Vec<(String, Tensor)>;
     /// Moves every tensor to `device`.
@@ -75,8 +76,8 @@ impl Layer for Vacant {
     fn kind(&self) -> &'static str {
         "Vacant"
     }
-    fn forward(&self, x: &Tensor) -> Tensor {
-        x.shallow_clone()
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.shallow_clone())
     }
     fn tensors(&self) -> Vec<(String, Tensor)> {
         Vec::new()

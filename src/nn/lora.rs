@@ -193,27 +193,28 @@ impl Layer for LoraLayer {
     fn kind(&self) -> &'static str {
         self.base.kind()
     }
-    fn forward(&self, x: &Tensor) -> Tensor {
-        let y = self.base.forward(x);
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = self.base.forward(x)?;
         let s = self.config.scale();
         match self.shape {
             AdapterShape::Linear { .. } => {
                 let k = x.kind();
                 let xd = if self.training && self.config.dropout > 0.0 {
-                    x.dropout(self.config.dropout, true)
+                    x.f_dropout(self.config.dropout, true)?
                 } else {
                     x.shallow_clone()
                 };
                 let delta = xd
-                    .matmul(&self.a.to_kind(k).tr())
-                    .matmul(&self.b.to_kind(k).tr())
+                    .f_matmul(&self.a.f_to_kind(k)?.f_tr()?)?
+                    .f_matmul(&self.b.f_to_kind(k)?.f_tr()?)?
                     * s;
-                y + delta
+                Ok(y.f_add(&delta)?)
             }
             AdapterShape::Embedding { .. } => {
-                let after_a = Tensor::embedding(&self.a.tr(), x, -1, false, false);
-                let delta = after_a.matmul(&self.b.tr()) * s;
-                y.to_kind(Kind::Float) + delta
+                // The base lookup above has checked the ids against the table.
+                let after_a = Tensor::f_embedding(&self.a.f_tr()?, x, -1, false, false)?;
+                let delta = after_a.f_matmul(&self.b.f_tr()?)? * s;
+                Ok(y.f_to_kind(Kind::Float)?.f_add(&delta)?)
             }
         }
     }

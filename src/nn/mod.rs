@@ -2,10 +2,12 @@
 pub mod bnb8;
 pub mod float;
 pub mod graph;
+pub mod ids;
 pub mod kinds;
 pub mod layer;
 pub mod lora;
 pub mod node;
+pub mod q8;
 pub mod rmsnorm;
 pub mod scratch;
 pub mod tied;

@@ -22,7 +22,7 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
 
 fn logits(dir: &Path, opts: &LoadOptions) -> Tensor {
     let m = load_model(dir, opts).unwrap();
-    tch::no_grad(|| m.model.forward(&reference()["input_ids"]))
+    tch::no_grad(|| m.model.forward(&reference()["input_ids"]).unwrap())
 }
 
 fn convert(model: &Path, out: &Path, extra: &[&str]) -> (bool, String, String) {
@@ -64,7 +64,7 @@ fn f32_forward_matches_transformers() {
             m.graph.node("transformer.h.0.attn.c_attn").unwrap().kind,
             "Conv1D"
         );
-        let l = tch::no_grad(|| m.model.forward(&r["input_ids"]));
+        let l = tch::no_grad(|| m.model.forward(&r["input_ids"]).unwrap());
         assert_eq!(l.size(), r["logits"].size());
         let d = max_abs_diff(&l, &r["logits"]);
         assert!(d < 1e-4, "{dir}: max |diff| {d}");
@@ -87,7 +87,7 @@ fn converted_8bit_matches_transformers_on_the_same_dequantized_weights() {
         // The 8-bit bytes keep the checkpoint's [in, out] layout.
         let w = m.graph.node("transformer.h.1.mlp.c_fc").unwrap();
         assert_eq!(w.param("weight").unwrap().shape, [48, 192]);
-        let ours = tch::no_grad(|| m.model.forward(&reference()["input_ids"]));
+        let ours = tch::no_grad(|| m.model.forward(&reference()["input_ids"]).unwrap());
         let hf = tmp.path().join(format!("hf-{block}"));
         octet::export::export_hf(&out, &hf, Kind::Float, false, |_, _| Ok(())).unwrap();
         let theirs = hf_logits(
@@ -127,11 +127,11 @@ fn cached_logits(model: &dyn CausalLm, ids: &Tensor, split: i64) -> Tensor {
     let t = ids.size()[1];
     let mut out = Vec::new();
     for (start, len) in [(0, split), (split, t - split)] {
-        let mut h = model.embed(&ids.narrow(1, start, len));
+        let mut h = model.embed(&ids.narrow(1, start, len)).unwrap();
         for (i, c) in caches.iter_mut().enumerate() {
-            h = model.block(i, &h, Some(c));
+            h = model.block(i, &h, Some(c)).unwrap();
         }
-        out.push(model.head(&h));
+        out.push(model.head(&h).unwrap());
     }
     Tensor::cat(&out, 1)
 }
@@ -147,7 +147,7 @@ fn cached_decoding_sees_the_right_positions() {
         let m = load_model(&tiny("hf_safetensors"), &opts).unwrap();
         let (full, cached) = tch::no_grad(|| {
             (
-                m.model.forward(&r["input_ids"]),
+                m.model.forward(&r["input_ids"]).unwrap(),
                 cached_logits(m.model.as_ref(), &r["input_ids"], 5),
             )
         });
@@ -286,9 +286,9 @@ fn trained_adapter_loads_in_peft_with_matching_logits() {
 
     let ids = &reference()["input_ids"];
     let mut m = load_model(&base8, &LoadOptions::default()).unwrap();
-    let before = tch::no_grad(|| m.model.forward(ids));
+    let before = tch::no_grad(|| m.model.forward(ids).unwrap());
     octet::adapter::load_adapter(m.model.as_mut(), &run).unwrap();
-    let ours = tch::no_grad(|| m.model.forward(ids));
+    let ours = tch::no_grad(|| m.model.forward(ids).unwrap());
     assert!(
         max_abs_diff(&ours, &before) > 1e-3,
         "the trained adapter changes nothing"

@@ -121,7 +121,7 @@ fn hf_logits(model: &Path, ids: &Path, out: &Path) -> Tensor {
 
 fn octet_logits(model: &Path, ids: &Tensor) -> Tensor {
     let m = load_model(model, &LoadOptions::default()).unwrap();
-    tch::no_grad(|| m.model.forward(ids))
+    tch::no_grad(|| m.model.forward(ids).unwrap())
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
@@ -217,7 +217,7 @@ fn hf_f32_merge_matches_peft_merge_and_unload() {
     assert_eq!(summary(&stdout, "replaced"), 11, "{stdout}");
     let mut m = load_model(&b.base8, &LoadOptions::default()).unwrap();
     load_adapter(m.model.as_mut(), &extras).unwrap();
-    let adapted = tch::no_grad(|| m.model.forward(&b.ids));
+    let adapted = tch::no_grad(|| m.model.forward(&b.ids).unwrap());
     let merged = octet_logits(&out, &b.ids);
     let d = max_diff(&adapted, &merged);
     assert!(
