@@ -25,7 +25,7 @@ pub enum AdapterShape {
 /// A built module. Layers are called with activations of the compute dtype and return the
 /// same dtype; frozen weights are converted (or de-quantized) to it just in time.
 pub trait Layer: Send {
-    /// The kind name (matches its [`super::kinds::LayerKind`]).
+    /// The kind name (the name its layer kind is registered under).
     fn kind(&self) -> &'static str;
     /// Applies the layer: a projection of `x`, or an embedding lookup when `x` holds ids. An
     /// input that does not fit (a width, an id past the table) is an error, not a panic.
