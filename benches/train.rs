@@ -74,7 +74,8 @@ fn child(c: Child) {
         for step in 0..c.steps + 1 {
             let t = Instant::now();
             opt.zero_grad();
-            forward_backward(&model, &ids, &ids, 1.0, c.checkpointing, 0, step as u64);
+            forward_backward(&model, &ids, &ids, 1.0, c.checkpointing, 0, step as u64)
+                .expect("forward and backward");
             opt.step(1e-4).expect("step");
             sync(c.device);
             if step > 0 {

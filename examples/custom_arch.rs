@@ -14,8 +14,8 @@ use octet::error::Result;
 use octet::load::{load_model, LoadOptions};
 use octet::model::{CausalLm, LayerCache, ModelInfo};
 use octet::nn::graph::Node;
+use octet::nn::kinds::{kind_names, LayerKind};
 use octet::nn::layer::check_params;
-use octet::nn::registry::{kind_names, LayerKind};
 use octet::nn::{float::LayerNorm, Layer, LayerMap, LayerTensors, LoraConfig};
 use octet::peft::{attach_lora, Targets};
 use octet::OctetError;
@@ -35,8 +35,8 @@ impl Layer for ToyGate {
     fn kind(&self) -> &'static str {
         "ToyGate"
     }
-    fn forward(&self, x: &Tensor) -> Tensor {
-        x * self.weight.to_kind(x.kind())
+    fn forward(&self, x: &Tensor) -> octet::Result<Tensor> {
+        Ok(x.f_mul(&self.weight.f_to_kind(x.kind())?)?)
     }
     fn tensors(&self) -> Vec<(String, Tensor)> {
         vec![("weight".into(), self.weight.shallow_clone())]
@@ -165,18 +165,22 @@ impl CausalLm for ToyMlp {
     fn set_compute_kind(&mut self, kind: Kind) {
         self.kind = kind;
     }
-    fn embed(&self, ids: &Tensor) -> Tensor {
-        self.embed.forward(ids).to_kind(self.kind)
+    fn embed(&self, ids: &Tensor) -> octet::Result<Tensor> {
+        Ok(self.embed.forward(ids)?.to_kind(self.kind))
     }
     // Positions never mix, so there is nothing to cache.
-    fn block(&self, i: usize, h: &Tensor, _cache: Option<&mut LayerCache>) -> Tensor {
+    fn block(
+        &self,
+        i: usize,
+        h: &Tensor,
+        _cache: Option<&mut LayerCache>,
+    ) -> octet::Result<Tensor> {
         let b = &self.blocks[i];
-        h + b
-            .down
-            .forward(&b.up.forward(&b.gate.forward(h)).gelu("none"))
+        let up = b.up.forward(&b.gate.forward(h)?)?.gelu("none");
+        Ok(h + b.down.forward(&up)?)
     }
-    fn head(&self, h: &Tensor) -> Tensor {
-        self.head.forward(h).to_kind(Kind::Float)
+    fn head(&self, h: &Tensor) -> octet::Result<Tensor> {
+        Ok(self.head.forward(h)?.to_kind(Kind::Float))
     }
     fn visit_layers(&mut self, f: &mut dyn FnMut(&str, &mut Box<dyn Layer>)) {
         f(EMBED, &mut self.embed);
@@ -301,7 +305,9 @@ fn main() -> anyhow::Result<()> {
     }
 
     let ids = Tensor::from_slice(&[72i64, 101, 108, 108, 111]).unsqueeze(0);
-    let (lf, l8) = tch::no_grad(|| (float.model.forward(&ids), eight.model.forward(&ids)));
+    let (lf, l8) = tch::no_grad(|| -> octet::Result<_> {
+        Ok((float.model.forward(&ids)?, eight.model.forward(&ids)?))
+    })?;
     let diff = (&lf - &l8).abs().max().double_value(&[]);
     println!(
         "forward: logits {:?}; next tokens (float) {:?}, (8-bit) {:?}; max |float - 8-bit| {diff:.4}",
@@ -313,7 +319,7 @@ fn main() -> anyhow::Result<()> {
     // LoRA attaches through the layers' adapter shapes, with the spec's default targets.
     let targets = Targets::Names(eight.arch.spec().lora_targets.clone());
     let wrapped = attach_lora(eight.model.as_mut(), &targets, LoraConfig::default())?;
-    let with_lora = tch::no_grad(|| eight.model.forward(&ids));
+    let with_lora = tch::no_grad(|| eight.model.forward(&ids))?;
     println!(
         "LoRA on {} modules ({}); fresh adapters leave the logits unchanged: {}",
         wrapped.len(),

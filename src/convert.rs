@@ -5,9 +5,10 @@ use crate::io::safetensors::SafetensorsWriter;
 use crate::io::{dtype, Dtype, TensorStore};
 use crate::load::{choose_code, read_f32, QuantizeOptions};
 use crate::manifest::{Manifest, SourceFile, TensorError};
-use crate::nn::{registry, ModuleGraph, Node};
+use crate::nn::q8::Q8Weight;
+use crate::nn::{kinds, ModuleGraph, Node};
 use crate::outdir::OutputDir;
-use crate::quant::{BlockSize, QuantError, StreamOutput, StreamingQuantizer};
+use crate::quant::{BlockSize, QuantError, StreamOutput};
 use crate::source::ModelSource;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -95,9 +96,6 @@ impl ConvertReport {
     }
 }
 
-/// Elements per chunk when streaming a tensor through the quantizer (16 MiB of f32).
-const CHUNK_ELEMS: usize = 4 << 20;
-
 fn plan_shards(
     tensors: &[(String, Dtype, Vec<usize>)],
     limit: usize,
@@ -138,7 +136,7 @@ pub fn convert(model: &Path, out: &Path, opts: &ConvertOptions) -> Result<Conver
     let source = ModelSource::open(model, &opts.arch)?;
     let outdir = OutputDir::create(out, opts.force, &[model])?;
     let mut graph = source.graph.clone();
-    let (block, _) = opts.quantize.apply(&mut graph, source.arch);
+    let (block, _) = opts.quantize.apply(&mut graph, source.arch.spec());
     // Hashing the sources is I/O-bound; it overlaps the conversion on its own thread.
     let paths = source.source_paths()?;
     let hashing = std::thread::spawn(move || {
@@ -273,7 +271,7 @@ impl TensorConverter<'_> {
         pname: &str,
     ) -> Result<()> {
         let rep = (s.kind != t.kind)
-            .then(|| registry::replacement_for(&s.kind))
+            .then(|| kinds::replacement_for(&s.kind))
             .flatten();
         if rep.is_some_and(|r| r.quantized_param == pname) {
             let (out, code) = quantize_tensor(self.store, name, self.block, &self.opts.quantize)?;
@@ -386,8 +384,7 @@ fn quantize_tensor(
     };
     let bytes = store.bytes(name)?;
     let size = meta.dtype.size();
-    let sq = StreamingQuantizer::new(&code, block);
-    let out = sq.quantize(meta.numel(), CHUNK_ELEMS, true, |start, buf| {
+    let out = Q8Weight::quantize_stream(meta.numel(), block, &code, |start, buf| {
         dtype::float_bytes_to_f32(
             meta.dtype,
             &bytes[start * size..(start + buf.len()) * size],

@@ -112,7 +112,7 @@ pub fn perplexity(
     check_window(ctx, stride, info.max_positions, ids.len())?;
     crate::model::check_token_ids(ids, info.vocab_size, "the evaluation text")?;
     let wins = windows(ids.len(), ctx, stride);
-    let device = crate::model::model_device(model);
+    let device = crate::model::model_device(model)?;
     let (mut nll_sum, mut scored) = (0.0f64, 0i64);
     let mut i = 0;
     while i < wins.len() {
@@ -134,8 +134,9 @@ pub fn perplexity(
         let shape = [(j - i) as i64, len as i64];
         let input = Tensor::from_slice(&input).reshape(shape).to_device(device);
         let labels = Tensor::from_slice(&labels).reshape(shape);
-        let (s, n) =
-            crate::nn::scratch::inference(|| causal_lm_nll(&model.forward(&input), &labels));
+        let (s, n) = crate::nn::scratch::inference(|| -> Result<_> {
+            Ok(causal_lm_nll(&model.forward(&input)?, &labels))
+        })?;
         if !s.is_finite() {
             let (first, last) = (&wins[i], &wins[j - 1]);
             return Err(OctetError::InvalidArgument(format!(

@@ -252,28 +252,28 @@ impl<'a> Stepper<'a> {
 
     /// `seq` is `[B, T]` and extends what was fed before; returns f32 logits `[B, vocab]`
     /// for its last position.
-    fn last_logits(&mut self, seq: &Tensor) -> Tensor {
+    fn last_logits(&mut self, seq: &Tensor) -> Result<Tensor> {
         let t = seq.size()[1];
         let h = match &mut self.caches {
             Some(caches) => {
-                let mut h = self.model.embed(&seq.narrow(1, self.fed, t - self.fed));
+                let mut h = self.model.embed(&seq.narrow(1, self.fed, t - self.fed))?;
                 for (i, c) in caches.iter_mut().enumerate() {
-                    h = self.model.block(i, &h, Some(c));
+                    h = self.model.block(i, &h, Some(c))?;
                 }
                 self.fed = t;
                 h
             }
             None => {
-                let mut h = self.model.embed(seq);
+                let mut h = self.model.embed(seq)?;
                 for i in 0..self.model.info().blocks {
-                    h = self.model.block(i, &h, None);
+                    h = self.model.block(i, &h, None)?;
                 }
                 h
             }
         };
         // The head is position-wise: only the last position's logits are needed.
         let n = h.size()[1];
-        self.model.head(&h.narrow(1, n - 1, 1)).squeeze_dim(1)
+        Ok(self.model.head(&h.narrow(1, n - 1, 1))?.squeeze_dim(1))
     }
 }
 
@@ -313,7 +313,7 @@ pub fn generate(
     opts.validate()?;
     check_ids(model, prompt_ids)?;
     let budget = room(model, prompt_ids.len(), opts.max_new_tokens)?;
-    let device = crate::model::model_device(model);
+    let device = crate::model::model_device(model)?;
     let mut sampler = Sampler::new(opts);
     let mut stepper = Stepper::new(model, opts.use_cache, prompt_ids.len() + budget);
     let mut seq = prompt_ids.to_vec();
@@ -322,7 +322,7 @@ pub fn generate(
         for _ in 0..budget {
             let ids = Tensor::from_slice(&seq).unsqueeze(0).to_device(device);
             let logits = stepper
-                .last_logits(&ids)
+                .last_logits(&ids)?
                 .to_kind(Kind::Float)
                 .to_device(Device::Cpu);
             let mut row = Vec::<f32>::try_from(logits.reshape([-1]))?;
@@ -363,25 +363,21 @@ pub fn generate_batch(
             model.info().max_positions
         )));
     }
-    let vocab = model.info().vocab_size as i64;
-    let (lo, hi) = (
-        prompt_ids.min().int64_value(&[]),
-        prompt_ids.max().int64_value(&[]),
-    );
-    if lo < 0 || hi >= vocab {
-        return Err(OctetError::InvalidArgument(format!(
-            "prompt ids span {lo}..={hi}, outside the model's vocabulary of {vocab}"
-        )));
-    }
-    let device = crate::model::model_device(model);
+    crate::nn::ids::check_token_tensor(
+        prompt_ids,
+        model.info().vocab_size as i64,
+        "the batch of prompts",
+    )?;
+    let device = crate::model::model_device(model)?;
     let mut stepper = Stepper::new(model, use_cache, t + budget);
     let mut seq = prompt_ids.to_kind(Kind::Int64).to_device(device);
-    crate::nn::scratch::inference(|| {
+    crate::nn::scratch::inference(|| -> Result<()> {
         for _ in 0..budget {
-            let next = stepper.last_logits(&seq).argmax(-1, true);
+            let next = stepper.last_logits(&seq)?.argmax(-1, true);
             seq = Tensor::cat(&[&seq, &next], 1);
         }
-    });
+        Ok(())
+    })?;
     Ok(seq.narrow(1, t as i64, budget as i64))
 }
 

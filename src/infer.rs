@@ -1,8 +1,8 @@
 //! Loading a model to run it (eval, generate): the base, quantized on load when asked, an
 //! optional LoRA adapter on top, and dropout off.
-use crate::peft::load_adapter;
 use crate::error::{OctetError, Result};
 use crate::load::{load_model, LoadOptions, LoadedModel, QuantizeOptions};
+use crate::peft::load_adapter;
 use std::path::Path;
 
 /// How a model is loaded for inference; also the flags `eval` and `generate` share.

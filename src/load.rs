@@ -1,54 +1,19 @@
 //! Loading a model folder (Hugging Face, octet-converted, or GPT-J 8-bit .bin) into a runnable
 //! model, optionally quantizing float modules module by module as they are read.
-use crate::arch::PathPattern;
 use crate::arch::Architecture;
 use crate::error::{OctetError, Result};
 use crate::io::{dtype, TensorStore};
 use crate::model::CausalLm;
-use crate::nn::{registry, LayerMap, LayerTensors, ModuleGraph, Node};
-use crate::quant::{self, fit_code, BlockSize, CodeKind, FitOptions, QuantCode};
+use crate::nn::q8::Q8Weight;
+use crate::nn::{kinds, LayerMap, LayerTensors, ModuleGraph, Node};
+use crate::quant::{BlockSize, CodeKind};
 use crate::source::{config_origin, ModelSource};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
 
-/// How float modules are quantized (on load, or by `convert`).
-#[derive(Clone, Debug)]
-pub struct QuantizeOptions {
-    /// Block size; the architecture's default when `None`.
-    pub block: Option<BlockSize>,
-    /// Which code to use.
-    pub code: CodeKind,
-    /// Modules kept in float beyond what the spec leaves out.
-    pub skip: Vec<PathPattern>,
-}
-
-impl Default for QuantizeOptions {
-    fn default() -> Self {
-        QuantizeOptions {
-            block: None,
-            code: CodeKind::Dynamic,
-            skip: Vec::new(),
-        }
-    }
-}
-
-impl QuantizeOptions {
-    /// Applies the walker to `graph` with the spec's selection minus `skip`; returns the
-    /// block size used and the replaced paths.
-    pub fn apply(
-        &self,
-        graph: &mut ModuleGraph,
-        arch: &dyn Architecture,
-    ) -> (BlockSize, Vec<String>) {
-        let block = self.block.unwrap_or(arch.spec().block_size);
-        let spec = arch.spec();
-        let replaced = graph.quantize_where(block, |p| {
-            spec.quantizes(p) && !self.skip.iter().any(|s| s.matches(p))
-        });
-        (block, replaced)
-    }
-}
+// The quantization policy lives with the 8-bit weight; re-exported for the loader's callers.
+pub use crate::nn::q8::{choose_code, QuantizeOptions};
 
 /// Options of [`load_model`].
 #[derive(Clone, Debug)]
@@ -110,14 +75,6 @@ pub fn read_f32(store: &dyn TensorStore, name: &str) -> Result<Vec<f32>> {
     Ok(out)
 }
 
-/// The code to quantize `x` with.
-pub fn choose_code(kind: CodeKind, x: &[f32], block: BlockSize) -> Result<QuantCode> {
-    match kind {
-        CodeKind::Dynamic => Ok(QuantCode::dynamic_signed()),
-        CodeKind::Fitted => fit_code(x, block, FitOptions::default()),
-    }
-}
-
 /// Builds one module's layer: reads its tensors, quantizing the weight when `target` is an
 /// 8-bit kind and the stored module is float.
 fn build_node(
@@ -129,28 +86,22 @@ fn build_node(
 ) -> Result<Box<dyn crate::nn::Layer>> {
     let mut tensors = BTreeMap::new();
     let rep = (stored.kind != target.kind)
-        .then(|| registry::replacement_for(&stored.kind))
+        .then(|| kinds::replacement_for(&stored.kind))
         .flatten();
     for p in &stored.params {
         let name = stored.tensor_name(&p.name);
         if rep.is_some_and(|r| r.quantized_param == p.name) {
-            let x = read_f32(store, &name)?;
-            let code = choose_code(code, &x, block)?;
             let shape: Vec<i64> = p.shape.iter().map(|&d| d as i64).collect();
-            let qz = quant::quantize(
-                &Tensor::from_slice(&x).reshape(shape.as_slice()),
-                block,
-                &code,
-            )?;
-            tensors.insert("absmax".to_string(), qz.absmax);
-            tensors.insert("code".to_string(), code.to_tensor());
-            tensors.insert(p.name.clone(), qz.q);
+            let x = Tensor::f_from_slice(&read_f32(store, &name)?)?.f_reshape(shape.as_slice())?;
+            for (pname, t) in Q8Weight::quantize(&x, block, code)?.tensors() {
+                tensors.insert(pname, t);
+            }
         } else {
             tensors.insert(p.name.clone(), read_tensor(store, &name)?);
         }
         store.release(&name);
     }
-    let kind = registry::layer_kind(&target.kind).ok_or_else(|| {
+    let kind = kinds::layer_kind(&target.kind).ok_or_else(|| {
         OctetError::InvalidArgument(format!(
             "module {}: no layer kind {} is registered",
             target.path, target.kind
@@ -177,7 +128,7 @@ pub fn load_model(dir: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
     )?;
     let mut graph = stored.clone();
     let (block, code) = match &opts.quantize {
-        Some(q) => (q.apply(&mut graph, arch).0, q.code),
+        Some(q) => (q.apply(&mut graph, arch.spec()).0, q.code),
         None => (arch.spec().block_size, CodeKind::Dynamic),
     };
     if let Device::Cuda(_) = opts.device {

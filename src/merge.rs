@@ -7,18 +7,18 @@
 use crate::error::{OctetError, Result};
 use crate::io::safetensors::SafetensorsWriter;
 use crate::io::{Dtype, TensorStore};
-use crate::load::{read_tensor, QuantizeOptions};
+use crate::load::QuantizeOptions;
 use crate::manifest::{Manifest, SourceFile, TensorError};
-use crate::nn::bnb8::infer_block_size;
-use crate::nn::registry::{quantized_param, replacement_to};
+use crate::nn::kinds::{quantized_param, replacement_to};
+use crate::nn::q8::{stored_block_size, Q8Weight};
 use crate::nn::{ModuleGraph, Node, ParamInfo};
 use crate::outdir::OutputDir;
 use crate::peft::{Adapter, AdapterConfig, ModuleEdit, ADAPTER_CONFIG};
-use crate::quant::{BlockSize, CodeKind, QuantCode, StreamingQuantizer};
+use crate::quant::{BlockSize, CodeKind};
 use crate::source::ModelSource;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
 /// What `octet merge` writes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -127,39 +127,6 @@ impl MergeReport {
     }
 }
 
-/// Reads a module's tensors in f32, with its 8-bit parameter de-quantized.
-fn read_module_f32(
-    store: &dyn TensorStore,
-    node: &Node,
-    device: Device,
-) -> Result<BTreeMap<String, Tensor>> {
-    let mut params = BTreeMap::new();
-    for p in &node.params {
-        params.insert(
-            p.name.clone(),
-            read_tensor(store, &node.tensor_name(&p.name))?.f_to_device(device)?,
-        );
-    }
-    if let Some(rep) = quantized_param(&node.kind) {
-        let missing = |what: &str| {
-            OctetError::bad_file(store.path(), format!("module {}: no {what}", node.path))
-        };
-        let q = params.remove(rep).ok_or_else(|| missing(rep))?;
-        let absmax = params.remove("absmax").ok_or_else(|| missing("absmax"))?;
-        let code = params.remove("code").ok_or_else(|| missing("code"))?;
-        let w = crate::nn::bnb8::stored_quantized(&node.path, q, absmax, &code)
-            .map_err(|e| OctetError::bad_file(store.path(), e.to_string()))?
-            .dequantize(Kind::Float)?;
-        params.insert(rep.to_string(), w);
-    }
-    for t in params.values_mut() {
-        if t.is_floating_point() {
-            *t = t.to_kind(Kind::Float);
-        }
-    }
-    Ok(params)
-}
-
 /// Applies one module's edit to its f32 tensors: replacements first, then W += ΔW.
 fn apply_edit(
     edit: &ModuleEdit,
@@ -195,10 +162,6 @@ fn tensor_bytes(t: &Tensor) -> Result<Vec<u8>> {
     let mut buf = vec![0u8; n];
     t.f_copy_data_u8(&mut buf, t.numel())?;
     Ok(buf)
-}
-
-fn f32_bytes(v: &[f32]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
 /// The output graph: for octet8 from a float base, the spec's modules become 8-bit; an 8-bit
@@ -246,38 +209,11 @@ fn output_graph(
                     block: Some(block),
                     ..Default::default()
                 };
-                opts.apply(&mut graph, arch);
+                opts.apply(&mut graph, arch.spec());
             }
         }
     }
     Ok((graph, block))
-}
-
-/// Elements per chunk when re-quantizing (16 MiB of f32).
-const CHUNK_ELEMS: usize = 4 << 20;
-
-/// Re-quantizes a merged f32 weight with the dynamic code; returns (q, absmax, code) bytes and
-/// the error against the exact merge.
-fn requantize(w: &Tensor, block: BlockSize) -> Result<([Vec<u8>; 3], crate::quant::QuantError)> {
-    let n = w.numel();
-    let mut x = vec![0f32; n];
-    w.contiguous().f_copy_data(&mut x, n)?;
-    if let Some((i, v)) = crate::validate::first_nonfinite_f32(&x) {
-        return Err(OctetError::InvalidArgument(format!(
-            "the merged weight holds {v} at element {i}; it cannot be quantized"
-        )));
-    }
-    let code = QuantCode::dynamic_signed();
-    let out =
-        StreamingQuantizer::new(&code, block).quantize(n, CHUNK_ELEMS, true, |start, buf| {
-            buf.copy_from_slice(&x[start..start + buf.len()]);
-            Ok(())
-        })?;
-    let err = out.error.unwrap_or_default();
-    Ok((
-        [out.q, f32_bytes(&out.absmax), f32_bytes(code.values())],
-        err,
-    ))
 }
 
 /// Merges module by module, keeping the re-quantization error of each 8-bit weight written.
@@ -307,7 +243,7 @@ impl Merger<'_> {
         if stored_q.is_some() && out_q.is_some() && !weight_changes {
             return self.kept_8bit(s, t, edit);
         }
-        let mut params = read_module_f32(self.store, s, self.device)?;
+        let mut params = Q8Weight::read_module_f32(self.store, s, self.device)?;
         let weight = stored_q.or(out_q).unwrap_or("weight");
         if let Some(e) = edit {
             apply_edit(
@@ -371,11 +307,12 @@ impl Merger<'_> {
         // The base's own block size where it was 8-bit; the manifest's for new modules.
         let block = match (s.param(q), s.param("absmax")) {
             (Some(p), Some(a)) if quantized_param(&s.kind).is_some() => {
-                infer_block_size(p.shape.iter().product(), a.shape[0]).unwrap_or(self.block)
+                stored_block_size(p.shape.iter().product(), a.shape[0], Some(self.block))
+                    .unwrap_or(self.block)
             }
             _ => self.block,
         };
-        let (bytes, err) = requantize(w, block)?;
+        let (bytes, err) = Q8Weight::requantize(w, block)?;
         self.errors.push(TensorError {
             name: s.tensor_name(q),
             rel_mse: err.rel_mse(),

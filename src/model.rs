@@ -2,6 +2,7 @@
 //! recompute one block at a time and generation can keep a KV cache per block.
 use crate::nn::float::LayerNorm;
 use crate::nn::Layer;
+use crate::Result;
 use tch::{Device, Kind, Tensor};
 
 /// Sizes callers need to know.
@@ -17,25 +18,7 @@ pub struct ModelInfo {
     pub blocks: usize,
 }
 
-/// Refuses token ids outside `[0, vocab)` where they enter (a prompt, an evaluation text,
-/// training or held-out data): an id past the embedding would index out of its rows.
-/// `what` says where the ids came from.
-pub fn check_token_ids<'a>(
-    ids: impl IntoIterator<Item = &'a i64>,
-    vocab: usize,
-    what: &str,
-) -> crate::Result<()> {
-    match ids
-        .into_iter()
-        .find(|&&t| t < 0 || t as u64 >= vocab as u64)
-    {
-        Some(bad) => Err(crate::OctetError::InvalidArgument(format!(
-            "{what}: token id {bad} is outside the model's vocabulary of {vocab} \
-             (does the tokenizer belong to this model?)"
-        ))),
-        None => Ok(()),
-    }
-}
+pub use crate::nn::ids::check_token_ids;
 
 /// Keys and values of one block for the positions seen so far.
 ///
@@ -175,13 +158,14 @@ pub trait CausalLm: Send {
     fn compute_kind(&self) -> Kind;
     /// Changes the compute dtype.
     fn set_compute_kind(&mut self, kind: Kind);
-    /// Token ids `[B, T]` to hidden states `[B, T, hidden]` in the compute dtype.
-    fn embed(&self, ids: &Tensor) -> Tensor;
+    /// Token ids `[B, T]` to hidden states `[B, T, hidden]` in the compute dtype; an id
+    /// outside the vocabulary is an error naming it.
+    fn embed(&self, ids: &Tensor) -> Result<Tensor>;
     /// Applies block `i`. With a cache, `h` holds only the new positions, which follow the
     /// cached ones, and the cache is extended.
-    fn block(&self, i: usize, h: &Tensor, cache: Option<&mut LayerCache>) -> Tensor;
+    fn block(&self, i: usize, h: &Tensor, cache: Option<&mut LayerCache>) -> Result<Tensor>;
     /// Final norm and LM head: hidden states to f32 logits `[B, T, vocab]`.
-    fn head(&self, h: &Tensor) -> Tensor;
+    fn head(&self, h: &Tensor) -> Result<Tensor>;
     /// Visits every built layer with its module path (to attach adapters, move, inspect).
     fn visit_layers(&mut self, f: &mut dyn FnMut(&str, &mut Box<dyn Layer>));
     /// Visits every normalisation layer with its module path (to train norms).
@@ -194,10 +178,10 @@ pub trait CausalLm: Send {
     }
 
     /// Full forward pass: logits `[B, T, vocab]` in f32.
-    fn forward(&self, ids: &Tensor) -> Tensor {
-        let mut h = self.embed(ids);
+    fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        let mut h = self.embed(ids)?;
         for i in 0..self.info().blocks {
-            h = self.block(i, &h, None);
+            h = self.block(i, &h, None)?;
         }
         self.head(&h)
     }
@@ -222,11 +206,11 @@ pub fn check_model_path(path: &std::path::Path) -> crate::Result<()> {
 }
 
 /// The device the model's embedding output lands on.
-pub fn model_device(model: &dyn CausalLm) -> Device {
+pub fn model_device(model: &dyn CausalLm) -> Result<Device> {
     crate::nn::scratch::inference(|| {
-        model
-            .embed(&Tensor::zeros([1, 1], (Kind::Int64, Device::Cpu)))
-            .device()
+        Ok(model
+            .embed(&Tensor::zeros([1, 1], (Kind::Int64, Device::Cpu)))?
+            .device())
     })
 }
 

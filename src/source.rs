@@ -2,13 +2,13 @@
 //! folder, a GPT-J 8-bit `.bin` folder or a single GGUF file. Every command that reads a model
 //! (convert, load for train/eval/generate, merge, export, inspect) opens it here, so they all
 //! find the config, the architecture and the weights the same way and refuse the same inputs.
+use crate::arch::{resolve, Architecture};
 use crate::error::{OctetError, Result};
 use crate::io::checkpoint::WEIGHT_FILES;
 use crate::io::gguf::{self, GgufFile};
 use crate::io::{open_checkpoint, TensorStore};
 use crate::manifest::Manifest;
 use crate::nn::ModuleGraph;
-use crate::arch::{resolve, Architecture};
 use crate::tokenizer::Tokenizer;
 use std::path::{Path, PathBuf};
 

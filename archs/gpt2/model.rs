@@ -2,11 +2,10 @@
 use super::config::Gpt2Config;
 use crate::arch::modules::refuse_leftovers;
 use crate::arch::{ModuleDecl, Modules};
-use crate::error::{OctetError, Result};
+use crate::error::Result;
 use crate::model::{CausalLm, LayerCache, ModelInfo};
-use crate::nn::bnb8::Bnb8Embedding;
-use crate::nn::float::{Embedding, LayerNorm};
-use crate::nn::{Layer, LayerMap, LoraLayer};
+use crate::nn::float::LayerNorm;
+use crate::nn::{Layer, LayerMap};
 use tch::{Device, Kind, Tensor};
 
 crate::declare_block! {
@@ -54,53 +53,13 @@ pub fn modules(cfg: &Gpt2Config) -> Modules {
     out
 }
 
-/// Refuses an embedding kind whose table the tied head cannot read.
-fn check_tied_embedding(layer: &dyn Layer) -> Result<()> {
-    let any = layer.as_any();
-    if any.is::<Embedding>() || any.is::<Bnb8Embedding>() {
-        Ok(())
-    } else {
-        Err(OctetError::InvalidArgument(format!(
-            "tied LM head: transformer.wte is a {}, whose table cannot serve as the head",
-            layer.kind()
-        )))
-    }
-}
-
-/// The token table in `kind`, for the tied head. An 8-bit table is de-quantized whole for
-/// the call and dropped after it. LoRA on `wte` does not reach the head, as in PEFT, where
-/// the head shares only the base weight.
-fn embedding_table(layer: &dyn Layer, kind: Kind) -> Tensor {
-    let any = layer.as_any();
-    if let Some(l) = any.downcast_ref::<LoraLayer>() {
-        return embedding_table(l.base(), kind);
-    }
-    if let Some(e) = any.downcast_ref::<Bnb8Embedding>() {
-        return e
-            .weight
-            .dequantize(kind)
-            .expect("8-bit table validated when built");
-    }
-    if let Some(e) = any.downcast_ref::<Embedding>() {
-        return if e.weight.kind() == kind {
-            e.weight.shallow_clone()
-        } else {
-            e.weight.to_kind(kind)
-        };
-    }
-    panic!(
-        "tied LM head: transformer.wte became a {}, whose table cannot serve as the head",
-        layer.kind()
-    )
-}
-
 impl Gpt2 {
     /// Assembles the model from built layers, checking every shape against the config.
     pub fn new(cfg: Gpt2Config, layers: &mut LayerMap, kind: Kind) -> Result<Self> {
         let eps = cfg.layer_norm_epsilon;
         let top = modules(&cfg);
         let wte: Box<dyn Layer> = top.take(layers, WTE, eps)?;
-        check_tied_embedding(wte.as_ref())?;
+        crate::nn::tied::check_can_tie(WTE, wte.as_ref())?;
         let wpe = top.take(layers, WPE, eps)?;
         let blocks = (0..cfg.n_layer)
             .map(|i| Block::take(layers, &cfg, &block_prefix(i), eps))
@@ -121,13 +80,13 @@ impl Gpt2 {
         self.ln_f.weight.device()
     }
 
-    fn attention(&self, i: usize, x: &Tensor, cache: Option<&mut LayerCache>) -> Tensor {
+    fn attention(&self, i: usize, x: &Tensor, cache: Option<&mut LayerCache>) -> Result<Tensor> {
         let b = &self.blocks[i];
         let (bs, t) = (x.size()[0], x.size()[1]);
         let (nh, hd) = (self.cfg.n_head as i64, self.cfg.head_dim() as i64);
         let d = nh * hd;
         // c_attn's output is [q | k | v], each n_embd wide and split into heads in order.
-        let qkv = b.c_attn.forward(x);
+        let qkv = b.c_attn.forward(x)?;
         let head = |j: i64| {
             qkv.narrow(2, j * d, d)
                 .view([bs, t, nh, hd])
@@ -140,8 +99,8 @@ impl Gpt2 {
             .forward(&out.permute([0, 2, 1, 3]).reshape([bs, t, d]))
     }
 
-    fn mlp(&self, b: &Block, x: &Tensor) -> Tensor {
-        let x = b.c_fc.forward(x);
+    fn mlp(&self, b: &Block, x: &Tensor) -> Result<Tensor> {
+        let x = b.c_fc.forward(x)?;
         let x = match self.cfg.activation_function.as_str() {
             "gelu" => x.gelu("none"),
             "relu" => x.relu(),
@@ -167,34 +126,31 @@ impl CausalLm for Gpt2 {
     fn set_compute_kind(&mut self, kind: Kind) {
         self.kind = kind;
     }
-    fn embed(&self, ids: &Tensor) -> Tensor {
-        self.wte
-            .forward(&ids.to_device(self.device()))
-            .to_kind(self.kind)
+    fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        Ok(self
+            .wte
+            .forward(&ids.f_to_device(self.device())?)?
+            .to_kind(self.kind))
     }
-    fn block(&self, i: usize, h: &Tensor, cache: Option<&mut LayerCache>) -> Tensor {
+    fn block(&self, i: usize, h: &Tensor, cache: Option<&mut LayerCache>) -> Result<Tensor> {
         // The learned positions are added here rather than in `embed`: only block 0's cache
         // knows how many positions came before `h` during cached generation.
         let h = if i == 0 {
             let past = cache.as_ref().map_or(0, |c| c.len());
             let t = h.size()[1];
             let pos = Tensor::arange_start(past, past + t, (Kind::Int64, self.device()));
-            h + self.wpe.forward(&pos).to_kind(h.kind()).unsqueeze(0)
+            h + self.wpe.forward(&pos)?.to_kind(h.kind()).unsqueeze(0)
         } else {
             h.shallow_clone()
         };
         let b = &self.blocks[i];
-        let h = &h + self.attention(i, &b.ln_1.forward(&h), cache);
-        let m = self.mlp(b, &b.ln_2.forward(&h));
-        h + m
+        let h = &h + self.attention(i, &b.ln_1.forward(&h)?, cache)?;
+        let m = self.mlp(b, &b.ln_2.forward(&h)?)?;
+        Ok(h + m)
     }
-    fn head(&self, h: &Tensor) -> Tensor {
-        let x = self.ln_f.forward(h);
-        x.linear(
-            &embedding_table(self.wte.as_ref(), x.kind()),
-            None::<Tensor>,
-        )
-        .to_kind(Kind::Float)
+    fn head(&self, h: &Tensor) -> Result<Tensor> {
+        let x = self.ln_f.forward(h)?;
+        Ok(crate::nn::tied::tied_logits(self.wte.as_ref(), &x)?.to_kind(Kind::Float))
     }
     fn visit_layers(&mut self, f: &mut dyn FnMut(&str, &mut Box<dyn Layer>)) {
         f(WTE, &mut self.wte);

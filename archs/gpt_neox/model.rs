@@ -154,7 +154,7 @@ impl GptNeox {
         }
     }
 
-    fn attention(&self, b: &Block, x: &Tensor, cache: Option<&mut LayerCache>) -> Tensor {
+    fn attention(&self, b: &Block, x: &Tensor, cache: Option<&mut LayerCache>) -> Result<Tensor> {
         let (bs, t) = (x.size()[0], x.size()[1]);
         let (nh, hd) = (
             self.cfg.num_attention_heads as i64,
@@ -164,8 +164,8 @@ impl GptNeox {
         // query_key_value's output is laid out per head: [heads, (q, k, v), head_dim].
         let qkv = b
             .query_key_value
-            .forward(x)
-            .view([bs, t, nh, 3 * hd])
+            .forward(x)?
+            .f_view([bs, t, nh, 3 * hd])?
             .permute([0, 2, 1, 3]);
         let q = self.apply_rotary(&qkv.narrow(3, 0, hd), past);
         let k = self.apply_rotary(&qkv.narrow(3, hd, hd), past);
@@ -175,8 +175,8 @@ impl GptNeox {
             .forward(&out.permute([0, 2, 1, 3]).reshape([bs, t, nh * hd]))
     }
 
-    fn mlp(&self, b: &Block, x: &Tensor) -> Tensor {
-        let x = b.dense_h_to_4h.forward(x);
+    fn mlp(&self, b: &Block, x: &Tensor) -> Result<Tensor> {
+        let x = b.dense_h_to_4h.forward(x)?;
         let x = match self.cfg.hidden_act.as_str() {
             "gelu" => x.gelu("none"),
             "relu" => x.relu(),
@@ -202,31 +202,31 @@ impl CausalLm for GptNeox {
     fn set_compute_kind(&mut self, kind: Kind) {
         self.kind = kind;
     }
-    fn embed(&self, ids: &Tensor) -> Tensor {
-        self.embed_in
-            .forward(&ids.to_device(self.device()))
-            .to_kind(self.kind)
+    fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        Ok(self
+            .embed_in
+            .forward(&ids.f_to_device(self.device())?)?
+            .to_kind(self.kind))
     }
-    fn block(&self, i: usize, h: &Tensor, cache: Option<&mut LayerCache>) -> Tensor {
+    fn block(&self, i: usize, h: &Tensor, cache: Option<&mut LayerCache>) -> Result<Tensor> {
         let b = &self.blocks[i];
-        let attn = self.attention(b, &b.input_layernorm.forward(h), cache);
-        if self.cfg.use_parallel_residual {
-            let m = self.mlp(b, &b.post_attention_layernorm.forward(h));
+        let attn = self.attention(b, &b.input_layernorm.forward(h)?, cache)?;
+        Ok(if self.cfg.use_parallel_residual {
+            let m = self.mlp(b, &b.post_attention_layernorm.forward(h)?)?;
             m + attn + h
         } else {
             let a = attn + h;
-            let m = self.mlp(b, &b.post_attention_layernorm.forward(&a));
+            let m = self.mlp(b, &b.post_attention_layernorm.forward(&a)?)?;
             m + a
-        }
+        })
     }
-    fn head(&self, h: &Tensor) -> Tensor {
-        let x = self.final_layer_norm.forward(h);
+    fn head(&self, h: &Tensor) -> Result<Tensor> {
+        let x = self.final_layer_norm.forward(h)?;
         let logits = match &self.head {
-            Some((_, head)) => head.forward(&x),
-            None => crate::nn::tied::tied_logits(self.embed_in.as_ref(), &x)
-                .expect("tied table checked when built"),
+            Some((_, head)) => head.forward(&x)?,
+            None => crate::nn::tied::tied_logits(self.embed_in.as_ref(), &x)?,
         };
-        logits.to_kind(Kind::Float)
+        Ok(logits.to_kind(Kind::Float))
     }
     fn visit_layers(&mut self, f: &mut dyn FnMut(&str, &mut Box<dyn Layer>)) {
         f(EMBED_IN, &mut self.embed_in);

@@ -69,7 +69,7 @@ pub fn random_layers(
         } else if spec.module_kind(&m.path) == Some("Embedding") {
             if eight_bit {
                 Box::new(Bnb8Embedding {
-                    weight: quantized(&s)?,
+                    weight: quantized(&s)?.into(),
                 })
             } else {
                 Box::new(Embedding {
@@ -77,10 +77,7 @@ pub fn random_layers(
                 })
             }
         } else if eight_bit {
-            Box::new(Bnb8Linear {
-                weight: quantized(&s)?,
-                bias,
-            })
+            Box::new(Bnb8Linear::new(quantized(&s)?.into(), bias))
         } else {
             Box::new(Linear {
                 weight: Tensor::randn(s.as_slice(), (weight_kind, device)) * 0.02,

@@ -118,25 +118,25 @@ impl Gptj {
         }
     }
 
-    fn attention(&self, b: &Block, h: &Tensor, cache: Option<&mut LayerCache>) -> Tensor {
+    fn attention(&self, b: &Block, h: &Tensor, cache: Option<&mut LayerCache>) -> Result<Tensor> {
         let (bs, t) = (h.size()[0], h.size()[1]);
         let (nh, hd) = (self.cfg.n_head as i64, self.cfg.head_dim() as i64);
         let past = cache.as_ref().map_or(0, |c| c.len());
         let split = |x: Tensor| x.view([bs, t, nh, hd]);
         let q = self
-            .apply_rotary(&split(b.q_proj.forward(h)), past)
+            .apply_rotary(&split(b.q_proj.forward(h)?), past)
             .permute([0, 2, 1, 3]);
         let k = self
-            .apply_rotary(&split(b.k_proj.forward(h)), past)
+            .apply_rotary(&split(b.k_proj.forward(h)?), past)
             .permute([0, 2, 1, 3]);
-        let v = split(b.v_proj.forward(h)).permute([0, 2, 1, 3]);
+        let v = split(b.v_proj.forward(h)?).permute([0, 2, 1, 3]);
         let out = crate::model::cached_causal_attention(&q, k, v, cache, None, false);
         b.out_proj
             .forward(&out.permute([0, 2, 1, 3]).reshape([bs, t, nh * hd]))
     }
 
-    fn mlp(&self, b: &Block, h: &Tensor) -> Tensor {
-        let x = b.fc_in.forward(h);
+    fn mlp(&self, b: &Block, h: &Tensor) -> Result<Tensor> {
+        let x = b.fc_in.forward(h)?;
         let x = match self.cfg.activation_function.as_str() {
             "gelu_new" => x.gelu("tanh"),
             "gelu" => x.gelu("none"),
@@ -172,22 +172,24 @@ impl CausalLm for Gptj {
     fn set_compute_kind(&mut self, kind: Kind) {
         self.kind = kind;
     }
-    fn embed(&self, ids: &Tensor) -> Tensor {
-        self.wte
-            .forward(&ids.to_device(self.device()))
-            .to_kind(self.kind)
+    fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        Ok(self
+            .wte
+            .forward(&ids.f_to_device(self.device())?)?
+            .to_kind(self.kind))
     }
-    fn block(&self, i: usize, h: &Tensor, cache: Option<&mut LayerCache>) -> Tensor {
+    fn block(&self, i: usize, h: &Tensor, cache: Option<&mut LayerCache>) -> Result<Tensor> {
         let b = &self.blocks[i];
-        let x = b.ln_1.forward(h);
-        let attn = self.attention(b, &x, cache);
-        let ff = self.mlp(b, &x);
-        attn + ff + h
+        let x = b.ln_1.forward(h)?;
+        let attn = self.attention(b, &x, cache)?;
+        let ff = self.mlp(b, &x)?;
+        Ok(attn + ff + h)
     }
-    fn head(&self, h: &Tensor) -> Tensor {
-        self.lm_head
-            .forward(&self.ln_f.forward(h))
-            .to_kind(Kind::Float)
+    fn head(&self, h: &Tensor) -> Result<Tensor> {
+        Ok(self
+            .lm_head
+            .forward(&self.ln_f.forward(h)?)?
+            .to_kind(Kind::Float))
     }
     fn visit_layers(&mut self, f: &mut dyn FnMut(&str, &mut Box<dyn Layer>)) {
         f(WTE, &mut self.wte);

@@ -125,7 +125,7 @@ impl Llama {
         (xf * cos + rotated * sin).to_kind(x.kind())
     }
 
-    fn attention(&self, b: &Block, h: &Tensor, cache: Option<&mut LayerCache>) -> Tensor {
+    fn attention(&self, b: &Block, h: &Tensor, cache: Option<&mut LayerCache>) -> Result<Tensor> {
         let (bs, t) = (h.size()[0], h.size()[1]);
         let hd = self.cfg.head_dim() as i64;
         let (nh, nkv) = (
@@ -134,18 +134,18 @@ impl Llama {
         );
         let past = cache.as_ref().map_or(0, |c| c.len());
         let heads = |x: Tensor, n: i64| x.view([bs, t, n, hd]).transpose(1, 2);
-        let q = self.apply_rotary(&heads(b.q_proj.forward(h), nh), past);
-        let k = self.apply_rotary(&heads(b.k_proj.forward(h), nkv), past);
-        let v = heads(b.v_proj.forward(h), nkv);
+        let q = self.apply_rotary(&heads(b.q_proj.forward(h)?, nh), past);
+        let k = self.apply_rotary(&heads(b.k_proj.forward(h)?, nkv), past);
+        let v = heads(b.v_proj.forward(h)?, nkv);
         // The cache keeps only the kv heads; attention shares each among nh / nkv queries.
         let out = crate::model::cached_causal_attention(&q, k, v, cache, None, nkv != nh);
         b.o_proj
             .forward(&out.transpose(1, 2).reshape([bs, t, nh * hd]))
     }
 
-    fn mlp(&self, b: &Block, h: &Tensor) -> Tensor {
-        let gate = b.gate_proj.forward(h).silu();
-        b.down_proj.forward(&(gate * b.up_proj.forward(h)))
+    fn mlp(&self, b: &Block, h: &Tensor) -> Result<Tensor> {
+        let gate = b.gate_proj.forward(h)?.silu();
+        b.down_proj.forward(&(gate * b.up_proj.forward(h)?))
     }
 }
 
@@ -184,25 +184,25 @@ impl CausalLm for Llama {
     fn set_compute_kind(&mut self, kind: Kind) {
         self.kind = kind;
     }
-    fn embed(&self, ids: &Tensor) -> Tensor {
-        self.embed_tokens
-            .forward(&ids.to_device(self.device()))
-            .to_kind(self.kind)
+    fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        Ok(self
+            .embed_tokens
+            .forward(&ids.f_to_device(self.device())?)?
+            .to_kind(self.kind))
     }
-    fn block(&self, i: usize, h: &Tensor, cache: Option<&mut LayerCache>) -> Tensor {
+    fn block(&self, i: usize, h: &Tensor, cache: Option<&mut LayerCache>) -> Result<Tensor> {
         let b = &self.blocks[i];
-        let h = h + self.attention(b, &b.input_layernorm.forward(h), cache);
-        let m = self.mlp(b, &b.post_attention_layernorm.forward(&h));
-        h + m
+        let h = h + self.attention(b, &b.input_layernorm.forward(h)?, cache)?;
+        let m = self.mlp(b, &b.post_attention_layernorm.forward(&h)?)?;
+        Ok(h + m)
     }
-    fn head(&self, h: &Tensor) -> Tensor {
-        let x = self.norm.forward(h);
+    fn head(&self, h: &Tensor) -> Result<Tensor> {
+        let x = self.norm.forward(h)?;
         let logits = match &self.lm_head {
-            Some(head) => head.forward(&x),
-            None => crate::nn::tied::tied_logits(self.embed_tokens.as_ref(), &x)
-                .expect("tied table checked when built"),
+            Some(head) => head.forward(&x)?,
+            None => crate::nn::tied::tied_logits(self.embed_tokens.as_ref(), &x)?,
         };
-        logits.to_kind(Kind::Float)
+        Ok(logits.to_kind(Kind::Float))
     }
     fn visit_layers(&mut self, f: &mut dyn FnMut(&str, &mut Box<dyn Layer>)) {
         f(EMBED_TOKENS, &mut self.embed_tokens);

@@ -1,147 +1,74 @@
-//! Frozen blockwise 8-bit layers: the weight stays uint8 + absmax + code and is de-quantized
-//! just in time, living only for the multiplication (or, for embeddings, only the rows looked up).
+//! Frozen blockwise 8-bit layers: the weight stays uint8 + absmax + code ([`Q8Weight`]) and is
+//! de-quantized just in time, living only for the multiplication (or, for embeddings, only
+//! the rows looked up).
 use super::float::{set_bias_trainable, trainable_bias};
-use super::graph::Node;
-use super::layer::{check_params, Layer, LayerTensors};
-use super::lora::AdapterShape;
-use super::registry::LayerKind;
-use crate::error::{OctetError, Result};
-use crate::quant::{BlockSize, QuantCode, Quantized, CODE_LEN};
+use super::kinds::LayerKind;
+use super::layer::{AdapterShape, Layer, LayerTensors};
+use super::node::Node;
+use super::q8::{Layout, Q8Weight};
+use crate::error::Result;
 use tch::{Device, Kind, Tensor};
 
-/// The block size implied by `absmax` entries for `numel` elements. When one block covers the
-/// whole tensor every size ≥ numel is equivalent and 4096 is returned; otherwise the answer
-/// is unique among the powers of two.
-pub fn infer_block_size(numel: usize, absmax_len: usize) -> Option<BlockSize> {
-    if absmax_len == 1 && numel <= 4096 {
-        return BlockSize::new(4096).ok();
-    }
-    (6..=12)
-        .map(|e| 1usize << e)
-        .find(|b| numel.div_ceil(*b) == absmax_len)
-        .and_then(|b| BlockSize::new(b as i64).ok())
-}
-
-fn check_8bit(node: &Node, weight_rank: usize, with_bias: bool) -> std::result::Result<(), String> {
-    let optional: &[(&str, usize)] = if with_bias { &[("bias", 1)] } else { &[] };
-    check_params(
-        node,
-        &[("weight", weight_rank), ("absmax", 1), ("code", 1)],
-        optional,
-    )?;
-    let w = node.param("weight").ok_or("no weight")?;
-    let numel: usize = w.shape.iter().product();
-    let absmax = &node.param("absmax").ok_or("no absmax")?.shape;
-    if infer_block_size(numel, absmax[0]).is_none() {
-        return Err(format!(
-            "absmax has {} entries, which fits no block size for {numel} elements",
-            absmax[0]
-        ));
-    }
-    if node.param("code").ok_or("no code")?.shape != [CODE_LEN] {
-        return Err(format!("code must have {CODE_LEN} entries"));
-    }
-    if let Some(b) = node.param("bias") {
-        if b.shape[0] != w.shape[0] {
-            return Err(format!(
-                "bias has {} entries for {} outputs",
-                b.shape[0], w.shape[0]
-            ));
-        }
-    }
-    Ok(())
-}
-
-fn quantized_from(t: &mut LayerTensors) -> Result<Quantized> {
-    let q = t.take("weight")?;
-    let absmax = t.take("absmax")?;
-    let code = t.take("code")?;
-    stored_quantized(t.path(), q, absmax, &code)
-}
-
-/// A stored 8-bit weight of `module` from its tensors, every value checked as it enters: the
-/// code sorted and finite, absmax finite and non-negative, the block size implied by the
-/// lengths.
-pub fn stored_quantized(
-    module: &str,
-    q: Tensor,
-    absmax: Tensor,
-    code: &Tensor,
-) -> Result<Quantized> {
-    let bad = |problem: String| OctetError::InvalidArgument(format!("module {module}: {problem}"));
-    let code = QuantCode::from_tensor(code).map_err(|e| bad(format!("{module}.code: {e}")))?;
-    let block = infer_block_size(q.numel(), absmax.numel())
-        .ok_or_else(|| bad("absmax length fits no block size".into()))?;
-    let absmax = absmax.f_to_kind(Kind::Float)?.f_contiguous()?;
-    let values = Vec::<f32>::try_from(&absmax)?;
-    crate::validate::check_absmax(&format!("{module}.absmax"), &values).map_err(bad)?;
-    Quantized::from_parts(q, absmax, code, block)
-}
-
-/// A Linear whose frozen weight is blockwise 8-bit.
+/// A Linear whose frozen weight is blockwise 8-bit, stored `[out, in]` (`nn.Linear`) or, as
+/// another registered kind, `[in, out]` (GPT-2's `Conv1D`): the bytes keep the checkpoint's
+/// layout and only the multiplication differs.
 pub struct Bnb8Linear {
-    /// The quantized `[out, in]` weight.
-    pub weight: Quantized,
+    /// The quantized weight.
+    pub weight: Q8Weight,
     /// `[out]`, if any (kept in float).
     pub bias: Option<Tensor>,
+    layout: Layout,
+    kind: &'static str,
 }
 
 impl Bnb8Linear {
-    /// The weight de-quantized to `kind`.
-    pub fn dequantized_weight(&self, kind: Kind) -> Tensor {
-        if super::scratch::active() && crate::quant::uses_cpu_kernels(&self.weight.q) {
-            let shape = self.weight.shape();
-            return super::scratch::with_buffer(&shape, kind, |buf| {
-                self.weight
-                    .dequantize_into(buf)
-                    .expect("validated 8-bit weight");
-            });
+    /// An `[out, in]` 8-bit Linear.
+    pub fn new(weight: Q8Weight, bias: Option<Tensor>) -> Self {
+        Bnb8Linear {
+            weight,
+            bias,
+            layout: Layout::OutIn,
+            kind: "Bnb8Linear",
         }
-        self.weight
-            .dequantize(kind)
-            .expect("validated 8-bit weight")
+    }
+
+    /// An 8-bit linear of the registered kind `kind` whose weight is stored in `layout`.
+    pub fn with_layout(
+        kind: &'static str,
+        layout: Layout,
+        weight: Q8Weight,
+        bias: Option<Tensor>,
+    ) -> Self {
+        Bnb8Linear {
+            weight,
+            bias,
+            layout,
+            kind,
+        }
+    }
+
+    /// The weight de-quantized to `kind`, in its stored layout.
+    pub fn dequantized_weight(&self, kind: Kind) -> Result<Tensor> {
+        self.weight.dequantized(kind)
     }
 }
 
 impl Layer for Bnb8Linear {
     fn kind(&self) -> &'static str {
-        "Bnb8Linear"
+        self.kind
     }
-    fn forward(&self, x: &Tensor) -> Tensor {
-        // A few rows that need no gradient (token-by-token generation): one pass over the
-        // bytes instead of writing out the whole f32 weight.
-        if !x.requires_grad()
-            && !self.bias.as_ref().is_some_and(Tensor::requires_grad)
-            && crate::quant::fused::applies(x, &self.weight)
-        {
-            return crate::quant::fused::linear(x, &self.weight, self.bias.as_ref())
-                .expect("shapes checked by fused::applies");
-        }
-        let k = x.kind();
-        let w = self.dequantized_weight(k);
-        let b = self.bias.as_ref().map(|b| {
-            if b.kind() == k {
-                b.shallow_clone()
-            } else {
-                b.to_kind(k)
-            }
-        });
-        x.linear(&w, b.as_ref())
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.weight.matmul(x, self.bias.as_ref(), self.layout)
     }
     fn tensors(&self) -> Vec<(String, Tensor)> {
-        let mut v = vec![
-            ("weight".to_string(), self.weight.q.shallow_clone()),
-            ("absmax".to_string(), self.weight.absmax.shallow_clone()),
-            ("code".to_string(), self.weight.code.to_tensor()),
-        ];
+        let mut v = self.weight.tensors();
         if let Some(b) = &self.bias {
             v.push(("bias".into(), b.shallow_clone()));
         }
         v
     }
     fn to_device(&mut self, device: Device) {
-        self.weight.q = self.weight.q.to_device(device);
-        self.weight.absmax = self.weight.absmax.to_device(device);
+        self.weight.to_device(device);
         self.bias = self.bias.as_ref().map(|b| {
             b.to_device(device)
                 .detach()
@@ -150,9 +77,13 @@ impl Layer for Bnb8Linear {
     }
     fn adapter_shape(&self) -> Option<AdapterShape> {
         let s = self.weight.shape();
+        let (in_features, out_features) = match self.layout {
+            Layout::OutIn => (s[1], s[0]),
+            Layout::InOut => (s[0], s[1]),
+        };
         Some(AdapterShape::Linear {
-            in_features: s[1] as usize,
-            out_features: s[0] as usize,
+            in_features: in_features as usize,
+            out_features: out_features as usize,
         })
     }
     fn train_bias(&mut self, on: bool) -> bool {
@@ -172,28 +103,21 @@ impl Layer for Bnb8Linear {
 /// An Embedding whose frozen table is blockwise 8-bit; a lookup de-quantizes only its rows.
 pub struct Bnb8Embedding {
     /// The quantized `[vocab, dim]` table.
-    pub weight: Quantized,
+    pub weight: Q8Weight,
 }
 
 impl Layer for Bnb8Embedding {
     fn kind(&self) -> &'static str {
         "Bnb8Embedding"
     }
-    fn forward(&self, ids: &Tensor) -> Tensor {
-        self.weight
-            .dequantize_rows(ids, Kind::Float)
-            .expect("token ids checked by the model")
+    fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        self.weight.rows(ids)
     }
     fn tensors(&self) -> Vec<(String, Tensor)> {
-        vec![
-            ("weight".to_string(), self.weight.q.shallow_clone()),
-            ("absmax".to_string(), self.weight.absmax.shallow_clone()),
-            ("code".to_string(), self.weight.code.to_tensor()),
-        ]
+        self.weight.tensors()
     }
     fn to_device(&mut self, device: Device) {
-        self.weight.q = self.weight.q.to_device(device);
-        self.weight.absmax = self.weight.absmax.to_device(device);
+        self.weight.to_device(device);
     }
     fn adapter_shape(&self) -> Option<AdapterShape> {
         let s = self.weight.shape();
@@ -210,17 +134,38 @@ impl Layer for Bnb8Embedding {
     }
 }
 
-fn build_linear(_: &Node, mut t: LayerTensors) -> Result<Box<dyn Layer>> {
-    let weight = quantized_from(&mut t)?;
+/// Checks an 8-bit linear node: the 8-bit weight, and a bias with one entry per output
+/// (`out_dim` indexes the stored weight's output dimension).
+pub fn check_linear(node: &Node, out_dim: usize) -> std::result::Result<(), String> {
+    Q8Weight::check(node, 2, &[("bias", 1)])?;
+    let w = &node.param("weight").ok_or("no weight")?.shape;
+    match node.param("bias") {
+        Some(b) if b.shape[0] != w[out_dim] => Err(format!(
+            "bias has {} entries for {} outputs (the weight is {w:?})",
+            b.shape[0], w[out_dim]
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Builds an 8-bit linear of kind `kind` in `layout` from a module's tensors.
+pub fn build_linear(
+    kind: &'static str,
+    layout: Layout,
+    mut t: LayerTensors,
+) -> Result<Box<dyn Layer>> {
+    let weight = Q8Weight::take(&mut t)?;
     let bias = t.take_opt("bias").map(|b| b.to_kind(Kind::Float));
-    Ok(Box::new(Bnb8Linear { weight, bias }))
+    Ok(Box::new(Bnb8Linear::with_layout(
+        kind, layout, weight, bias,
+    )))
 }
 
 fn build_embedding(_: &Node, mut t: LayerTensors) -> Result<Box<dyn Layer>> {
     Ok(Box::new(Bnb8Embedding {
-        weight: quantized_from(&mut t)?,
+        weight: Q8Weight::take(&mut t)?,
     }))
 }
 
-inventory::submit! { LayerKind { name: "Bnb8Linear", check: |n| check_8bit(n, 2, true), build: build_linear } }
-inventory::submit! { LayerKind { name: "Bnb8Embedding", check: |n| check_8bit(n, 2, false), build: build_embedding } }
+inventory::submit! { LayerKind { name: "Bnb8Linear", check: |n| check_linear(n, 0), build: |_, t| build_linear("Bnb8Linear", Layout::OutIn, t) } }
+inventory::submit! { LayerKind { name: "Bnb8Embedding", check: |n| Q8Weight::check(n, 2, &[]), build: build_embedding } }

@@ -1,8 +1,8 @@
 //! Float layers as found in Hugging Face checkpoints: Linear, Embedding, LayerNorm.
-use super::graph::Node;
-use super::layer::{check_params, Layer, LayerTensors};
-use super::lora::AdapterShape;
-use super::registry::{LayerKind, Replacement};
+use super::kinds::{LayerKind, Replacement};
+use super::layer::AdapterShape;
+use super::layer::{check_params, expect_weight_shape, Layer, LayerMap, LayerTensors};
+use super::node::Node;
 use crate::error::Result;
 use tch::{Device, Tensor};
 
@@ -12,6 +12,29 @@ pub struct Linear {
     pub weight: Tensor,
     /// `[out]`, if any.
     pub bias: Option<Tensor>,
+}
+
+/// `t` in `kind`, without a copy when it already is (weights cast to the activations' dtype).
+pub(crate) fn in_kind(t: &Tensor, kind: tch::Kind) -> Result<Tensor> {
+    Ok(if t.kind() == kind {
+        t.shallow_clone()
+    } else {
+        t.f_to_kind(kind)?
+    })
+}
+
+/// `x · W (+ bias)` over the last dimension of `x` for `W` stored `[in, out]` (GPT-2's
+/// `Conv1D`), with `addmm` as transformers computes it; `W` already in `x`'s dtype.
+pub(crate) fn linear_in_out(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let mut out_shape = x.size();
+    let n_in = out_shape.pop().unwrap_or(1);
+    out_shape.push(w.size()[1]);
+    let x2 = x.f_reshape([-1, n_in])?;
+    let y = match bias {
+        Some(b) => Tensor::f_addmm(&in_kind(b, x.kind())?, &x2, w)?,
+        None => x2.f_matmul(w)?,
+    };
+    Ok(y.f_reshape(out_shape.as_slice())?)
 }
 
 /// Shared by the linear-like layers: the bias as a trainable tensor (or frozen again).
@@ -37,21 +60,10 @@ impl Layer for Linear {
     fn kind(&self) -> &'static str {
         "Linear"
     }
-    fn forward(&self, x: &Tensor) -> Tensor {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let k = x.kind();
-        let w = if self.weight.kind() == k {
-            self.weight.shallow_clone()
-        } else {
-            self.weight.to_kind(k)
-        };
-        let b = self.bias.as_ref().map(|b| {
-            if b.kind() == k {
-                b.shallow_clone()
-            } else {
-                b.to_kind(k)
-            }
-        });
-        x.linear(&w, b.as_ref())
+        let b = self.bias.as_ref().map(|b| in_kind(b, k)).transpose()?;
+        Ok(x.f_linear(&in_kind(&self.weight, k)?, b.as_ref())?)
     }
     fn tensors(&self) -> Vec<(String, Tensor)> {
         let mut v = vec![("weight".to_string(), self.weight.shallow_clone())];
@@ -104,8 +116,9 @@ impl Layer for Embedding {
     fn kind(&self) -> &'static str {
         "Embedding"
     }
-    fn forward(&self, ids: &Tensor) -> Tensor {
-        Tensor::embedding(&self.weight, ids, -1, false, false)
+    fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        super::ids::check_token_tensor(ids, self.weight.size()[0], "the model's input")?;
+        Ok(Tensor::f_embedding(&self.weight, ids, -1, false, false)?)
     }
     fn store_frozen_in(&mut self, kind: tch::Kind) {
         if let Some(w) = super::layer::frozen_in(&self.weight, kind) {
@@ -147,17 +160,18 @@ impl Layer for LayerNorm {
     fn kind(&self) -> &'static str {
         "LayerNorm"
     }
-    fn forward(&self, x: &Tensor) -> Tensor {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let d = self.weight.size();
-        let xf = x.to_kind(tch::Kind::Float);
-        xf.layer_norm(
-            d.as_slice(),
-            Some(&self.weight),
-            self.bias.as_ref(),
-            self.eps,
-            false,
-        )
-        .to_kind(x.kind())
+        let xf = x.f_to_kind(tch::Kind::Float)?;
+        Ok(xf
+            .f_layer_norm(
+                d.as_slice(),
+                Some(&self.weight),
+                self.bias.as_ref(),
+                self.eps,
+                false,
+            )?
+            .f_to_kind(x.kind())?)
     }
     fn set_training(&mut self, _on: bool) {}
     fn trainable(&self) -> Vec<(String, Tensor)> {
@@ -255,3 +269,14 @@ inventory::submit! { LayerKind { name: "Embedding", check: check_embedding, buil
 inventory::submit! { LayerKind { name: "LayerNorm", check: check_norm, build: build_norm } }
 inventory::submit! { Replacement { from: "Linear", to: "Bnb8Linear", quantized_param: "weight" } }
 inventory::submit! { Replacement { from: "Embedding", to: "Bnb8Embedding", quantized_param: "weight" } }
+
+// The LayerNorm lookup lives beside LayerNorm, so the layer map needs no float layer.
+impl LayerMap {
+    /// Takes the LayerNorm at `path`, checking its width and setting its epsilon from the config.
+    pub fn take_layer_norm(&mut self, path: &str, dim: usize, eps: f64) -> Result<LayerNorm> {
+        let mut n: LayerNorm = self.take_as(path)?;
+        expect_weight_shape(path, &n, &[dim])?;
+        n.eps = eps;
+        Ok(n)
+    }
+}

@@ -1,59 +1,14 @@
 //! octet's module graph: the named modules of a model (Hugging Face paths), each with a layer
 //! kind and the tensors it holds. It describes a checkpoint without loading it, so conversion
 //! and `inspect` work on models far bigger than memory.
-use super::registry;
+use super::kinds;
+pub use super::node::{Node, ParamInfo};
 use crate::arch::Spec;
 use crate::error::{OctetError, Result};
 use crate::io::{Dtype, TensorStore};
 use crate::quant::{BlockSize, CODE_LEN};
 use std::cmp::Ordering;
 use std::fmt::Write;
-
-/// One tensor of a module.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ParamInfo {
-    /// The last path segment (`weight`, `bias`, `absmax`, `code`).
-    pub name: String,
-    /// Element type.
-    pub dtype: Dtype,
-    /// Shape.
-    pub shape: Vec<usize>,
-}
-
-impl ParamInfo {
-    /// Bytes of the data.
-    pub fn nbytes(&self) -> usize {
-        self.shape.iter().product::<usize>() * self.dtype.size()
-    }
-}
-
-/// A module: its path, its layer kind and its tensors.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Node {
-    /// Hugging Face path, e.g. `transformer.h.0.attn.q_proj`.
-    pub path: String,
-    /// Layer kind, e.g. `Linear` or `Bnb8Linear`.
-    pub kind: String,
-    /// Its tensors.
-    pub params: Vec<ParamInfo>,
-}
-
-impl Node {
-    /// The tensor named `name`, if present.
-    pub fn param(&self, name: &str) -> Option<&ParamInfo> {
-        self.params.iter().find(|p| p.name == name)
-    }
-
-    /// Full tensor name of parameter `name`.
-    pub fn tensor_name(&self, name: &str) -> String {
-        format!("{}.{}", self.path, name)
-    }
-
-    /// Bytes held by the module.
-    pub fn nbytes(&self) -> usize {
-        self.params.iter().map(ParamInfo::nbytes).sum()
-    }
-}
 
 /// The modules of a model, in natural path order (`h.2` before `h.10`).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -139,7 +94,7 @@ impl ModuleGraph {
                 && node.param("code").is_some()
                 && node.params.iter().any(|p| p.dtype == Dtype::U8);
             node.kind = if is_8bit {
-                registry::replacement_for(base)
+                kinds::replacement_for(base)
                     .ok_or_else(|| {
                         OctetError::bad_file(
                             store.path(),
@@ -166,7 +121,7 @@ impl ModuleGraph {
     /// Checks each registered kind's tensors are present with consistent shapes.
     fn check_shapes(&self, origin: &std::path::Path) -> Result<()> {
         for node in &self.nodes {
-            if let Some(kind) = registry::layer_kind(&node.kind) {
+            if let Some(kind) = kinds::layer_kind(&node.kind) {
                 (kind.check)(node).map_err(|problem| {
                     OctetError::bad_file(origin, format!("module {}: {problem}", node.path))
                 })?;
@@ -184,7 +139,7 @@ impl ModuleGraph {
     ) -> Vec<String> {
         let mut replaced = Vec::new();
         for node in &mut self.nodes {
-            let Some(rep) = registry::replacement_for(&node.kind) else {
+            let Some(rep) = kinds::replacement_for(&node.kind) else {
                 continue;
             };
             if !select(&node.path) {

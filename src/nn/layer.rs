@@ -3,13 +3,33 @@ use crate::error::{OctetError, Result};
 use std::collections::BTreeMap;
 use tch::{Device, Tensor};
 
+/// Shape information a layer exposes so an adapter can be attached to it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AdapterShape {
+    /// A projection from `in_features` to `out_features`.
+    Linear {
+        /// Input width.
+        in_features: usize,
+        /// Output width.
+        out_features: usize,
+    },
+    /// A lookup table of `vocab` rows of width `dim`.
+    Embedding {
+        /// Rows.
+        vocab: usize,
+        /// Row width.
+        dim: usize,
+    },
+}
+
 /// A built module. Layers are called with activations of the compute dtype and return the
 /// same dtype; frozen weights are converted (or de-quantized) to it just in time.
 pub trait Layer: Send {
-    /// The kind name (matches its [`super::registry::LayerKind`]).
+    /// The kind name (the name its layer kind is registered under).
     fn kind(&self) -> &'static str;
-    /// Applies the layer: a projection of `x`, or an embedding lookup when `x` holds ids.
-    fn forward(&self, x: &Tensor) -> Tensor;
+    /// Applies the layer: a projection of `x`, or an embedding lookup when `x` holds ids. An
+    /// input that does not fit (a width, an id past the table) is an error, not a panic.
+    fn forward(&self, x: &Tensor) -> Result<Tensor>;
     /// The tensors the layer holds, under their parameter names (shallow clones).
     fn tensors(&self) -> Vec<(String, Tensor)>;
     /// Moves every tensor to `device`.
@@ -19,7 +39,7 @@ pub trait Layer: Send {
     /// The boxed layer as `Any`, to take ownership of the concrete type.
     fn into_any(self: Box<Self>) -> Box<dyn std::any::Any>;
     /// How a LoRA adapter attaches to this layer, if it can.
-    fn adapter_shape(&self) -> Option<super::lora::AdapterShape> {
+    fn adapter_shape(&self) -> Option<AdapterShape> {
         None
     }
     /// The device the layer's tensors live on.
@@ -56,8 +76,8 @@ impl Layer for Vacant {
     fn kind(&self) -> &'static str {
         "Vacant"
     }
-    fn forward(&self, x: &Tensor) -> Tensor {
-        x.shallow_clone()
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.shallow_clone())
     }
     fn tensors(&self) -> Vec<(String, Tensor)> {
         Vec::new()
@@ -142,19 +162,6 @@ impl LayerMap {
         Ok(l)
     }
 
-    /// Takes the LayerNorm at `path`, checking its width and setting its epsilon from the config.
-    pub fn take_layer_norm(
-        &mut self,
-        path: &str,
-        dim: usize,
-        eps: f64,
-    ) -> Result<super::float::LayerNorm> {
-        let mut n: super::float::LayerNorm = self.take_as(path)?;
-        expect_weight_shape(path, &n, &[dim])?;
-        n.eps = eps;
-        Ok(n)
-    }
-
     /// Paths not taken yet.
     pub fn remaining(&self) -> Vec<&str> {
         self.layers.keys().map(String::as_str).collect()
@@ -164,7 +171,7 @@ impl LayerMap {
 /// Checks that a module has exactly the tensors `required` (+ `optional`), with the given
 /// ranks.
 pub fn check_params(
-    node: &super::graph::Node,
+    node: &super::node::Node,
     required: &[(&str, usize)],
     optional: &[(&str, usize)],
 ) -> std::result::Result<(), String> {

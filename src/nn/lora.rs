@@ -1,28 +1,10 @@
 //! LoRA adapters with PEFT's semantics, wrapped around any linear-like or embedding layer:
 //! `y = base(x) + (B·A·dropout(x))·s` with `s = alpha/r` (`alpha/√r` with rsLoRA).
 //! The base stays frozen; only A and B are trained, in f32, whatever the compute dtype.
+pub use super::layer::AdapterShape;
 use super::layer::Layer;
 use crate::error::{OctetError, Result};
 use tch::{Device, Kind, Tensor};
-
-/// Shape information a layer exposes so an adapter can be attached to it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum AdapterShape {
-    /// A projection from `in_features` to `out_features`.
-    Linear {
-        /// Input width.
-        in_features: usize,
-        /// Output width.
-        out_features: usize,
-    },
-    /// A lookup table of `vocab` rows of width `dim`.
-    Embedding {
-        /// Rows.
-        vocab: usize,
-        /// Row width.
-        dim: usize,
-    },
-}
 
 /// LoRA hyper-parameters.
 #[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -211,27 +193,28 @@ impl Layer for LoraLayer {
     fn kind(&self) -> &'static str {
         self.base.kind()
     }
-    fn forward(&self, x: &Tensor) -> Tensor {
-        let y = self.base.forward(x);
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = self.base.forward(x)?;
         let s = self.config.scale();
         match self.shape {
             AdapterShape::Linear { .. } => {
                 let k = x.kind();
                 let xd = if self.training && self.config.dropout > 0.0 {
-                    x.dropout(self.config.dropout, true)
+                    x.f_dropout(self.config.dropout, true)?
                 } else {
                     x.shallow_clone()
                 };
                 let delta = xd
-                    .matmul(&self.a.to_kind(k).tr())
-                    .matmul(&self.b.to_kind(k).tr())
+                    .f_matmul(&self.a.f_to_kind(k)?.f_tr()?)?
+                    .f_matmul(&self.b.f_to_kind(k)?.f_tr()?)?
                     * s;
-                y + delta
+                Ok(y.f_add(&delta)?)
             }
             AdapterShape::Embedding { .. } => {
-                let after_a = Tensor::embedding(&self.a.tr(), x, -1, false, false);
-                let delta = after_a.matmul(&self.b.tr()) * s;
-                y.to_kind(Kind::Float) + delta
+                // The base lookup above has checked the ids against the table.
+                let after_a = Tensor::f_embedding(&self.a.f_tr()?, x, -1, false, false)?;
+                let delta = after_a.f_matmul(&self.b.f_tr()?)? * s;
+                Ok(y.f_to_kind(Kind::Float)?.f_add(&delta)?)
             }
         }
     }

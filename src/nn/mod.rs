@@ -2,13 +2,16 @@
 pub mod bnb8;
 pub mod float;
 pub mod graph;
+pub mod ids;
+pub mod kinds;
 pub mod layer;
 pub mod lora;
-pub mod registry;
+pub mod node;
+pub mod q8;
 pub mod rmsnorm;
 pub mod scratch;
 pub mod tied;
 
 pub use graph::{ModuleGraph, Node, ParamInfo};
-pub use layer::{Layer, LayerMap, LayerTensors, Vacant};
-pub use lora::{AdapterShape, LoraConfig, LoraLayer};
+pub use layer::{AdapterShape, Layer, LayerMap, LayerTensors, Vacant};
+pub use lora::{LoraConfig, LoraLayer};

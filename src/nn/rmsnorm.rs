@@ -1,9 +1,9 @@
 //! Root-mean-square normalisation (Llama's `LlamaRMSNorm`): `x · rsqrt(mean(x²) + eps) · weight`,
 //! the statistics computed in f32 and the scale applied after casting back, as Hugging Face does.
 use super::float::LayerNorm;
-use super::graph::Node;
+use super::kinds::LayerKind;
 use super::layer::{check_params, Layer, LayerTensors};
-use super::registry::LayerKind;
+use super::node::Node;
 use crate::error::Result;
 use tch::{Device, Kind, Tensor};
 
@@ -34,18 +34,20 @@ impl Layer for RmsNorm {
     fn kind(&self) -> &'static str {
         "RMSNorm"
     }
-    fn forward(&self, x: &Tensor) -> Tensor {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let k = x.kind();
-        let xf = x.to_kind(Kind::Float);
-        let var = xf.square().mean_dim(-1, true, Kind::Float);
-        let normed = (xf * (var + self.params.eps).rsqrt()).to_kind(k);
+        let xf = x.f_to_kind(Kind::Float)?;
+        let var = xf.f_square()?.f_mean_dim(-1, true, Kind::Float)?;
+        let normed = xf
+            .f_mul(&(var + self.params.eps).f_rsqrt()?)?
+            .f_to_kind(k)?;
         // HF multiplies by the weight in the activations' dtype, after the cast back.
         let w = &self.params.weight;
-        if w.kind() == k {
-            normed * w
+        Ok(if w.kind() == k {
+            normed.f_mul(w)?
         } else {
-            normed * w.to_kind(k)
-        }
+            normed.f_mul(&w.f_to_kind(k)?)?
+        })
     }
     fn tensors(&self) -> Vec<(String, Tensor)> {
         vec![("weight".to_string(), self.params.weight.shallow_clone())]
@@ -91,9 +93,12 @@ mod tests {
         let w = Tensor::randn([8], (Kind::Float, Device::Cpu));
         let n = RmsNorm::new(w.shallow_clone(), 1e-5);
         let want = &x / (x.square().mean_dim(-1, true, Kind::Float) + 1e-5).sqrt() * &w;
-        let d = (n.forward(&x) - want).abs().max().double_value(&[]);
+        let d = (n.forward(&x).unwrap() - want)
+            .abs()
+            .max()
+            .double_value(&[]);
         assert!(d < 1e-5, "{d}");
-        let bf = n.forward(&x.to_kind(Kind::BFloat16));
+        let bf = n.forward(&x.to_kind(Kind::BFloat16)).unwrap();
         assert_eq!(bf.kind(), Kind::BFloat16);
     }
 }

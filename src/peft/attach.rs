@@ -7,7 +7,7 @@ use crate::error::{OctetError, Result};
 use crate::io::Dtype;
 use crate::model::CausalLm;
 use crate::nn::float::LayerNorm;
-use crate::nn::registry::{layer_kind, replacement_to, Replacement};
+use crate::nn::kinds::{layer_kind, replacement_to, Replacement};
 use crate::nn::{Layer, LayerTensors, LoraConfig, LoraLayer, ModuleGraph, Node, ParamInfo, Vacant};
 use std::collections::BTreeMap;
 use std::path::Path;

@@ -3,7 +3,7 @@
 //! generate, resumed training) or merged.
 use super::read::{Adapter, LoraPair, ModuleEdit};
 use crate::error::{OctetError, Result};
-use crate::nn::registry::quantized_param;
+use crate::nn::kinds::quantized_param;
 use crate::nn::{ModuleGraph, Node};
 use tch::Tensor;
 

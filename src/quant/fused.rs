@@ -29,26 +29,34 @@ const GROUP: usize = 8;
 /// most [`MAX_ROWS`] rows whose width matches a CPU 2-d weight. Elsewhere (a GPU, or the
 /// generic path forced) callers de-quantize on the device and multiply.
 pub fn applies(x: &Tensor, w: &Quantized) -> bool {
+    applies_along(x, w, 1)
+}
+
+/// [`applies`] for a weight whose input dimension is `in_dim` (1 for `[out, in]`, 0 for
+/// `[in, out]`).
+pub(super) fn applies_along(x: &Tensor, w: &Quantized, in_dim: usize) -> bool {
     let xs = x.size();
     let ws = w.q.size();
     x.device() == Device::Cpu
         && super::uses_cpu_kernels(&w.q)
         && x.kind() == Kind::Float
         && ws.len() == 2
-        && xs.last() == Some(&ws[1])
+        && xs.last() == Some(&ws[in_dim])
         && (xs[..xs.len() - 1].iter().product::<i64>() as usize) <= MAX_ROWS
 }
 
-/// `x · dequant(w)ᵀ + bias` for `x` `[..., in]` (f32, CPU) and `w` `[out, in]`: `[..., out]` in
-/// f32. Works for any number of rows but is meant for few (see [`applies`]). The result does
-/// not track `x` for autograd: use it under `no_grad`.
-pub fn linear(x: &Tensor, w: &Quantized, bias: Option<&Tensor>) -> Result<Tensor> {
+/// Refuses operands a fused pass cannot take: `x` `[..., in]` in f32 on the CPU for a CPU
+/// 2-d weight whose input dimension is `in_dim`.
+pub(super) fn check_operands(x: &Tensor, w: &Quantized, in_dim: usize) -> Result<()> {
     let ws = w.q.size();
     let xs = x.size();
-    if ws.len() != 2 || xs.is_empty() || xs.last() != Some(&ws[1]) {
+    if ws.len() != 2 || xs.is_empty() || xs.last() != Some(&ws[in_dim]) {
         return Err(OctetError::ShapeMismatch {
             what: "fused 8-bit linear".into(),
-            expected: format!("input [..., {}] for a 2-d weight", ws.get(1).unwrap_or(&0)),
+            expected: format!(
+                "input [..., {}] for a 2-d weight",
+                ws.get(in_dim).unwrap_or(&0)
+            ),
             found: format!("input {xs:?}, weight {ws:?}"),
         });
     }
@@ -64,6 +72,15 @@ pub fn linear(x: &Tensor, w: &Quantized, bias: Option<&Tensor>) -> Result<Tensor
             "the fused 8-bit linear runs on the CPU only".into(),
         ));
     }
+    Ok(())
+}
+
+/// `x · dequant(w)ᵀ + bias` for `x` `[..., in]` (f32, CPU) and `w` `[out, in]`: `[..., out]` in
+/// f32. Works for any number of rows but is meant for few (see [`applies`]). The result does
+/// not track `x` for autograd: use it under `no_grad`.
+pub fn linear(x: &Tensor, w: &Quantized, bias: Option<&Tensor>) -> Result<Tensor> {
+    check_operands(x, w, 1)?;
+    let (ws, xs) = (w.q.size(), x.size());
     let (n, k) = (ws[0] as usize, ws[1] as usize);
     let xc = x.contiguous();
     let m = x.numel() / k.max(1);

@@ -4,6 +4,7 @@ pub mod code;
 pub mod dispatch;
 pub mod fit;
 pub mod fused;
+pub mod fused_in_out;
 pub mod kernels;
 #[cfg(target_arch = "x86_64")]
 mod simd;

@@ -2,9 +2,9 @@
 //! flags (clap), the `--config` TOML keys (serde, kebab-case like the flags) and the library's
 //! options. A default is written once, in its `#[arg]` attribute; [`TrainOptions::default`]
 //! and the TOML reader take it from there.
-use crate::peft::Targets;
 use crate::error::{OctetError, Result};
 use crate::nn::LoraConfig;
+use crate::peft::Targets;
 use crate::train::schedule::ScheduleKind;
 use clap::{Args, FromArgMatches};
 use serde::{Deserialize, Serialize};

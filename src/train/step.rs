@@ -7,6 +7,7 @@
 //! (libtorch from Rust cannot define custom autograd functions). Only one block's activations
 //! and de-quantized weights are alive at a time. Dropout replays the same masks because each
 //! block's forward is seeded the same way in both passes.
+use crate::error::Result;
 use crate::model::CausalLm;
 use tch::{Kind, Tensor};
 
@@ -60,80 +61,80 @@ pub fn forward_backward(
     checkpointing: bool,
     seed: u64,
     step: u64,
-) -> f64 {
+) -> Result<f64> {
     let n = model.info().blocks;
     if !checkpointing {
         let mut h = {
             seed_block(seed, step, usize::MAX);
-            model.embed(ids)
+            model.embed(ids)?
         };
         for i in 0..n {
             seed_block(seed, step, i);
-            h = model.block(i, &h, None);
+            h = model.block(i, &h, None)?;
         }
-        let loss = causal_lm_loss(&model.head(&h), labels);
+        let loss = causal_lm_loss(&model.head(&h)?, labels);
         let value = loss.double_value(&[]);
         (loss * loss_scale).backward();
-        return value;
+        return Ok(value);
     }
     // The embedding runs once, with grad: only when it carries an adapter does the gradient
     // have to reach block 0's input; otherwise block 0's recompute skips the input-gradient
     // products of its frozen layers, as plain autograd does.
     seed_block(seed, step, usize::MAX);
-    let embedded = model.embed(ids);
+    let embedded = model.embed(ids)?;
     let embed_trainable = embedded.requires_grad();
     let needs_input_grad = |i: usize| i > 0 || embed_trainable;
     // The last block runs with grad straight away (its graph would be rebuilt first thing
     // in the backward pass anyway), so only blocks 0..n-1 run twice.
     let last = n.saturating_sub(1);
     // First pass: no graph, one reused de-quantization buffer per weight shape.
-    let (mut saved, h) = crate::nn::scratch::inference(|| {
+    let (mut saved, h) = crate::nn::scratch::inference(|| -> Result<_> {
         let mut h = embedded.detach();
         let mut saved = Vec::with_capacity(last);
         for i in 0..last {
             seed_block(seed, step, i);
-            let next = model.block(i, &h, None);
+            let next = model.block(i, &h, None)?;
             saved.push(h);
             h = next;
         }
-        (saved, h)
-    });
+        Ok((saved, h))
+    })?;
     // Each backward below runs inside a recompute scope: the weights de-quantized for it come
     // from a pool and go back to it once its graph is freed.
-    let (value, mut g) = crate::nn::scratch::recompute(|| {
+    let (value, mut g) = crate::nn::scratch::recompute(|| -> Result<_> {
         let (x, y) = if n == 0 {
             let x = h.detach().set_requires_grad(embed_trainable);
             (x.shallow_clone(), x)
         } else {
             let x = h.detach().set_requires_grad(needs_input_grad(last));
             seed_block(seed, step, last);
-            let y = model.block(last, &x, None);
+            let y = model.block(last, &x, None)?;
             (x, y)
         };
-        let loss = causal_lm_loss(&model.head(&y), labels);
+        let loss = causal_lm_loss(&model.head(&y)?, labels);
         let value = loss.double_value(&[]);
         if loss.requires_grad() {
             (loss * loss_scale).backward();
         }
-        (value, x.grad())
-    });
+        Ok((value, x.grad()))
+    })?;
     for i in (0..last).rev() {
         let x = saved
             .pop()
             .expect("one saved input per block")
             .detach()
             .set_requires_grad(needs_input_grad(i));
-        g = crate::nn::scratch::recompute(|| {
+        g = crate::nn::scratch::recompute(|| -> Result<_> {
             seed_block(seed, step, i);
-            let y = model.block(i, &x, None);
+            let y = model.block(i, &x, None)?;
             if y.requires_grad() {
                 (y * g.detach()).sum(Kind::Float).backward();
             }
-            x.grad()
-        });
+            Ok(x.grad())
+        })?;
     }
     if embed_trainable && g.defined() {
         (embedded * g.detach()).sum(Kind::Float).backward();
     }
-    value
+    Ok(value)
 }

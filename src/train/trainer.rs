@@ -181,7 +181,7 @@ pub fn evaluate(
         "held-out data",
     )?;
     model.visit_layers(&mut |_, l| l.set_training(false));
-    let device = crate::model::model_device(&*model);
+    let device = crate::model::model_device(&*model)?;
     let (mut nll, mut n) = (0.0, 0i64);
     for chunk in data.chunks(batch_size.max(1)) {
         let ids: Vec<i64> = chunk
@@ -197,7 +197,9 @@ pub fn evaluate(
             .reshape([chunk.len() as i64, t])
             .to_device(device);
         let labels = Tensor::from_slice(&labels).reshape([chunk.len() as i64, t]);
-        let (s, c) = crate::nn::scratch::inference(|| causal_lm_nll(&model.forward(&ids), &labels));
+        let (s, c) = crate::nn::scratch::inference(|| -> Result<_> {
+            Ok(causal_lm_nll(&model.forward(&ids)?, &labels))
+        })?;
         nll += s;
         n += c;
     }
@@ -632,7 +634,7 @@ impl<'a> Run<'a> {
             )
         }));
         let loss = match run {
-            Ok(loss) => loss,
+            Ok(loss) => loss?,
             Err(panic) => {
                 if !is_out_of_memory(&panic_message(&*panic)) {
                     std::panic::resume_unwind(panic);

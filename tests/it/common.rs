@@ -141,11 +141,11 @@ pub fn cached_logits(model: &dyn CausalLm, ids: &Tensor, split: i64) -> Tensor {
     let t = ids.size()[1];
     let mut out = Vec::new();
     for (start, len) in [(0, split), (split, t - split)] {
-        let mut h = model.embed(&ids.narrow(1, start, len));
+        let mut h = model.embed(&ids.narrow(1, start, len)).unwrap();
         for (i, c) in caches.iter_mut().enumerate() {
-            h = model.block(i, &h, Some(c));
+            h = model.block(i, &h, Some(c)).unwrap();
         }
-        out.push(model.head(&h));
+        out.push(model.head(&h).unwrap());
     }
     Tensor::cat(&out, 1)
 }

@@ -37,7 +37,7 @@ fn load_and_run(dir: &Path) -> octet::Result<()> {
     // Callers (eval, generate, train) keep sequences within the model's positions.
     let t = m.model.info().max_positions.min(3);
     let ids = Tensor::from_slice(&[1i64, 2, 3][..t]).reshape([1, t as i64]);
-    let _ = m.model.forward(&ids);
+    let _logits = m.model.forward(&ids)?;
     Ok(())
 }
 

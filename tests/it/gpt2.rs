@@ -19,7 +19,7 @@ fn reference() -> std::collections::BTreeMap<String, Tensor> {
 
 fn logits(dir: &Path, opts: &LoadOptions) -> Tensor {
     let m = load_model(dir, opts).unwrap();
-    tch::no_grad(|| m.model.forward(&reference()["input_ids"]))
+    tch::no_grad(|| m.model.forward(&reference()["input_ids"]).unwrap())
 }
 
 #[test]
@@ -32,7 +32,7 @@ fn f32_forward_matches_transformers() {
             m.graph.node("transformer.h.0.attn.c_attn").unwrap().kind,
             "Conv1D"
         );
-        let l = tch::no_grad(|| m.model.forward(&r["input_ids"]));
+        let l = tch::no_grad(|| m.model.forward(&r["input_ids"]).unwrap());
         assert_eq!(l.size(), r["logits"].size());
         let d = max_abs_diff(&l, &r["logits"]);
         assert!(d < 1e-4, "{dir}: max |diff| {d}");
@@ -55,7 +55,7 @@ fn converted_8bit_matches_transformers_on_the_same_dequantized_weights() {
         // The 8-bit bytes keep the checkpoint's [in, out] layout.
         let w = m.graph.node("transformer.h.1.mlp.c_fc").unwrap();
         assert_eq!(w.param("weight").unwrap().shape, [48, 192]);
-        let ours = tch::no_grad(|| m.model.forward(&reference()["input_ids"]));
+        let ours = tch::no_grad(|| m.model.forward(&reference()["input_ids"]).unwrap());
         let hf = tmp.path().join(format!("hf-{block}"));
         octet::export::export_hf(&out, &hf, Kind::Float, false, |_, _| Ok(())).unwrap();
         let theirs = hf_logits(
@@ -99,7 +99,7 @@ fn cached_decoding_sees_the_right_positions() {
         let m = load_model(&tiny("hf_safetensors"), &opts).unwrap();
         let (full, cached) = tch::no_grad(|| {
             (
-                m.model.forward(&r["input_ids"]),
+                m.model.forward(&r["input_ids"]).unwrap(),
                 cached_logits(m.model.as_ref(), &r["input_ids"], 5),
             )
         });
@@ -238,9 +238,9 @@ fn trained_adapter_loads_in_peft_with_matching_logits() {
 
     let ids = &reference()["input_ids"];
     let mut m = load_model(&base8, &LoadOptions::default()).unwrap();
-    let before = tch::no_grad(|| m.model.forward(ids));
+    let before = tch::no_grad(|| m.model.forward(ids).unwrap());
     octet::peft::load_adapter(m.model.as_mut(), &run).unwrap();
-    let ours = tch::no_grad(|| m.model.forward(ids));
+    let ours = tch::no_grad(|| m.model.forward(ids).unwrap());
     assert!(
         max_abs_diff(&ours, &before) > 1e-3,
         "the trained adapter changes nothing"

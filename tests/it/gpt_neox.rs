@@ -27,7 +27,7 @@ fn f32_forward_matches_transformers_for_both_config_forms_and_residual_styles() 
     ] {
         let m = load_model(&tiny(dir), &LoadOptions::default()).unwrap();
         assert_eq!(m.arch.name(), "gpt_neox");
-        let l = tch::no_grad(|| m.model.forward(&r["input_ids"]));
+        let l = tch::no_grad(|| m.model.forward(&r["input_ids"]).unwrap());
         assert_eq!(l.size(), r[want].size());
         let d = max_abs_diff(&l, &r[want]);
         assert!(d < 1e-4, "{dir}: max |diff| {d}");
@@ -46,7 +46,7 @@ fn a_head_stored_as_lm_head_is_read_like_embed_out() {
     octet::io::safetensors::save_tensors(&dir.join("model.safetensors"), &tensors, &[]).unwrap();
     let mut m = load_model(&dir, &LoadOptions::default()).unwrap();
     let r = reference();
-    let l = tch::no_grad(|| m.model.forward(&r["input_ids"]));
+    let l = tch::no_grad(|| m.model.forward(&r["input_ids"]).unwrap());
     let d = max_abs_diff(&l, &r["logits"]);
     assert!(d < 1e-4, "max |diff| {d}");
     let mut paths = Vec::new();
@@ -82,7 +82,7 @@ fn converted_8bit_matches_transformers_on_the_same_dequantized_weights() {
         let m = load_model(&out, &LoadOptions::default()).unwrap();
         let kinds = |k: &str| m.graph.nodes.iter().filter(|n| n.kind == k).count();
         assert_eq!((kinds("Bnb8Linear"), kinds("Bnb8Embedding")), (9, 1));
-        let ours = tch::no_grad(|| m.model.forward(&reference()["input_ids"]));
+        let ours = tch::no_grad(|| m.model.forward(&reference()["input_ids"]).unwrap());
         let hf = tmp.path().join(format!("hf-{block}"));
         octet::export::export_hf(&out, &hf, Kind::Float, false, |_, _| Ok(())).unwrap();
         let theirs = hf_logits(
@@ -107,7 +107,7 @@ fn cached_decoding_matches_the_full_forward() {
         let m = load_model(&tiny(dir), &opts).unwrap();
         let (full, cached) = tch::no_grad(|| {
             (
-                m.model.forward(&r["input_ids"]),
+                m.model.forward(&r["input_ids"]).unwrap(),
                 cached_logits(m.model.as_ref(), &r["input_ids"], 6),
             )
         });
@@ -172,7 +172,7 @@ fn trained_adapter_loads_in_peft_with_matching_logits() {
     let ids = &reference()["input_ids"];
     let mut m = load_model(&base8, &LoadOptions::default()).unwrap();
     octet::peft::load_adapter(m.model.as_mut(), &run).unwrap();
-    let ours = tch::no_grad(|| m.model.forward(ids));
+    let ours = tch::no_grad(|| m.model.forward(ids).unwrap());
     let theirs = hf_logits(
         &hf,
         &ids_file(t, &reference()["input_ids"]),

@@ -20,7 +20,7 @@ fn reference() -> std::collections::BTreeMap<String, Tensor> {
 
 fn logits(dir: &Path, opts: &LoadOptions) -> Tensor {
     let m = load_model(dir, opts).unwrap();
-    tch::no_grad(|| m.model.forward(&reference()["input_ids"]))
+    tch::no_grad(|| m.model.forward(&reference()["input_ids"]).unwrap())
 }
 
 #[test]
@@ -41,7 +41,7 @@ fn kv_cache_gives_the_same_logits_as_the_full_pass() {
     let ids = &r["input_ids"];
     for v in ["tied", "bias"] {
         let m = load_model(&tiny(v), &LoadOptions::default()).unwrap();
-        let full = tch::no_grad(|| m.model.forward(ids));
+        let full = tch::no_grad(|| m.model.forward(ids).unwrap());
         let n = m.model.info().blocks;
         let mut caches: Vec<LayerCache> = (0..n).map(|_| LayerCache::default()).collect();
         let mut steps = Vec::new();
@@ -50,11 +50,11 @@ fn kv_cache_gives_the_same_logits_as_the_full_pass() {
         for len in [5, 1, 1, 3, 1, 1, 1] {
             let chunk = ids.narrow(1, start, len);
             let out = tch::no_grad(|| {
-                let mut h = m.model.embed(&chunk);
+                let mut h = m.model.embed(&chunk).unwrap();
                 for (i, c) in caches.iter_mut().enumerate() {
-                    h = m.model.block(i, &h, Some(c));
+                    h = m.model.block(i, &h, Some(c)).unwrap();
                 }
-                m.model.head(&h)
+                m.model.head(&h).unwrap()
             });
             steps.push(out);
             start += len;
@@ -82,7 +82,7 @@ fn eight_bit_models_match_transformers_on_the_same_dequantized_weights() {
             "Bnb8Embedding"
         );
         assert_eq!(m.graph.node("lm_head").is_some(), v != "tied");
-        let ours = tch::no_grad(|| m.model.forward(&reference()["input_ids"]));
+        let ours = tch::no_grad(|| m.model.forward(&reference()["input_ids"]).unwrap());
         let hf = tmp.path().join(format!("hf-{v}"));
         octet::export::export_hf(&out, &hf, Kind::Float, false, |_, _| Ok(())).unwrap();
         let ref_file = tmp.path().join(format!("ref-{v}.safetensors"));
@@ -190,7 +190,8 @@ fn grads(checkpointing: bool) -> Vec<(String, Tensor)> {
         checkpointing,
         0,
         0,
-    );
+    )
+    .unwrap();
     assert!(loss.is_finite());
     octet::peft::trainable_tensors(m.model.as_mut())
         .into_iter()

@@ -122,11 +122,7 @@ fn hf_logits(model: &Path, ids: &Path, out: &Path) -> Tensor {
 
 fn octet_logits(model: &Path, ids: &Tensor) -> Tensor {
     let m = load_model(model, &LoadOptions::default()).unwrap();
-    tch::no_grad(|| m.model.forward(ids))
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-    (a - b).abs().max().double_value(&[])
+    tch::no_grad(|| m.model.forward(ids).unwrap())
 }
 
 /// The number on the `key` line of the merge summary.
@@ -188,11 +184,11 @@ fn hf_f32_merge_matches_peft_merge_and_unload() {
             ],
         );
         let theirs = &common::load_safetensors(&peft_logits)["logits"];
-        let d = max_diff(&ours, theirs);
+        let d = common::max_abs_diff(&ours, theirs);
         eprintln!("{name}: hf-f32 merge vs peft merge_and_unload: max |logit diff| {d:.2e}");
         assert!(d < 1e-4, "{name}: merged logits differ from peft's by {d}");
         assert!(
-            max_diff(&ours, &base_logits) > 1e-3,
+            common::max_abs_diff(&ours, &base_logits) > 1e-3,
             "{name}: the merge changed nothing"
         );
         let theirs_w = common::load_safetensors(&peft_weights);
@@ -201,7 +197,7 @@ fn hf_f32_merge_matches_peft_merge_and_unload() {
                 .get(k)
                 .unwrap_or_else(|| panic!("{name}: peft's merged model has no {k}"));
             assert_eq!(w.kind(), Kind::Float, "{k}");
-            let d = max_diff(w, tw);
+            let d = common::max_abs_diff(w, tw);
             assert!(d < 1e-5, "{name}: {k} differs from peft's merge by {d}");
         }
     }
@@ -221,9 +217,9 @@ fn hf_f32_merge_matches_peft_merge_and_unload() {
     assert_eq!(summary(&stdout, "replaced"), 11, "{stdout}");
     let mut m = load_model(&b.base8, &LoadOptions::default()).unwrap();
     load_adapter(m.model.as_mut(), &extras).unwrap();
-    let adapted = tch::no_grad(|| m.model.forward(&b.ids));
+    let adapted = tch::no_grad(|| m.model.forward(&b.ids).unwrap());
     let merged = octet_logits(&out, &b.ids);
-    let d = max_diff(&adapted, &merged);
+    let d = common::max_abs_diff(&adapted, &merged);
     assert!(
         d < 1e-4,
         "merge with biases and norms vs adapter applied: {d}"
@@ -246,7 +242,7 @@ fn hf_f16_merge_loads_in_transformers() {
     assert!(w.values().all(|t| t.kind() == Kind::Half));
     let exact = hf_logits(&f32, &b.ids_path, &t.join("f32_logits.safetensors"));
     let half = hf_logits(&f16, &b.ids_path, &t.join("f16_logits.safetensors"));
-    let rel = max_diff(&half, &exact) / exact.abs().max().double_value(&[]);
+    let rel = common::max_abs_diff(&half, &exact) / exact.abs().max().double_value(&[]);
     eprintln!("hf-f16 vs hf-f32 merge: max |logit diff| / max |logit| = {rel:.2e}");
     assert!(rel < 5e-2, "f16 merge is off by {rel} (relative)");
 }
@@ -308,7 +304,7 @@ fn octet8_merge_loads_in_octet_and_reports_the_added_error() {
     let exact = octet_logits(&f32, &b.ids);
     let requantized = octet_logits(&q8, &b.ids);
     let scale = exact.abs().max().double_value(&[]);
-    let d = max_diff(&requantized, &exact);
+    let d = common::max_abs_diff(&requantized, &exact);
     let mean = (&requantized - &exact)
         .abs()
         .mean(Kind::Float)
@@ -320,7 +316,7 @@ fn octet8_merge_loads_in_octet_and_reports_the_added_error() {
     // For scale: what quantizing the original f32 model cost in the first place.
     let original = octet_logits(&tiny("hf_safetensors"), &b.ids);
     let base8 = octet_logits(&b.base8, &b.ids);
-    let d0 = max_diff(&base8, &original);
+    let d0 = common::max_abs_diff(&base8, &original);
     eprintln!("for reference, 8-bit base vs original f32 model: max |logit diff| {d0:.3e}");
     assert!(d / scale < 5e-2, "re-quantized merge is off by {d}");
     assert!(
@@ -491,13 +487,13 @@ fn bin_adapter_with_modules_to_save_merges_and_attaches_alike() {
     // lm_head's weight and bias, from modules_to_save.
     assert_eq!(summary(&stdout, "replaced"), 2, "{stdout}");
     let merged = hf_logits(&out, &b.ids_path, &t.join("merged_logits.safetensors"));
-    let d = max_diff(&merged, theirs);
+    let d = common::max_abs_diff(&merged, theirs);
     assert!(d < 1e-4, "merged logits differ from peft's by {d}");
 
     let mut m = load_model(&b.base8, &LoadOptions::default()).unwrap();
     load_adapter(m.model.as_mut(), &adapter).unwrap();
-    let adapted = tch::no_grad(|| m.model.forward(&b.ids));
-    let d = max_diff(&adapted, theirs);
+    let adapted = tch::no_grad(|| m.model.forward(&b.ids).unwrap());
+    let d = common::max_abs_diff(&adapted, theirs);
     assert!(
         d < 1e-4,
         "attached adapter's logits differ from peft's by {d}"

@@ -494,6 +494,56 @@ fn train_refuses_held_out_token_ids_outside_the_vocabulary() {
     assert_nothing_written(&out);
 }
 
+/// Ids past the vocabulary that reach the model itself, past every entry check (a library
+/// caller, held-out data handed to `evaluate()`), are an error naming the id from the float
+/// and the 8-bit embedding alike, never a panic; `octet eval` of the converted 8-bit model
+/// refuses them with exit 1.
+#[test]
+fn ids_outside_the_vocabulary_reaching_the_embedding_are_an_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = model_with_a_larger_tokenizer(tmp.path());
+    let q8 = tmp.path().join("q8");
+    let (code, err) = octet(&["convert", "--model", s(&m), "--out", s(&q8)]);
+    assert_eq!(code, Some(0), "{err}");
+    let data = tmp.path().join("text.txt");
+    std::fs::write(&data, "The quick brown fox jumps over the lazy dog.").unwrap();
+    let r = octet(&[
+        "eval",
+        "--model",
+        s(&q8),
+        "--data",
+        s(&data),
+        "--ctx",
+        "8",
+        "--stride",
+        "4",
+    ]);
+    assert_refused(&r, &["outside the model's vocabulary of 301"]);
+    for (dir, embedding) in [(&m, "Embedding"), (&q8, "Bnb8Embedding")] {
+        let mut loaded = load_model(dir, &LoadOptions::default()).unwrap();
+        assert_eq!(
+            loaded.graph.node("transformer.wte").unwrap().kind,
+            embedding
+        );
+        let ids = Tensor::from_slice(&[5i64, 301, 2]).reshape([1, 3]);
+        let err = tch::no_grad(|| loaded.model.forward(&ids))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("token id 301") && err.contains("vocabulary of 301"),
+            "{embedding}: {err}"
+        );
+        let held_out = [octet::train::data::Sequence {
+            input_ids: vec![1, 2, 400],
+            labels: vec![1, 2, 400],
+        }];
+        let err = octet::train::trainer::evaluate(loaded.model.as_mut(), &held_out, 1)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("token id 400"), "{embedding}: {err}");
+    }
+}
+
 #[test]
 fn an_unknown_arch_in_octet_toml_names_octet_toml() {
     let tmp = tempfile::tempdir().unwrap();

@@ -61,7 +61,7 @@ fn perplexity(model: &dyn CausalLm, ids: &[i64]) -> f64 {
     let (mut nll, mut count) = (0f64, 0usize);
     for chunk in ids.chunks(WINDOW).filter(|c| c.len() >= 2) {
         let x = Tensor::from_slice(chunk).unsqueeze(0);
-        let logits = tch::no_grad(|| model.forward(&x)).squeeze_dim(0);
+        let logits = tch::no_grad(|| model.forward(&x).unwrap()).squeeze_dim(0);
         let n = chunk.len() as i64 - 1;
         let logp = logits.narrow(0, 0, n).log_softmax(-1, Kind::Float);
         let target = Tensor::from_slice(&chunk[1..]).unsqueeze(1);

@@ -90,7 +90,8 @@ fn assert_checkpointed_matches_plain(targets: &str, wrapped_modules: usize) {
             checkpointing,
             11,
             step,
-        );
+        )
+        .unwrap();
         params.iter().map(|(_, p)| p.grad().copy()).collect()
     };
     let grads = |checkpointing: bool| grads_at(checkpointing, 5);
@@ -498,9 +499,9 @@ fn octet_adapters_load_in_peft_and_peft_adapters_load_in_octet() {
     ]);
     assert!(ok, "{err}");
     let mut m = load_model(&base8, &LoadOptions::default()).unwrap();
-    let before = tch::no_grad(|| m.model.forward(&ids));
+    let before = tch::no_grad(|| m.model.forward(&ids).unwrap());
     load_adapter(m.model.as_mut(), &run).unwrap();
-    let ours = tch::no_grad(|| m.model.forward(&ids));
+    let ours = tch::no_grad(|| m.model.forward(&ids).unwrap());
     assert!(
         (&ours - &before).abs().max().double_value(&[]) > 1e-3,
         "the trained adapter changes nothing"
@@ -537,7 +538,7 @@ fn octet_adapters_load_in_peft_and_peft_adapters_load_in_octet() {
     let mut m = load_model(&base8, &LoadOptions::default()).unwrap();
     let cfg = load_adapter(m.model.as_mut(), &made).unwrap();
     assert_eq!(cfg.r, 4);
-    let ours = tch::no_grad(|| m.model.forward(&ids));
+    let ours = tch::no_grad(|| m.model.forward(&ids).unwrap());
     let theirs = &common::load_safetensors(&made_logits)["logits"];
     let d = (&ours - theirs).abs().max().double_value(&[]);
     assert!(d < 1e-4, "peft-made adapter: octet vs peft max |diff| {d}");

@@ -1,7 +1,7 @@
-//! Layer kinds and their 8-bit replacements, collected with `inventory` so a plugin can add
+//! The registered layer kinds and their 8-bit replacements, collected with `inventory` so a plugin can add
 //! its own (e.g. GPT-2's Conv1D) without touching the core.
-use super::graph::Node;
 use super::layer::{Layer, LayerTensors};
+use super::node::Node;
 use crate::error::Result;
 
 /// A layer kind: how to check a module's tensors and build its runtime layer.
@@ -42,14 +42,14 @@ pub fn replacement_for(from: &str) -> Option<&'static Replacement> {
         .find(|r| r.from == from)
 }
 
-/// The replacement that produced the 8-bit kind `to`, if it is one.
+/// The replacement that produces the 8-bit kind `to`, if `to` is one.
 pub fn replacement_to(to: &str) -> Option<&'static Replacement> {
     inventory::iter::<Replacement>
         .into_iter()
         .find(|r| r.to == to)
 }
 
-/// The quantized parameter of an 8-bit kind, if `kind` is one.
+/// The quantized parameter of the 8-bit kind `kind` (`weight`), if `kind` is one.
 pub fn quantized_param(kind: &str) -> Option<&'static str> {
     replacement_to(kind).map(|r| r.quantized_param)
 }
