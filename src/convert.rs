@@ -3,7 +3,7 @@
 use crate::error::{OctetError, Result};
 use crate::io::safetensors::SafetensorsWriter;
 use crate::io::{dtype, Dtype, TensorStore};
-use crate::load::{choose_code, read_f32, QuantizeOptions};
+use crate::load::{choose_code, QuantizeOptions};
 use crate::manifest::{Manifest, SourceFile, TensorError};
 use crate::nn::q8::Q8Weight;
 use crate::nn::{kinds, ModuleGraph, Node};
@@ -374,7 +374,7 @@ fn quantize_tensor(
     let code = match q.code {
         // Fitting samples the whole tensor, so it is read once in f32 first.
         crate::quant::CodeKind::Fitted => {
-            let x = read_f32(store, name)?;
+            let x = store.f32_values(name)?;
             if let Some((i, v)) = crate::validate::first_nonfinite_f32(&x) {
                 return Err(nonfinite(i, v));
             }

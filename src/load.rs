@@ -2,7 +2,7 @@
 //! model, optionally quantizing float modules module by module as they are read.
 use crate::arch::Architecture;
 use crate::error::{OctetError, Result};
-use crate::io::{dtype, TensorStore};
+use crate::io::TensorStore;
 use crate::model::CausalLm;
 use crate::nn::q8::Q8Weight;
 use crate::nn::{kinds, LayerMap, LayerTensors, ModuleGraph, Node};
@@ -53,28 +53,6 @@ pub struct LoadedModel {
     pub dir: PathBuf,
 }
 
-/// Reads one stored tensor as a CPU tensor of its own dtype.
-pub fn read_tensor(store: &dyn TensorStore, name: &str) -> Result<Tensor> {
-    let meta = store.require_meta(name)?;
-    let bytes = store.bytes(name)?;
-    dtype::tensor_from_bytes(meta.dtype, &meta.shape, &bytes)
-}
-
-/// Reads a float tensor's values as f32.
-pub fn read_f32(store: &dyn TensorStore, name: &str) -> Result<Vec<f32>> {
-    let meta = store.require_meta(name)?;
-    if !meta.dtype.is_float() {
-        return Err(OctetError::bad_file(
-            store.path(),
-            format!("tensor {name} is {:?}, not floating point", meta.dtype),
-        ));
-    }
-    let bytes = store.bytes(name)?;
-    let mut out = vec![0f32; meta.numel()];
-    dtype::float_bytes_to_f32(meta.dtype, &bytes, &mut out)?;
-    Ok(out)
-}
-
 /// Builds one module's layer: reads its tensors, quantizing the weight when `target` is an
 /// 8-bit kind and the stored module is float.
 fn build_node(
@@ -92,12 +70,12 @@ fn build_node(
         let name = stored.tensor_name(&p.name);
         if rep.is_some_and(|r| r.quantized_param == p.name) {
             let shape: Vec<i64> = p.shape.iter().map(|&d| d as i64).collect();
-            let x = Tensor::f_from_slice(&read_f32(store, &name)?)?.f_reshape(shape.as_slice())?;
+            let x = Tensor::f_from_slice(&store.f32_values(&name)?)?.f_reshape(shape.as_slice())?;
             for (pname, t) in Q8Weight::quantize(&x, block, code)?.tensors() {
                 tensors.insert(pname, t);
             }
         } else {
-            tensors.insert(p.name.clone(), read_tensor(store, &name)?);
+            tensors.insert(p.name.clone(), store.tensor(&name)?);
         }
         store.release(&name);
     }

@@ -65,34 +65,6 @@ pub fn ensure_fits(what: &str, needed: u64, device: Device, hint: &str) -> Resul
     Ok(())
 }
 
-/// Estimated bytes of the activations one training micro-batch of `batch` sequences of
-/// `seq_len` tokens takes (f32): logits with their softmax and gradient, the block inputs
-/// kept for the backward pass (all of a block's activations without `checkpointing`), and one
-/// block's working set including attention scores (heads guessed at hidden / 64). An
-/// order-of-magnitude figure meant to refuse the impossible before allocating.
-pub fn training_batch_bytes(
-    info: &crate::model::ModelInfo,
-    batch: usize,
-    seq_len: usize,
-    checkpointing: bool,
-) -> u64 {
-    let (b, t) = (batch as u128, seq_len as u128);
-    let (d, v, layers) = (
-        info.hidden as u128,
-        info.vocab_size as u128,
-        info.blocks as u128,
-    );
-    let tokens = b * t;
-    let block = tokens * d * 16 + b * t * t * (d / 64).max(1) * 2;
-    let kept = if checkpointing {
-        layers * tokens * d
-    } else {
-        layers * block
-    };
-    let bytes = 4 * (3 * tokens * v + kept + block);
-    u64::try_from(bytes).unwrap_or(u64::MAX)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -114,23 +86,6 @@ mod tests {
             "{err}"
         );
         ensure_fits("a byte", 1, Device::Cpu, "").unwrap();
-    }
-
-    #[test]
-    fn batch_estimate_grows_with_the_batch_and_refuses_absurd_ones() {
-        let info = crate::model::ModelInfo {
-            vocab_size: 1000,
-            max_positions: 64,
-            hidden: 64,
-            blocks: 2,
-        };
-        let one = training_batch_bytes(&info, 1, 16, true);
-        // The logits alone: 3 copies of 16 x 1000 f32.
-        assert!(one >= 3 * 16 * 1000 * 4, "{one}");
-        assert_eq!(training_batch_bytes(&info, 8, 16, true), 8 * one);
-        assert!(training_batch_bytes(&info, 1, 16, false) > one);
-        let huge = training_batch_bytes(&info, 100_000_000, 16, true);
-        assert!(ensure_fits("a batch", huge, Device::Cpu, "").is_err());
     }
 
     #[test]

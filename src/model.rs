@@ -18,6 +18,31 @@ pub struct ModelInfo {
     pub blocks: usize,
 }
 
+impl ModelInfo {
+    /// Estimated bytes of the activations one training micro-batch of `batch` sequences of
+    /// `seq_len` tokens takes (f32): logits with their softmax and gradient, the block inputs
+    /// kept for the backward pass (all of a block's activations without `checkpointing`), and one
+    /// block's working set including attention scores (heads guessed at hidden / 64). An
+    /// order-of-magnitude figure meant to refuse the impossible before allocating.
+    pub fn training_batch_bytes(&self, batch: usize, seq_len: usize, checkpointing: bool) -> u64 {
+        let (b, t) = (batch as u128, seq_len as u128);
+        let (d, v, layers) = (
+            self.hidden as u128,
+            self.vocab_size as u128,
+            self.blocks as u128,
+        );
+        let tokens = b * t;
+        let block = tokens * d * 16 + b * t * t * (d / 64).max(1) * 2;
+        let kept = if checkpointing {
+            layers * tokens * d
+        } else {
+            layers * block
+        };
+        let bytes = 4 * (3 * tokens * v + kept + block);
+        u64::try_from(bytes).unwrap_or(u64::MAX)
+    }
+}
+
 pub use crate::nn::ids::check_token_ids;
 
 /// Keys and values of one block for the positions seen so far.
@@ -218,6 +243,23 @@ pub fn model_device(model: &dyn CausalLm) -> Result<Device> {
 mod tests {
     use super::*;
     use tch::Device;
+
+    #[test]
+    fn batch_estimate_grows_with_the_batch_and_refuses_absurd_ones() {
+        let info = ModelInfo {
+            vocab_size: 1000,
+            max_positions: 64,
+            hidden: 64,
+            blocks: 2,
+        };
+        let one = info.training_batch_bytes(1, 16, true);
+        // The logits alone: 3 copies of 16 x 1000 f32.
+        assert!(one >= 3 * 16 * 1000 * 4, "{one}");
+        assert_eq!(info.training_batch_bytes(8, 16, true), 8 * one);
+        assert!(info.training_batch_bytes(1, 16, false) > one);
+        let huge = info.training_batch_bytes(100_000_000, 16, true);
+        assert!(crate::memory::ensure_fits("a batch", huge, Device::Cpu, "").is_err());
+    }
 
     fn kv(t: i64, seed: f64) -> (Tensor, Tensor) {
         let k = Tensor::arange(2 * 3 * t * 4, (Kind::Float, Device::Cpu)).view([2, 3, t, 4]) + seed;

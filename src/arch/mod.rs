@@ -7,9 +7,8 @@
 pub mod modules;
 pub mod plugin;
 pub mod registry;
-pub mod spec;
 
+pub use crate::nn::spec::{PathPattern, Spec};
 pub use modules::{Bias, DeclaredModule, ModuleDecl, Modules};
 pub use plugin::{Plugin, Registered};
 pub use registry::{architectures, detect, find, resolve, Architecture, ArchitectureRegistration};
-pub use spec::{PathPattern, Spec};

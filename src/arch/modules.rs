@@ -5,11 +5,11 @@
 //! Blocks are declared with [`declare_block!`](crate::declare_block), which writes the block
 //! struct together with its module list; top-level modules are listed by the plugin's
 //! `modules` function and taken through [`Modules::take`].
-use super::spec::Spec;
 use crate::error::{OctetError, Result};
 use crate::nn::float::LayerNorm;
 use crate::nn::layer::expect_weight_shape;
 use crate::nn::rmsnorm::RmsNorm;
+use crate::nn::spec::Spec;
 use crate::nn::{Layer, LayerMap, ModuleGraph};
 
 /// Whether a module has a bias.

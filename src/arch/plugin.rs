@@ -3,10 +3,10 @@
 //! [`register_architecture!`](crate::register_architecture) line.
 use super::modules::Modules;
 use super::registry::Architecture;
-use super::spec::Spec;
 use crate::error::Result;
 use crate::io::gguf::GgufMapping;
 use crate::model::CausalLm;
+use crate::nn::spec::Spec;
 use crate::nn::{LayerMap, ModuleGraph};
 use std::marker::PhantomData;
 use std::path::Path;

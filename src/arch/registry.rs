@@ -1,8 +1,8 @@
 //! The architecture registry: plugins submit an [`ArchitectureRegistration`] with `inventory`,
 //! and octet finds them by name or from a model's config.json.
-use crate::arch::Spec;
 use crate::error::{OctetError, Result};
 use crate::model::CausalLm;
+use crate::nn::spec::Spec;
 use crate::nn::LayerMap;
 use tch::Kind;
 

@@ -50,6 +50,22 @@ pub trait TensorStore {
     /// Hints that `name`'s data will not be read again (lets memory-mapped pages go).
     fn release(&self, _name: &str) {}
 
+    /// Reads tensor `name` as a CPU tensor of its own dtype.
+    fn tensor(&self, name: &str) -> Result<tch::Tensor> {
+        let meta = self.require_meta(name)?;
+        let bytes = self.bytes(name)?;
+        dtype::tensor_from_bytes(meta.dtype, &meta.shape, &bytes)
+    }
+
+    /// Reads float tensor `name`'s values as f32.
+    fn f32_values(&self, name: &str) -> Result<Vec<f32>> {
+        let meta = self.require_float_meta(name, ", not floating point")?;
+        let bytes = self.bytes(name)?;
+        let mut out = vec![0f32; meta.numel()];
+        dtype::float_bytes_to_f32(meta.dtype, &bytes, &mut out)?;
+        Ok(out)
+    }
+
     /// Dtype and shape of `name`, or an error naming the file.
     fn require_meta(&self, name: &str) -> Result<TensorMeta> {
         self.meta(name)

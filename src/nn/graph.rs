@@ -3,7 +3,7 @@
 //! and `inspect` work on models far bigger than memory.
 use super::kinds;
 pub use super::node::{Node, ParamInfo};
-use crate::arch::Spec;
+use super::spec::Spec;
 use crate::error::{OctetError, Result};
 use crate::io::{Dtype, TensorStore};
 use crate::quant::{BlockSize, CODE_LEN};

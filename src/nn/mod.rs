@@ -10,6 +10,7 @@ pub mod node;
 pub mod q8;
 pub mod rmsnorm;
 pub mod scratch;
+pub mod spec;
 pub mod tied;
 
 pub use graph::{ModuleGraph, Node, ParamInfo};

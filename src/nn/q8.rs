@@ -7,7 +7,7 @@ use super::float::{in_kind, linear_in_out};
 use super::graph::ModuleGraph;
 use super::layer::{check_params, LayerTensors};
 use super::node::Node;
-use crate::arch::{PathPattern, Spec};
+use super::spec::{PathPattern, Spec};
 use crate::error::{OctetError, Result};
 use crate::io::TensorStore;
 use crate::quant::{
@@ -279,7 +279,7 @@ impl Q8Weight {
     ) -> Result<BTreeMap<String, Tensor>> {
         let mut params = BTreeMap::new();
         for p in &node.params {
-            let t = crate::load::read_tensor(store, &node.tensor_name(&p.name))?;
+            let t = store.tensor(&node.tensor_name(&p.name))?;
             params.insert(p.name.clone(), t.f_to_device(device)?);
         }
         if let Some(rep) = super::kinds::quantized_param(&node.kind) {

@@ -13,7 +13,7 @@ use super::step::{causal_lm_nll, forward_backward};
 use crate::error::{OctetError, Result};
 use crate::io::safetensors::SafetensorsFile;
 use crate::io::TensorStore;
-use crate::load::{load_model, read_tensor, LoadOptions, LoadedModel, QuantizeOptions};
+use crate::load::{load_model, LoadOptions, LoadedModel, QuantizeOptions};
 use crate::model::CausalLm;
 use crate::nn::Layer;
 use crate::outdir::InPlaceOutput;
@@ -334,7 +334,7 @@ fn load_base(opts: &TrainOptions, kind: Kind, device: Device) -> Result<LoadedMo
     let (batch, seq) = (opts.batch_size, opts.seq_len);
     crate::memory::ensure_fits(
         &format!("a micro-batch of {batch} x {seq} tokens"),
-        crate::memory::training_batch_bytes(&info, batch, seq, !opts.no_checkpointing),
+        info.training_batch_bytes(batch, seq, !opts.no_checkpointing),
         device,
         "lower --batch-size or --seq-len (--grad-accum keeps the effective batch)",
     )?;
@@ -429,7 +429,7 @@ fn restore_optimizer(optimizer: &mut dyn Optimizer, path: &Path) -> Result<()> {
     let state: Vec<(String, Tensor)> = store
         .names()
         .into_iter()
-        .map(|n| Ok((n.clone(), read_tensor(&store, &n)?)))
+        .map(|n| Ok((n.clone(), store.tensor(&n)?)))
         .collect::<Result<_>>()?;
     optimizer
         .load_state_dict(&state)

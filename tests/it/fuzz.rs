@@ -9,7 +9,7 @@ use octet::io::safetensors::{save_tensors, SafetensorsFile};
 use octet::io::sharded::ShardedStore;
 use octet::io::torch_bin::TorchBinFile;
 use octet::io::TensorStore;
-use octet::load::{load_model, read_tensor, LoadOptions};
+use octet::load::{load_model, LoadOptions};
 use octet::nn::LoraConfig;
 use octet::peft::{attach_lora, load_adapter, save_adapter, AdapterConfig, Targets};
 use octet::train::adam8bit::Adam8bit;
@@ -22,7 +22,7 @@ use tch::{Kind, Tensor};
 fn read_all(store: &dyn TensorStore) -> octet::Result<()> {
     for name in store.names() {
         store.meta(&name);
-        let _ = read_tensor(store, &name)?;
+        let _ = store.tensor(&name)?;
     }
     Ok(())
 }
@@ -245,7 +245,7 @@ fn targets(work: &Path) -> Vec<Target> {
             let state: Vec<(String, Tensor)> = store
                 .names()
                 .into_iter()
-                .map(|n| Ok((n.clone(), read_tensor(&store, &n)?)))
+                .map(|n| Ok((n.clone(), store.tensor(&n)?)))
                 .collect::<octet::Result<_>>()?;
             let ps = params();
             let mut opt = Adam8bit::new(ps, AdamConfig::default())?;
