@@ -8,10 +8,19 @@
 //! registers a [`GgufMapping`] for its `general.architecture` (archs/llama/gguf.rs). The
 //! metadata also yields the byte-level BPE tokenizer ([`GgufFile::hf_tokenizer`]), so a GGUF
 //! file is a complete model source on its own.
+//!
+//! Submodules: `ggml` (tensor types and de-quantization), `mapping` (the per-architecture
+//! hook), `tokenizer` (the tokenizer and side files the metadata describes).
+mod ggml;
+mod mapping;
+mod tokenizer;
+
 use super::{Dtype, TensorMeta, TensorStore};
 use crate::error::{OctetError, Result};
+pub use ggml::{dequantize, GgmlType};
+use mapping::{mapping_for, mappings, unpermute_rows};
+pub use mapping::{GgufMapping, GgufRegistration};
 use memmap2::Mmap;
-use rayon::prelude::*;
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -42,41 +51,6 @@ fn starts_with_magic(path: &Path) -> bool {
     File::open(path)
         .and_then(|mut f| f.read_exact(&mut head))
         .is_ok_and(|_| &head == MAGIC)
-}
-
-/// How one architecture's GGUF files map onto its Hugging Face checkpoints; an
-/// architecture plugin provides it (`Plugin::gguf`).
-pub trait GgufMapping: Sync {
-    /// The `general.architecture` value it reads (`llama`).
-    fn gguf_name(&self) -> &'static str;
-    /// The Hugging Face name of the llama.cpp tensor `raw` (`blk.0.attn_q.weight` →
-    /// `model.layers.0.self_attn.q_proj.weight`); `None` keeps the name.
-    fn tensor_name(&self, raw: &str) -> Option<String>;
-    /// For a tensor whose rows llama.cpp's converter permuted per head (llama's q/k), the
-    /// head count, so that reads undo it.
-    fn permuted_heads(&self, file: &GgufFile, raw: &str) -> Result<Option<usize>>;
-    /// The Hugging Face config.json the file's metadata implies.
-    fn config(&self, file: &GgufFile) -> Result<serde_json::Value>;
-}
-
-/// A GGUF mapping's registration (submitted by `register_architecture!` for every plugin;
-/// `get` returns `None` for one that reads no GGUF).
-pub struct GgufRegistration {
-    /// Returns the plugin's mapping, if any.
-    pub get: fn() -> Option<&'static dyn GgufMapping>,
-}
-inventory::collect!(GgufRegistration);
-
-/// Every registered mapping.
-fn mappings() -> impl Iterator<Item = &'static dyn GgufMapping> {
-    inventory::iter::<GgufRegistration>
-        .into_iter()
-        .filter_map(|r| (r.get)())
-}
-
-/// The mapping registered for `general.architecture = arch`.
-fn mapping_for(arch: &str) -> Option<&'static dyn GgufMapping> {
-    mappings().find(|m| m.gguf_name() == arch)
 }
 
 /// A metadata value.
@@ -167,93 +141,6 @@ impl GgufValue {
         match self {
             GgufValue::Array(a) => Some(a),
             _ => None,
-        }
-    }
-}
-
-/// A ggml tensor type.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum GgmlType {
-    /// 32-bit float.
-    F32,
-    /// IEEE half.
-    F16,
-    /// bfloat16.
-    BF16,
-    /// Blocks of 32: f16 scale `d`, 32 × i8; `x = d·q`.
-    Q8_0,
-    /// Blocks of 32: f16 scale `d`, 32 × 4 bits; `x = d·(q − 8)`.
-    Q4_0,
-    /// Blocks of 32: f16 scale `d`, f16 minimum `m`, 32 × 4 bits; `x = d·q + m`.
-    Q4_1,
-}
-
-impl GgmlType {
-    fn from_id(id: u32) -> std::result::Result<Self, String> {
-        Ok(match id {
-            0 => GgmlType::F32,
-            1 => GgmlType::F16,
-            2 => GgmlType::Q4_0,
-            3 => GgmlType::Q4_1,
-            8 => GgmlType::Q8_0,
-            30 => GgmlType::BF16,
-            other => {
-                const NAMES: [(u32, &str); 20] = [
-                    (6, "Q5_0"),
-                    (7, "Q5_1"),
-                    (9, "Q8_1"),
-                    (10, "Q2_K"),
-                    (11, "Q3_K"),
-                    (12, "Q4_K"),
-                    (13, "Q5_K"),
-                    (14, "Q6_K"),
-                    (15, "Q8_K"),
-                    (16, "IQ2_XXS"),
-                    (17, "IQ2_XS"),
-                    (18, "IQ3_XXS"),
-                    (19, "IQ1_S"),
-                    (20, "IQ4_NL"),
-                    (21, "IQ3_S"),
-                    (22, "IQ2_S"),
-                    (23, "IQ4_XS"),
-                    (24, "I8"),
-                    (26, "I32"),
-                    (28, "F64"),
-                ];
-                let name = NAMES
-                    .iter()
-                    .find(|(i, _)| *i == other)
-                    .map_or("unknown", |(_, n)| n);
-                return Err(format!("ggml type {other} ({name})"));
-            }
-        })
-    }
-
-    /// Elements per block.
-    pub fn block_elems(self) -> usize {
-        match self {
-            GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => 1,
-            GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q4_1 => 32,
-        }
-    }
-
-    /// Bytes per block.
-    pub fn block_bytes(self) -> usize {
-        match self {
-            GgmlType::F32 => 4,
-            GgmlType::F16 | GgmlType::BF16 => 2,
-            GgmlType::Q8_0 => 34,
-            GgmlType::Q4_0 => 18,
-            GgmlType::Q4_1 => 20,
-        }
-    }
-
-    /// The dtype octet serves the tensor as (quantized types are de-quantized to f32).
-    pub fn served_dtype(self) -> Dtype {
-        match self {
-            GgmlType::F16 => Dtype::F16,
-            GgmlType::BF16 => Dtype::BF16,
-            _ => Dtype::F32,
         }
     }
 }
@@ -753,149 +640,6 @@ impl GgufFile {
         }
     }
 
-    fn tokens(&self) -> Result<Vec<&str>> {
-        let arr = self
-            .get("tokenizer.ggml.tokens")
-            .and_then(|v| v.as_array())
-            .ok_or_else(|| {
-                OctetError::bad_file(&self.path, "no tokenizer.ggml.tokens in the metadata")
-            })?;
-        arr.iter()
-            .map(|v| {
-                v.as_str().ok_or_else(|| {
-                    OctetError::bad_file(&self.path, "tokenizer.ggml.tokens holds a non-string")
-                })
-            })
-            .collect()
-    }
-
-    /// The tokenizer the metadata describes, as a `tokenizers` tokenizer: byte-level BPE
-    /// (`tokenizer.ggml.model = "gpt2"`) from `tokens` and `merges`, pre-tokenized the way
-    /// llama.cpp does for `tokenizer.ggml.pre`; control tokens (type 3) become special added
-    /// tokens and user-defined ones (type 4) plain added tokens, matched whole in text. No
-    /// BOS/EOS are added by the tokenizer itself.
-    pub fn hf_tokenizer(&self) -> Result<tokenizers::Tokenizer> {
-        use tokenizers::models::bpe::BPE;
-        use tokenizers::{decoders, processors, AddedToken};
-        let bad = |p: String| OctetError::bad_file(&self.path, p);
-        let model = self
-            .get("tokenizer.ggml.model")
-            .and_then(|v| v.as_str())
-            .unwrap_or("(none)");
-        if model != "gpt2" {
-            return Err(bad(format!(
-                "tokenizer.ggml.model '{model}' is not supported (octet builds byte-level BPE, 'gpt2', tokenizers)"
-            )));
-        }
-        let tokens = self.tokens()?;
-        let mut vocab: HashMap<String, u32> = HashMap::with_capacity(tokens.len());
-        for (i, t) in tokens.iter().enumerate() {
-            vocab.entry(t.to_string()).or_insert(i as u32);
-        }
-        let vocab: tokenizers::models::bpe::Vocab = vocab.into_iter().collect();
-        let mut merges = Vec::new();
-        if let Some(arr) = self.get("tokenizer.ggml.merges").and_then(|v| v.as_array()) {
-            merges.reserve(arr.len());
-            for (i, m) in arr.iter().enumerate() {
-                let pair = m
-                    .as_str()
-                    .and_then(|s| s.split_once(' '))
-                    .filter(|(a, b)| !a.is_empty() && !b.is_empty() && !b.contains(' '))
-                    .ok_or_else(|| bad(format!("tokenizer.ggml.merges[{i}] is not 'a b'")))?;
-                merges.push((pair.0.to_string(), pair.1.to_string()));
-            }
-        }
-        let pre = self
-            .get("tokenizer.ggml.pre")
-            .and_then(|v| v.as_str())
-            .unwrap_or("default");
-        let (pre_tokenizer, ignore_merges) = pre_tokenizer_for(pre).map_err(bad)?;
-        let bpe = BPE::builder()
-            .vocab_and_merges(vocab, merges)
-            .ignore_merges(ignore_merges)
-            .build()
-            .map_err(|e| bad(format!("cannot build the BPE tokenizer: {e}")))?;
-        let mut tok = tokenizers::Tokenizer::new(bpe);
-        tok.with_pre_tokenizer(Some(pre_tokenizer))
-            .with_decoder(Some(decoders::byte_level::ByteLevel::default()))
-            .with_post_processor(Some(processors::byte_level::ByteLevel::new(
-                false, false, true,
-            )));
-        let types: Vec<i64> = self
-            .get("tokenizer.ggml.token_type")
-            .and_then(|v| v.as_array())
-            .map(|a| a.iter().map(|v| v.as_i64().unwrap_or(1)).collect())
-            .unwrap_or_default();
-        let added = |ty: i64, special: bool| -> Vec<AddedToken> {
-            tokens
-                .iter()
-                .zip(&types)
-                .filter(|(_, &t)| t == ty)
-                .map(|(t, _)| AddedToken::from(t.to_string(), special).normalized(false))
-                .collect()
-        };
-        tok.add_special_tokens(&added(3, true));
-        tok.add_tokens(&added(4, false));
-        Ok(tok)
-    }
-
-    /// The end- and beginning-of-sequence ids the metadata names
-    /// (`tokenizer.ggml.eos_token_id` / `bos_token_id`), each `None` when absent.
-    pub fn special_token_ids(&self) -> (Option<u32>, Option<u32>) {
-        let id = |key: &str| self.meta_u64(key).map(|v| v as u32);
-        (
-            id("tokenizer.ggml.eos_token_id"),
-            id("tokenizer.ggml.bos_token_id"),
-        )
-    }
-
-    /// Writes `config.json`, `tokenizer.json` and `tokenizer_config.json` into `dir`, so a
-    /// model converted from this file is self-contained; returns the names written. A
-    /// tokenizer octet cannot build (not byte-level BPE) is left out rather than failing the
-    /// conversion of the weights.
-    pub fn write_side_files(&self, dir: &Path) -> Result<Vec<String>> {
-        let write = |name: &str, text: String| -> Result<()> {
-            let p = dir.join(name);
-            std::fs::write(&p, text).map_err(|e| OctetError::io(&p, e))
-        };
-        let json = |v: &serde_json::Value| {
-            serde_json::to_string_pretty(v).map_err(|e| OctetError::InvalidArgument(e.to_string()))
-        };
-        write("config.json", json(&self.config()?)?)?;
-        if self.get("tokenizer.ggml.model").and_then(|v| v.as_str()) != Some("gpt2") {
-            return Ok(vec!["config.json".into()]);
-        }
-        let tok = self.hf_tokenizer()?;
-        let text = tok.to_string(true).map_err(|e| {
-            OctetError::InvalidArgument(format!("cannot serialize the tokenizer: {e}"))
-        })?;
-        write("tokenizer.json", text)?;
-        let tokens = self.tokens()?;
-        let token = |key: &str| {
-            self.meta_u64(&format!("tokenizer.ggml.{key}"))
-                .and_then(|i| tokens.get(i as usize))
-                .map(|t| serde_json::Value::String(t.to_string()))
-                .unwrap_or(serde_json::Value::Null)
-        };
-        let mut tc = serde_json::json!({
-            "tokenizer_class": "PreTrainedTokenizerFast",
-            "bos_token": token("bos_token_id"),
-            "eos_token": token("eos_token_id"),
-            "unk_token": token("unknown_token_id"),
-            "pad_token": token("padding_token_id"),
-            "add_bos_token": self.get("tokenizer.ggml.add_bos_token").and_then(|v| v.as_bool()).unwrap_or(false),
-        });
-        if let Some(t) = self.get("tokenizer.chat_template").and_then(|v| v.as_str()) {
-            tc["chat_template"] = t.into();
-        }
-        write("tokenizer_config.json", json(&tc)?)?;
-        Ok(vec![
-            "config.json".into(),
-            "tokenizer.json".into(),
-            "tokenizer_config.json".into(),
-        ])
-    }
-
     /// Tells the kernel the pages of `name` are no longer needed.
     fn release_range(&self, t: &GgufTensorInfo) {
         let page = 4096;
@@ -910,129 +654,6 @@ impl GgufFile {
             );
         }
     }
-}
-
-/// GPT-2's split, as tokenizers' ByteLevel applies it.
-fn gpt2_pre() -> tokenizers::PreTokenizerWrapper {
-    tokenizers::pre_tokenizers::byte_level::ByteLevel::new(false, true, true).into()
-}
-
-/// A regex split (isolated pieces) followed by the byte-level mapping.
-fn split_pre(regex: &str) -> std::result::Result<tokenizers::PreTokenizerWrapper, String> {
-    use tokenizers::pre_tokenizers::{byte_level::ByteLevel, sequence::Sequence, split};
-    let s = split::Split::new(
-        split::SplitPattern::Regex(regex.into()),
-        tokenizers::SplitDelimiterBehavior::Isolated,
-        false,
-    )
-    .map_err(|e| format!("bad pre-tokenizer regex: {e}"))?;
-    Ok(Sequence::new(vec![s.into(), ByteLevel::new(false, true, false).into()]).into())
-}
-
-const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-
-/// The pre-tokenizer llama.cpp uses for `tokenizer.ggml.pre`, and whether whole words found in
-/// the vocabulary skip the merges (llama.cpp's `ignore_merges`).
-fn pre_tokenizer_for(
-    pre: &str,
-) -> std::result::Result<(tokenizers::PreTokenizerWrapper, bool), String> {
-    use tokenizers::pre_tokenizers::{digits::Digits, sequence::Sequence};
-    Ok(match pre {
-        // Files without the key predate it; like transformers, read them as GPT-2.
-        "default" | "gpt2" | "gpt-2" | "phi-2" | "jina-es" | "jina-de" => (gpt2_pre(), false),
-        // Every digit on its own, then GPT-2's split.
-        "smollm" | "starcoder" | "refact" | "codeshell" | "command-r" | "exaone"
-        | "minerva-7b" => (
-            Sequence::new(vec![Digits::new(true).into(), gpt2_pre()]).into(),
-            false,
-        ),
-        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "smaug-bpe" | "dbrx" => {
-            (split_pre(LLAMA3_SPLIT)?, true)
-        }
-        "qwen2" | "deepseek-r1-qwen" => (split_pre(QWEN2_SPLIT)?, false),
-        other => {
-            return Err(format!(
-                "tokenizer.ggml.pre '{other}' is not supported (octet knows gpt2, smollm/starcoder, llama-bpe, qwen2 and their aliases)"
-            ))
-        }
-    })
-}
-
-fn f16_at(b: &[u8], i: usize) -> f32 {
-    half::f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
-}
-
-/// De-quantizes one block of stored bytes into `out` (its elements).
-fn dequantize_block(ty: GgmlType, b: &[u8], out: &mut [f32]) {
-    match ty {
-        GgmlType::F32 => out[0] = f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
-        GgmlType::F16 => out[0] = f16_at(b, 0),
-        GgmlType::BF16 => out[0] = half::bf16::from_le_bytes([b[0], b[1]]).to_f32(),
-        GgmlType::Q8_0 => {
-            let d = f16_at(b, 0);
-            for (o, &q) in out.iter_mut().zip(&b[2..34]) {
-                *o = q as i8 as f32 * d;
-            }
-        }
-        GgmlType::Q4_0 => {
-            let d = f16_at(b, 0);
-            for (j, &q) in b[2..18].iter().enumerate() {
-                out[j] = ((q & 0x0F) as i32 - 8) as f32 * d;
-                out[j + 16] = ((q >> 4) as i32 - 8) as f32 * d;
-            }
-        }
-        GgmlType::Q4_1 => {
-            let (d, m) = (f16_at(b, 0), f16_at(b, 2));
-            // Two roundings (multiply, then add), as ggml and gguf-py compute it.
-            for (j, &q) in b[4..20].iter().enumerate() {
-                out[j] = d * (q & 0x0F) as f32 + m;
-                out[j + 16] = d * (q >> 4) as f32 + m;
-            }
-        }
-    }
-}
-
-/// De-quantizes stored bytes of type `ty` into `out`, whose length must be the element count.
-pub fn dequantize(ty: GgmlType, data: &[u8], out: &mut [f32]) -> Result<()> {
-    let (be, bb) = (ty.block_elems(), ty.block_bytes());
-    if !out.len().is_multiple_of(be) || data.len() != out.len() / be * bb {
-        return Err(OctetError::InvalidArgument(format!(
-            "{} bytes of {ty:?} do not hold {} elements",
-            data.len(),
-            out.len()
-        )));
-    }
-    // Chunks of many blocks keep rayon's overhead small.
-    let per = 4096 / be.max(1) * be;
-    out.par_chunks_mut(per)
-        .zip(data.par_chunks(per / be * bb))
-        .for_each(|(o, d)| {
-            for (ob, db) in o.chunks_exact_mut(be).zip(d.chunks_exact(bb)) {
-                dequantize_block(ty, db, ob);
-            }
-        });
-    Ok(())
-}
-
-/// Undoes llama.cpp's q/k row permutation of a `[rows, …]` tensor's bytes: within each of `heads` heads, GGUF row `2i + j` is Hugging Face row
-/// `j·(head_dim/2) + i` (the converter's `reshape(n_head, 2, hd/2, …).swapaxes(1, 2)`).
-fn unpermute_rows(bytes: &[u8], rows: usize, heads: usize) -> Vec<u8> {
-    let row_bytes = bytes.len() / rows;
-    let hd = rows / heads;
-    let half = hd / 2;
-    let mut out = vec![0u8; bytes.len()];
-    for h in 0..heads {
-        for j in 0..2 {
-            for i in 0..half {
-                let dst = h * hd + j * half + i;
-                let src = h * hd + 2 * i + j;
-                out[dst * row_bytes..(dst + 1) * row_bytes]
-                    .copy_from_slice(&bytes[src * row_bytes..(src + 1) * row_bytes]);
-            }
-        }
-    }
-    out
 }
 
 impl TensorStore for GgufFile {
@@ -1080,31 +701,6 @@ pub fn read_config(path: &Path) -> Result<serde_json::Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn unpermute_inverts_the_converter() {
-        // Rows 0..8 of two heads of size 4; the converter orders each head [0, 2, 1, 3].
-        let heads = 2;
-        let hf: Vec<u8> = (0..8u8).collect();
-        let permuted: Vec<u8> = [0, 2, 1, 3, 4, 6, 5, 7].to_vec();
-        assert_eq!(unpermute_rows(&permuted, 8, heads), hf);
-    }
-
-    #[test]
-    fn block_formulas() {
-        let mut b = vec![0u8; 20];
-        b[0..2].copy_from_slice(&half::f16::from_f32(0.5).to_le_bytes());
-        b[2..4].copy_from_slice(&half::f16::from_f32(-1.0).to_le_bytes());
-        b[4] = 0x3A; // low nibble 10, high 3
-        let mut out = [0f32; 32];
-        dequantize_block(GgmlType::Q4_1, &b, &mut out);
-        assert_eq!((out[0], out[16]), (4.0, 0.5));
-        let mut b = vec![0u8; 18];
-        b[0..2].copy_from_slice(&half::f16::from_f32(2.0).to_le_bytes());
-        b[2] = 0xF0;
-        dequantize_block(GgmlType::Q4_0, &b, &mut out);
-        assert_eq!((out[0], out[16]), (-16.0, 14.0));
-    }
 
     #[test]
     fn gguf_is_told_by_its_magic_or_its_name_in_any_case() {
