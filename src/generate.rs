@@ -256,6 +256,14 @@ impl<'a> Stepper<'a> {
         let t = seq.size()[1];
         let h = match &mut self.caches {
             Some(caches) => {
+                if let Some(limit) = self.model.cache_reset_at() {
+                    if self.fed > 0 && self.fed <= limit && t > limit {
+                        for c in caches.iter_mut() {
+                            *c = LayerCache::with_capacity(c.capacity().max(t) as usize);
+                        }
+                        self.fed = 0;
+                    }
+                }
                 let mut h = self.model.embed(&seq.narrow(1, self.fed, t - self.fed))?;
                 for (i, c) in caches.iter_mut().enumerate() {
                     h = self.model.block(i, &h, Some(c))?;

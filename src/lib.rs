@@ -31,10 +31,16 @@ pub mod validate;
 /// one line here.
 #[path = "../archs"]
 pub mod archs {
+    pub mod decoder;
+    pub mod gemma2;
     pub mod gpt2;
     pub mod gpt_neox;
     pub mod gptj;
     pub mod llama;
+    pub mod mistral;
+    pub mod phi3;
+    pub mod qwen2;
+    pub mod qwen3;
 }
 
 /// Re-exported for [`register_architecture!`] and out-of-crate plugins.

@@ -137,17 +137,28 @@ impl LayerCache {
     }
 }
 
+/// How a block attends, beyond plain causal attention.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct AttentionOptions {
+    /// Scores are multiplied by it (default 1/√head_dim).
+    pub scale: Option<f64>,
+    /// Each key/value head serves several query heads (grouped-query attention).
+    pub gqa: bool,
+    /// A query sees only the last `window` positions, its own included (sliding window).
+    pub window: Option<i64>,
+    /// Scores pass through `cap · tanh(score / cap)` before the mask (Gemma 2).
+    pub softcap: Option<f64>,
+}
+
 /// Causal attention over `[B, heads, T, head_dim]` tensors whose new positions follow any
 /// cached ones: extends `cache` with `k`/`v`, then lets query i (absolute position past + i)
-/// see keys up to its own position. `gqa` shares each key/value head among several query
-/// heads; `scale` defaults to 1/√head_dim.
+/// see keys up to its own position, and within `window` of it if one is set.
 pub fn cached_causal_attention(
     q: &Tensor,
     k: Tensor,
     v: Tensor,
     cache: Option<&mut LayerCache>,
-    scale: Option<f64>,
-    gqa: bool,
+    opts: AttentionOptions,
 ) -> Tensor {
     let past = cache.as_ref().map_or(0, |c| c.len());
     let (k, v) = match cache {
@@ -155,7 +166,13 @@ pub fn cached_causal_attention(
         None => (k, v),
     };
     let t = q.size()[2];
-    if past == 0 || t == 1 {
+    let total = past + t;
+    let window_binds = opts.window.is_some_and(|w| total > w);
+    if let Some(cap) = opts.softcap {
+        let mask = attention_mask(past, t, opts.window, q.device());
+        return softcapped_attention(q, &k, &v, &mask, cap, opts);
+    }
+    if !window_binds && (past == 0 || t == 1) {
         // No past: plain causal. One new query: it sees every cached key, so no mask at all.
         return Tensor::scaled_dot_product_attention(
             q,
@@ -164,15 +181,52 @@ pub fn cached_causal_attention(
             None::<Tensor>,
             0.0,
             past == 0,
-            scale,
-            gqa,
+            opts.scale,
+            opts.gqa,
         );
     }
-    let dev = q.device();
+    let mask = attention_mask(past, t, opts.window, q.device());
+    Tensor::scaled_dot_product_attention(q, &k, &v, Some(mask), 0.0, false, opts.scale, opts.gqa)
+}
+
+/// `[t, past + t]`: whether query i (position past + i) may see key j.
+fn attention_mask(past: i64, t: i64, window: Option<i64>, dev: tch::Device) -> Tensor {
     let kpos = Tensor::arange(past + t, (Kind::Int64, dev)).unsqueeze(0);
     let qpos = (Tensor::arange(t, (Kind::Int64, dev)) + past).unsqueeze(1);
-    let mask = kpos.le_tensor(&qpos);
-    Tensor::scaled_dot_product_attention(q, &k, &v, Some(mask), 0.0, false, scale, gqa)
+    let causal = kpos.le_tensor(&qpos);
+    match window {
+        Some(w) => causal.logical_and(&kpos.gt_tensor(&(qpos - w))),
+        None => causal,
+    }
+}
+
+/// Attention with soft-capped scores, written out (the fused kernel has no cap): scores in
+/// the activations' dtype, softmax in f32, as transformers' eager path computes it.
+fn softcapped_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    cap: f64,
+    opts: AttentionOptions,
+) -> Tensor {
+    let (heads, kv_heads) = (q.size()[1], k.size()[1]);
+    let (k, v) = if opts.gqa && kv_heads != heads {
+        let n = heads / kv_heads;
+        (
+            k.repeat_interleave_self_int(n, 1, None),
+            v.repeat_interleave_self_int(n, 1, None),
+        )
+    } else {
+        (k.shallow_clone(), v.shallow_clone())
+    };
+    let scale = opts
+        .scale
+        .unwrap_or_else(|| (q.size()[3] as f64).powf(-0.5));
+    let scores = q.matmul(&k.transpose(2, 3)) * scale;
+    let scores = (scores / cap).tanh() * cap;
+    let scores = scores.masked_fill(&mask.logical_not(), f64::NEG_INFINITY);
+    scores.softmax(-1, Kind::Float).to_kind(q.kind()).matmul(&v)
 }
 
 /// A causal language model built by an architecture plugin.
@@ -195,6 +249,13 @@ pub trait CausalLm: Send {
     fn visit_layers(&mut self, f: &mut dyn FnMut(&str, &mut Box<dyn Layer>));
     /// Visits every normalisation layer with its module path (to train norms).
     fn visit_norms(&mut self, f: &mut dyn FnMut(&str, &mut LayerNorm));
+
+    /// A sequence length past which keys cached for shorter sequences go stale: a cached
+    /// generation that grows past it recomputes the whole sequence once. Phi-3's LongRoPE
+    /// switches frequency tables there, and transformers drops its cache at that point too.
+    fn cache_reset_at(&self) -> Option<i64> {
+        None
+    }
 
     /// Stores every frozen float weight in `kind`, the dtype it would be cast to on each call
     /// anyway (see [`Layer::store_frozen_in`]).
@@ -313,44 +374,74 @@ mod tests {
         assert_eq!(k1, kv(2, 50.0).0, "the caller's tensor is untouched");
     }
 
+    /// Attention over q/k/v fed all at once, then 3 positions, 2 (masked), 1 and 1 (cached).
+    fn full_and_stepped(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        opts: AttentionOptions,
+    ) -> (Tensor, Tensor) {
+        let full = cached_causal_attention(q, k.shallow_clone(), v.shallow_clone(), None, opts);
+        let mut c = LayerCache::default();
+        let mut rows = Vec::new();
+        let mut start = 0;
+        for n in [3, 2, 1, 1] {
+            rows.push(cached_causal_attention(
+                &q.narrow(2, start, n),
+                k.narrow(2, start, n),
+                v.narrow(2, start, n),
+                Some(&mut c),
+                opts,
+            ));
+            start += n;
+        }
+        (full, Tensor::cat(&rows, 2))
+    }
+
     #[test]
-    fn one_query_after_the_cache_equals_full_causal_attention() {
+    fn cached_steps_equal_the_full_pass_with_windows_and_soft_caps() {
         tch::manual_seed(3);
         let opts = (Kind::Float, Device::Cpu);
-        let (q, k, v) = (
-            Tensor::randn([1, 2, 6, 8], opts),
-            Tensor::randn([1, 2, 6, 8], opts),
-            Tensor::randn([1, 2, 6, 8], opts),
+        let q = Tensor::randn([1, 4, 7, 8], opts);
+        let (k, v) = (
+            Tensor::randn([1, 2, 7, 8], opts),
+            Tensor::randn([1, 2, 7, 8], opts),
         );
-        let full =
-            cached_causal_attention(&q, k.shallow_clone(), v.shallow_clone(), None, None, false);
-        let mut c = LayerCache::default();
-        let mut rows = vec![cached_causal_attention(
-            &q.narrow(2, 0, 3),
-            k.narrow(2, 0, 3),
-            v.narrow(2, 0, 3),
-            Some(&mut c),
-            None,
-            false,
-        )];
-        // Two positions at once (masked), then one at a time (unmasked).
-        rows.push(cached_causal_attention(
-            &q.narrow(2, 3, 2),
-            k.narrow(2, 3, 2),
-            v.narrow(2, 3, 2),
-            Some(&mut c),
-            None,
-            false,
-        ));
-        rows.push(cached_causal_attention(
-            &q.narrow(2, 5, 1),
-            k.narrow(2, 5, 1),
-            v.narrow(2, 5, 1),
-            Some(&mut c),
-            None,
-            false,
-        ));
-        let stepped = Tensor::cat(&rows, 2);
-        assert!(stepped.allclose(&full, 1e-5, 1e-6, false));
+        let gqa = AttentionOptions {
+            gqa: true,
+            ..Default::default()
+        };
+        let windowed = AttentionOptions {
+            window: Some(3),
+            ..gqa
+        };
+        let mut outs = Vec::new();
+        for o in [
+            gqa,
+            windowed,
+            AttentionOptions {
+                softcap: Some(1.5),
+                ..windowed
+            },
+            // A cap this large changes nothing: the written-out path equals the fused one.
+            AttentionOptions {
+                softcap: Some(1e9),
+                ..windowed
+            },
+        ] {
+            let (full, stepped) = full_and_stepped(&q, &k, &v, o);
+            assert!(stepped.allclose(&full, 1e-5, 1e-6, false), "{o:?}");
+            outs.push(full);
+        }
+        let differs = |a: &Tensor, b: &Tensor| (a - b).abs().max().double_value(&[]) > 1e-3;
+        assert!(
+            differs(&outs[0], &outs[1]),
+            "the window changes late positions"
+        );
+        assert!(outs[0]
+            .narrow(2, 0, 3)
+            .allclose(&outs[1].narrow(2, 0, 3), 1e-6, 1e-6, false));
+        assert!(differs(&outs[1], &outs[2]), "the cap changes scores");
+        assert!(outs[1].allclose(&outs[3], 1e-5, 1e-6, false));
     }
 }

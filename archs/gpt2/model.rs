@@ -94,7 +94,16 @@ impl Gpt2 {
         };
         let (q, k, v) = (head(0), head(1), head(2));
         let scale = Some(self.cfg.attn_scale(i));
-        let out = crate::model::cached_causal_attention(&q, k, v, cache, scale, false);
+        let out = crate::model::cached_causal_attention(
+            &q,
+            k,
+            v,
+            cache,
+            crate::model::AttentionOptions {
+                scale,
+                ..Default::default()
+            },
+        );
         b.attn_c_proj
             .forward(&out.permute([0, 2, 1, 3]).reshape([bs, t, d]))
     }

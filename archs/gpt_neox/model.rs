@@ -170,7 +170,7 @@ impl GptNeox {
         let q = self.apply_rotary(&qkv.narrow(3, 0, hd), past);
         let k = self.apply_rotary(&qkv.narrow(3, hd, hd), past);
         let v = qkv.narrow(3, 2 * hd, hd);
-        let out = crate::model::cached_causal_attention(&q, k, v, cache, None, false);
+        let out = crate::model::cached_causal_attention(&q, k, v, cache, Default::default());
         b.dense
             .forward(&out.permute([0, 2, 1, 3]).reshape([bs, t, nh * hd]))
     }

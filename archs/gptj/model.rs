@@ -130,7 +130,7 @@ impl Gptj {
             .apply_rotary(&split(b.k_proj.forward(h)?), past)
             .permute([0, 2, 1, 3]);
         let v = split(b.v_proj.forward(h)?).permute([0, 2, 1, 3]);
-        let out = crate::model::cached_causal_attention(&q, k, v, cache, None, false);
+        let out = crate::model::cached_causal_attention(&q, k, v, cache, Default::default());
         b.out_proj
             .forward(&out.permute([0, 2, 1, 3]).reshape([bs, t, nh * hd]))
     }

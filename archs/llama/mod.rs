@@ -1,45 +1,37 @@
 //! Llama (`LlamaForCausalLM`): RMSNorm, SwiGLU MLP, grouped-query attention, rotary
-//! embeddings (default rope only), optional biases, optionally tied embeddings.
-mod config;
+//! embeddings with Llama 3's, linear and dynamic (NTK) scaling, optional biases, `head_dim`
+//! apart from hidden / heads, optionally tied embeddings. Also read from llama.cpp GGUF files.
 mod gguf;
-mod model;
 
-pub use config::LlamaConfig;
-pub use model::{modules, Llama};
+use crate::archs::decoder::{DecoderPlugin, Family, Layout};
+use crate::io::gguf::GgufMapping;
 
-use crate::arch::{Modules, Plugin};
-use crate::error::Result;
-use crate::model::CausalLm;
-use crate::nn::LayerMap;
-use tch::Kind;
+/// The Llama family.
+pub struct Llama;
 
-/// The Llama plugin.
-pub struct LlamaPlugin;
-
-impl Plugin for LlamaPlugin {
-    type Config = LlamaConfig;
+impl Family for Llama {
     const SPEC: &'static str = include_str!("spec.toml");
     const SPEC_PATH: &'static str = "archs/llama/spec.toml";
-    const DESCRIPTION: &'static str = "Llama (also from GGUF): convert, inspect, train (LoRA), eval, generate, merge; 8-bit Linear + Embedding, tied heads";
-    fn config(json: &serde_json::Value) -> Result<LlamaConfig> {
-        LlamaConfig::from_json(json)
-    }
-    fn modules(cfg: &LlamaConfig, has: &dyn Fn(&str) -> bool) -> Modules {
-        model::modules(cfg, has)
-    }
-    fn build(cfg: LlamaConfig, layers: &mut LayerMap, kind: Kind) -> Result<Box<dyn CausalLm>> {
-        Ok(Box::new(Llama::new(cfg, layers, kind)?))
-    }
-    fn gguf() -> Option<&'static dyn crate::io::gguf::GgufMapping> {
+    const DESCRIPTION: &'static str = "Llama 1-3.x (also from GGUF): convert, inspect, train (LoRA), eval, generate, merge; rope scaling llama3/linear/dynamic; 8-bit Linear + Embedding, tied heads";
+    const LAYOUT: Layout = Layout::LLAMA;
+    const DEFAULTS: &'static str = r#"{"vocab_size": 32000, "hidden_size": 4096,
+        "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
+        "hidden_act": "silu", "max_position_embeddings": 2048, "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": false}"#;
+    fn gguf() -> Option<&'static dyn GgufMapping> {
         Some(&gguf::LlamaGguf)
     }
 }
+
+/// The Llama plugin.
+pub type LlamaPlugin = DecoderPlugin<Llama>;
 
 crate::register_architecture!(LlamaPlugin);
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::archs::decoder::Scaling;
 
     #[test]
     fn spec_selects_the_documented_modules() {
@@ -63,19 +55,27 @@ mod tests {
 
     #[test]
     fn config_defaults_and_refusals() {
-        let c = LlamaConfig::from_json(&serde_json::json!({
+        let c = Llama::config(&serde_json::json!({
             "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
             "rope_parameters": {"rope_type": "default", "rope_theta": 500.0}
         }))
         .unwrap();
-        assert_eq!((c.head_dim(), c.kv_heads(), c.rope_theta()), (16, 2, 500.0));
+        assert_eq!(
+            (c.head_dim, c.num_key_value_heads, c.rope.theta),
+            (16, 2, 500.0)
+        );
+        let c = Llama::config(&serde_json::json!({
+            "rope_scaling": {"type": "linear", "factor": 2.0}, "rope_theta": 20.0
+        }))
+        .unwrap();
+        assert_eq!(c.rope.scaling, Scaling::Linear { factor: 2.0 });
         for bad in [
-            serde_json::json!({"rope_scaling": {"type": "linear", "factor": 2.0}}),
+            serde_json::json!({"rope_scaling": {"type": "su", "factor": 2.0}}),
             serde_json::json!({"rope_parameters": {"rope_type": "llama3"}}),
             serde_json::json!({"num_attention_heads": 6, "num_key_value_heads": 4}),
-            serde_json::json!({"hidden_act": "gelu"}),
+            serde_json::json!({"hidden_act": "relu"}),
         ] {
-            assert!(LlamaConfig::from_json(&bad).is_err(), "{bad}");
+            assert!(Llama::config(&bad).is_err(), "{bad}");
         }
     }
 }

@@ -1,5 +1,6 @@
 //! Root-mean-square normalisation (Llama's `LlamaRMSNorm`): `x · rsqrt(mean(x²) + eps) · weight`,
 //! the statistics computed in f32 and the scale applied after casting back, as Hugging Face does.
+//! Gemma's variant scales by `1 + weight`, in f32 before the cast.
 use super::float::LayerNorm;
 use super::kinds::LayerKind;
 use super::layer::{check_params, Layer, LayerTensors};
@@ -15,6 +16,8 @@ use tch::{Device, Kind, Tensor};
 pub struct RmsNorm {
     /// The scale `[dim]` (in `params.weight`) and epsilon (`params.eps`).
     pub params: LayerNorm,
+    /// Gemma's convention: the stored weight is an offset from 1, applied in f32.
+    pub unit_offset: bool,
 }
 
 impl RmsNorm {
@@ -26,6 +29,7 @@ impl RmsNorm {
                 bias: None,
                 eps,
             },
+            unit_offset: false,
         }
     }
 }
@@ -38,9 +42,12 @@ impl Layer for RmsNorm {
         let k = x.kind();
         let xf = x.f_to_kind(Kind::Float)?;
         let var = xf.f_square()?.f_mean_dim(-1, true, Kind::Float)?;
-        let normed = xf
-            .f_mul(&(var + self.params.eps).f_rsqrt()?)?
-            .f_to_kind(k)?;
+        let normed = xf.f_mul(&(var + self.params.eps).f_rsqrt()?)?;
+        if self.unit_offset {
+            let scale = self.params.weight.f_to_kind(Kind::Float)? + 1.0;
+            return normed.f_mul(&scale)?.f_to_kind(k).map_err(Into::into);
+        }
+        let normed = normed.f_to_kind(k)?;
         // HF multiplies by the weight in the activations' dtype, after the cast back.
         let w = &self.params.weight;
         Ok(if w.kind() == k {

@@ -119,8 +119,8 @@ fn unsupported_configs_and_mismatched_checkpoints_are_refused() {
     let cases: [(&str, &str, &str); 3] = [
         (
             "\"rope_parameters\": {",
-            "\"rope_scaling\": {\"type\": \"linear\", \"factor\": 2.0},\n  \"rope_parameters\": {",
-            "rope_scaling",
+            "\"rope_scaling\": {\"type\": \"yarn\", \"factor\": 2.0},\n  \"rope_parameters\": null, \"x\": {",
+            "yarn",
         ),
         (
             "\"attention_bias\": false",

@@ -4,6 +4,7 @@ mod adam8bit_oracle;
 mod common;
 mod convert_cli;
 mod data_pipeline;
+mod decoders;
 mod eval_generate;
 mod fuzz;
 mod fuzz_support;
