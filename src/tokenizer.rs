@@ -177,8 +177,9 @@ impl Tokenizer {
         }
     }
 
-    /// The tokenizer a GGUF file's metadata describes, with the end- and beginning-of-sequence
-    /// ids it names (the vocabulary guess otherwise).
+    /// The tokenizer a GGUF file's metadata describes (byte-level BPE or SentencePiece, see
+    /// [`GgufFile::hf_tokenizer`]), with the end- and beginning-of-sequence ids it names (the
+    /// vocabulary guess otherwise).
     pub fn from_gguf(file: &GgufFile) -> Result<Self> {
         let mut t = Self::from_tokenizers(file.hf_tokenizer()?);
         let (eos, bos) = file.special_token_ids();
@@ -205,6 +206,17 @@ impl Tokenizer {
         let enc = self
             .inner
             .encode_fast(text, false)
+            .map_err(|e| OctetError::InvalidArgument(format!("tokenization failed: {e}")))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Token ids of `text` with the special tokens the tokenizer's own post-processor adds
+    /// around it (the BOS of a SentencePiece GGUF, for one), as transformers'
+    /// `encode(text, add_special_tokens=True)` gives them.
+    pub fn encode_with_special_tokens(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self
+            .inner
+            .encode_fast(text, true)
             .map_err(|e| OctetError::InvalidArgument(format!("tokenization failed: {e}")))?;
         Ok(enc.get_ids().to_vec())
     }

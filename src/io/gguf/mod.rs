@@ -6,13 +6,15 @@
 //! architecture's llama.cpp names map to its Hugging Face ones, which row permutations to
 //! undo, and the config.json its metadata implies are the architecture plugin's business: it
 //! registers a [`GgufMapping`] for its `general.architecture` (archs/llama/gguf.rs). The
-//! metadata also yields the byte-level BPE tokenizer ([`GgufFile::hf_tokenizer`]), so a GGUF
-//! file is a complete model source on its own.
+//! metadata also yields the tokenizer, byte-level BPE or SentencePiece
+//! ([`GgufFile::hf_tokenizer`]), so a GGUF file is a complete model source on its own.
 //!
 //! Submodules: `ggml` (tensor types and de-quantization), `mapping` (the per-architecture
-//! hook), `tokenizer` (the tokenizer and side files the metadata describes).
+//! hook), `tokenizer` (the tokenizer and side files the metadata describes), `sentencepiece`
+//! (the SentencePiece vocabulary rebuilt as transformers builds it).
 mod ggml;
 mod mapping;
+mod sentencepiece;
 mod tokenizer;
 
 use super::{Dtype, TensorMeta, TensorStore};
@@ -25,6 +27,7 @@ use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::path::{Path, PathBuf};
+pub use tokenizer::TokenizerKind;
 
 const MAGIC: &[u8; 4] = b"GGUF";
 const DEFAULT_ALIGNMENT: u64 = 32;
