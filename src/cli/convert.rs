@@ -10,8 +10,9 @@ pub struct Args {
     /// Architecture name, or `auto` to read it from config.json.
     #[arg(long, default_value = "auto")]
     arch: String,
-    /// Hugging Face model folder (config.json + safetensors or pytorch_model.bin, sharded or not).
-    #[arg(long)]
+    /// Hugging Face model folder (config.json + safetensors or pytorch_model.bin, sharded or
+    /// not), GGUF file, or Hugging Face cache id `org/name[@revision]`.
+    #[arg(long, value_parser = super::model_path)]
     model: PathBuf,
     /// Output folder (must not exist or be empty, unless --force).
     #[arg(long)]

@@ -31,8 +31,8 @@ pub struct Args {
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
-    /// Second model folder evaluated on the same tokens.
-    #[arg(long)]
+    /// Second model (folder, GGUF file or cache id) evaluated on the same tokens.
+    #[arg(long, value_parser = super::model_path)]
     compare: Option<PathBuf>,
 }
 

@@ -5,7 +5,9 @@ use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// A Hugging Face, octet or GPT-J 8-bit model folder.
+    /// A Hugging Face, octet or GPT-J 8-bit model folder, a GGUF file, or a Hugging Face
+    /// cache id `org/name[@revision]`.
+    #[arg(value_parser = super::model_path)]
     dir: PathBuf,
     /// Architecture name, or `auto`.
     #[arg(long, default_value = "auto")]

@@ -5,8 +5,9 @@ use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Base model folder (octet 8-bit, or Hugging Face float).
-    #[arg(long)]
+    /// Base model folder (octet 8-bit, or Hugging Face float), or Hugging Face cache id
+    /// `org/name[@revision]`.
+    #[arg(long, value_parser = super::model_path)]
     model: PathBuf,
     /// PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors).
     #[arg(long)]
