@@ -431,7 +431,7 @@ fn a_snapshot_of_one_gguf_file_is_that_file() {
         &cache,
         "tiny/gguf",
         &commit("one"),
-        &[gguf.clone()],
+        std::slice::from_ref(&gguf),
         &["main"],
     );
     let two = [gguf.clone(), fixture("tiny_llama/bias.gguf")];
