@@ -12,7 +12,7 @@ pub struct Args {
     arch: String,
     /// Hugging Face model folder (config.json + safetensors or pytorch_model.bin, sharded or
     /// not), GGUF file, or Hugging Face cache id `org/name[@revision]`.
-    #[arg(long, value_parser = super::model_path)]
+    #[arg(long)]
     model: PathBuf,
     /// Output folder (must not exist or be empty, unless --force).
     #[arg(long)]
@@ -37,7 +37,8 @@ pub struct Args {
     shard_mib: usize,
 }
 
-pub fn run(a: Args) -> anyhow::Result<()> {
+pub fn run(mut a: Args) -> anyhow::Result<()> {
+    a.model = octet::hub::resolve_model(&a.model)?;
     let block = a.block_size.map(BlockSize::new).transpose()?;
     let opts = ConvertOptions {
         arch: a.arch,

@@ -47,20 +47,13 @@ enum Command {
 pub struct ModelArgs {
     /// Model folder (Hugging Face or octet 8-bit), GGUF file, or Hugging Face cache id
     /// `org/name[@revision]`.
-    #[arg(long, value_parser = model_path)]
+    #[arg(long)]
     pub model: std::path::PathBuf,
     /// PEFT LoRA adapter folder to apply to --model.
     #[arg(long)]
     pub adapter: Option<std::path::PathBuf>,
     #[command(flatten)]
     pub load: octet::infer::InferOptions,
-}
-
-/// Parses a model argument: an existing path, else a Hugging Face cache id
-/// (`org/name[@revision]`) resolved offline to its snapshot folder, so that every command
-/// reads a path from here on.
-pub fn model_path(s: &str) -> Result<std::path::PathBuf, octet::OctetError> {
-    octet::hub::resolve_model(std::path::Path::new(s))
 }
 
 /// Help text of every `--device` flag.

@@ -88,6 +88,16 @@ fn two_revision_cache() -> Cache {
 /// Runs `octet` in `cwd` with no Hugging Face variables but `env` (and HOME at `cwd`, so
 /// the user's own cache is never read); returns (success, stdout, stderr).
 fn octet_with(cwd: &Path, env: &[(&str, &Path)], args: &[&str]) -> (bool, String, String) {
+    let out = octet_output(cwd, env, args);
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// As [`octet_with`], the whole output with the exit status.
+fn octet_output(cwd: &Path, env: &[(&str, &Path)], args: &[&str]) -> std::process::Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_octet"));
     cmd.current_dir(cwd).args(args).env("HOME", cwd);
     for v in [
@@ -101,12 +111,7 @@ fn octet_with(cwd: &Path, env: &[(&str, &Path)], args: &[&str]) -> (bool, String
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let out = cmd.output().expect("run octet");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    cmd.output().expect("run octet")
 }
 
 /// `octet inspect MODEL` with the cache at HF_HUB_CACHE; its stdout.
@@ -367,8 +372,9 @@ fn an_existing_path_wins_over_the_cache() {
     assert_ne!(stdout, inspect(&c.root, REPO), "main is the untied model");
 }
 
-/// An id that is not cached (no repository, or not that revision) fails before anything is
-/// written, naming the id, the cache searched and the download command.
+/// An id that is not cached (no repository, or not that revision) fails like any bad input
+/// (exit code 1) before anything is written, naming the id, the cache searched and the
+/// download command.
 #[test]
 fn an_id_that_is_not_cached_says_how_to_get_it() {
     let c = two_revision_cache();
@@ -403,8 +409,9 @@ fn an_id_that_is_not_cached_says_how_to_get_it() {
             vec!["inspect", id],
             vec!["eval", "--model", id, "--data", "missing.txt"],
         ] {
-            let (ok, _, stderr) = octet_with(tmp.path(), &env, &args);
-            assert!(!ok, "{args:?} succeeded");
+            let run = octet_output(tmp.path(), &env, &args);
+            assert_eq!(run.status.code(), Some(1), "{args:?}");
+            let stderr = String::from_utf8_lossy(&run.stderr);
             common::assert_mentions(&stderr, &[id, s(&c.root)]);
             common::assert_mentions(&stderr, &needles);
             assert!(!out.exists(), "{args:?} wrote {}", out.display());
