@@ -71,6 +71,23 @@ pub enum OctetError {
     /// A user-facing argument that cannot be honoured.
     #[error("{0}")]
     InvalidArgument(String),
+    /// A Hugging Face cache id (`org/name[@revision]`) that is neither a local path nor in
+    /// the cache.
+    #[error(
+        "{id}: no such local path, and not in the Hugging Face cache {cache}: {problem}; \
+         download it with `{command}` (or point HF_HUB_CACHE or HF_HOME at the cache that \
+         holds it)"
+    )]
+    NotCached {
+        /// The id as given.
+        id: String,
+        /// The cache folder searched.
+        cache: PathBuf,
+        /// What is missing there.
+        problem: String,
+        /// The command that would download it.
+        command: String,
+    },
     /// An error raised inside libtorch.
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),

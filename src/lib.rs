@@ -9,6 +9,7 @@ pub mod error;
 pub mod eval;
 pub mod export;
 pub mod generate;
+pub mod hub;
 pub mod infer;
 pub mod io;
 pub mod load;

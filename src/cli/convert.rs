@@ -10,7 +10,8 @@ pub struct Args {
     /// Architecture name, or `auto` to read it from config.json.
     #[arg(long, default_value = "auto")]
     arch: String,
-    /// Hugging Face model folder (config.json + safetensors or pytorch_model.bin, sharded or not).
+    /// Hugging Face model folder (config.json + safetensors or pytorch_model.bin, sharded or
+    /// not), GGUF file, or Hugging Face cache id `org/name[@revision]`.
     #[arg(long)]
     model: PathBuf,
     /// Output folder (must not exist or be empty, unless --force).
@@ -36,7 +37,8 @@ pub struct Args {
     shard_mib: usize,
 }
 
-pub fn run(a: Args) -> anyhow::Result<()> {
+pub fn run(mut a: Args) -> anyhow::Result<()> {
+    a.model = octet::hub::resolve_model(&a.model)?;
     let block = a.block_size.map(BlockSize::new).transpose()?;
     let opts = ConvertOptions {
         arch: a.arch,

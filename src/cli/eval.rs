@@ -31,7 +31,7 @@ pub struct Args {
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
-    /// Second model folder evaluated on the same tokens.
+    /// Second model (folder, GGUF file or cache id) evaluated on the same tokens.
     #[arg(long)]
     compare: Option<PathBuf>,
 }
@@ -69,7 +69,13 @@ fn read_ids(a: &Args) -> anyhow::Result<Vec<i64>> {
     Ok(ids)
 }
 
-pub fn run(a: Args) -> anyhow::Result<()> {
+pub fn run(mut a: Args) -> anyhow::Result<()> {
+    a.source.model = octet::hub::resolve_model(&a.source.model)?;
+    a.compare = a
+        .compare
+        .as_deref()
+        .map(octet::hub::resolve_model)
+        .transpose()?;
     octet::model::check_model_path(&a.source.model)?;
     let load = a
         .source

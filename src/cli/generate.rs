@@ -95,7 +95,8 @@ fn sampling(a: &Args, model: &dyn CausalLm, tok: &Tokenizer) -> GenerateOptions 
     }
 }
 
-pub fn run(a: Args) -> anyhow::Result<()> {
+pub fn run(mut a: Args) -> anyhow::Result<()> {
+    a.source.model = octet::hub::resolve_model(&a.source.model)?;
     let device = super::parse_device(&a.source.load.device)?;
     let prompt = read_prompt(&a)?;
     octet::model::check_model_path(&a.source.model)?;

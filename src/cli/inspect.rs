@@ -5,7 +5,8 @@ use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// A Hugging Face, octet or GPT-J 8-bit model folder.
+    /// A Hugging Face, octet or GPT-J 8-bit model folder, a GGUF file, or a Hugging Face
+    /// cache id `org/name[@revision]`.
     dir: PathBuf,
     /// Architecture name, or `auto`.
     #[arg(long, default_value = "auto")]
@@ -29,6 +30,6 @@ pub fn render(dir: &std::path::Path, arch: &str) -> anyhow::Result<String> {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    print!("{}", render(&a.dir, &a.arch)?);
+    print!("{}", render(&octet::hub::resolve_model(&a.dir)?, &a.arch)?);
     Ok(())
 }

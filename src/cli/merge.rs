@@ -5,7 +5,8 @@ use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Base model folder (octet 8-bit, or Hugging Face float).
+    /// Base model folder (octet 8-bit, or Hugging Face float), or Hugging Face cache id
+    /// `org/name[@revision]`.
     #[arg(long)]
     model: PathBuf,
     /// PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors).
@@ -24,7 +25,8 @@ pub struct Args {
     device: String,
 }
 
-pub fn run(a: Args) -> anyhow::Result<()> {
+pub fn run(mut a: Args) -> anyhow::Result<()> {
+    a.model = octet::hub::resolve_model(&a.model)?;
     let started = std::time::Instant::now();
     let opts = MergeOptions {
         format: a.format,

@@ -45,7 +45,8 @@ enum Command {
 /// The flags naming the model `eval` and `generate` run, and how it is loaded.
 #[derive(clap::Args, Debug)]
 pub struct ModelArgs {
-    /// Model folder (Hugging Face or octet 8-bit).
+    /// Model folder (Hugging Face or octet 8-bit), GGUF file, or Hugging Face cache id
+    /// `org/name[@revision]`.
     #[arg(long)]
     pub model: std::path::PathBuf,
     /// PEFT LoRA adapter folder to apply to --model.

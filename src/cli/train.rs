@@ -60,6 +60,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         print!("{}", opts.to_toml()?);
         return Ok(());
     }
+    // A cache id from the flag or the config file becomes its snapshot folder.
+    opts.model = octet::hub::resolve_model(&opts.model)?;
     opts.progress = true;
     let s = train(&opts)?;
     let how = match s.stop {

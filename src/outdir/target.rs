@@ -72,8 +72,30 @@ pub fn check_apart(shown: &Path, out: &Path, inputs: &[&Path]) -> Result<()> {
         if inp.starts_with(out) {
             return refuse(format!("contains the input {}", input.display()));
         }
+        for file in linked_files(&inp) {
+            if file.starts_with(out) {
+                return refuse(format!(
+                    "contains {}, a file the input {} links to",
+                    file.display(),
+                    input.display()
+                ));
+            }
+        }
     }
     Ok(())
+}
+
+/// Where the links in an input folder lead (a Hugging Face cache snapshot's files are links
+/// into its repository's `blobs/`): those files are part of the input wherever they lie.
+fn linked_files(input: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(input) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_symlink()))
+        .filter_map(|e| e.path().canonicalize().ok())
+        .collect()
 }
 
 /// Whether `dir` exists and holds anything.

@@ -56,7 +56,7 @@ pub struct TrainOptions {
     /// Architecture name, or `auto`.
     #[arg(long, default_value = "auto")]
     pub arch: String,
-    /// Model folder (Hugging Face or octet).
+    /// Model folder (Hugging Face or octet), or Hugging Face cache id `org/name[@revision]`.
     #[arg(long, default_value = "", hide_default_value = true, value_parser = path_flag)]
     pub model: PathBuf,
     /// Training data: .txt, or .jsonl with "text" or "prompt"/"completion".

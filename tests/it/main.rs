@@ -14,6 +14,7 @@ mod gpt2;
 mod gpt_neox;
 mod gptj_golden;
 mod gpu;
+mod hub_cache;
 mod llama_golden;
 mod merge;
 mod quant_oracle;
