@@ -53,6 +53,7 @@ $(GEN)/tiny_llama/.done: scripts/gen_tiny_llama.py $(VENV_STAMP)
 $(GEN)/tiny_decoders/.done: scripts/gen_tiny_decoders.py $(VENV_STAMP)
 	mkdir -p $(GEN)/tiny_decoders
 	$(PY) scripts/gen_tiny_decoders.py $(GEN)/tiny_decoders
+	touch $@
 
 # SentencePiece (and byte-level BPE) GGUF tokenizers with transformers' ids for them.
 $(GEN)/spm_gguf/.done: scripts/gen_spm_gguf.py scripts/gen_tiny_llama.py scripts/hf_tokenize.py $(VENV_STAMP)
