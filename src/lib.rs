@@ -35,6 +35,8 @@ pub mod archs {
     pub mod gpt_neox;
     pub mod gptj;
     pub mod llama;
+    // Temporary: the qwen2, qwen3, phi3 and gemma2 GGUF mappings until their plugins exist.
+    pub mod gguf_staging;
 }
 
 /// Re-exported for [`register_architecture!`] and out-of-crate plugins.

@@ -1,0 +1,193 @@
+//! GGUF files of Llama 3, Mistral, Qwen2, Qwen3, Phi-3 and Gemma 2 written by llama.cpp's own
+//! converter (scripts/gen_tiny_decoders_gguf.py): the tensors each architecture's mapping
+//! serves against gguf-py's de-quantization with llama.cpp's changes undone, and the
+//! config.json it derives against the source model's.
+use crate::common;
+use crate::common::max_abs_diff;
+
+use octet::io::gguf::GgufFile;
+use octet::io::{Dtype, TensorStore};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use tch::{Kind, Tensor};
+
+const VARIANTS: [&str; 6] = ["llama3", "mistral", "qwen2", "qwen3", "phi3", "gemma2"];
+/// Reference entries that are not weights.
+const NOT_WEIGHTS: [&str; 4] = ["input_ids", "logits", "logits_f32", "logits_sliding"];
+
+fn fixture(rel: &str) -> PathBuf {
+    common::fixture(&format!("tiny_decoders/gguf/{rel}"))
+}
+
+fn open(file: &str) -> GgufFile {
+    GgufFile::open(&fixture(file)).unwrap()
+}
+
+/// gguf-py's de-quantization of `<v>.q8_0.gguf` under Hugging Face names, per variant.
+fn reference_weights(v: &str) -> BTreeMap<String, Tensor> {
+    common::load_safetensors(&fixture("reference.safetensors"))
+        .into_iter()
+        .filter_map(|(k, t)| {
+            let name = k.strip_prefix(&format!("{v}."))?.to_string();
+            (!NOT_WEIGHTS.contains(&name.as_str())).then_some((name, t))
+        })
+        .collect()
+}
+
+fn source_config(v: &str) -> serde_json::Value {
+    let text = std::fs::read_to_string(fixture("configs.json")).unwrap();
+    serde_json::from_str::<serde_json::Value>(&text).unwrap()[v].clone()
+}
+
+fn stored_f32(store: &dyn TensorStore, name: &str) -> Tensor {
+    let meta = store.meta(name).unwrap();
+    let bytes = store.bytes(name).unwrap();
+    octet::io::dtype::tensor_from_bytes(meta.dtype, &meta.shape, &bytes)
+        .unwrap()
+        .to_kind(Kind::Float)
+}
+
+#[test]
+fn q8_0_tensors_equal_gguf_py_with_llama_cpp_changes_undone() {
+    for v in VARIANTS {
+        let g = open(&format!("{v}.q8_0.gguf"));
+        let want = reference_weights(v);
+        let names: BTreeSet<String> = g.names().into_iter().collect();
+        assert_eq!(
+            names,
+            want.keys().cloned().collect::<BTreeSet<_>>(),
+            "{v}: served names"
+        );
+        for (name, theirs) in &want {
+            let ours = stored_f32(&g, name);
+            assert_eq!(ours.size(), theirs.size(), "{v} {name}");
+            // Bit-identical: un-permuted rows (llama, mistral), norms minus 1 (gemma2).
+            assert!(
+                ours.equal(theirs),
+                "{v} {name}: max |diff| {}",
+                max_abs_diff(&ours, theirs)
+            );
+        }
+    }
+    let g = open("gemma2.q8_0.gguf");
+    // An offset is undone in f32, so shifted norms are served as f32.
+    assert_eq!(
+        g.meta("model.layers.0.pre_feedforward_layernorm.weight")
+            .unwrap()
+            .dtype,
+        Dtype::F32
+    );
+}
+
+#[test]
+fn f32_files_hold_the_same_weights() {
+    for v in VARIANTS {
+        let g = open(&format!("{v}.gguf"));
+        let want = reference_weights(v);
+        assert_eq!(g.names().len(), want.len(), "{v}");
+        for (name, q8) in &want {
+            // The Q8_0 copy differs by its rounding only; a wrong permutation, offset or
+            // name would differ by far more.
+            let d = max_abs_diff(&stored_f32(&g, name), q8);
+            assert!(d < 0.01, "{v} {name}: max |f32 - q8_0| {d}");
+        }
+    }
+}
+
+#[test]
+fn rope_settings_tensors_are_config_not_weights() {
+    for (v, raw) in [
+        ("llama3", "rope_freqs.weight"),
+        ("phi3", "rope_factors_long.weight"),
+        ("phi3", "rope_factors_short.weight"),
+    ] {
+        let g = open(&format!("{v}.q8_0.gguf"));
+        assert!(g.tensor_info(raw).is_some(), "{v} stores {raw}");
+        assert!(!g.names().iter().any(|n| n.contains("rope")), "{v}");
+    }
+}
+
+/// The keys every mapping derives exactly as the source config.json has them.
+const SHARED_KEYS: [&str; 9] = [
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "max_position_embeddings",
+    "tie_word_embeddings",
+    "bos_token_id",
+];
+
+#[test]
+fn configs_follow_the_source_models() {
+    for v in VARIANTS {
+        let ours = open(&format!("{v}.q8_0.gguf")).config().unwrap();
+        let hf = source_config(v);
+        for key in SHARED_KEYS {
+            assert_eq!(ours[key], hf[key], "{v}: {key}");
+        }
+        if hf.get("head_dim").is_some() {
+            assert_eq!(ours["head_dim"], hf["head_dim"], "{v}: head_dim");
+        }
+        let rope = &hf["rope_parameters"];
+        assert_eq!(ours["rope_theta"], rope["rope_theta"], "{v}");
+        let eps = ours["rms_norm_eps"].as_f64().unwrap();
+        assert!((eps - 1e-5).abs() < 1e-12, "{v}: {eps}");
+        // llama.cpp's converter drops Mistral's sliding window: the file is a Llama.
+        let model_type = match v {
+            "mistral" => "llama",
+            _ => hf["model_type"].as_str().unwrap(),
+        };
+        assert_eq!(ours["model_type"], model_type, "{v}");
+        match v {
+            "llama3" => {
+                assert_eq!(ours["attention_bias"], true);
+                for k in [
+                    "rope_type",
+                    "factor",
+                    "low_freq_factor",
+                    "high_freq_factor",
+                    "original_max_position_embeddings",
+                ] {
+                    assert_eq!(ours["rope_scaling"][k], rope[k], "llama3 rope {k}");
+                }
+            }
+            "mistral" => {
+                assert_eq!(ours["architectures"][0], "LlamaForCausalLM");
+                assert!(ours.get("sliding_window").is_none());
+                assert_eq!(ours["rope_scaling"], serde_json::Value::Null);
+            }
+            "qwen3" => assert_eq!(ours["attention_bias"], false),
+            "phi3" => {
+                for k in ["partial_rotary_factor", "original_max_position_embeddings"] {
+                    assert_eq!(ours[k], hf[k], "phi3 {k}");
+                }
+                for k in ["short_factor", "long_factor"] {
+                    assert_eq!(ours["rope_scaling"][k], rope[k], "phi3 {k}");
+                }
+                assert_eq!(ours["rope_scaling"]["rope_type"], "longrope");
+                assert_eq!(ours["sliding_window"], serde_json::Value::Null);
+            }
+            "gemma2" => {
+                for k in [
+                    "query_pre_attn_scalar",
+                    "attn_logit_softcapping",
+                    "final_logit_softcapping",
+                    "sliding_window",
+                    "layer_types",
+                    "hidden_activation",
+                ] {
+                    assert_eq!(ours[k], hf[k], "gemma2 {k}");
+                }
+            }
+            _ => {}
+        }
+        let class = match v {
+            "mistral" => "LlamaForCausalLM",
+            _ => hf["architectures"][0].as_str().unwrap(),
+        };
+        assert_eq!(ours["architectures"][0], class, "{v}");
+    }
+}
