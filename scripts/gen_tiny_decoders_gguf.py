@@ -26,7 +26,10 @@ of 32 (hidden 48 would give no Q8_0 tensor at all). Here: vocab 251, hidden 64, 
                        GGUF's metadata implies
       V.logits_f32     the same for V.gguf (f32 weights; equal to the source model's logits except
                        where the GGUF drops something, see mistral)
-      mistral.logits_sliding  the source Mistral (sliding_window 5) on the q8_0 weights
+      mistral.logits_sliding  the source Mistral (sliding_window 5) on the q8_0 weights, which is
+                       also what OUT_DIR/gguf/mistral_swa.q8_0.gguf must give: mistral.q8_0.gguf
+                       with llama.attention.sliding_window = 5 added (gguf-py's writer), the way
+                       a converter that keeps Mistral's window would store it
 
 Variants (llama.cpp architecture in brackets):
   llama3   [llama]  head_dim 24, attention_bias, tied, rope llama3 {factor 8, low 1, high 4, orig 32}:
@@ -262,6 +265,25 @@ def read_back(gguf, path, arch, cfg):
     return weights, rope, types, meta
 
 
+def with_sliding_window(gguf, src, dst, window):
+    """A copy of the llama-arch file `src` with llama.attention.sliding_window set, as a Mistral
+    GGUF written by a tool that keeps the window would carry it."""
+    r = gguf.GGUFReader(src)
+    w = gguf.GGUFWriter(dst, "llama")
+    for f in r.fields.values():
+        if f.name.startswith("GGUF.") or f.name == "general.architecture":
+            continue
+        sub = f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
+        w.add_key_value(f.name, f.contents(), f.types[0], sub_type=sub)
+    w.add_sliding_window(window)
+    for t in r.tensors:
+        w.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
 def gguf_config(name, model):
     """The model the GGUF's metadata describes, as transformers builds it: llama.cpp drops
     Mistral's sliding window (and the llama arch is read as Llama)."""
@@ -392,6 +414,11 @@ def main(out, llama_cpp):
                         ref[f"{name}.{k}"] = v
                     if name == "mistral":
                         ref["mistral.logits_sliding"] = logits_with(type(model), model.config, weights, ids)
+                        swa = os.path.join(gdir, "mistral_swa.q8_0.gguf")
+                        with_sliding_window(gguf, path, swa, model.config.sliding_window)
+                        again, _, _, swa_meta = read_back(gguf, swa, arch, model.config)
+                        assert swa_meta["llama.attention.sliding_window"] == 5
+                        assert all(torch.equal(again[k], weights[k]) for k in weights)
                 print(f"    {fname}: {os.path.getsize(path) / 1e3:.0f} kB, max |w - source| {worst:.1e}, "
                       f"tensors {sorted(set(types.values()))}")
                 cross_check_transformers(name, path, logits, ids, cfg.to_dict())

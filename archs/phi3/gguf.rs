@@ -62,7 +62,7 @@ impl GgufMapping for Phi3Gguf {
         let rotary = file
             .meta_u64(&key("rope.dimension_count"))
             .unwrap_or(sizes.head_dim);
-        if rotary == 0 || rotary > sizes.head_dim || rotary % 2 != 0 {
+        if rotary == 0 || rotary > sizes.head_dim || !rotary.is_multiple_of(2) {
             return Err(file.bad(format!(
                 "phi3.rope.dimension_count {rotary} is not an even size of at most the head size {}",
                 sizes.head_dim

@@ -191,3 +191,77 @@ fn configs_follow_the_source_models() {
         assert_eq!(ours["architectures"][0], class, "{v}");
     }
 }
+
+#[test]
+fn a_sliding_window_in_llama_metadata_makes_a_mistral() {
+    let g = open("mistral_swa.q8_0.gguf");
+    let cfg = g.config().unwrap();
+    assert_eq!(cfg["architectures"][0], "MistralForCausalLM");
+    assert_eq!(cfg["model_type"], "mistral");
+    assert_eq!(
+        cfg["sliding_window"],
+        source_config("mistral")["sliding_window"]
+    );
+    for (name, theirs) in reference_weights("mistral") {
+        assert!(stored_f32(&g, &name).equal(&theirs), "{name}");
+    }
+}
+
+/// A copy of fixture `file` in `dir` with the f32 tensor `raw` overwritten by `values`.
+fn with_values(dir: &std::path::Path, file: &str, raw: &str, values: &[f32]) -> PathBuf {
+    let mut bytes = std::fs::read(fixture(file)).unwrap();
+    let t = open(file).tensor_info(raw).unwrap().clone();
+    assert_eq!(t.nbytes, 4 * values.len());
+    for (i, v) in values.iter().enumerate() {
+        bytes[t.offset + 4 * i..t.offset + 4 * i + 4].copy_from_slice(&v.to_le_bytes());
+    }
+    let p = dir.join(file);
+    std::fs::write(&p, bytes).unwrap();
+    p
+}
+
+#[test]
+fn rope_settings_llama_cpp_cannot_mean_are_refused_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let err = |p: PathBuf| {
+        GgufFile::open(&p)
+            .unwrap()
+            .config()
+            .unwrap_err()
+            .to_string()
+    };
+    // Every frequency divided by 4 is linear scaling, not Llama 3's rule.
+    let e = err(with_values(
+        tmp.path(),
+        "llama3.q8_0.gguf",
+        "rope_freqs.weight",
+        &[4.0; 12],
+    ));
+    assert!(
+        e.contains("llama3.q8_0.gguf") && e.contains("rope_freqs.weight") && e.contains("llama3"),
+        "{e}"
+    );
+    let mut factors = [1.0f32; 4];
+    factors[2] = f32::NAN;
+    let e = err(with_values(
+        tmp.path(),
+        "phi3.q8_0.gguf",
+        "rope_factors_long.weight",
+        &factors,
+    ));
+    assert!(
+        e.contains("phi3.q8_0.gguf")
+            && e.contains("rope_factors_long.weight")
+            && e.contains("finite"),
+        "{e}"
+    );
+    // All ones: no scaling at all.
+    let ones = with_values(
+        tmp.path(),
+        "llama3.q8_0.gguf",
+        "rope_freqs.weight",
+        &[1.0; 12],
+    );
+    let cfg = GgufFile::open(&ones).unwrap().config().unwrap();
+    assert_eq!(cfg["rope_scaling"], serde_json::Value::Null);
+}
