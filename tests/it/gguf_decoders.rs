@@ -265,3 +265,24 @@ fn rope_settings_llama_cpp_cannot_mean_are_refused_by_name() {
     let cfg = GgufFile::open(&ones).unwrap().config().unwrap();
     assert_eq!(cfg["rope_scaling"], serde_json::Value::Null);
 }
+
+#[test]
+fn byte_level_tokenizers_come_from_the_metadata() {
+    // llama.cpp's converter writes the BPE tokenizers of the Llama and Qwen files as "gpt2";
+    // Phi-3's and Gemma 2's are SentencePiece ("llama").
+    for v in ["llama3", "mistral", "qwen2", "qwen3"] {
+        let g = open(&format!("{v}.q8_0.gguf"));
+        let t = octet::tokenizer::Tokenizer::from_gguf(&g).unwrap();
+        let ids = t.encode("The quick brown fox").unwrap();
+        assert!(!ids.is_empty(), "{v}");
+        assert_eq!(t.decode(&ids).unwrap(), "The quick brown fox", "{v}");
+    }
+    for v in ["phi3", "gemma2"] {
+        let g = open(&format!("{v}.q8_0.gguf"));
+        assert_eq!(
+            g.get("tokenizer.ggml.model").and_then(|m| m.as_str()),
+            Some("llama"),
+            "{v}"
+        );
+    }
+}
