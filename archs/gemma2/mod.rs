@@ -1,7 +1,10 @@
 //! Gemma 2 (`Gemma2ForCausalLM`): embeddings scaled by √hidden, RMSNorm scaling by `1 + w`,
 //! sandwich norms around attention and the MLP, GeGLU, `tanh` soft-capping of attention
 //! scores and logits, and sliding-window attention on alternate layers.
+mod gguf;
+
 use crate::archs::decoder::{BiasRule, DecoderPlugin, Family, Layout, WindowLayers};
+use crate::io::gguf::GgufMapping;
 
 /// The Gemma 2 family.
 pub struct Gemma2;
@@ -25,6 +28,9 @@ impl Family for Gemma2 {
         "max_position_embeddings": 8192, "rms_norm_eps": 1e-6, "tie_word_embeddings": true,
         "sliding_window": 4096, "query_pre_attn_scalar": 256, "attn_logit_softcapping": 50.0,
         "final_logit_softcapping": 30.0}"#;
+    fn gguf() -> Option<&'static dyn GgufMapping> {
+        Some(&gguf::Gemma2Gguf)
+    }
 }
 
 /// The Gemma 2 plugin.

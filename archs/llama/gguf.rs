@@ -1,23 +1,31 @@
-//! Llama in llama.cpp's GGUF files: tensor names, the q/k row permutation its converter
-//! applies, and the config.json the `llama.*` metadata implies.
+//! Llama (and Mistral, which llama.cpp stores as `llama`) in llama.cpp's GGUF files: tensor
+//! names, the q/k row permutation its converter applies, and the config.json the `llama.*`
+//! metadata implies, including Llama 3's rope scaling, which llama.cpp keeps only as the
+//! per-frequency divisors of `rope_freqs.weight`.
 use crate::error::Result;
-use crate::io::gguf::{GgufFile, GgufMapping};
+use crate::io::gguf::{
+    decoder_hf_name, llama_block_module, refuse_rope_changes, settings_values, DecoderSizes,
+    GgufFile, GgufMapping,
+};
 
 /// The Llama GGUF mapping (`general.architecture = "llama"`).
 pub struct LlamaGguf;
 
+const ARCH: &str = "llama";
+const ROPE_FREQS: &str = "rope_freqs.weight";
+
 /// `llama.<key>`.
 fn key(k: &str) -> String {
-    format!("llama.{k}")
+    format!("{ARCH}.{k}")
 }
 
 impl GgufMapping for LlamaGguf {
     fn gguf_name(&self) -> &'static str {
-        "llama"
+        ARCH
     }
 
     fn tensor_name(&self, raw: &str) -> Option<String> {
-        hf_name(raw)
+        decoder_hf_name(raw, llama_block_module)
     }
 
     fn permuted_heads(&self, file: &GgufFile, raw: &str) -> Result<Option<usize>> {
@@ -34,128 +42,184 @@ impl GgufMapping for LlamaGguf {
         })
     }
 
+    fn is_settings_tensor(&self, raw: &str) -> bool {
+        raw == ROPE_FREQS
+    }
+
     /// Sizes from the `llama.*` keys, tied embeddings when there is no `output.weight`,
-    /// biases when the first block has them, token ids from the tokenizer keys.
+    /// biases when the first block has them, Llama 3 rope scaling from `rope_freqs.weight`,
+    /// and a Mistral config when the file names a sliding window (llama.cpp's converter does
+    /// not write Mistral's, so most Mistral files read as Llama).
     fn config(&self, file: &GgufFile) -> Result<serde_json::Value> {
-        let hidden = file.required_u64(&key("embedding_length"))?;
-        let layers = file.required_u64(&key("block_count"))?;
-        let heads = file.required_u64(&key("attention.head_count"))?;
-        let kv = file
-            .meta_u64(&key("attention.head_count_kv"))
-            .unwrap_or(heads);
-        let inter = file.required_u64(&key("feed_forward_length"))?;
-        let eps_key = key("attention.layer_norm_rms_epsilon");
-        let eps = file
-            .positive_f64(&eps_key)?
-            .ok_or_else(|| file.bad(format!("metadata {eps_key} is missing")))?;
-        let theta = file.positive_f64(&key("rope.freq_base"))?;
-        let context = file.meta_u64(&key("context_length")).unwrap_or(2048);
-        if heads == 0 {
-            return Err(file.bad("llama.attention.head_count is 0"));
+        let sizes = DecoderSizes::read(file, ARCH)?;
+        refuse_rope_changes(file, ARCH, sizes.head_dim)?;
+        let window = file
+            .meta_u64(&key("attention.sliding_window"))
+            .filter(|&w| w > 0);
+        let (class, model_type) = match window {
+            Some(_) => ("MistralForCausalLM", "mistral"),
+            None => ("LlamaForCausalLM", "llama"),
+        };
+        let mut cfg = sizes.config(file, ARCH, class, model_type)?;
+        cfg["hidden_act"] = "silu".into();
+        cfg["attention_bias"] = file.tensor_info("blk.0.attn_q.bias").is_some().into();
+        cfg["mlp_bias"] = file.tensor_info("blk.0.ffn_gate.bias").is_some().into();
+        if let Some(w) = window {
+            cfg["sliding_window"] = w.into();
         }
-        let head_dim = file
-            .meta_u64(&key("attention.key_length"))
-            .unwrap_or(hidden / heads);
-        refuse_unsupported_rope(file, head_dim)?;
-        let mut cfg = serde_json::json!({
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
-            "vocab_size": vocab_size(file)?,
-            "hidden_size": hidden,
-            "intermediate_size": inter,
-            "num_hidden_layers": layers,
-            "num_attention_heads": heads,
-            "num_key_value_heads": kv,
-            "head_dim": head_dim,
-            "hidden_act": "silu",
-            "max_position_embeddings": context,
-            "rms_norm_eps": eps,
-            "rope_theta": theta.unwrap_or(10000.0),
-            "rope_scaling": null,
-            "attention_bias": file.tensor_info("blk.0.attn_q.bias").is_some(),
-            "mlp_bias": file.tensor_info("blk.0.ffn_gate.bias").is_some(),
-            "tie_word_embeddings": file.tensor_info("output.weight").is_none(),
-            "torch_dtype": "float32",
-        });
-        for (ours, theirs) in [
-            ("bos_token_id", "bos_token_id"),
-            ("eos_token_id", "eos_token_id"),
-            ("pad_token_id", "padding_token_id"),
-        ] {
-            if let Some(id) = file.meta_u64(&format!("tokenizer.ggml.{theirs}")) {
-                cfg[ours] = id.into();
-            }
+        if file.tensor_info(ROPE_FREQS).is_some() {
+            let theta = sizes.rope_theta.unwrap_or(10000.0);
+            let factors = settings_values(file, ROPE_FREQS, (sizes.head_dim / 2) as usize)?;
+            cfg["rope_scaling"] = match llama3_from_factors(&factors, theta, sizes.head_dim) {
+                Ok(None) => serde_json::Value::Null,
+                Ok(Some(r)) => r.to_json(),
+                Err(why) => return Err(file.bad(format!("{ROPE_FREQS}: {why}"))),
+            };
         }
         Ok(cfg)
     }
 }
 
-/// Refuses partial rotary and rope scaling, which the Llama plugin does not implement.
-fn refuse_unsupported_rope(file: &GgufFile, head_dim: u64) -> Result<()> {
-    if let Some(rd) = file.meta_u64(&key("rope.dimension_count")) {
-        if rd != head_dim {
-            return Err(file.bad(format!(
-                "partial rotary (llama.rope.dimension_count {rd} of head size {head_dim}) is not supported"
-            )));
-        }
-    }
-    if let Some(s) = file
-        .get(&key("rope.scaling.type"))
-        .and_then(|v| v.as_str())
-        .filter(|s| *s != "none")
-    {
-        return Err(file.bad(format!("rope scaling '{s}' is not supported")));
-    }
-    if file.tensor_info("rope_freqs.weight").is_some() {
-        return Err(file.bad("rope_freqs.weight (Llama 3.1 rope scaling) is not supported"));
-    }
-    Ok(())
+/// Llama 3's rope scaling settings (transformers' `rope_type: "llama3"`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Llama3Rope {
+    /// `factor`: the divisor of the low frequencies.
+    pub factor: f64,
+    /// `low_freq_factor`.
+    pub low_freq_factor: f64,
+    /// `high_freq_factor`.
+    pub high_freq_factor: f64,
+    /// `original_max_position_embeddings`.
+    pub original_context: f64,
 }
 
-/// The vocabulary size: `llama.vocab_size`, else the embedding's rows (what the model needs;
-/// a vocabulary may be padded), else the tokenizer's token count.
-fn vocab_size(file: &GgufFile) -> Result<u64> {
-    let embd_rows = file
-        .tensor_info("token_embd.weight")
-        .and_then(|t| t.shape.first().map(|&d| d as u64));
-    let tokens = file
-        .get("tokenizer.ggml.tokens")
-        .and_then(|v| v.as_array())
-        .map(|a| a.len() as u64);
-    file.meta_u64(&key("vocab_size"))
-        .or(embd_rows)
-        .or(tokens)
-        .ok_or_else(|| file.bad("cannot tell the vocabulary size"))
+impl Llama3Rope {
+    /// The `rope_scaling` object of a config.json (an integral context as an integer).
+    fn to_json(self) -> serde_json::Value {
+        let ctx = if self.original_context.fract() == 0.0 {
+            serde_json::json!(self.original_context as u64)
+        } else {
+            serde_json::json!(self.original_context)
+        };
+        serde_json::json!({
+            "rope_type": "llama3",
+            "factor": self.factor,
+            "low_freq_factor": self.low_freq_factor,
+            "high_freq_factor": self.high_freq_factor,
+            "original_max_position_embeddings": ctx,
+        })
+    }
+
+    /// What the rule divides each default rotary frequency by (transformers'
+    /// `_compute_llama3_parameters`, llama.cpp's `rope_freqs`): 1 for wavelengths below
+    /// `original / high_freq_factor`, `factor` above `original / low_freq_factor`, and a
+    /// blend in between.
+    pub fn divisors(&self, theta: f64, head_dim: u64) -> Vec<f64> {
+        let (low_wl, high_wl) = (
+            self.original_context / self.low_freq_factor,
+            self.original_context / self.high_freq_factor,
+        );
+        default_inv_freq(theta, head_dim)
+            .map(|inv| {
+                let wavelen = 2.0 * std::f64::consts::PI / inv;
+                if wavelen < high_wl {
+                    1.0
+                } else if wavelen > low_wl {
+                    self.factor
+                } else {
+                    let s = (self.original_context / wavelen - self.low_freq_factor)
+                        / (self.high_freq_factor - self.low_freq_factor);
+                    1.0 / ((1.0 - s) / self.factor + s)
+                }
+            })
+            .collect()
+    }
 }
 
-/// `blk.N.attn_q.weight` → `model.layers.N.self_attn.q_proj.weight`, and so on.
-fn hf_name(raw: &str) -> Option<String> {
-    match raw {
-        "token_embd.weight" => return Some("model.embed_tokens.weight".into()),
-        "output_norm.weight" => return Some("model.norm.weight".into()),
-        "output.weight" => return Some("lm_head.weight".into()),
-        _ => {}
+/// The default rotary frequencies `theta^(-2i/d)`.
+fn default_inv_freq(theta: f64, head_dim: u64) -> impl Iterator<Item = f64> {
+    (0..head_dim / 2).map(move |i| theta.powf(-((2 * i) as f64) / head_dim as f64))
+}
+
+/// Relative tolerance for matching stored f32 divisors (a few f32 roundings).
+const TOL: f64 = 1e-5;
+
+/// Recovers Llama 3's rope settings from llama.cpp's per-frequency divisors; `Ok(None)` when
+/// every divisor is 1 (no scaling).
+///
+/// The rule depends on the original context and the two band factors only through their
+/// ratios, so `low_freq_factor` is taken as 1 (every Llama 3.x uses 1); `factor` is the largest
+/// divisor, and the smoothed band, whose blend is linear in the frequency, gives
+/// `high_freq_factor` and the original context. Two smoothed frequencies are needed to fix
+/// both. The settings are accepted only if the rule reproduces every stored divisor.
+pub fn llama3_from_factors(
+    factors: &[f32],
+    theta: f64,
+    head_dim: u64,
+) -> std::result::Result<Option<Llama3Rope>, String> {
+    let f: Vec<f64> = factors.iter().map(|&x| x as f64).collect();
+    let big = f.iter().cloned().fold(1.0, f64::max);
+    if f.iter().all(|&x| (x - 1.0).abs() <= TOL) {
+        return Ok(None);
     }
-    let rest = raw.strip_prefix("blk.")?;
-    let (n, rest) = rest.split_once('.')?;
-    n.parse::<usize>().ok()?;
-    let (part, param) = rest.split_once('.')?;
-    if param != "weight" && param != "bias" {
-        return None;
-    }
-    let module = match part {
-        "attn_norm" => "input_layernorm",
-        "ffn_norm" => "post_attention_layernorm",
-        "attn_q" => "self_attn.q_proj",
-        "attn_k" => "self_attn.k_proj",
-        "attn_v" => "self_attn.v_proj",
-        "attn_output" => "self_attn.o_proj",
-        "ffn_gate" => "mlp.gate_proj",
-        "ffn_up" => "mlp.up_proj",
-        "ffn_down" => "mlp.down_proj",
-        _ => return None,
+    let inv: Vec<f64> = default_inv_freq(theta, head_dim).collect();
+    let smoothed: Vec<(f64, f64)> = inv
+        .iter()
+        .zip(&f)
+        .filter(|(_, &x)| (x - 1.0).abs() > TOL && (x - big).abs() > TOL * big)
+        .map(|(&i, &x)| (i, (big / x - 1.0) / (big - 1.0)))
+        .collect();
+    let unsupported = |why: String| {
+        format!("{why}; octet reads Llama 3 rope scaling (transformers' rope_type 'llama3') only")
     };
-    Some(format!("model.layers.{n}.{module}.{param}"))
+    if smoothed.len() < 2 {
+        return Err(unsupported(format!(
+            "{} of its {} divisors lie between 1 and {big}; at least two are needed to recover \
+             the original context length",
+            smoothed.len(),
+            f.len()
+        )));
+    }
+    // s = (original · inv / 2π − 1) / (high − 1) = α · inv + β.
+    let ((i0, s0), (i1, s1)) = (smoothed[0], smoothed[smoothed.len() - 1]);
+    let alpha = (s1 - s0) / (i1 - i0);
+    let beta = s0 - alpha * i0;
+    if !(alpha > 0.0 && beta < 0.0) {
+        return Err(unsupported(
+            "the smoothed divisors do not blend linearly in the frequency".into(),
+        ));
+    }
+    let exact = Llama3Rope {
+        factor: big,
+        low_freq_factor: 1.0,
+        high_freq_factor: 1.0 - 1.0 / beta,
+        original_context: -2.0 * std::f64::consts::PI * alpha / beta,
+    };
+    // Prefer the round values the settings were almost surely written with.
+    let round = |x: f64, unit: f64| {
+        let r = (x / unit).round() * unit;
+        if (r - x).abs() <= 1e-3 * x.abs() {
+            r
+        } else {
+            x
+        }
+    };
+    let tidy = Llama3Rope {
+        high_freq_factor: round(exact.high_freq_factor, 1e-3),
+        original_context: round(exact.original_context, 1.0),
+        ..exact
+    };
+    let reproduces = |r: &Llama3Rope| {
+        r.divisors(theta, head_dim)
+            .iter()
+            .zip(&f)
+            .all(|(a, b)| (a - b).abs() <= TOL * b)
+    };
+    [tidy, exact]
+        .into_iter()
+        .find(reproduces)
+        .map(Some)
+        .ok_or_else(|| unsupported("its divisors do not follow Llama 3's rule".into()))
 }
 
 #[cfg(test)]
@@ -164,15 +228,83 @@ mod tests {
 
     #[test]
     fn names_map_to_llama() {
+        let m = LlamaGguf;
         assert_eq!(
-            hf_name("blk.12.attn_output.weight").as_deref(),
+            m.tensor_name("blk.12.attn_output.weight").as_deref(),
             Some("model.layers.12.self_attn.o_proj.weight")
         );
         assert_eq!(
-            hf_name("blk.0.attn_q.bias").as_deref(),
+            m.tensor_name("blk.0.attn_q.bias").as_deref(),
             Some("model.layers.0.self_attn.q_proj.bias")
         );
-        assert_eq!(hf_name("blk.x.attn_q.weight"), None);
-        assert_eq!(hf_name("rope_freqs.weight"), None);
+        assert_eq!(m.tensor_name("blk.x.attn_q.weight"), None);
+        assert_eq!(m.tensor_name("rope_freqs.weight"), None);
+        assert!(m.is_settings_tensor("rope_freqs.weight"));
+        assert!(!m.is_settings_tensor("token_embd.weight"));
+    }
+
+    fn f32_divisors(r: &Llama3Rope, theta: f64, head_dim: u64) -> Vec<f32> {
+        r.divisors(theta, head_dim)
+            .iter()
+            .map(|&x| x as f32)
+            .collect()
+    }
+
+    #[test]
+    fn llama_3_1_settings_come_back_from_their_divisors() {
+        // Llama 3.1 8B and Llama 3.2 1B as published.
+        for (factor, theta, head_dim) in [(8.0, 500000.0, 128), (32.0, 500000.0, 64)] {
+            let want = Llama3Rope {
+                factor,
+                low_freq_factor: 1.0,
+                high_freq_factor: 4.0,
+                original_context: 8192.0,
+            };
+            let got = llama3_from_factors(&f32_divisors(&want, theta, head_dim), theta, head_dim)
+                .unwrap()
+                .unwrap();
+            assert_eq!(got, want);
+            assert_eq!(
+                got.to_json()["original_max_position_embeddings"],
+                serde_json::json!(8192)
+            );
+        }
+    }
+
+    #[test]
+    fn scaled_band_factors_are_equivalent_up_to_a_common_scale() {
+        // low 2 / high 8 / context 16384 is the same rule as low 1 / high 4 / context 8192.
+        let odd = Llama3Rope {
+            factor: 8.0,
+            low_freq_factor: 2.0,
+            high_freq_factor: 8.0,
+            original_context: 16384.0,
+        };
+        let got = llama3_from_factors(&f32_divisors(&odd, 500000.0, 128), 500000.0, 128)
+            .unwrap()
+            .unwrap();
+        assert_eq!((got.high_freq_factor, got.original_context), (4.0, 8192.0));
+    }
+
+    #[test]
+    fn other_divisors_are_refused_or_mean_no_scaling() {
+        assert_eq!(llama3_from_factors(&[1.0; 64], 500000.0, 128), Ok(None));
+        // Linear scaling: every frequency divided by 4, no smoothed band.
+        let e = llama3_from_factors(&[4.0; 64], 500000.0, 128).unwrap_err();
+        assert!(e.contains("llama3") && e.contains("0 of its 64"), "{e}");
+        // A smoothed band that is not the Llama 3 blend.
+        let mut f = f32_divisors(
+            &Llama3Rope {
+                factor: 8.0,
+                low_freq_factor: 1.0,
+                high_freq_factor: 4.0,
+                original_context: 8192.0,
+            },
+            500000.0,
+            128,
+        );
+        let mid = f.iter().position(|&x| x > 1.0 && x < 8.0).unwrap();
+        f[mid + 1] *= 1.01;
+        assert!(llama3_from_factors(&f, 500000.0, 128).is_err());
     }
 }

@@ -1,6 +1,9 @@
 //! Phi-3 (`Phi3ForCausalLM`): Llama's block with fused `qkv_proj` and `gate_up_proj`, partial
 //! rotary embeddings, LongRoPE scaling, and an optional sliding window over every layer.
+mod gguf;
+
 use crate::archs::decoder::{BiasRule, DecoderPlugin, Family, Layout, WindowLayers};
+use crate::io::gguf::GgufMapping;
 
 /// The Phi-3 family.
 pub struct Phi3;
@@ -25,6 +28,9 @@ impl Family for Phi3 {
         "hidden_act": "silu", "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
         "tie_word_embeddings": false, "sliding_window": null,
         "original_max_position_embeddings": 4096}"#;
+    fn gguf() -> Option<&'static dyn GgufMapping> {
+        Some(&gguf::Phi3Gguf)
+    }
 }
 
 /// The Phi-3 plugin.

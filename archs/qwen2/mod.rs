@@ -1,7 +1,10 @@
 //! Qwen2 and Qwen2.5 (`Qwen2ForCausalLM`): Llama's block with biases on q/k/v (never on o or
 //! the MLP), tied or untied head, sliding windows only where `use_sliding_window` or
 //! `layer_types` ask for them.
+mod gguf;
+
 use crate::archs::decoder::{BiasRule, DecoderPlugin, Family, Layout, WindowLayers};
+use crate::io::gguf::GgufMapping;
 
 /// The Qwen2 family.
 pub struct Qwen2;
@@ -23,6 +26,9 @@ impl Family for Qwen2 {
         "hidden_act": "silu", "max_position_embeddings": 32768, "rms_norm_eps": 1e-6,
         "tie_word_embeddings": false, "sliding_window": null, "use_sliding_window": false,
         "max_window_layers": 28}"#;
+    fn gguf() -> Option<&'static dyn GgufMapping> {
+        Some(&gguf::Qwen2Gguf)
+    }
 }
 
 /// The Qwen2 plugin.

@@ -1,6 +1,9 @@
 //! Qwen3 (`Qwen3ForCausalLM`): Llama's block with an RMSNorm over each head of q and k before
 //! the rotation, and an explicit `head_dim`.
+mod gguf;
+
 use crate::archs::decoder::{BiasRule, DecoderPlugin, Family, Layout, WindowLayers};
+use crate::io::gguf::GgufMapping;
 
 /// The Qwen3 family.
 pub struct Qwen3;
@@ -21,6 +24,9 @@ impl Family for Qwen3 {
         "head_dim": 128, "hidden_act": "silu", "max_position_embeddings": 32768,
         "rms_norm_eps": 1e-6, "tie_word_embeddings": false, "sliding_window": null,
         "use_sliding_window": false, "max_window_layers": 28}"#;
+    fn gguf() -> Option<&'static dyn GgufMapping> {
+        Some(&gguf::Qwen3Gguf)
+    }
 }
 
 /// The Qwen3 plugin.

@@ -9,6 +9,7 @@ mod eval_generate;
 mod fuzz;
 mod fuzz_support;
 mod gguf;
+mod gguf_decoders;
 mod gguf_tokenizer;
 mod gpt2;
 mod gpt_neox;

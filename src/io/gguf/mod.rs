@@ -20,8 +20,11 @@ mod tokenizer;
 use super::{Dtype, TensorMeta, TensorStore};
 use crate::error::{OctetError, Result};
 pub use ggml::{dequantize, GgmlType};
+pub use mapping::{
+    decoder_hf_name, llama_block_module, refuse_rope_changes, settings_values, split_block_name,
+    vocab_size, DecoderSizes, GgufMapping, GgufRegistration,
+};
 use mapping::{mapping_for, mappings, unpermute_rows};
-pub use mapping::{GgufMapping, GgufRegistration};
 use memmap2::Mmap;
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
@@ -381,12 +384,14 @@ impl Layout<'_> {
     }
 }
 
-/// A served tensor: its Hugging Face name, its index in the file and, for llama's q/k
-/// projections, the head count whose row permutation is undone.
+/// A served tensor: its Hugging Face name, its index in the file, for llama's q/k
+/// projections the head count whose row permutation is undone, and the constant the
+/// converter added to its values (Gemma's norms), which reads subtract.
 struct Served {
     name: String,
     index: usize,
     unpermute_heads: Option<usize>,
+    offset: Option<f32>,
 }
 
 /// A GGUF file, memory-mapped.
@@ -575,30 +580,35 @@ impl GgufFile {
         OctetError::bad_file(&self.path, problem.into())
     }
 
-    /// Hugging Face names for every tensor, with the permutations to undo, from the mapping
-    /// registered for the file's architecture (names as stored without one).
+    /// Hugging Face names for every weight tensor, with the permutations and offsets to undo,
+    /// from the mapping registered for the file's architecture (every tensor under its stored
+    /// name without one).
     fn serve_names(&self) -> Result<Vec<Served>> {
         let mapping = self.architecture().and_then(mapping_for);
         let mut out = Vec::with_capacity(self.tensors.len());
         for (index, t) in self.tensors.iter().enumerate() {
-            let (name, unpermute_heads) = match mapping {
+            let served = match mapping {
+                Some(m) if m.is_settings_tensor(&t.name) => continue,
                 Some(m) => {
                     let heads = m.permuted_heads(self, &t.name)?;
                     if let Some(n) = heads {
                         self.check_head_rows(t, n)?;
                     }
-                    (
-                        m.tensor_name(&t.name).unwrap_or_else(|| t.name.clone()),
-                        heads,
-                    )
+                    Served {
+                        name: m.tensor_name(&t.name).unwrap_or_else(|| t.name.clone()),
+                        index,
+                        unpermute_heads: heads,
+                        offset: m.stored_offset(&t.name),
+                    }
                 }
-                None => (t.name.clone(), None),
+                None => Served {
+                    name: t.name.clone(),
+                    index,
+                    unpermute_heads: None,
+                    offset: None,
+                },
             };
-            out.push(Served {
-                name,
-                index,
-                unpermute_heads,
-            });
+            out.push(served);
         }
         Ok(out)
     }
@@ -667,21 +677,30 @@ impl TensorStore for GgufFile {
         self.served.iter().map(|s| s.name.clone()).collect()
     }
     fn meta(&self, name: &str) -> Option<TensorMeta> {
-        let (_, t) = self.served(name).ok()?;
+        let (s, t) = self.served(name).ok()?;
         Some(TensorMeta {
-            dtype: t.ty.served_dtype(),
+            // An offset is undone in f32, so such a tensor is served as f32 whatever its type.
+            dtype: match s.offset {
+                Some(_) => Dtype::F32,
+                None => t.ty.served_dtype(),
+            },
             shape: t.shape.clone(),
         })
     }
     fn bytes(&self, name: &str) -> Result<Cow<'_, [u8]>> {
         let (s, t) = self.served(name)?;
         let data = self.data(t);
-        let bytes: Cow<'_, [u8]> = match t.ty {
-            GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => Cow::Borrowed(data),
-            _ => {
+        let bytes: Cow<'_, [u8]> = match (t.ty, s.offset) {
+            (GgmlType::F32 | GgmlType::F16 | GgmlType::BF16, None) => Cow::Borrowed(data),
+            (_, offset) => {
                 let mut vals = vec![0f32; t.numel()];
                 dequantize(t.ty, data, &mut vals)?;
-                Cow::Owned(vals.iter().flat_map(|v| v.to_le_bytes()).collect())
+                let offset = offset.unwrap_or(0.0);
+                Cow::Owned(
+                    vals.iter()
+                        .flat_map(|v| (v - offset).to_le_bytes())
+                        .collect(),
+                )
             }
         };
         Ok(match s.unpermute_heads {

@@ -1,0 +1,70 @@
+//! Qwen3 in llama.cpp's GGUF files: Qwen2's names plus the per-head q/k RMSNorms
+//! (`attn_q_norm`, `attn_k_norm`), an explicit head size, and the config.json the `qwen3.*`
+//! metadata implies.
+use crate::error::Result;
+use crate::io::gguf::{
+    decoder_hf_name, llama_block_module, refuse_rope_changes, DecoderSizes, GgufFile, GgufMapping,
+};
+
+/// The Qwen3 GGUF mapping (`general.architecture = "qwen3"`).
+pub struct Qwen3Gguf;
+
+const ARCH: &str = "qwen3";
+
+/// Qwen3's block modules: Llama's plus the q/k norms.
+fn module(part: &str) -> Option<&'static str> {
+    match part {
+        "attn_q_norm" => Some("self_attn.q_norm"),
+        "attn_k_norm" => Some("self_attn.k_norm"),
+        _ => llama_block_module(part),
+    }
+}
+
+impl GgufMapping for Qwen3Gguf {
+    fn gguf_name(&self) -> &'static str {
+        ARCH
+    }
+
+    fn tensor_name(&self, raw: &str) -> Option<String> {
+        decoder_hf_name(raw, module)
+    }
+
+    fn permuted_heads(&self, _file: &GgufFile, _raw: &str) -> Result<Option<usize>> {
+        Ok(None)
+    }
+
+    /// Sizes from the `qwen3.*` keys (the head size from `attention.key_length`); attention
+    /// biases when the first block has them; tied embeddings when there is no `output.weight`.
+    fn config(&self, file: &GgufFile) -> Result<serde_json::Value> {
+        let sizes = DecoderSizes::read(file, ARCH)?;
+        refuse_rope_changes(file, ARCH, sizes.head_dim)?;
+        let mut cfg = sizes.config(file, ARCH, "Qwen3ForCausalLM", "qwen3")?;
+        cfg["hidden_act"] = "silu".into();
+        cfg["attention_bias"] = file.tensor_info("blk.0.attn_q.bias").is_some().into();
+        cfg["use_sliding_window"] = false.into();
+        cfg["sliding_window"] = serde_json::Value::Null;
+        Ok(cfg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_include_the_q_and_k_norms() {
+        let m = Qwen3Gguf;
+        assert_eq!(
+            m.tensor_name("blk.1.attn_q_norm.weight").as_deref(),
+            Some("model.layers.1.self_attn.q_norm.weight")
+        );
+        assert_eq!(
+            m.tensor_name("blk.1.attn_k_norm.weight").as_deref(),
+            Some("model.layers.1.self_attn.k_norm.weight")
+        );
+        assert_eq!(
+            m.tensor_name("output.weight").as_deref(),
+            Some("lm_head.weight")
+        );
+    }
+}
