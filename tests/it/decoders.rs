@@ -255,3 +255,45 @@ fn eight_bit_lora_and_merge_agree_with_transformers_and_peft() {
         assert_eq!(spec.lora_targets, want, "{}", p.arch);
     }
 }
+
+#[test]
+fn bad_rope_and_window_settings_are_refused_by_file_and_field() {
+    let tmp = tempfile::tempdir().unwrap();
+    let edits: [(&str, fn(&mut serde_json::Value), &[&str]); 4] = [
+        (
+            "mistral",
+            |c| c["sliding_window"] = 1000.into(),
+            &["sliding_window 1000", "max_position_embeddings 64"],
+        ),
+        (
+            "llama_linear",
+            |c| c["rope_parameters"]["rope_type"] = "yarn".into(),
+            &["rope_scaling type 'yarn'"],
+        ),
+        (
+            "llama3",
+            |c| c["rope_parameters"]["high_freq_factor"] = serde_json::Value::Null,
+            &["high_freq_factor"],
+        ),
+        (
+            "phi3",
+            |c| c["rope_parameters"]["long_factor"] = serde_json::json!([1.0]),
+            &["long_factor"],
+        ),
+    ];
+    for (i, (v, edit, needles)) in edits.into_iter().enumerate() {
+        let dir = tmp.path().join(format!("case{i}"));
+        common::copy_dir(&tiny(v), &dir);
+        let path = dir.join("config.json");
+        let mut cfg: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        edit(&mut cfg);
+        std::fs::write(&path, cfg.to_string()).unwrap();
+        let out = tmp.path().join(format!("out{i}"));
+        let (ok, _, err) = common::convert(&dir, &out, &[]);
+        assert!(!ok, "{v}: case {i} should be refused");
+        common::assert_mentions(&err, &[s(&path)]);
+        common::assert_mentions(&err, needles);
+        assert!(!out.exists(), "{v}: case {i} wrote {}", out.display());
+    }
+}
