@@ -241,8 +241,11 @@ fn bad_files_are_refused_with_clear_errors() {
     let tmp = tempfile::tempdir().unwrap();
     let err = |p: &Path| GgufFile::open(p).unwrap_err().to_string();
 
-    let e = err(&tiny("bad_q5.gguf"));
-    assert!(e.contains("token_embd.weight") && e.contains("Q5_0"), "{e}");
+    let e = err(&common::fixture("ggml_vectors/bad_iq2_xxs.gguf"));
+    assert!(
+        e.contains("token_embd.weight") && e.contains("IQ2_XXS"),
+        "{e}"
+    );
 
     let bytes = std::fs::read(tiny("tied.gguf")).unwrap();
     let truncated = tmp.path().join("truncated.gguf");

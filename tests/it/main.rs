@@ -8,6 +8,7 @@ mod eval_generate;
 mod fuzz;
 mod fuzz_support;
 mod gguf;
+mod gguf_types;
 mod gpt2;
 mod gpt_neox;
 mod gptj_golden;

@@ -1,23 +1,27 @@
 //! llama.cpp GGUF files (versions 2 and 3): header, metadata, tensor infos and memory-mapped
 //! data, exposed as a [`TensorStore`] under Hugging Face names.
 //!
-//! Tensors of type F32, F16 and BF16 are served as stored; Q8_0, Q4_0 and Q4_1 are de-quantized
-//! to f32 on read with ggml's formulas (bit-identical to `gguf.quants.dequantize`). How an
+//! Tensors of type F32, F16 and BF16 are served as stored; Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and the
+//! K-quants Q2_K, Q3_K, Q4_K, Q5_K, Q6_K and Q8_K are de-quantized to f32 on read, one tensor at
+//! a time, with ggml's formulas (bit-identical to `gguf.quants.dequantize`; Q8_K, which gguf
+//! does not de-quantize, to ggml's `x = d·q`). Other types (the IQ and ternary types, MXFP4,
+//! integers) are refused when the file is opened, naming the tensor and the type. How an
 //! architecture's llama.cpp names map to its Hugging Face ones, which row permutations to
 //! undo, and the config.json its metadata implies are the architecture plugin's business: it
 //! registers a [`GgufMapping`] for its `general.architecture` (archs/llama/gguf.rs). The
 //! metadata also yields the byte-level BPE tokenizer ([`GgufFile::hf_tokenizer`]), so a GGUF
 //! file is a complete model source on its own.
 //!
-//! Submodules: `ggml` (tensor types and de-quantization), `mapping` (the per-architecture
+//! Submodules: `ggml` (tensor types and de-quantization), `kquants` (the K-quant blocks), `mapping` (the per-architecture
 //! hook), `tokenizer` (the tokenizer and side files the metadata describes).
 mod ggml;
+mod kquants;
 mod mapping;
 mod tokenizer;
 
 use super::{Dtype, TensorMeta, TensorStore};
 use crate::error::{OctetError, Result};
-pub use ggml::{dequantize, GgmlType};
+pub use ggml::{dequantize, ggml_type_name, GgmlType};
 use mapping::{mapping_for, mappings, unpermute_rows};
 pub use mapping::{GgufMapping, GgufRegistration};
 use memmap2::Mmap;
@@ -337,21 +341,18 @@ impl Layout<'_> {
             offset,
         } = h;
         let bad = |p: String| OctetError::bad_file(self.path, format!("tensor {name}: {p}"));
-        let ty = GgmlType::from_id(ty).map_err(|t| {
-            bad(format!(
-                "{t} cannot be read (octet reads F32, F16, BF16, Q8_0, Q4_0 and Q4_1)"
-            ))
-        })?;
+        let ty = GgmlType::from_id(ty).map_err(bad)?;
         let numel = ne
             .iter()
             .try_fold(1u64, |a, &d| a.checked_mul(d))
             .filter(|&n| n < (1 << 48))
             .ok_or_else(|| bad(format!("dimensions {ne:?} overflow")))?;
         let (be, bb) = (ty.block_elems() as u64, ty.block_bytes() as u64);
-        if ne.first().is_some_and(|&d| d % be != 0) {
+        // ggml blocks never span rows; a 0-D tensor is one row of one element.
+        let row = ne.first().copied().unwrap_or(1);
+        if row % be != 0 {
             return Err(bad(format!(
-                "rows of {} elements are not whole {ty:?} blocks of {be}",
-                ne[0]
+                "rows of {row} elements are not whole {ty:?} blocks of {be}"
             )));
         }
         let nbytes = numel / be * bb;
@@ -673,17 +674,24 @@ impl TensorStore for GgufFile {
     fn bytes(&self, name: &str) -> Result<Cow<'_, [u8]>> {
         let (s, t) = self.served(name)?;
         let data = self.data(t);
-        let bytes: Cow<'_, [u8]> = match t.ty {
-            GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => Cow::Borrowed(data),
-            _ => {
-                let mut vals = vec![0f32; t.numel()];
-                dequantize(t.ty, data, &mut vals)?;
-                Cow::Owned(vals.iter().flat_map(|v| v.to_le_bytes()).collect())
-            }
+        let rows = t.shape.first().copied().unwrap_or(1);
+        if t.ty.is_float() {
+            return Ok(match s.unpermute_heads {
+                Some(heads) => Cow::Owned(unpermute_rows(data, rows, heads)),
+                None => Cow::Borrowed(data),
+            });
+        }
+        // Quantized: the f32 buffer returned is the only full-size copy. Rows of whole blocks
+        // are permuted while still quantized; a permuted 1-D tensor (a bias) is permuted after.
+        let whole_block_rows = t.shape.len() > 1;
+        let stored: Cow<'_, [u8]> = match s.unpermute_heads {
+            Some(heads) if whole_block_rows => Cow::Owned(unpermute_rows(data, rows, heads)),
+            _ => Cow::Borrowed(data),
         };
+        let values = ggml::dequantize_to_le_bytes(t.ty, &stored, t.numel())?;
         Ok(match s.unpermute_heads {
-            Some(heads) => Cow::Owned(unpermute_rows(&bytes, t.shape[0], heads)),
-            None => bytes,
+            Some(heads) if !whole_block_rows => Cow::Owned(unpermute_rows(&values, rows, heads)),
+            _ => Cow::Owned(values),
         })
     }
     fn release(&self, name: &str) {
