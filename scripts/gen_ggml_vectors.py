@@ -135,7 +135,10 @@ def write_gguf(out, rng):
 
     ref = {}
     for t in gguf.GGUFReader(path).tensors:
-        x = dequantize(np.asarray(t.data).reshape(-1, GGML_QUANT_SIZES[t.tensor_type][1]), t.tensor_type)
+        if t.tensor_type == Q.Q8_K:
+            x = dequantize(np.asarray(t.data).reshape(-1, GGML_QUANT_SIZES[Q.Q8_K][1]), Q.Q8_K)
+        else:
+            x = gguf.quants.dequantize(t.data, t.tensor_type)
         ref[t.name] = np.ascontiguousarray(
             x.astype(np.float32).reshape([int(d) for d in reversed(t.shape)])
         )

@@ -54,6 +54,9 @@ fn dequantized_tensors_equal_gguf_py_exactly() {
                 "{v} {name}: max |diff| {}",
                 max_abs_diff(&ours, theirs)
             );
+            // The f32 read (de-quantized straight into f32, permuted while quantized) agrees.
+            let values = Tensor::from_slice(&g.f32_values(name).unwrap());
+            assert!(values.equal(&ours.flatten(0, -1)), "{v} {name}: f32_values");
         }
         // Quantized types are served as f32, float types as stored.
         let m = |n: &str| g.meta(n).unwrap().dtype;

@@ -6,6 +6,8 @@ use crate::error::{OctetError, Result};
 use rayon::prelude::*;
 
 /// A ggml tensor type octet reads.
+// Variants are spelled as ggml spells them: `Debug` prints them in messages.
+#[allow(non_camel_case_types)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GgmlType {
     /// 32-bit float.

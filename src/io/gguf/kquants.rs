@@ -67,27 +67,34 @@ fn sub_scales_k4(b: &[u8]) -> [(f32, f32); 8] {
 /// Q4_K (144 bytes): f16 `d`, f16 `dmin`, 12 bytes of 6-bit scales and mins, 128 bytes of
 /// 4-bit codes. Sub-block `j` of 32: `x = (d·sc) · q − dmin·m`.
 pub fn q4_k(b: &[u8], out: &mut [f32]) {
-    let sub = sub_scales_k4(b);
     let qs = &b[16..144];
-    for (i, o) in out.iter_mut().enumerate() {
-        // 4 chunks of 32 bytes, low nibbles for sub-block 2c and high for 2c + 1.
-        let (j, l) = (i / 32, i % 32);
-        let q = (qs[(j / 2) * 32 + l] >> (4 * (j % 2))) & 0x0F;
-        let (dl, ml) = sub[j];
-        *o = dl * q as f32 - ml;
+    // 4 chunks of 32 bytes: low nibbles for sub-block 2c, high ones for 2c + 1.
+    for (j, ((dl, ml), o)) in sub_scales_k4(b)
+        .into_iter()
+        .zip(out.chunks_exact_mut(32))
+        .enumerate()
+    {
+        let shift = 4 * (j % 2);
+        for (o, &q) in o.iter_mut().zip(&qs[(j / 2) * 32..][..32]) {
+            *o = dl * ((q >> shift) & 0x0F) as f32 - ml;
+        }
     }
 }
 
 /// Q5_K (176 bytes): as Q4_K with 32 bytes of fifth bits before the 128 bytes of nibbles.
 pub fn q5_k(b: &[u8], out: &mut [f32]) {
-    let sub = sub_scales_k4(b);
     let (qh, qs) = (&b[16..48], &b[48..176]);
-    for (i, o) in out.iter_mut().enumerate() {
-        let (j, l) = (i / 32, i % 32);
-        let low = (qs[(j / 2) * 32 + l] >> (4 * (j % 2))) & 0x0F;
-        let high = (qh[l] >> j) & 1;
-        let (dl, ml) = sub[j];
-        *o = dl * (low | (high << 4)) as f32 - ml;
+    for (j, ((dl, ml), o)) in sub_scales_k4(b)
+        .into_iter()
+        .zip(out.chunks_exact_mut(32))
+        .enumerate()
+    {
+        let shift = 4 * (j % 2);
+        let low = &qs[(j / 2) * 32..][..32];
+        for ((o, &lo), &hi) in o.iter_mut().zip(low).zip(qh) {
+            let q = ((lo >> shift) & 0x0F) | (((hi >> j) & 1) << 4);
+            *o = dl * q as f32 - ml;
+        }
     }
 }
 

@@ -12,13 +12,15 @@
 //! metadata also yields the byte-level BPE tokenizer ([`GgufFile::hf_tokenizer`]), so a GGUF
 //! file is a complete model source on its own.
 //!
-//! Submodules: `ggml` (tensor types and de-quantization), `kquants` (the K-quant blocks), `mapping` (the per-architecture
-//! hook), `tokenizer` (the tokenizer and side files the metadata describes).
+//! Submodules: `ggml` (tensor types and de-quantization), `kquants` (the K-quant blocks),
+//! `mapping` (the per-architecture hook), `tokenizer` (the tokenizer and side files the
+//! metadata describes).
 mod ggml;
 mod kquants;
 mod mapping;
 mod tokenizer;
 
+use super::dtype::float_bytes_to_f32;
 use super::{Dtype, TensorMeta, TensorStore};
 use crate::error::{OctetError, Result};
 pub use ggml::{dequantize, ggml_type_name, GgmlType};
@@ -641,6 +643,20 @@ impl GgufFile {
         }
     }
 
+    /// The stored data of `t` with the rows in served order, still quantized, when the
+    /// permutation to undo (if any) moves whole rows of blocks; `None` for a permuted 1-D
+    /// tensor (a bias), whose "rows" are single elements inside blocks.
+    fn blocks_in_served_order(&self, s: &Served, t: &GgufTensorInfo) -> Option<Cow<'_, [u8]>> {
+        let data = self.data(t);
+        match s.unpermute_heads {
+            None => Some(Cow::Borrowed(data)),
+            Some(heads) if t.shape.len() > 1 => {
+                Some(Cow::Owned(unpermute_rows(data, t.shape[0], heads)))
+            }
+            Some(_) => None,
+        }
+    }
+
     /// Tells the kernel the pages of `name` are no longer needed.
     fn release_range(&self, t: &GgufTensorInfo) {
         let page = 4096;
@@ -675,24 +691,39 @@ impl TensorStore for GgufFile {
         let (s, t) = self.served(name)?;
         let data = self.data(t);
         let rows = t.shape.first().copied().unwrap_or(1);
-        if t.ty.is_float() {
-            return Ok(match s.unpermute_heads {
-                Some(heads) => Cow::Owned(unpermute_rows(data, rows, heads)),
-                None => Cow::Borrowed(data),
-            });
+        match (t.ty.is_float(), s.unpermute_heads) {
+            (true, None) => Ok(Cow::Borrowed(data)),
+            (true, Some(heads)) => Ok(Cow::Owned(unpermute_rows(data, rows, heads))),
+            // Quantized: the f32 buffer returned is the only full-size copy.
+            (false, heads) => match self.blocks_in_served_order(s, t) {
+                Some(blocks) => Ok(Cow::Owned(ggml::dequantize_to_le_bytes(
+                    t.ty,
+                    &blocks,
+                    t.numel(),
+                )?)),
+                None => {
+                    let values = ggml::dequantize_to_le_bytes(t.ty, data, t.numel())?;
+                    Ok(Cow::Owned(unpermute_rows(
+                        &values,
+                        rows,
+                        heads.unwrap_or(1),
+                    )))
+                }
+            },
         }
-        // Quantized: the f32 buffer returned is the only full-size copy. Rows of whole blocks
-        // are permuted while still quantized; a permuted 1-D tensor (a bias) is permuted after.
-        let whole_block_rows = t.shape.len() > 1;
-        let stored: Cow<'_, [u8]> = match s.unpermute_heads {
-            Some(heads) if whole_block_rows => Cow::Owned(unpermute_rows(data, rows, heads)),
-            _ => Cow::Borrowed(data),
-        };
-        let values = ggml::dequantize_to_le_bytes(t.ty, &stored, t.numel())?;
-        Ok(match s.unpermute_heads {
-            Some(heads) if !whole_block_rows => Cow::Owned(unpermute_rows(&values, rows, heads)),
-            _ => Cow::Owned(values),
-        })
+    }
+    /// De-quantizes straight into the returned vector: one f32 copy of the tensor, not two.
+    fn f32_values(&self, name: &str) -> Result<Vec<f32>> {
+        let (s, t) = self.served(name)?;
+        let mut out = vec![0f32; t.numel()];
+        match self
+            .blocks_in_served_order(s, t)
+            .filter(|_| !t.ty.is_float())
+        {
+            Some(blocks) => dequantize(t.ty, &blocks, &mut out)?,
+            None => float_bytes_to_f32(t.ty.served_dtype(), &self.bytes(name)?, &mut out)?,
+        }
+        Ok(out)
     }
     fn release(&self, name: &str) {
         if let Ok((_, t)) = self.served(name) {
