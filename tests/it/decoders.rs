@@ -256,10 +256,17 @@ fn eight_bit_lora_and_merge_agree_with_transformers_and_peft() {
     }
 }
 
+/// A variant, an edit of its config.json, and what the refusal must mention.
+type ConfigEdit = (
+    &'static str,
+    fn(&mut serde_json::Value),
+    &'static [&'static str],
+);
+
 #[test]
 fn bad_rope_and_window_settings_are_refused_by_file_and_field() {
     let tmp = tempfile::tempdir().unwrap();
-    let edits: [(&str, fn(&mut serde_json::Value), &[&str]); 4] = [
+    let edits: [ConfigEdit; 4] = [
         (
             "mistral",
             |c| c["sliding_window"] = 1000.into(),

@@ -130,6 +130,17 @@ fn targets(work: &Path) -> Vec<Target> {
             Ok(())
         },
     ));
+    // One tensor of every quantized type octet reads, K-quants included.
+    let kq = sub("gguf_kquants");
+    std::fs::copy(fixture("ggml_vectors/kquants.gguf"), kq.join("k.gguf")).unwrap();
+    t.push(Target::new(
+        "GGUF K-quants",
+        kq,
+        "k.gguf",
+        Style::Binary,
+        4,
+        |d| read_all(&GgufFile::open(&d.join("k.gguf"))?),
+    ));
 
     // An octet folder, its manifest and a PEFT adapter, made by the library from the tiny GPT-J.
     let octet_dir = work.join("octet_seed");

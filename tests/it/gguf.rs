@@ -54,6 +54,9 @@ fn dequantized_tensors_equal_gguf_py_exactly() {
                 "{v} {name}: max |diff| {}",
                 max_abs_diff(&ours, theirs)
             );
+            // The f32 read (de-quantized straight into f32, permuted while quantized) agrees.
+            let values = Tensor::from_slice(&g.f32_values(name).unwrap());
+            assert!(values.equal(&ours.flatten(0, -1)), "{v} {name}: f32_values");
         }
         // Quantized types are served as f32, float types as stored.
         let m = |n: &str| g.meta(n).unwrap().dtype;
@@ -241,8 +244,11 @@ fn bad_files_are_refused_with_clear_errors() {
     let tmp = tempfile::tempdir().unwrap();
     let err = |p: &Path| GgufFile::open(p).unwrap_err().to_string();
 
-    let e = err(&tiny("bad_q5.gguf"));
-    assert!(e.contains("token_embd.weight") && e.contains("Q5_0"), "{e}");
+    let e = err(&common::fixture("ggml_vectors/bad_iq2_xxs.gguf"));
+    assert!(
+        e.contains("token_embd.weight") && e.contains("IQ2_XXS"),
+        "{e}"
+    );
 
     let bytes = std::fs::read(tiny("tied.gguf")).unwrap();
     let truncated = tmp.path().join("truncated.gguf");

@@ -11,6 +11,7 @@ mod fuzz_support;
 mod gguf;
 mod gguf_decoders;
 mod gguf_tokenizer;
+mod gguf_types;
 mod gpt2;
 mod gpt_neox;
 mod gptj_golden;

@@ -1,9 +1,13 @@
-//! ggml's tensor types: their block layouts and their de-quantization to f32.
+//! ggml's tensor types: their ids and names, their block layouts and their de-quantization
+//! to f32 (the K-quant blocks in `kquants`).
+use super::kquants::{self, QK_K};
 use super::Dtype;
 use crate::error::{OctetError, Result};
 use rayon::prelude::*;
 
-/// A ggml tensor type.
+/// A ggml tensor type octet reads.
+// Variants are spelled as ggml spells them: `Debug` prints them in messages.
+#[allow(non_camel_case_types)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GgmlType {
     /// 32-bit float.
@@ -18,54 +22,145 @@ pub enum GgmlType {
     Q4_0,
     /// Blocks of 32: f16 scale `d`, f16 minimum `m`, 32 × 4 bits; `x = d·q + m`.
     Q4_1,
+    /// Blocks of 32: f16 scale `d`, 32 fifth bits, 32 × 4 bits; `x = d·(q − 16)`.
+    Q5_0,
+    /// Blocks of 32: f16 scale `d`, f16 minimum `m`, 32 fifth bits, 32 × 4 bits; `x = d·q + m`.
+    Q5_1,
+    /// K-quant blocks of 256: 16 sub-blocks of 2-bit codes with 4-bit scales and mins.
+    Q2_K,
+    /// K-quant blocks of 256: 16 sub-blocks of 3-bit codes with 6-bit scales.
+    Q3_K,
+    /// K-quant blocks of 256: 8 sub-blocks of 4-bit codes with 6-bit scales and mins.
+    Q4_K,
+    /// K-quant blocks of 256: 8 sub-blocks of 5-bit codes with 6-bit scales and mins.
+    Q5_K,
+    /// K-quant blocks of 256: 16 sub-blocks of 6-bit codes with 8-bit scales.
+    Q6_K,
+    /// K-quant blocks of 256: f32 scale, 256 × i8 (and their sums); `x = d·q`.
+    Q8_K,
+}
+
+/// Every ggml type id with its name, read or not (ggml.h's `ggml_type`, including ids ggml
+/// has since removed), so a refusal can name the type.
+const GGML_TYPE_NAMES: [(u32, &str); 42] = [
+    (0, "F32"),
+    (1, "F16"),
+    (2, "Q4_0"),
+    (3, "Q4_1"),
+    (4, "Q4_2"),
+    (5, "Q4_3"),
+    (6, "Q5_0"),
+    (7, "Q5_1"),
+    (8, "Q8_0"),
+    (9, "Q8_1"),
+    (10, "Q2_K"),
+    (11, "Q3_K"),
+    (12, "Q4_K"),
+    (13, "Q5_K"),
+    (14, "Q6_K"),
+    (15, "Q8_K"),
+    (16, "IQ2_XXS"),
+    (17, "IQ2_XS"),
+    (18, "IQ3_XXS"),
+    (19, "IQ1_S"),
+    (20, "IQ4_NL"),
+    (21, "IQ3_S"),
+    (22, "IQ2_S"),
+    (23, "IQ4_XS"),
+    (24, "I8"),
+    (25, "I16"),
+    (26, "I32"),
+    (27, "I64"),
+    (28, "F64"),
+    (29, "IQ1_M"),
+    (30, "BF16"),
+    (31, "Q4_0_4_4"),
+    (32, "Q4_0_4_8"),
+    (33, "Q4_0_8_8"),
+    (34, "TQ1_0"),
+    (35, "TQ2_0"),
+    (36, "IQ4_NL_4_4"),
+    (37, "IQ4_NL_4_8"),
+    (38, "IQ4_NL_8_8"),
+    (39, "MXFP4"),
+    (40, "NVFP4"),
+    (41, "Q1_0"),
+];
+
+/// The name of ggml type `id`, or `None` for an id ggml never had.
+pub fn ggml_type_name(id: u32) -> Option<&'static str> {
+    GGML_TYPE_NAMES
+        .iter()
+        .find(|(i, _)| *i == id)
+        .map(|(_, n)| *n)
 }
 
 impl GgmlType {
-    pub(super) fn from_id(id: u32) -> std::result::Result<Self, String> {
-        Ok(match id {
-            0 => GgmlType::F32,
-            1 => GgmlType::F16,
-            2 => GgmlType::Q4_0,
-            3 => GgmlType::Q4_1,
-            8 => GgmlType::Q8_0,
-            30 => GgmlType::BF16,
-            other => {
-                const NAMES: [(u32, &str); 20] = [
-                    (6, "Q5_0"),
-                    (7, "Q5_1"),
-                    (9, "Q8_1"),
-                    (10, "Q2_K"),
-                    (11, "Q3_K"),
-                    (12, "Q4_K"),
-                    (13, "Q5_K"),
-                    (14, "Q6_K"),
-                    (15, "Q8_K"),
-                    (16, "IQ2_XXS"),
-                    (17, "IQ2_XS"),
-                    (18, "IQ3_XXS"),
-                    (19, "IQ1_S"),
-                    (20, "IQ4_NL"),
-                    (21, "IQ3_S"),
-                    (22, "IQ2_S"),
-                    (23, "IQ4_XS"),
-                    (24, "I8"),
-                    (26, "I32"),
-                    (28, "F64"),
-                ];
-                let name = NAMES
-                    .iter()
-                    .find(|(i, _)| *i == other)
-                    .map_or("unknown", |(_, n)| n);
-                return Err(format!("ggml type {other} ({name})"));
-            }
-        })
+    /// Every type octet reads, in ggml id order.
+    pub const READ: [GgmlType; 14] = [
+        GgmlType::F32,
+        GgmlType::F16,
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q5_1,
+        GgmlType::Q8_0,
+        GgmlType::Q2_K,
+        GgmlType::Q3_K,
+        GgmlType::Q4_K,
+        GgmlType::Q5_K,
+        GgmlType::Q6_K,
+        GgmlType::Q8_K,
+        GgmlType::BF16,
+    ];
+
+    /// ggml's id of the type.
+    pub fn id(self) -> u32 {
+        match self {
+            GgmlType::F32 => 0,
+            GgmlType::F16 => 1,
+            GgmlType::Q4_0 => 2,
+            GgmlType::Q4_1 => 3,
+            GgmlType::Q5_0 => 6,
+            GgmlType::Q5_1 => 7,
+            GgmlType::Q8_0 => 8,
+            GgmlType::Q2_K => 10,
+            GgmlType::Q3_K => 11,
+            GgmlType::Q4_K => 12,
+            GgmlType::Q5_K => 13,
+            GgmlType::Q6_K => 14,
+            GgmlType::Q8_K => 15,
+            GgmlType::BF16 => 30,
+        }
+    }
+
+    /// The type with ggml id `id`; an error names the id, its type name and the types octet
+    /// reads.
+    pub fn from_id(id: u32) -> std::result::Result<Self, String> {
+        if let Some(t) = Self::READ.into_iter().find(|t| t.id() == id) {
+            return Ok(t);
+        }
+        let name = ggml_type_name(id).unwrap_or("unknown");
+        let read: Vec<String> = Self::READ.iter().map(|t| format!("{t:?}")).collect();
+        Err(format!(
+            "ggml type {id} ({name}) cannot be read (octet reads {})",
+            read.join(", ")
+        ))
     }
 
     /// Elements per block.
     pub fn block_elems(self) -> usize {
         match self {
             GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => 1,
-            GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q4_1 => 32,
+            GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 => {
+                32
+            }
+            GgmlType::Q2_K
+            | GgmlType::Q3_K
+            | GgmlType::Q4_K
+            | GgmlType::Q5_K
+            | GgmlType::Q6_K
+            | GgmlType::Q8_K => QK_K,
         }
     }
 
@@ -77,6 +172,14 @@ impl GgmlType {
             GgmlType::Q8_0 => 34,
             GgmlType::Q4_0 => 18,
             GgmlType::Q4_1 => 20,
+            GgmlType::Q5_0 => 22,
+            GgmlType::Q5_1 => 24,
+            GgmlType::Q2_K => 84,
+            GgmlType::Q3_K => 110,
+            GgmlType::Q4_K => 144,
+            GgmlType::Q5_K => 176,
+            GgmlType::Q6_K => 210,
+            GgmlType::Q8_K => 292,
         }
     }
 
@@ -88,10 +191,26 @@ impl GgmlType {
             _ => Dtype::F32,
         }
     }
+
+    /// Whether the type is stored as plain floats, served as stored.
+    pub fn is_float(self) -> bool {
+        matches!(self, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16)
+    }
 }
 
-fn f16_at(b: &[u8], i: usize) -> f32 {
+/// The f16 at byte `i` of `b`, exactly as f32.
+pub(super) fn f16_at(b: &[u8], i: usize) -> f32 {
     half::f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
+}
+
+/// The 5-bit codes of a Q5_0/Q5_1 block: low nibbles of `qs` (elements 0..16 then 16..32)
+/// with bit `j` of the little-endian `qh` as element `j`'s fifth bit.
+fn q5_codes(qh: &[u8], qs: &[u8]) -> [u8; 32] {
+    let high = u32::from_le_bytes([qh[0], qh[1], qh[2], qh[3]]);
+    std::array::from_fn(|j| {
+        let low = (qs[j % 16] >> (4 * (j / 16))) & 0x0F;
+        low | ((((high >> j) & 1) as u8) << 4)
+    })
 }
 
 /// De-quantizes one block of stored bytes into `out` (its elements).
@@ -121,29 +240,81 @@ fn dequantize_block(ty: GgmlType, b: &[u8], out: &mut [f32]) {
                 out[j + 16] = d * (q >> 4) as f32 + m;
             }
         }
+        GgmlType::Q5_0 => {
+            let d = f16_at(b, 0);
+            for (o, q) in out.iter_mut().zip(q5_codes(&b[2..6], &b[6..22])) {
+                *o = d * (q as i32 - 16) as f32;
+            }
+        }
+        GgmlType::Q5_1 => {
+            let (d, m) = (f16_at(b, 0), f16_at(b, 2));
+            for (o, q) in out.iter_mut().zip(q5_codes(&b[4..8], &b[8..24])) {
+                *o = d * q as f32 + m;
+            }
+        }
+        GgmlType::Q2_K => kquants::q2_k(b, out),
+        GgmlType::Q3_K => kquants::q3_k(b, out),
+        GgmlType::Q4_K => kquants::q4_k(b, out),
+        GgmlType::Q5_K => kquants::q5_k(b, out),
+        GgmlType::Q6_K => kquants::q6_k(b, out),
+        GgmlType::Q8_K => kquants::q8_k(b, out),
     }
+}
+
+/// Checks that `data` holds exactly `numel` elements of `ty`.
+fn check_extent(ty: GgmlType, data: &[u8], numel: usize) -> Result<()> {
+    let (be, bb) = (ty.block_elems(), ty.block_bytes());
+    if !numel.is_multiple_of(be) || data.len() != numel / be * bb {
+        return Err(OctetError::InvalidArgument(format!(
+            "{} bytes of {ty:?} do not hold {numel} elements",
+            data.len()
+        )));
+    }
+    Ok(())
+}
+
+/// De-quantizes `data` in parallel chunks of whole blocks; `out` holds `width` items per
+/// element and `store` writes one block's values into its items.
+fn par_dequantize<T: Send>(
+    ty: GgmlType,
+    data: &[u8],
+    out: &mut [T],
+    width: usize,
+    store: impl Fn(&[f32], &mut [T]) + Sync,
+) {
+    let (be, bb) = (ty.block_elems(), ty.block_bytes());
+    // Chunks of many blocks keep rayon's overhead small.
+    let per = 4096 / be * be;
+    out.par_chunks_mut(per * width)
+        .zip(data.par_chunks(per / be * bb))
+        .for_each(|(o, d)| {
+            let mut vals = [0f32; QK_K];
+            let vals = &mut vals[..be];
+            for (ob, db) in o.chunks_exact_mut(be * width).zip(d.chunks_exact(bb)) {
+                dequantize_block(ty, db, vals);
+                store(vals, ob);
+            }
+        });
 }
 
 /// De-quantizes stored bytes of type `ty` into `out`, whose length must be the element count.
 pub fn dequantize(ty: GgmlType, data: &[u8], out: &mut [f32]) -> Result<()> {
-    let (be, bb) = (ty.block_elems(), ty.block_bytes());
-    if !out.len().is_multiple_of(be) || data.len() != out.len() / be * bb {
-        return Err(OctetError::InvalidArgument(format!(
-            "{} bytes of {ty:?} do not hold {} elements",
-            data.len(),
-            out.len()
-        )));
-    }
-    // Chunks of many blocks keep rayon's overhead small.
-    let per = 4096 / be.max(1) * be;
-    out.par_chunks_mut(per)
-        .zip(data.par_chunks(per / be * bb))
-        .for_each(|(o, d)| {
-            for (ob, db) in o.chunks_exact_mut(be).zip(d.chunks_exact(bb)) {
-                dequantize_block(ty, db, ob);
-            }
-        });
+    check_extent(ty, data, out.len())?;
+    par_dequantize(ty, data, out, 1, |v, o| o.copy_from_slice(v));
     Ok(())
+}
+
+/// De-quantizes `numel` elements of type `ty` straight into little-endian f32 bytes: the one
+/// f32 copy of the tensor is the returned buffer.
+pub fn dequantize_to_le_bytes(ty: GgmlType, data: &[u8], numel: usize) -> Result<Vec<u8>> {
+    check_extent(ty, data, numel)?;
+    let mut out = vec![0u8; numel * 4];
+    par_dequantize(ty, data, &mut out, 4, |v, o| {
+        for (b, x) in o.chunks_exact_mut(4).zip(v) {
+            b.copy_from_slice(&x.to_le_bytes());
+        }
+    });
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -164,5 +335,36 @@ mod tests {
         b[2] = 0xF0;
         dequantize_block(GgmlType::Q4_0, &b, &mut out);
         assert_eq!((out[0], out[16]), (-16.0, 14.0));
+    }
+
+    #[test]
+    fn ids_names_and_layouts() {
+        for t in GgmlType::READ {
+            assert_eq!(GgmlType::from_id(t.id()), Ok(t));
+            assert_eq!(ggml_type_name(t.id()), Some(format!("{t:?}").as_str()));
+            assert!(t.block_elems() <= QK_K);
+        }
+        let ids: std::collections::BTreeSet<u32> = GGML_TYPE_NAMES.iter().map(|p| p.0).collect();
+        assert_eq!(ids.len(), GGML_TYPE_NAMES.len());
+        let e = GgmlType::from_id(19).unwrap_err();
+        assert!(
+            e.contains("ggml type 19 (IQ1_S)") && e.contains("Q6_K"),
+            "{e}"
+        );
+        assert!(GgmlType::from_id(1000).unwrap_err().contains("(unknown)"));
+    }
+
+    #[test]
+    fn short_or_long_data_is_refused() {
+        let mut out = vec![0f32; 256];
+        assert!(dequantize(GgmlType::Q4_K, &[0u8; 143], &mut out).is_err());
+        assert!(dequantize(GgmlType::Q4_K, &[0u8; 145], &mut out).is_err());
+        assert!(dequantize_to_le_bytes(GgmlType::Q6_K, &[0u8; 210], 255).is_err());
+        // A zero Q6_K block is d·(0 − 32) with d = 0: negative zeros, as ggml gives.
+        let neg_zero = (-0f32).to_le_bytes().repeat(256);
+        assert_eq!(
+            dequantize_to_le_bytes(GgmlType::Q6_K, &[0u8; 210], 256).unwrap(),
+            neg_zero
+        );
     }
 }

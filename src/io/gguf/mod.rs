@@ -1,25 +1,31 @@
 //! llama.cpp GGUF files (versions 2 and 3): header, metadata, tensor infos and memory-mapped
 //! data, exposed as a [`TensorStore`] under Hugging Face names.
 //!
-//! Tensors of type F32, F16 and BF16 are served as stored; Q8_0, Q4_0 and Q4_1 are de-quantized
-//! to f32 on read with ggml's formulas (bit-identical to `gguf.quants.dequantize`). How an
+//! Tensors of type F32, F16 and BF16 are served as stored; Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and the
+//! K-quants Q2_K, Q3_K, Q4_K, Q5_K, Q6_K and Q8_K are de-quantized to f32 on read, one tensor at
+//! a time, with ggml's formulas (bit-identical to `gguf.quants.dequantize`; Q8_K, which gguf
+//! does not de-quantize, to ggml's `x = d·q`). Other types (the IQ and ternary types, MXFP4,
+//! integers) are refused when the file is opened, naming the tensor and the type. How an
 //! architecture's llama.cpp names map to its Hugging Face ones, which row permutations to
 //! undo, and the config.json its metadata implies are the architecture plugin's business: it
 //! registers a [`GgufMapping`] for its `general.architecture` (archs/llama/gguf.rs). The
 //! metadata also yields the tokenizer, byte-level BPE or SentencePiece
 //! ([`GgufFile::hf_tokenizer`]), so a GGUF file is a complete model source on its own.
 //!
-//! Submodules: `ggml` (tensor types and de-quantization), `mapping` (the per-architecture
-//! hook), `tokenizer` (the tokenizer and side files the metadata describes), `sentencepiece`
-//! (the SentencePiece vocabulary rebuilt as transformers builds it).
+//! Submodules: `ggml` (tensor types and de-quantization), `kquants` (the K-quant blocks),
+//! `mapping` (the per-architecture hook), `tokenizer` (the tokenizer and side files the
+//! metadata describes), `sentencepiece` (the SentencePiece vocabulary rebuilt as transformers
+//! builds it).
 mod ggml;
+mod kquants;
 mod mapping;
 mod sentencepiece;
 mod tokenizer;
 
+use super::dtype::float_bytes_to_f32;
 use super::{Dtype, TensorMeta, TensorStore};
 use crate::error::{OctetError, Result};
-pub use ggml::{dequantize, GgmlType};
+pub use ggml::{dequantize, ggml_type_name, GgmlType};
 pub use mapping::{
     decoder_hf_name, llama_block_module, refuse_rope_changes, settings_values, split_block_name,
     vocab_size, DecoderSizes, GgufMapping, GgufRegistration,
@@ -343,21 +349,18 @@ impl Layout<'_> {
             offset,
         } = h;
         let bad = |p: String| OctetError::bad_file(self.path, format!("tensor {name}: {p}"));
-        let ty = GgmlType::from_id(ty).map_err(|t| {
-            bad(format!(
-                "{t} cannot be read (octet reads F32, F16, BF16, Q8_0, Q4_0 and Q4_1)"
-            ))
-        })?;
+        let ty = GgmlType::from_id(ty).map_err(bad)?;
         let numel = ne
             .iter()
             .try_fold(1u64, |a, &d| a.checked_mul(d))
             .filter(|&n| n < (1 << 48))
             .ok_or_else(|| bad(format!("dimensions {ne:?} overflow")))?;
         let (be, bb) = (ty.block_elems() as u64, ty.block_bytes() as u64);
-        if ne.first().is_some_and(|&d| d % be != 0) {
+        // ggml blocks never span rows; a 0-D tensor is one row of one element.
+        let row = ne.first().copied().unwrap_or(1);
+        if row % be != 0 {
             return Err(bad(format!(
-                "rows of {} elements are not whole {ty:?} blocks of {be}",
-                ne[0]
+                "rows of {row} elements are not whole {ty:?} blocks of {be}"
             )));
         }
         let nbytes = numel / be * bb;
@@ -653,6 +656,20 @@ impl GgufFile {
         }
     }
 
+    /// The stored data of `t` with the rows in served order, still quantized, when the
+    /// permutation to undo (if any) moves whole rows of blocks; `None` for a permuted 1-D
+    /// tensor (a bias), whose "rows" are single elements inside blocks.
+    fn blocks_in_served_order(&self, s: &Served, t: &GgufTensorInfo) -> Option<Cow<'_, [u8]>> {
+        let data = self.data(t);
+        match s.unpermute_heads {
+            None => Some(Cow::Borrowed(data)),
+            Some(heads) if t.shape.len() > 1 => {
+                Some(Cow::Owned(unpermute_rows(data, t.shape[0], heads)))
+            }
+            Some(_) => None,
+        }
+    }
+
     /// Tells the kernel the pages of `name` are no longer needed.
     fn release_range(&self, t: &GgufTensorInfo) {
         let page = 4096;
@@ -690,23 +707,60 @@ impl TensorStore for GgufFile {
     fn bytes(&self, name: &str) -> Result<Cow<'_, [u8]>> {
         let (s, t) = self.served(name)?;
         let data = self.data(t);
-        let bytes: Cow<'_, [u8]> = match (t.ty, s.offset) {
-            (GgmlType::F32 | GgmlType::F16 | GgmlType::BF16, None) => Cow::Borrowed(data),
-            (_, offset) => {
-                let mut vals = vec![0f32; t.numel()];
-                dequantize(t.ty, data, &mut vals)?;
-                let offset = offset.unwrap_or(0.0);
-                Cow::Owned(
-                    vals.iter()
-                        .flat_map(|v| (v - offset).to_le_bytes())
-                        .collect(),
-                )
+        let rows = t.shape.first().copied().unwrap_or(1);
+        if let Some(offset) = s.offset {
+            // Stored shifted (Gemma's norms, small): served as f32 with the shift undone.
+            let mut vals = vec![0f32; t.numel()];
+            dequantize(t.ty, data, &mut vals)?;
+            let bytes: Vec<u8> = vals
+                .iter()
+                .flat_map(|v| (v - offset).to_le_bytes())
+                .collect();
+            return Ok(Cow::Owned(match s.unpermute_heads {
+                Some(heads) => unpermute_rows(&bytes, rows, heads),
+                None => bytes,
+            }));
+        }
+        match (t.ty.is_float(), s.unpermute_heads) {
+            (true, None) => Ok(Cow::Borrowed(data)),
+            (true, Some(heads)) => Ok(Cow::Owned(unpermute_rows(data, rows, heads))),
+            // Quantized: the f32 buffer returned is the only full-size copy.
+            (false, heads) => match self.blocks_in_served_order(s, t) {
+                Some(blocks) => Ok(Cow::Owned(ggml::dequantize_to_le_bytes(
+                    t.ty,
+                    &blocks,
+                    t.numel(),
+                )?)),
+                None => {
+                    let values = ggml::dequantize_to_le_bytes(t.ty, data, t.numel())?;
+                    Ok(Cow::Owned(unpermute_rows(
+                        &values,
+                        rows,
+                        heads.unwrap_or(1),
+                    )))
+                }
+            },
+        }
+    }
+    /// De-quantizes straight into the returned vector: one f32 copy of the tensor, not two.
+    fn f32_values(&self, name: &str) -> Result<Vec<f32>> {
+        let (s, t) = self.served(name)?;
+        let mut out = vec![0f32; t.numel()];
+        match self
+            .blocks_in_served_order(s, t)
+            .filter(|_| !t.ty.is_float() && s.offset.is_none())
+        {
+            Some(blocks) => dequantize(t.ty, &blocks, &mut out)?,
+            None => {
+                let dtype = if s.offset.is_some() {
+                    Dtype::F32
+                } else {
+                    t.ty.served_dtype()
+                };
+                float_bytes_to_f32(dtype, &self.bytes(name)?, &mut out)?
             }
-        };
-        Ok(match s.unpermute_heads {
-            Some(heads) => Cow::Owned(unpermute_rows(&bytes, t.shape[0], heads)),
-            None => bytes,
-        })
+        }
+        Ok(out)
     }
     fn release(&self, name: &str) {
         if let Ok((_, t)) = self.served(name) {
