@@ -45,10 +45,6 @@ impl GgufMapping for Gemma2Gguf {
         decoder_hf_name(raw, module)
     }
 
-    fn permuted_heads(&self, _file: &GgufFile, _raw: &str) -> Result<Option<usize>> {
-        Ok(None)
-    }
-
     fn stored_offset(&self, raw: &str) -> Option<f32> {
         raw.ends_with("norm.weight").then_some(1.0)
     }

@@ -39,10 +39,6 @@ impl GgufMapping for Phi3Gguf {
         decoder_hf_name(raw, module)
     }
 
-    fn permuted_heads(&self, _file: &GgufFile, _raw: &str) -> Result<Option<usize>> {
-        Ok(None)
-    }
-
     fn is_settings_tensor(&self, raw: &str) -> bool {
         raw == LONG || raw == SHORT
     }

@@ -20,10 +20,6 @@ impl GgufMapping for Qwen2Gguf {
         decoder_hf_name(raw, llama_block_module)
     }
 
-    fn permuted_heads(&self, _file: &GgufFile, _raw: &str) -> Result<Option<usize>> {
-        Ok(None)
-    }
-
     /// Sizes from the `qwen2.*` keys; tied embeddings when there is no `output.weight`. Qwen2
     /// has no head size of its own (always hidden / heads) and no sliding window in use.
     fn config(&self, file: &GgufFile) -> Result<serde_json::Value> {

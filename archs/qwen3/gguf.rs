@@ -29,10 +29,6 @@ impl GgufMapping for Qwen3Gguf {
         decoder_hf_name(raw, module)
     }
 
-    fn permuted_heads(&self, _file: &GgufFile, _raw: &str) -> Result<Option<usize>> {
-        Ok(None)
-    }
-
     /// Sizes from the `qwen3.*` keys (the head size from `attention.key_length`); attention
     /// biases when the first block has them; tied embeddings when there is no `output.weight`.
     fn config(&self, file: &GgufFile) -> Result<serde_json::Value> {

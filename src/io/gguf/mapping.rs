@@ -11,8 +11,10 @@ pub trait GgufMapping: Sync {
     /// `model.layers.0.self_attn.q_proj.weight`); `None` keeps the name.
     fn tensor_name(&self, raw: &str) -> Option<String>;
     /// For a tensor whose rows llama.cpp's converter permuted per head (llama's q/k), the
-    /// head count, so that reads undo it.
-    fn permuted_heads(&self, file: &GgufFile, raw: &str) -> Result<Option<usize>>;
+    /// head count, so that reads undo it (none by default: only llama's converter permutes).
+    fn permuted_heads(&self, _file: &GgufFile, _raw: &str) -> Result<Option<usize>> {
+        Ok(None)
+    }
     /// The Hugging Face config.json the file's metadata implies.
     fn config(&self, file: &GgufFile) -> Result<serde_json::Value>;
     /// The constant llama.cpp's converter added to every stored value of `raw`, which reads
