@@ -304,3 +304,89 @@ fn layer_windows(raw: &Raw, rule: WindowLayers) -> Result<Vec<Option<usize>>> {
         })
         .collect())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn parse(
+        file: serde_json::Value,
+        rule: WindowLayers,
+        may_exceed: bool,
+    ) -> Result<DecoderConfig> {
+        let defaults = json!({"vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
+            "num_hidden_layers": 4, "num_attention_heads": 2, "max_position_embeddings": 64,
+            "rms_norm_eps": 1e-6});
+        DecoderConfig::parse(&file, &defaults, rule, may_exceed)
+    }
+
+    #[test]
+    fn windows_follow_layer_types_or_the_family_rule() {
+        // Qwen2.5's shape: a window is stated but not used.
+        let c = parse(
+            json!({"sliding_window": 131072, "use_sliding_window": false,
+            "max_window_layers": 2}),
+            WindowLayers::FromMaxWindowLayers,
+            false,
+        )
+        .unwrap();
+        assert_eq!(c.windows, vec![None; 4]);
+        let c = parse(
+            json!({"sliding_window": 8, "use_sliding_window": true,
+            "max_window_layers": 2}),
+            WindowLayers::FromMaxWindowLayers,
+            false,
+        )
+        .unwrap();
+        assert_eq!(c.windows, vec![None, None, Some(8), Some(8)]);
+        let c = parse(json!({"sliding_window": 8}), WindowLayers::Even, false).unwrap();
+        assert_eq!(c.windows, vec![Some(8), None, Some(8), None]);
+        let c = parse(
+            json!({"sliding_window": 8, "layer_types": ["full_attention",
+            "sliding_attention", "full_attention", "full_attention"]}),
+            WindowLayers::All,
+            false,
+        )
+        .unwrap();
+        assert_eq!(c.windows, vec![None, Some(8), None, None]);
+        // Phi-3 128k: a window past the context stands for full attention there only.
+        assert!(parse(json!({"sliding_window": 128}), WindowLayers::All, true).is_ok());
+        let e = parse(json!({"sliding_window": 128}), WindowLayers::All, false).unwrap_err();
+        assert!(e.to_string().contains("sliding_window 128"), "{e}");
+        for bad in [
+            json!({"layer_types": ["full_attention"]}),
+            json!({"layer_types": ["sliding_attention", "full_attention", "full_attention",
+                "full_attention"]}),
+            json!({"layer_types": ["chunked_attention", "full_attention", "full_attention",
+                "full_attention"], "sliding_window": 4}),
+            json!({"sliding_window": 0}),
+        ] {
+            assert!(
+                parse(bad.clone(), WindowLayers::All, false).is_err(),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn gemma_scale_caps_and_activation() {
+        let c = parse(
+            json!({"query_pre_attn_scalar": 16, "attn_logit_softcapping": 50.0,
+            "hidden_activation": "gelu_pytorch_tanh", "hidden_act": "silu"}),
+            WindowLayers::Never,
+            false,
+        )
+        .unwrap();
+        assert_eq!(c.attention_scale, 0.25);
+        assert_eq!(c.attn_logit_softcapping, Some(50.0));
+        assert_eq!(c.activation, Activation::GeluTanh);
+        assert!(parse(
+            json!({"attn_logit_softcapping": -1.0}),
+            WindowLayers::Never,
+            false
+        )
+        .is_err());
+        assert!(parse(json!({"hidden_act": "relu"}), WindowLayers::Never, false).is_err());
+    }
+}

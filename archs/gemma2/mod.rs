@@ -12,7 +12,7 @@ pub struct Gemma2;
 impl Family for Gemma2 {
     const SPEC: &'static str = include_str!("spec.toml");
     const SPEC_PATH: &'static str = "archs/gemma2/spec.toml";
-    const DESCRIPTION: &'static str = "Gemma 2: convert, inspect, train (LoRA), eval, generate, merge; soft-capping, sandwich norms, alternating sliding windows; 8-bit Linear + Embedding, tied head";
+    const DESCRIPTION: &'static str = "Gemma 2 (also from GGUF): convert, inspect, train (LoRA), eval, generate, merge; soft-capping, sandwich norms, alternating sliding windows; 8-bit Linear + Embedding, tied head";
     const LAYOUT: Layout = Layout {
         name: "Gemma 2",
         sandwich_norms: true,

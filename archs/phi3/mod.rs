@@ -11,7 +11,7 @@ pub struct Phi3;
 impl Family for Phi3 {
     const SPEC: &'static str = include_str!("spec.toml");
     const SPEC_PATH: &'static str = "archs/phi3/spec.toml";
-    const DESCRIPTION: &'static str = "Phi-3: convert, inspect, train (LoRA), eval, generate, merge; fused qkv/gate_up, partial rotary, longrope; 8-bit Linear + Embedding";
+    const DESCRIPTION: &'static str = "Phi-3 (also from GGUF): convert, inspect, train (LoRA), eval, generate, merge; fused qkv/gate_up, partial rotary, longrope; 8-bit Linear + Embedding";
     const LAYOUT: Layout = Layout {
         name: "Phi-3",
         fused_qkv: true,

@@ -12,7 +12,7 @@ pub struct Qwen2;
 impl Family for Qwen2 {
     const SPEC: &'static str = include_str!("spec.toml");
     const SPEC_PATH: &'static str = "archs/qwen2/spec.toml";
-    const DESCRIPTION: &'static str = "Qwen2/Qwen2.5: convert, inspect, train (LoRA), eval, generate, merge; q/k/v biases, tied or untied head; 8-bit Linear + Embedding";
+    const DESCRIPTION: &'static str = "Qwen2/Qwen2.5 (also from GGUF): convert, inspect, train (LoRA), eval, generate, merge; q/k/v biases, tied or untied head; 8-bit Linear + Embedding";
     const LAYOUT: Layout = Layout {
         name: "Qwen2",
         qkv_bias: BiasRule::Always,

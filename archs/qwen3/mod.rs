@@ -11,7 +11,7 @@ pub struct Qwen3;
 impl Family for Qwen3 {
     const SPEC: &'static str = include_str!("spec.toml");
     const SPEC_PATH: &'static str = "archs/qwen3/spec.toml";
-    const DESCRIPTION: &'static str = "Qwen3: convert, inspect, train (LoRA), eval, generate, merge; per-head q/k RMSNorm; 8-bit Linear + Embedding";
+    const DESCRIPTION: &'static str = "Qwen3 (also from GGUF): convert, inspect, train (LoRA), eval, generate, merge; per-head q/k RMSNorm; 8-bit Linear + Embedding";
     const LAYOUT: Layout = Layout {
         name: "Qwen3",
         qk_norm: true,
