@@ -263,11 +263,19 @@ fn failed_or_refused_writes_leave_nothing_and_change_nothing() {
     assert!(e.contains("1 of 2 tensors written"), "{e}");
     assert_eq!(listing(dir.path()), Vec::<String>::new());
 
-    // A complete write.
+    // A complete write, which removes a killed writer's temporary file (not the user's).
+    let dead = u32::MAX - 1; // above any PID the kernel hands out
+    let killed = dir.path().join(format!(".m.gguf.tmp-{dead}"));
+    std::fs::write(&killed, b"GGUF\x03\0\0\0 half-written").unwrap();
+    let users = dir.path().join(format!(".m.gguf.tmp-{}", dead - 1));
+    std::fs::write(&users, "not octet's").unwrap();
     let mut w = create(IfExists::Refuse).unwrap();
     w.write_f32("a", &[1.0; 4]).unwrap();
     w.write_f32("b", &[2.0; 32]).unwrap();
     w.finish().unwrap();
+    assert!(!killed.exists());
+    assert_eq!(std::fs::read_to_string(&users).unwrap(), "not octet's");
+    std::fs::remove_file(&users).unwrap();
     assert_eq!(listing(dir.path()), vec!["m.gguf".to_string()]);
     let first = std::fs::read(&out).unwrap();
 

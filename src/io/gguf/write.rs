@@ -8,7 +8,8 @@
 //! folders use) under the output's lock and renamed into place only when complete: a failed
 //! or abandoned write removes the temporary file and leaves any existing file untouched. An
 //! existing destination is refused unless replacing was asked for, and even then only a GGUF
-//! file is replaced, never a folder or a file of another kind.
+//! file is replaced, never a folder or a file of another kind. The temporary files of killed
+//! writers are removed by the next writer of the same output.
 //!
 //! Written by hand rather than with a crate: the package lists available here hold no
 //! crates.io index and no GGUF crate among the installed Rust packages; the GGUF crates known
@@ -235,6 +236,41 @@ fn check_destination(shown: &Path, target: &Path, if_exists: IfExists) -> Result
     }
 }
 
+/// Removes the temporary files of killed writers of `target` (`.NAME.tmp-PID` whose PID no
+/// longer runs), saying so on stderr. Only a file that is empty or starts as a GGUF file is
+/// removed: anything else so named is the user's. Called under the output's lock; a file
+/// that cannot be removed is left for the next run.
+fn clean_leftovers(target: &Path) {
+    let (Some(parent), Some(name)) = (target.parent(), target.file_name()) else {
+        return;
+    };
+    let prefix = format!(".{}.tmp-", name.to_string_lossy());
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let file_name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = file_name
+            .strip_prefix(&prefix)
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let path = e.path();
+        let ours = e.file_type().is_ok_and(|t| t.is_file())
+            && (e.metadata().is_ok_and(|m| m.len() == 0) || super::starts_with_magic(&path));
+        if pid == std::process::id() || leftovers::pid_alive(pid) || !ours {
+            continue;
+        }
+        if std::fs::remove_file(&path).is_ok() {
+            eprintln!(
+                "note: removed {}, left by an octet run (PID {pid}) that did not finish",
+                path.display()
+            );
+        }
+    }
+}
+
 /// A GGUF file being written: create it with its plan, write every planned tensor in order,
 /// then [`GgufWriter::finish`]. Dropped unfinished, it removes its temporary file.
 pub struct GgufWriter {
@@ -282,6 +318,7 @@ impl GgufWriter {
         let lock = OutputLock::acquire(&abs)?;
         // Checked again under the lock: another writer may have finished meanwhile.
         check_destination(path, &abs, if_exists)?;
+        clean_leftovers(&abs);
         let tmp = leftovers::tmp_path(&abs, std::process::id());
         let file = std::fs::OpenOptions::new()
             .write(true)
