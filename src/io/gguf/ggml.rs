@@ -317,6 +317,100 @@ pub fn dequantize_to_le_bytes(ty: GgmlType, data: &[u8], numel: usize) -> Result
     Ok(out)
 }
 
+/// The types octet writes from f32 values ([`quantize_f32`]).
+pub const WRITTEN: [GgmlType; 4] = [GgmlType::F32, GgmlType::F16, GgmlType::BF16, GgmlType::Q8_0];
+
+/// f32 → f16 bits, rounded to nearest even as numpy's `astype(float16)` rounds (overflow to
+/// infinity, gradual underflow; a quiet NaN keeps its payload's top bits).
+pub fn f16_bits(x: f32) -> u16 {
+    half::f16::from_f32(x).to_bits()
+}
+
+/// f32 → bf16 bits as gguf (and ggml's `ggml_compute_fp32_to_bf16`) computes them: a NaN is
+/// made quiet, everything else rounded to nearest even (so the largest f32s round to
+/// infinity), not truncated.
+pub fn bf16_bits(x: f32) -> u16 {
+    let mut n = x.to_bits();
+    if n & 0x7fff_ffff > 0x7f80_0000 {
+        n = (n & 0xffff_0000) | (64 << 16);
+    }
+    ((u64::from(n) + 0x7fff + u64::from((n >> 16) & 1)) >> 16) as u16
+}
+
+/// gguf's `np_roundf`: rounds half away from zero through `floor`, so an infinity becomes NaN
+/// (∞ − ∞), exactly as gguf computes it, rather than staying infinite as `f32::round` would.
+fn np_roundf(n: f32) -> f32 {
+    let a = n.abs();
+    let floored = a.floor();
+    let b = floored + (2.0 * (a - floored)).floor();
+    let sign = if n > 0.0 {
+        1.0
+    } else if n < 0.0 {
+        -1.0
+    } else {
+        n
+    };
+    sign * b
+}
+
+/// One Q8_0 block of 32 values, step for step as `gguf.quants.Q8_0.quantize_blocks`: the
+/// scale `d = max|x| / 127` in f32 (a NaN in the block propagates, as numpy's `max` does),
+/// stored as f16; codes `roundf(x · (1/d))` (0 where d = 0). A NaN code is stored as 0, as
+/// numpy's cast gives on x86 and ARM: that happens only for non-finite blocks and blocks whose
+/// scale is so small (|x| < 2⁻¹²¹) that 1/d overflows.
+fn q8_0_block(x: &[f32], out: &mut [u8]) {
+    let mut amax = 0f32;
+    for &v in x {
+        let a = v.abs();
+        if !amax.is_nan() && (a.is_nan() || a > amax) {
+            amax = a;
+        }
+    }
+    let d = amax / 127.0;
+    let id = if d == 0.0 { 0.0 } else { 1.0 / d };
+    out[..2].copy_from_slice(&f16_bits(d).to_le_bytes());
+    for (o, &v) in out[2..].iter_mut().zip(x) {
+        // Codes lie within ±127; `as` maps NaN to 0.
+        *o = np_roundf(v * id) as i8 as u8;
+    }
+}
+
+/// Converts f32 `values` to type `ty` (one of [`WRITTEN`]), bit-identical to
+/// `gguf.quants.quantize` (F16 as numpy's `astype`), into `out`, whose length must be the
+/// stored size. Q8_0 blocks run along the values in order, so whole rows (of a multiple of
+/// 32) give ggml's layout.
+pub fn quantize_f32(ty: GgmlType, values: &[f32], out: &mut [u8]) -> Result<()> {
+    if !WRITTEN.contains(&ty) {
+        let names: Vec<String> = WRITTEN.iter().map(|t| format!("{t:?}")).collect();
+        return Err(OctetError::InvalidArgument(format!(
+            "octet does not write {ty:?} tensors (it writes {})",
+            names.join(", ")
+        )));
+    }
+    check_extent(ty, out, values.len())?;
+    let (be, bb) = (ty.block_elems(), ty.block_bytes());
+    let per = 4096 / be * be;
+    out.par_chunks_mut(per / be * bb)
+        .zip(values.par_chunks(per))
+        .for_each(|(o, v)| match ty {
+            GgmlType::Q8_0 => {
+                for (ob, vb) in o.chunks_exact_mut(bb).zip(v.chunks_exact(be)) {
+                    q8_0_block(vb, ob);
+                }
+            }
+            _ => {
+                for (ob, &x) in o.chunks_exact_mut(bb).zip(v) {
+                    match ty {
+                        GgmlType::F16 => ob.copy_from_slice(&f16_bits(x).to_le_bytes()),
+                        GgmlType::BF16 => ob.copy_from_slice(&bf16_bits(x).to_le_bytes()),
+                        _ => ob.copy_from_slice(&x.to_le_bytes()),
+                    }
+                }
+            }
+        });
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -352,6 +446,28 @@ mod tests {
             "{e}"
         );
         assert!(GgmlType::from_id(1000).unwrap_err().contains("(unknown)"));
+    }
+
+    #[test]
+    fn quantizers_round_as_gguf_does() {
+        // Ties: 1 + 2^-8 is halfway between two bf16s; even wins, and 1 + 3·2^-8 rounds up.
+        assert_eq!(bf16_bits(1.0 + 1.0 / 256.0), 0x3f80);
+        assert_eq!(bf16_bits(1.0 + 3.0 / 256.0), 0x3f82);
+        assert_eq!(bf16_bits(f32::MAX), 0x7f80);
+        assert_eq!(bf16_bits(f32::from_bits(0x7f80_0001)), 0x7fc0);
+        assert_eq!(f16_bits(65520.0), 0x7c00);
+        assert_eq!(f16_bits(65519.0), 0x7bff);
+        // A block with 127 has d = 1: x.5 rounds away from zero.
+        let mut x = [0f32; 32];
+        x[..4].copy_from_slice(&[127.0, 2.5, -2.5, 0.49]);
+        let mut b = [0u8; 34];
+        quantize_f32(GgmlType::Q8_0, &x, &mut b).unwrap();
+        assert_eq!(&b[..6], &[0x00, 0x3c, 127, 3, (-3i8) as u8, 0]);
+        let mut back = [0f32; 32];
+        dequantize(GgmlType::Q8_0, &b, &mut back).unwrap();
+        assert_eq!(&back[..3], &[127.0, 3.0, -3.0]);
+        assert!(quantize_f32(GgmlType::Q4_0, &x, &mut b).is_err());
+        assert!(quantize_f32(GgmlType::Q8_0, &x[..31], &mut b).is_err());
     }
 
     #[test]

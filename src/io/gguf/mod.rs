@@ -12,7 +12,11 @@
 //! metadata also yields the tokenizer, byte-level BPE or SentencePiece
 //! ([`GgufFile::hf_tokenizer`]), so a GGUF file is a complete model source on its own.
 //!
-//! Submodules: `ggml` (tensor types and de-quantization), `kquants` (the K-quant blocks),
+//! [`GgufWriter`] writes GGUF files (version 3) that this reader and llama.cpp read, with
+//! F32, F16, BF16 and Q8_0 tensors converted from f32 bit-identically to the gguf package.
+//!
+//! Submodules: `ggml` (tensor types, de-quantization and the conversions written), `kquants`
+//! (the K-quant blocks), `write` (the writer),
 //! `mapping` (the per-architecture hook), `tokenizer` (the tokenizer and side files the
 //! metadata describes), `sentencepiece` (the SentencePiece vocabulary rebuilt as transformers
 //! builds it).
@@ -21,11 +25,12 @@ mod kquants;
 mod mapping;
 mod sentencepiece;
 mod tokenizer;
+mod write;
 
 use super::dtype::float_bytes_to_f32;
 use super::{Dtype, TensorMeta, TensorStore};
 use crate::error::{OctetError, Result};
-pub use ggml::{dequantize, ggml_type_name, GgmlType};
+pub use ggml::{bf16_bits, dequantize, f16_bits, ggml_type_name, quantize_f32, GgmlType};
 pub use mapping::{
     decoder_hf_name, llama_block_module, refuse_rope_changes, settings_values, split_block_name,
     vocab_size, DecoderSizes, GgufMapping, GgufRegistration,
@@ -37,6 +42,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 pub use tokenizer::TokenizerKind;
+pub use write::{GgufTensorSpec, GgufWriter, IfExists, GGUF_VERSION};
 
 const MAGIC: &[u8; 4] = b"GGUF";
 const DEFAULT_ALIGNMENT: u64 = 32;
