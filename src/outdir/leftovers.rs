@@ -30,20 +30,30 @@ pub fn pid_alive(pid: u32) -> bool {
     !proc.join("self").exists() || proc.join(pid.to_string()).exists()
 }
 
-/// Removes the leftovers of dead processes beside `out`, saying so on stderr. A previous
-/// output moved aside by a swap that never finished is put back when `out` is missing.
-pub fn clean(out: &Path) -> Result<()> {
+/// A leftover of a process that no longer runs, found beside an output.
+pub struct Leftover {
+    /// Its path.
+    pub path: std::path::PathBuf,
+    /// The process that left it.
+    pub pid: u32,
+    /// A previous output moved aside (`.old`) rather than a half-written one.
+    pub old: bool,
+}
+
+/// The `.NAME.tmp-PID[.old]` entries beside `out` whose PID is neither this process nor a
+/// running one. What they hold is not checked: the caller decides what is its own.
+pub fn dead_leftovers(out: &Path) -> Vec<Leftover> {
     let Some(parent) = out.parent() else {
-        return Ok(());
+        return Vec::new();
     };
     let prefix = format!(
         ".{}.tmp-",
         out.file_name().unwrap_or_default().to_string_lossy()
     );
     let Ok(entries) = std::fs::read_dir(parent) else {
-        return Ok(());
+        return Vec::new();
     };
-    let mut found: Vec<(std::path::PathBuf, u32, bool)> = entries
+    entries
         .filter_map(|e| e.ok())
         .filter_map(|e| {
             let name = e.file_name().to_string_lossy().into_owned();
@@ -52,15 +62,23 @@ pub fn clean(out: &Path) -> Result<()> {
                 Some(p) => (p, true),
                 None => (rest, false),
             };
-            Some((e.path(), pid.parse().ok()?, old))
+            Some(Leftover {
+                path: e.path(),
+                pid: pid.parse().ok()?,
+                old,
+            })
         })
-        .collect();
+        .filter(|l| l.pid != std::process::id() && !pid_alive(l.pid))
+        .collect()
+}
+
+/// Removes the leftovers of dead processes beside `out`, saying so on stderr. A previous
+/// output moved aside by a swap that never finished is put back when `out` is missing.
+pub fn clean(out: &Path) -> Result<()> {
+    let mut found = dead_leftovers(out);
     // Restore a moved-aside output before deleting anything.
-    found.sort_by_key(|f| !f.2);
-    for (path, pid, old) in found {
-        if pid == std::process::id() || pid_alive(pid) {
-            continue;
-        }
+    found.sort_by_key(|f| !f.old);
+    for Leftover { path, pid, old } in found {
         if old && !out.exists() {
             std::fs::rename(&path, out).map_err(|e| OctetError::io(&path, e))?;
             eprintln!(

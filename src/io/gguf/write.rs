@@ -241,31 +241,15 @@ fn check_destination(shown: &Path, target: &Path, if_exists: IfExists) -> Result
 /// removed: anything else so named is the user's. Called under the output's lock; a file
 /// that cannot be removed is left for the next run.
 fn clean_leftovers(target: &Path) {
-    let (Some(parent), Some(name)) = (target.parent(), target.file_name()) else {
-        return;
-    };
-    let prefix = format!(".{}.tmp-", name.to_string_lossy());
-    let Ok(entries) = std::fs::read_dir(parent) else {
-        return;
-    };
-    for e in entries.flatten() {
-        let file_name = e.file_name().to_string_lossy().into_owned();
-        let Some(pid) = file_name
-            .strip_prefix(&prefix)
-            .and_then(|p| p.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let path = e.path();
-        let ours = e.file_type().is_ok_and(|t| t.is_file())
-            && (e.metadata().is_ok_and(|m| m.len() == 0) || super::starts_with_magic(&path));
-        if pid == std::process::id() || leftovers::pid_alive(pid) || !ours {
-            continue;
-        }
-        if std::fs::remove_file(&path).is_ok() {
+    for l in leftovers::dead_leftovers(target) {
+        let ours = !l.old
+            && std::fs::symlink_metadata(&l.path)
+                .is_ok_and(|m| m.is_file() && (m.len() == 0 || super::starts_with_magic(&l.path)));
+        if ours && std::fs::remove_file(&l.path).is_ok() {
             eprintln!(
-                "note: removed {}, left by an octet run (PID {pid}) that did not finish",
-                path.display()
+                "note: removed {}, left by an octet run (PID {}) that did not finish",
+                l.path.display(),
+                l.pid
             );
         }
     }
