@@ -229,6 +229,12 @@ fn softcapped_attention(
     scores.softmax(-1, Kind::Float).to_kind(q.kind()).matmul(&v)
 }
 
+/// Token ids looked up in an embedding `table` on `device`, cast to the compute dtype: the
+/// first half of every plugin's [`CausalLm::embed`].
+pub fn embed_ids(table: &dyn Layer, ids: &Tensor, device: Device, kind: Kind) -> Result<Tensor> {
+    Ok(table.forward(&ids.f_to_device(device)?)?.to_kind(kind))
+}
+
 /// A causal language model built by an architecture plugin.
 pub trait CausalLm: Send {
     /// Its sizes.

@@ -264,7 +264,7 @@ impl Decoder {
         let lm_head = if top.get(LM_HEAD).is_some() {
             Some(top.take(layers, LM_HEAD, eps)?)
         } else {
-            check_tied_embedding(embed_tokens.as_ref())?;
+            crate::nn::tied::check_can_tie(EMBED_TOKENS, embed_tokens.as_ref())?;
             None
         };
         refuse_leftovers(layers, layout.name)?;
@@ -322,7 +322,7 @@ impl Decoder {
         let (bs, t) = (h.size()[0], h.size()[1]);
         let past = cache.as_ref().map_or(0, |c| c.len());
         let (q, k, v) = self.qkv(b, h)?;
-        let (q, k) = (self.rope.apply(&q, past), self.rope.apply(&k, past));
+        let (q, k) = self.rope.apply(&q, &k, past);
         let c = &self.cfg;
         let opts = AttentionOptions {
             scale: Some(c.attention_scale),
@@ -363,18 +363,6 @@ fn softcap(x: Tensor, cap: Option<f64>) -> Tensor {
     }
 }
 
-/// Refuses an embedding kind whose table the tied head cannot read.
-fn check_tied_embedding(layer: &dyn Layer) -> Result<()> {
-    if crate::nn::tied::can_tie(layer) {
-        Ok(())
-    } else {
-        Err(OctetError::InvalidArgument(format!(
-            "tied LM head: model.embed_tokens is a {}, whose table cannot serve as the head",
-            layer.kind()
-        )))
-    }
-}
-
 impl CausalLm for Decoder {
     fn info(&self) -> ModelInfo {
         ModelInfo {
@@ -391,10 +379,7 @@ impl CausalLm for Decoder {
         self.kind = kind;
     }
     fn embed(&self, ids: &Tensor) -> Result<Tensor> {
-        let h = self
-            .embed_tokens
-            .forward(&ids.f_to_device(self.device())?)?
-            .to_kind(self.kind);
+        let h = crate::model::embed_ids(self.embed_tokens.as_ref(), ids, self.device(), self.kind)?;
         Ok(if self.layout.scaled_embedding {
             // Gemma: √hidden rounded to the activations' dtype first, as transformers does.
             let scale = Tensor::from((self.cfg.hidden_size as f64).sqrt() as f32)

@@ -334,12 +334,13 @@ impl Rope {
         }
     }
 
-    /// Rotates `x` `[B, heads, T, head_dim]` whose first position is `start`: the first `dim`
-    /// dimensions in HF's `rotate_half` convention (the two halves pair up), the rest as is.
-    pub fn apply(&self, x: &Tensor, start: i64) -> Tensor {
-        let (t, hd) = (x.size()[2], x.size()[3]);
+    /// Rotates q and k `[B, heads, T, head_dim]` whose first position is `start`: the first
+    /// `dim` dimensions in HF's `rotate_half` convention (the two halves pair up), the rest as
+    /// is. The cos/sin tables are built once for both.
+    pub fn apply(&self, q: &Tensor, k: &Tensor, start: i64) -> (Tensor, Tensor) {
+        let t = q.size()[2];
         let dim = self.spec.dim as i64;
-        let dev = x.device();
+        let dev = q.device();
         let f = self.frequencies(start + t);
         let pos = Tensor::arange_start(start, start + t, (Kind::Float, dev));
         let freqs = pos.unsqueeze(1) * f.inv_freq.to_device(dev).unsqueeze(0);
@@ -349,17 +350,23 @@ impl Rope {
             cos *= f.attention_factor;
             sin *= f.attention_factor;
         }
-        let kind = x.kind();
+        let kind = q.kind();
         let (cos, sin) = (cos.to_kind(kind), sin.to_kind(kind));
-        let rot = x.narrow(3, 0, dim);
-        let half = dim / 2;
-        let rotated = Tensor::cat(&[-rot.narrow(3, half, half), rot.narrow(3, 0, half)], 3);
-        let out = rot * cos + rotated * sin;
-        if dim == hd {
-            out
-        } else {
-            Tensor::cat(&[out, x.narrow(3, dim, hd - dim)], 3)
-        }
+        (rotate(q, &cos, &sin, dim), rotate(k, &cos, &sin, dim))
+    }
+}
+
+/// `x·cos + rotate_half(x)·sin` over the first `dim` dimensions of each head.
+fn rotate(x: &Tensor, cos: &Tensor, sin: &Tensor, dim: i64) -> Tensor {
+    let hd = x.size()[3];
+    let rot = x.narrow(3, 0, dim);
+    let half = dim / 2;
+    let rotated = Tensor::cat(&[-rot.narrow(3, half, half), rot.narrow(3, 0, half)], 3);
+    let out = rot * cos + rotated * sin;
+    if dim == hd {
+        out
+    } else {
+        Tensor::cat(&[out, x.narrow(3, dim, hd - dim)], 3)
     }
 }
 

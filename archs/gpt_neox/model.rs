@@ -2,7 +2,7 @@
 use super::config::GptNeoxConfig;
 use crate::arch::modules::refuse_leftovers;
 use crate::arch::{ModuleDecl, Modules};
-use crate::error::{OctetError, Result};
+use crate::error::Result;
 use crate::model::{CausalLm, LayerCache, ModelInfo};
 use crate::nn::float::LayerNorm;
 use crate::nn::{Layer, LayerMap};
@@ -98,12 +98,7 @@ impl GptNeox {
         let head = if let Some(name) = head_name {
             Some((name, top.take(layers, name, eps)?))
         } else {
-            if !crate::nn::tied::can_tie(embed_in.as_ref()) {
-                return Err(OctetError::InvalidArgument(format!(
-                    "tied LM head: gpt_neox.embed_in is a {}, whose table cannot serve as the head",
-                    embed_in.kind()
-                )));
-            }
+            crate::nn::tied::check_can_tie(EMBED_IN, embed_in.as_ref())?;
             None
         };
         refuse_leftovers(layers, "GPT-NeoX")?;
@@ -203,10 +198,7 @@ impl CausalLm for GptNeox {
         self.kind = kind;
     }
     fn embed(&self, ids: &Tensor) -> Result<Tensor> {
-        Ok(self
-            .embed_in
-            .forward(&ids.f_to_device(self.device())?)?
-            .to_kind(self.kind))
+        crate::model::embed_ids(self.embed_in.as_ref(), ids, self.device(), self.kind)
     }
     fn block(&self, i: usize, h: &Tensor, cache: Option<&mut LayerCache>) -> Result<Tensor> {
         let b = &self.blocks[i];

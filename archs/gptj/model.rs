@@ -173,10 +173,7 @@ impl CausalLm for Gptj {
         self.kind = kind;
     }
     fn embed(&self, ids: &Tensor) -> Result<Tensor> {
-        Ok(self
-            .wte
-            .forward(&ids.f_to_device(self.device())?)?
-            .to_kind(self.kind))
+        crate::model::embed_ids(self.wte.as_ref(), ids, self.device(), self.kind)
     }
     fn block(&self, i: usize, h: &Tensor, cache: Option<&mut LayerCache>) -> Result<Tensor> {
         let b = &self.blocks[i];
