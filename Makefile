@@ -17,7 +17,18 @@ $(VENV_STAMP): scripts/requirements.txt
 	$(PY) -m pip install -q -r scripts/requirements.txt
 	touch $@
 
-build: $(VENV_STAMP)
+# gloo's headers for the c10d shim (distributed training), from Debian's libgloo-dev.
+GLOO_STAMP := .deps/gloo/include/gloo/config.h
+$(GLOO_STAMP): scripts/fetch_gloo_headers.sh
+	scripts/fetch_gloo_headers.sh .deps/gloo
+
+# CUDA's C++ core headers for the shim's NCCL half (a CUDA torch only), from PyPI.
+CUDA_HEADERS_STAMP := .deps/cuda/.done
+$(CUDA_HEADERS_STAMP): scripts/fetch_cuda_headers.sh $(VENV_STAMP)
+	scripts/fetch_cuda_headers.sh $(PY) .deps/cuda
+	touch $@
+
+build: $(VENV_STAMP) $(GLOO_STAMP) $(CUDA_HEADERS_STAMP)
 	$(WITH_TORCH) cargo build --release
 
 $(GEN)/quant_vectors.safetensors: scripts/gen_quant_vectors.py $(VENV_STAMP)
@@ -105,7 +116,7 @@ bench: build
 	$(WITH_TORCH) cargo bench --bench train
 	$(WITH_TORCH) cargo bench --bench generate
 
-lint: $(VENV_STAMP)
+lint: $(VENV_STAMP) $(GLOO_STAMP) $(CUDA_HEADERS_STAMP)
 	cargo fmt --check
 	$(WITH_TORCH) cargo clippy --release --all-targets -- -D warnings
 

@@ -136,5 +136,35 @@ env "${decode_env[@]}" OCTET_BENCH_DEVICE="$device" OCTET_BENCH_FLOAT=bf16 OCTET
     "$bundle/bin/bench-generate" 2>"$bundle/decode.log" | sed '/^$/d' || status=1
 grep -E 'failed' "$bundle/decode.log" | cut -c1-200 | head -n 6 || true
 
+section "6. data-parallel set-up: one NCCL rank (init, all-reduce, 5 steps) equals a plain run"
+# One GPU cannot host two NCCL ranks (NCCL refuses two ranks on one device), so this checks
+# the NCCL path at world size 1; the two-rank semantics are tested over Gloo on the CPU.
+dist_backend=nccl
+[ "$mode" = dry-run ] && dist_backend=gloo
+dd="$bundle/dist-check"
+rm -rf "$dd" && mkdir -p "$dd"
+printf 'the cat sat on the mat and looked at the hat. %.0s' $(seq 60) >"$dd/data.txt"
+dist_args=(train --model "$bundle/fixtures/tiny_gptj/hf_safetensors" --data "$dd/data.txt"
+    --steps 5 --seq-len 32 --batch-size 2 --lora-r 4 --lora-dropout 0 --optim adamw
+    --device "$device" --seed 3)
+if "$bundle/bin/octet" "${dist_args[@]}" --out "$dd/plain" >"$bundle/dist.log" 2>&1 &&
+    env WORLD_SIZE=1 RANK=0 LOCAL_RANK=0 LOCAL_WORLD_SIZE=1 MASTER_ADDR=127.0.0.1 \
+        MASTER_PORT="${GPU_CHECK_PORT:-29531}" \
+        "$bundle/bin/octet" "${dist_args[@]}" --dist-backend "$dist_backend" --out "$dd/rank" \
+        >>"$bundle/dist.log" 2>&1; then
+    "$PYTHON" - "$dd/plain" "$dd/rank" "$dist_backend" <<'PY' || status=1
+import sys
+from safetensors.torch import load_file
+a, b = (load_file(f"{d}/adapter_model.safetensors") for d in sys.argv[1:3])
+diff = max((a[k] - b[k]).abs().max().item() for k in a)
+ok = a.keys() == b.keys() and diff == 0.0
+print(f"  {sys.argv[3]} world size 1, 5 steps: max |adapter difference| {diff:g} (target 0) {'ok' if ok else 'FAILED'}")
+sys.exit(0 if ok else 1)
+PY
+else
+    status=1
+    echo "  failed:"; tail -n 5 "$bundle/dist.log" | cut -c1-200
+fi
+
 section "done in $((SECONDS - started)) s (full logs: $bundle/*.log)"
 exit $status

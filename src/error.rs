@@ -91,6 +91,9 @@ pub enum OctetError {
     /// An error raised inside libtorch.
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
+    /// A distributed-training failure: set-up, a collective, or another rank.
+    #[error("distributed training: {0}")]
+    Distributed(String),
 }
 
 impl OctetError {

@@ -5,6 +5,7 @@
 pub mod arch;
 pub mod convert;
 pub mod device;
+pub mod dist;
 pub mod error;
 pub mod eval;
 pub mod export;

@@ -5,6 +5,7 @@ mod env;
 mod eval;
 mod generate;
 mod inspect;
+mod launch;
 mod merge;
 mod quant_report;
 mod train;

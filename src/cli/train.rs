@@ -2,7 +2,9 @@
 //! (TOML, keys named as the flags), then the defaults; `--print-config` shows the result.
 use clap::parser::ValueSource;
 use clap::{ArgMatches, FromArgMatches};
-use octet::train::trainer::{train, StopReason, TrainOptions};
+use octet::dist::env::LaunchEnv;
+use octet::dist::{Dist, DistOptions};
+use octet::train::trainer::{train_on, StopReason, TrainOptions};
 use std::path::PathBuf;
 
 /// The flags as clap derives them.
@@ -16,6 +18,25 @@ struct Flags {
     print_config: bool,
     #[command(flatten)]
     opts: TrainOptions,
+    #[command(flatten)]
+    dist: DistFlags,
+}
+
+/// How the ranks of a data-parallel run meet (torchrun's variables say who is who).
+#[derive(clap::Args, Debug)]
+struct DistFlags {
+    /// Data-parallel backend: auto (NCCL on GPUs, Gloo on the CPU), gloo or nccl.
+    #[arg(long, default_value = "auto")]
+    dist_backend: octet::dist::BackendChoice,
+    /// Rendezvous: env (torchrun's MASTER_ADDR/MASTER_PORT) or file:PATH (a shared file).
+    #[arg(long, default_value = "env")]
+    dist_init: octet::dist::Init,
+    /// Seconds a collective may wait for the other ranks before the run fails.
+    #[arg(long, default_value_t = 300, value_parser = super::at_least(1))]
+    dist_timeout: usize,
+    /// Start N ranks of this run on this machine (a one-machine torchrun).
+    #[arg(long, value_parser = super::at_least(1))]
+    nproc_per_node: Option<usize>,
 }
 
 /// Flags, plus which settings were given on the command line (they win over the file).
@@ -60,10 +81,17 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         print!("{}", opts.to_toml()?);
         return Ok(());
     }
+    if let Some(n) = flags.dist.nproc_per_node {
+        return super::launch::run(n);
+    }
     // A cache id from the flag or the config file becomes its snapshot folder.
     opts.model = octet::hub::resolve_model(&opts.model)?;
-    opts.progress = true;
-    let s = train(&opts)?;
+    let dist = join_ranks(&flags.dist, &opts)?;
+    opts.progress = dist.is_main();
+    let s = train_on(&opts, &dist)?;
+    if !dist.is_main() {
+        return Ok(());
+    }
     let how = match s.stop {
         StopReason::Finished => "done".to_string(),
         StopReason::Interrupted => "stopped (Ctrl-C)".to_string(),
@@ -92,4 +120,24 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     }
     println!("adapter written to {}", opts.out.display());
     Ok(())
+}
+
+/// This process's place in the run: alone, or a rank of the run torchrun's variables describe.
+fn join_ranks(f: &DistFlags, opts: &TrainOptions) -> anyhow::Result<Dist> {
+    let dopts = DistOptions {
+        backend: f.dist_backend,
+        init: f.dist_init.clone(),
+        timeout: std::time::Duration::from_secs(f.dist_timeout as u64),
+    };
+    let Some(launch) = LaunchEnv::from_env()? else {
+        return Ok(Dist::init(&dopts, None, tch::Device::Cpu)?);
+    };
+    let request: octet::device::DeviceRequest = opts.device.parse()?;
+    let device = octet::device::resolve(request)?;
+    let (rank, world) = (launch.rank, launch.world);
+    let dist = Dist::init(&dopts, Some(launch), device)?;
+    if world > 1 && dist.is_main() {
+        eprintln!("data-parallel run of {world} ranks (this is rank {rank})");
+    }
+    Ok(dist)
 }

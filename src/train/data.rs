@@ -638,6 +638,30 @@ impl Batcher {
     }
 }
 
+impl Batcher {
+    /// This rank's part of the next global batch, for data-parallel training: every rank
+    /// draws the same batch of `batch_size` sequences (the global batch) and keeps the
+    /// `rank`-th of `world` equal slices, so the data order and the saved position are the
+    /// same on every rank.
+    pub fn next_shard(
+        &mut self,
+        data: &[Sequence],
+        rank: usize,
+        world: usize,
+    ) -> Result<(Tensor, Tensor)> {
+        if world == 0 || rank >= world || !self.batch_size.is_multiple_of(world) {
+            return Err(OctetError::InvalidArgument(format!(
+                "a global batch of {} cannot be split into {world} equal parts for rank {rank}",
+                self.batch_size
+            )));
+        }
+        let (ids, labels) = self.next_batch(data)?;
+        let per = (self.batch_size / world) as i64;
+        let at = rank as i64 * per;
+        Ok((ids.f_narrow(0, at, per)?, labels.f_narrow(0, at, per)?))
+    }
+}
+
 /// The permutation of epoch `epoch`: a pure function of (n, seed, epoch), so resuming needs no
 /// stored permutation.
 fn permutation(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
@@ -715,5 +739,27 @@ mod tests {
         );
         assert!(Batcher::new(0, 1, 0).is_err());
         assert!(Batcher::new(3, 0, 0).is_err());
+    }
+
+    #[test]
+    fn shards_of_a_global_batch_are_its_slices() {
+        let data: Vec<Sequence> = (0..7i64)
+            .map(|i| Sequence {
+                input_ids: vec![i, i],
+                labels: vec![i, i],
+            })
+            .collect();
+        let mut whole = Batcher::new(7, 4, 5).unwrap();
+        let mut r0 = Batcher::new(7, 4, 5).unwrap();
+        let mut r1 = Batcher::new(7, 4, 5).unwrap();
+        for _ in 0..3 {
+            let (ids, _) = whole.next_batch(&data).unwrap();
+            let (a, _) = r0.next_shard(&data, 0, 2).unwrap();
+            let (b, _) = r1.next_shard(&data, 1, 2).unwrap();
+            assert_eq!(Tensor::cat(&[a, b], 0), ids);
+        }
+        assert_eq!(r0.state(), whole.state());
+        assert!(r0.next_shard(&data, 0, 3).is_err());
+        assert!(r0.next_shard(&data, 2, 2).is_err());
     }
 }

@@ -4,6 +4,7 @@ pub mod adam8bit;
 pub mod adamw;
 pub mod checkpoint;
 pub mod data;
+pub mod distributed;
 pub mod optim;
 pub mod options;
 pub mod schedule;

@@ -10,6 +10,7 @@ use super::data::{Batcher, BatcherState, Dataset, Sequence};
 use super::optim::{AdamConfig, Optimizer};
 use super::schedule::LrSchedule;
 use super::step::{causal_lm_nll, forward_backward};
+use crate::dist::{Dist, ReduceOp};
 use crate::error::{OctetError, Result};
 use crate::io::safetensors::SafetensorsFile;
 use crate::io::TensorStore;
@@ -50,6 +51,10 @@ pub struct StepMetrics {
     /// allocator keeps what it reserved); only on a GPU.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub peak_gpu_mib: Option<f64>,
+    /// Ranks of a data-parallel run (its loss is their mean, its tokens/s their sum); absent
+    /// for a run of one process.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub world_size: Option<usize>,
 }
 
 /// What a run did.
@@ -174,6 +179,20 @@ pub fn evaluate(
     if data.is_empty() {
         return Ok(None);
     }
+    let (nll, n) = evaluate_sums(model, data, batch_size)?;
+    Ok((n > 0).then(|| nll / n as f64))
+}
+
+/// The summed negative log-likelihood of `model` over `data` and the labelled positions it
+/// covers (no grad, no dropout); what ranks add up to evaluate a sharded held-out set.
+pub fn evaluate_sums(
+    model: &mut dyn CausalLm,
+    data: &[Sequence],
+    batch_size: usize,
+) -> Result<(f64, i64)> {
+    if data.is_empty() {
+        return Ok((0.0, 0));
+    }
     let vocab = model.info().vocab_size;
     crate::model::check_token_ids(
         data.iter().flat_map(|s| &s.input_ids),
@@ -204,7 +223,7 @@ pub fn evaluate(
         n += c;
     }
     model.visit_layers(&mut |_, l| l.set_training(true));
-    Ok((n > 0).then(|| nll / n as f64))
+    Ok((nll, n))
 }
 
 fn clip_grad_norm(params: &[Tensor], max_norm: f64) -> f64 {
@@ -252,8 +271,23 @@ fn open_output(opts: &TrainOptions) -> Result<InPlaceOutput> {
 
 /// Runs (or resumes) a training run.
 pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
+    train_on(opts, &Dist::single())
+}
+
+/// Runs (or resumes) this rank's part of a data-parallel run; every rank calls it with the
+/// same options. A run that its launcher restarted (torchrun `--max-restarts`) resumes from
+/// the last checkpoint in `--out` by itself.
+pub fn train_on(opts: &TrainOptions, dist: &Dist) -> Result<TrainSummary> {
+    let restarted;
+    let opts = match super::distributed::resume_after_restart(opts, dist) {
+        Some(o) => {
+            restarted = o;
+            &restarted
+        }
+        None => opts,
+    };
     // De-quantization buffers live for the whole run rather than being re-faulted every step.
-    crate::nn::scratch::retain(|| train_run(opts))
+    crate::nn::scratch::retain(|| train_run(opts, dist))
 }
 
 /// What a run is set to before anything is written: the resolved device, dtype and targets,
@@ -270,15 +304,16 @@ struct Plan {
 
 /// Validates the options, loads the base model and the data, and finds the checkpoint to
 /// resume (refusing one whose settings do not fit), all before the output is touched.
-fn setup(opts: &TrainOptions) -> Result<(LoadedModel, Dataset, Plan)> {
+fn setup(opts: &TrainOptions, dist: &Dist) -> Result<(LoadedModel, Dataset, Plan)> {
     opts.validate()?;
     crate::model::check_model_path(&opts.model)?;
     let kind = opts.kind()?;
-    let device = crate::device::from_flag(&opts.device)?;
+    let device = dist.training_device(crate::device::from_flag(&opts.device)?);
     let tokenizer = Tokenizer::from_dir(&opts.model)?;
     let mut loaded = load_base(opts, kind, device)?;
     let dataset = load_data(opts, &tokenizer, loaded.model.info().vocab_size)?;
     let base_fp = fingerprint(&mut loaded);
+    super::distributed::check_same_base(dist, &base_fp, &opts.model)?;
     let targets = match opts.targets()? {
         Some(t) => t,
         None => Targets::Names(loaded.arch.spec().lora_targets.clone()),
@@ -382,12 +417,15 @@ fn begin(
     opts: &TrainOptions,
     plan: &mut Plan,
     train_len: usize,
+    world: usize,
 ) -> Result<Start> {
+    // Every rank walks the global batch (world x batch size) and keeps its slice of it.
+    let global_batch = opts.batch_size * world;
     tch::manual_seed(opts.seed as i64);
     let Some((sdir, st)) = plan.checkpoint.take() else {
         let wrapped = attach_lora(model, &plan.targets, opts.lora())?;
         train_extras(model, opts.train_norms, opts.train_biases);
-        let batcher = Batcher::new(train_len, opts.batch_size, opts.seed)?;
+        let batcher = Batcher::new(train_len, global_batch, opts.seed)?;
         return Ok(Start {
             step: 0,
             batcher,
@@ -416,7 +454,7 @@ fn begin(
     train_extras(model, st.train_norms, st.train_biases);
     Ok(Start {
         step: st.step,
-        batcher: Batcher::restore(st.batcher, train_len, opts.batch_size)?,
+        batcher: Batcher::restore(st.batcher, train_len, global_batch)?,
         wrapped: st.targets.clone(),
         resumed: Some(st),
         resumed_from: Some(sdir),
@@ -448,8 +486,8 @@ fn open_metrics(out_dir: &Path, step: usize) -> Result<(PathBuf, std::fs::File)>
     Ok((path, file))
 }
 
-fn progress_bar(opts: &TrainOptions, step: usize) -> indicatif::ProgressBar {
-    let pb = if opts.progress {
+fn progress_bar(opts: &TrainOptions, step: usize, main: bool) -> indicatif::ProgressBar {
+    let pb = if opts.progress && main {
         indicatif::ProgressBar::new(opts.steps as u64)
     } else {
         indicatif::ProgressBar::hidden()
@@ -469,6 +507,11 @@ fn mib(bytes: u64) -> f64 {
 /// A run in progress: the model with its adapters, the optimizer, and where output goes.
 struct Run<'a> {
     opts: &'a TrainOptions,
+    /// This rank's place in the run (one rank: every collective is a no-op).
+    dist: &'a Dist,
+    /// The loss of a micro-batch on this rank was not finite (a data-parallel run stops all
+    /// ranks together at the end of the step).
+    nonfinite: bool,
     model: &'a mut dyn CausalLm,
     device: Device,
     params: Vec<Tensor>,
@@ -479,9 +522,9 @@ struct Run<'a> {
     state: RunState,
     batcher: Batcher,
     step: usize,
-    /// The locked run folder.
-    output: InPlaceOutput,
-    metrics: (PathBuf, std::fs::File),
+    /// The locked run folder (rank 0 alone writes).
+    output: Option<InPlaceOutput>,
+    metrics: Option<(PathBuf, std::fs::File)>,
     peak_gpu: Option<u64>,
     pb: indicatif::ProgressBar,
 }
@@ -491,11 +534,12 @@ impl<'a> Run<'a> {
     /// refused run writes nothing) and builds the optimizer, with its saved state on resume.
     fn prepare(
         opts: &'a TrainOptions,
+        dist: &'a Dist,
         model: &'a mut dyn CausalLm,
         plan: Plan,
         start: Start,
     ) -> Result<Self> {
-        let output = open_output(opts)?;
+        let output = dist.is_main().then(|| open_output(opts)).transpose()?;
         model.visit_layers(&mut |_, l| l.set_training(true));
         if plan.kind != Kind::Float {
             model.store_frozen_in(plan.kind);
@@ -504,6 +548,8 @@ impl<'a> Run<'a> {
             .iter()
             .map(|(_, t)| t.shallow_clone())
             .collect();
+        // Rank 0's adapters (fresh or resumed) are everyone's.
+        dist.broadcast_all(&params, 0)?;
         let resumed = start.resumed.as_ref();
         let optim = resumed.map_or(opts.optim, |st| st.optim);
         let copies = params.iter().map(|p| p.shallow_clone()).collect();
@@ -531,9 +577,14 @@ impl<'a> Run<'a> {
         };
         Ok(Run {
             schedule: LrSchedule::new(opts.schedule, opts.lr, opts.warmup, opts.steps)?,
-            metrics: open_metrics(output.path(), start.step)?,
-            pb: progress_bar(opts, start.step),
+            metrics: match &output {
+                Some(o) => Some(open_metrics(o.path(), start.step)?),
+                None => None,
+            },
+            pb: progress_bar(opts, start.step, dist.is_main()),
             opts,
+            dist,
+            nonfinite: false,
             model,
             device: plan.device,
             params,
@@ -547,21 +598,25 @@ impl<'a> Run<'a> {
         })
     }
 
-    /// Saves a checkpoint of the current step with data position `batcher`.
+    /// Saves a checkpoint of the current step with data position `batcher` (rank 0), then
+    /// waits for every rank, so none runs ahead of a checkpoint being written.
     fn save(&mut self, batcher: BatcherState) -> Result<()> {
+        self.write_checkpoint(batcher)?;
+        self.dist.barrier()
+    }
+
+    /// Rank 0 writes a checkpoint of the current step with data position `batcher`.
+    fn write_checkpoint(&mut self, batcher: BatcherState) -> Result<()> {
+        let Some(output) = &self.output else {
+            return Ok(());
+        };
         let state = RunState {
             step: self.step,
             batcher,
             ..self.state.clone()
         };
         let (model, optimizer) = (&mut *self.model, self.optimizer.as_ref());
-        save_checkpoint(
-            model,
-            optimizer,
-            &self.adapter_cfg,
-            &state,
-            self.output.path(),
-        )
+        save_checkpoint(model, optimizer, &self.adapter_cfg, &state, output.path())
     }
 
     /// One optimizer step: its micro-batches, clipping and update, then evaluation and
@@ -575,31 +630,40 @@ impl<'a> Run<'a> {
         for micro in 0..opts.grad_accum {
             loss_sum += self.micro_batch(&data.train, micro, batcher_before)?;
         }
+        // The ranks' mean gradient, so clipping sees one norm and every optimizer one update.
+        let grads: Vec<Tensor> = self.params.iter().map(|p| p.grad()).collect();
+        self.dist.average(&grads)?;
         let grad_norm = clip_grad_norm(&self.params, opts.max_grad_norm);
         let lr = self.schedule.lr(self.step);
         self.optimizer.step(lr)?;
         self.step += 1;
         let tokens = (opts.batch_size * opts.seq_len * opts.grad_accum) as f64;
+        let (loss, tokens_per_s) = self.dist_mean_loss_and_speed(
+            loss_sum / opts.grad_accum as f64,
+            tokens / started.elapsed().as_secs_f64(),
+        )?;
+        let world = self.dist.world();
         let mut m = StepMetrics {
             step: self.step,
-            loss: loss_sum / opts.grad_accum as f64,
+            loss,
             lr,
-            tokens_per_s: tokens / started.elapsed().as_secs_f64(),
+            tokens_per_s,
             grad_norm,
             eval_loss: None,
             peak_gpu_mib: self.track_gpu_memory(),
+            world_size: (world > 1).then_some(world),
         };
         if (opts.eval_every > 0 && self.step.is_multiple_of(opts.eval_every))
             || self.step == opts.steps
         {
-            m.eval_loss = evaluate(&mut *self.model, &data.eval, opts.batch_size)?;
+            m.eval_loss = self.evaluate_sharded(&data.eval)?;
             if let Some(e) = m.eval_loss.filter(|e| !e.is_finite()) {
                 self.pb.abandon();
                 return Err(OctetError::InvalidArgument(format!(
                     "the held-out loss became {e} at step {}; stopping (the last good \
                      checkpoint in {} is kept)",
                     self.step,
-                    self.output.path().display()
+                    opts.out.display()
                 )));
             }
         }
@@ -616,12 +680,14 @@ impl<'a> Run<'a> {
         before: BatcherState,
     ) -> Result<f64> {
         let opts = self.opts;
-        let (ids, labels) = self.batcher.next_batch(train)?;
+        let (rank, world) = (self.dist.rank(), self.dist.world());
+        let (ids, labels) = self.batcher.next_shard(train, rank, world)?;
         // Built on the host, copied to the device once per micro-batch.
         let ids = ids.to_device(self.device);
         let labels = labels.to_device(self.device);
         let micro_id = (self.step * opts.grad_accum + micro) as u64;
         let model = &*self.model;
+        let seed = super::distributed::rank_seed(opts.seed, rank);
         let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             forward_backward(
                 model,
@@ -629,7 +695,7 @@ impl<'a> Run<'a> {
                 &labels,
                 1.0 / opts.grad_accum as f64,
                 !opts.no_checkpointing,
-                opts.seed,
+                seed,
                 micro_id,
             )
         }));
@@ -642,12 +708,15 @@ impl<'a> Run<'a> {
                 return Err(self.out_of_memory(before)?);
             }
         };
-        if !loss.is_finite() {
+        if !loss.is_finite() && world > 1 {
+            // Every rank learns of it in the step's stop vote and stops with it.
+            self.nonfinite = true;
+        } else if !loss.is_finite() {
             self.pb.abandon();
             return Err(OctetError::InvalidArgument(format!(
                 "the loss became {loss} at step {}; stopping (the last good checkpoint in {} is kept)",
                 self.step + 1,
-                self.output.path().display()
+                opts.out.display()
             )));
         }
         Ok(loss)
@@ -660,7 +729,8 @@ impl<'a> Run<'a> {
         self.optimizer.zero_grad();
         let step = self.step;
         let kept = if step > 0 {
-            self.save(before)?;
+            // No barrier: the other ranks are not at a checkpoint.
+            self.write_checkpoint(before)?;
             format!(
                 "the last good checkpoint (step {step}) is saved in {}; continue it with --resume {}",
                 opts.out.display(),
@@ -681,6 +751,58 @@ impl<'a> Run<'a> {
         )))
     }
 
+    /// The step's stop vote: one MAX all-reduce of what this rank saw (a non-finite loss,
+    /// Ctrl-C, `--stop-after`), so that every rank stops at the same step, none waiting
+    /// forever for another.
+    fn agree_on_stop(&mut self, stop_after: bool) -> Result<StopReason> {
+        let interrupted = INTERRUPTED.load(Ordering::SeqCst);
+        let mine = [self.nonfinite, interrupted, stop_after]
+            .iter()
+            .position(|&b| b)
+            .map_or(0.0, |i| (3 - i) as f64);
+        let agreed = self.dist.all_reduce_f64(&[mine], ReduceOp::Max)?[0];
+        match agreed as u8 {
+            3 => {
+                self.pb.abandon();
+                Err(OctetError::InvalidArgument(format!(
+                    "the loss became non-finite on a rank at step {}; stopping (the last good \
+                     checkpoint in {} is kept)",
+                    self.step,
+                    self.opts.out.display()
+                )))
+            }
+            2 => Ok(StopReason::Interrupted),
+            1 => Ok(StopReason::StopAfter),
+            _ => Ok(StopReason::Finished),
+        }
+    }
+
+    /// The step's loss as the mean over the ranks and its speed as their sum.
+    fn dist_mean_loss_and_speed(&self, loss: f64, tokens_per_s: f64) -> Result<(f64, f64)> {
+        let world = self.dist.world();
+        if world == 1 {
+            return Ok((loss, tokens_per_s));
+        }
+        let v = self
+            .dist
+            .all_reduce_f64(&[loss, tokens_per_s], ReduceOp::Sum)?;
+        Ok((v[0] / world as f64, v[1]))
+    }
+
+    /// Held-out loss, each rank evaluating its contiguous share of the held-out set and the
+    /// (nll sum, token count) pairs added up.
+    fn evaluate_sharded(&mut self, eval: &[Sequence]) -> Result<Option<f64>> {
+        let (rank, world) = (self.dist.rank(), self.dist.world());
+        let bs = self.opts.batch_size;
+        if world == 1 {
+            return evaluate(&mut *self.model, eval, bs);
+        }
+        let share = &eval[eval.len() * rank / world..eval.len() * (rank + 1) / world];
+        let (nll, n) = evaluate_sums(&mut *self.model, share, bs)?;
+        let total = self.dist.all_reduce_f64(&[nll, n as f64], ReduceOp::Sum)?;
+        Ok((total[1] > 0.0).then(|| total[0] / total[1]))
+    }
+
     /// The GPU memory high-water mark so far, in MiB; `None` off a GPU.
     fn track_gpu_memory(&mut self) -> Option<f64> {
         let Device::Cuda(n) = self.device else {
@@ -699,8 +821,9 @@ impl<'a> Run<'a> {
         {
             let line =
                 serde_json::to_string(m).map_err(|e| OctetError::InvalidArgument(e.to_string()))?;
-            let (path, file) = &mut self.metrics;
-            writeln!(file, "{line}").map_err(|e| OctetError::io(&*path, e))?;
+            if let Some((path, file)) = &mut self.metrics {
+                writeln!(file, "{line}").map_err(|e| OctetError::io(&*path, e))?;
+            }
         }
         self.pb.set_message(format!(
             "loss {:.4} lr {:.2e} {:.0} tok/s",
@@ -711,11 +834,17 @@ impl<'a> Run<'a> {
     }
 }
 
-fn train_run(opts: &TrainOptions) -> Result<TrainSummary> {
-    let (mut loaded, dataset, mut plan) = setup(opts)?;
+fn train_run(opts: &TrainOptions, dist: &Dist) -> Result<TrainSummary> {
+    let (mut loaded, dataset, mut plan) = setup(opts, dist)?;
     let model = loaded.model.as_mut();
-    let start = begin(&mut *model, opts, &mut plan, dataset.train.len())?;
-    let mut run = Run::prepare(opts, model, plan, start)?;
+    let start = begin(
+        &mut *model,
+        opts,
+        &mut plan,
+        dataset.train.len(),
+        dist.world(),
+    )?;
+    let mut run = Run::prepare(opts, dist, model, plan, start)?;
     install_interrupt_handler();
     INTERRUPTED.store(false, Ordering::SeqCst);
     let mut metrics = Vec::new();
@@ -731,11 +860,8 @@ fn train_run(opts: &TrainOptions) -> Result<TrainSummary> {
         let m = run.advance(&dataset)?;
         last_eval = m.eval_loss.or(last_eval);
         metrics.push(m);
-        if INTERRUPTED.load(Ordering::SeqCst) {
-            stop = StopReason::Interrupted;
-        } else if at_stop_after(run.step) {
-            stop = StopReason::StopAfter;
-        }
+        super::distributed::crash_for_test(dist, run.step);
+        stop = run.agree_on_stop(at_stop_after(run.step))?;
         let step = run.step;
         if (opts.save_every > 0 && step.is_multiple_of(opts.save_every))
             || step == opts.steps
@@ -745,6 +871,15 @@ fn train_run(opts: &TrainOptions) -> Result<TrainSummary> {
         }
     }
     run.pb.finish_and_clear();
+    if dist.world() > 1 {
+        // Every rank says what it holds: equal digests are ranks in step.
+        let digest = super::distributed::digest(&run.params);
+        eprintln!(
+            "rank {} of {}: adapter digest {digest}",
+            dist.rank(),
+            dist.world()
+        );
+    }
     Ok(TrainSummary {
         steps: run.step,
         metrics,
