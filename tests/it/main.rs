@@ -3,6 +3,7 @@
 mod adam8bit_oracle;
 mod common;
 mod convert_cli;
+mod chat_template;
 mod data_pipeline;
 mod decoders;
 mod eval_generate;
