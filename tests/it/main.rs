@@ -1,9 +1,10 @@
 //! All integration tests, one binary (one link) with a module per area.
 
 mod adam8bit_oracle;
+mod chat_data;
+mod chat_template;
 mod common;
 mod convert_cli;
-mod chat_template;
 mod data_pipeline;
 mod decoders;
 mod eval_generate;
