@@ -66,11 +66,11 @@ fn rank_main(rank: usize, store: &str) {
         ("r=16 on every linear", adapter_grads(16, &all)),
     ] {
         let n: i64 = grads.iter().map(|g| g.numel() as i64).sum();
-        dist.average(&grads).expect("warm-up");
+        dist.sum_all(&grads).expect("warm-up");
         let mut times: Vec<f64> = (0..repeats)
             .map(|_| {
                 let t = Instant::now();
-                dist.average(&grads).expect("all-reduce");
+                dist.sum_all(&grads).expect("all-reduce");
                 t.elapsed().as_secs_f64()
             })
             .collect();

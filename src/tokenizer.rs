@@ -221,6 +221,29 @@ impl Tokenizer {
         Ok(enc.get_ids().to_vec())
     }
 
+    /// Whether the tokenizer's own post-processor puts a BOS first, as transformers'
+    /// `add_bos_token` does (Llama, Gemma and SentencePiece GGUFs do; GPT-2, Qwen2 and SmolLM2
+    /// do not).
+    pub fn adds_bos(&self) -> bool {
+        let Some(bos) = self.bos else {
+            return false;
+        };
+        let first = |ids: Result<Vec<u32>>| ids.ok().and_then(|v| v.first().copied());
+        first(self.encode_with_special_tokens("a")) == Some(bos)
+            && first(self.encode("a")) != Some(bos)
+    }
+
+    /// Token ids of `text` with the BOS in front when [`Tokenizer::adds_bos`], and no other
+    /// special token: what transformers feeds a model for a text, a prompt or a training
+    /// document (an EOS a post-processor might append is left out; octet places EOS itself).
+    pub fn encode_with_bos(&self, text: &str) -> Result<Vec<u32>> {
+        let mut ids = self.encode(text)?;
+        if self.adds_bos() {
+            ids.insert(0, self.bos.expect("adds_bos implies a BOS id"));
+        }
+        Ok(ids)
+    }
+
     /// The text of `ids` (special tokens included). Ids outside the vocabulary are an error
     /// rather than being silently dropped.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
@@ -241,8 +264,8 @@ impl Tokenizer {
         self.eos
     }
 
-    /// The beginning-of-sequence id the model folder or GGUF metadata names, if any. octet
-    /// never adds it to encoded text; it is there for callers that build prompts.
+    /// The beginning-of-sequence id the model folder or GGUF metadata names, if any; see
+    /// [`Tokenizer::encode_with_bos`] for where octet adds it.
     pub fn bos_id(&self) -> Option<u32> {
         self.bos
     }

@@ -36,10 +36,15 @@ pub struct Args {
     compare: Option<PathBuf>,
 }
 
-/// Tokens of `text` under `dir`'s tokenizer, as model ids.
+/// Tokens of `text` under `dir`'s tokenizer, as model ids (BOS first where the tokenizer adds
+/// one, as transformers does).
 fn tokenize(dir: &Path, text: &str) -> anyhow::Result<Vec<i64>> {
     let tok = Tokenizer::from_dir(dir)?;
-    Ok(tok.encode(text)?.into_iter().map(i64::from).collect())
+    Ok(tok
+        .encode_with_bos(text)?
+        .into_iter()
+        .map(i64::from)
+        .collect())
 }
 
 /// The token ids of the evaluation file under the model's tokenizer; a `--compare` model

@@ -101,7 +101,7 @@ pub fn run(mut a: Args) -> anyhow::Result<()> {
     let prompt = read_prompt(&a)?;
     octet::model::check_model_path(&a.source.model)?;
     let tok = Tokenizer::from_dir(&a.source.model)?;
-    let prompt_ids: Vec<u32> = tok.encode(&prompt)?;
+    let prompt_ids: Vec<u32> = tok.encode_with_bos(&prompt)?;
     if prompt_ids.is_empty() {
         bail!("the prompt is empty");
     }

@@ -8,7 +8,7 @@
 //!
 //! DDP's autograd-hook reducer is not used: block recompute calls `backward()` once per
 //! block, which that reducer refuses. The trainer instead all-reduces the flattened adapter
-//! gradients once per step ([`Dist::average`]).
+//! gradients once per step ([`Dist::sum_all`]).
 pub mod env;
 #[cfg(octet_dist)]
 mod group;
@@ -338,15 +338,14 @@ impl Dist {
         }
     }
 
-    /// Replaces every tensor by its mean over the ranks, in one all-reduce of one flat f32
+    /// Replaces every tensor by its sum over the ranks, in one all-reduce of one flat f32
     /// buffer (c10d refuses a list of differently sized tensors).
-    pub fn average(&self, tensors: &[Tensor]) -> Result<()> {
+    pub fn sum_all(&self, tensors: &[Tensor]) -> Result<()> {
         if !self.has_group() {
             return Ok(());
         }
         let mut flat = flatten(tensors)?;
         self.all_reduce(&mut flat, ReduceOp::Sum)?;
-        let _ = flat.f_div_scalar_(self.world as f64)?;
         unflatten_into(&flat, tensors)
     }
 
@@ -444,7 +443,7 @@ mod tests {
     fn one_rank_calls_nothing() {
         let d = Dist::single();
         let t = Tensor::from_slice(&[1.0f32, 2.0]);
-        d.average(&[t.shallow_clone()]).unwrap();
+        d.sum_all(&[t.shallow_clone()]).unwrap();
         d.barrier().unwrap();
         assert_eq!(Vec::<f32>::try_from(&t).unwrap(), vec![1.0, 2.0]);
         assert_eq!(d.all_reduce_f64(&[3.0], ReduceOp::Max).unwrap(), vec![3.0]);

@@ -1,13 +1,23 @@
 //! Training data: files → fixed-length token sequences → shuffled batches.
 //!
-//! Three input formats:
+//! Input formats:
 //! - **Text** (any file not ending in `.jsonl`/`.json`): the whole file is one document.
 //! - **JSONL text** (`{"text": "..."}` per line): each line is one document.
 //! - **Prompt/completion** (`{"prompt": "...", "completion": "..."}` per line): one sequence per
 //!   line, loss only on the completion.
+//! - **Chat** (`{"messages": [{"role", "content"}, …]}`), **ShareGPT**
+//!   (`{"conversations": [{"from", "value"}, …]}`) and **Alpaca**
+//!   (`{"instruction", "input", "output"}`): one sequence per line, rendered and tokenized by
+//!   the model's chat template ([`crate::chat::ChatTemplate`]), loss only on the assistant's
+//!   tokens (end-of-turn token included) unless [`ReadOptions::train_on_prompt`]. A record
+//!   longer than `seq_len` is cut to it, or dropped with [`ReadOptions::drop_long`].
 //!
-//! Documents are tokenized without special tokens, joined with the tokenizer's EOS token (when
-//! it has one), concatenated and cut into `seq_len` windows ("packing", as transformers'
+//! BOS follows the tokenizer, as in transformers: when its post-processor adds a BOS
+//! ([`Tokenizer::adds_bos`]), each text document and each prompt starts with one; chat records
+//! get exactly what their template writes.
+//!
+//! Documents are tokenized without other special tokens, joined with the tokenizer's EOS token
+//! (when it has one), concatenated and cut into `seq_len` windows ("packing", as transformers'
 //! `run_clm.py`). A final window shorter than `seq_len` is kept, padded, when it holds at least
 //! half of `seq_len` tokens, and dropped otherwise — so small corpora do not lose up to a whole
 //! window, while a few stray tokens do not become a mostly-padding sequence. Labels follow the
@@ -16,6 +26,8 @@
 //!
 //! Shuffling uses a SplitMix64 generator written here, so a seed gives the same split and batch
 //! order on every platform and crate version.
+use super::records::{self, RecordKind};
+use crate::chat::ChatTemplate;
 use crate::error::{OctetError, Result};
 use crate::tokenizer::Tokenizer;
 use rayon::prelude::*;
@@ -40,12 +52,19 @@ pub enum DataFormat {
     },
     /// JSON Lines with string fields `prompt` and `completion`; loss on the completion only.
     PromptCompletion,
+    /// JSON Lines `{"messages": [{"role", "content"}, …]}`.
+    Chat,
+    /// JSON Lines `{"conversations": [{"from", "value"}, …]}`.
+    ShareGpt,
+    /// JSON Lines `{"instruction", "input", "output"}`.
+    Alpaca,
 }
 
 impl DataFormat {
-    /// The format of `path`, guessed as [`Dataset::load`] does: `.jsonl`/`.json` files are
-    /// prompt/completion when their first non-empty line has both fields, JSONL text (field
-    /// `text`) otherwise; anything else is plain text.
+    /// The format of `path`, guessed as [`Dataset::load`] does from the first non-empty line
+    /// of a `.jsonl`/`.json` file: `messages` is chat, `conversations` ShareGPT, `instruction`
+    /// with `output` Alpaca, `prompt` with `completion` prompt/completion, anything else JSONL
+    /// text (field `text`); other files are plain text.
     pub fn detect(path: &Path) -> Result<Self> {
         if !has_json_extension(path) {
             return Ok(Self::Text);
@@ -58,7 +77,8 @@ impl DataFormat {
 impl FromStr for DataFormat {
     type Err = OctetError;
 
-    /// Parses `text`, `jsonl` (field `text`), `jsonl:FIELD` or `prompt-completion`.
+    /// Parses `text`, `jsonl` (field `text`), `jsonl:FIELD`, `prompt-completion`, `chat`,
+    /// `sharegpt` or `alpaca`.
     fn from_str(s: &str) -> Result<Self> {
         let s = s.trim();
         match s.to_ascii_lowercase().as_str() {
@@ -69,6 +89,9 @@ impl FromStr for DataFormat {
                 })
             }
             "prompt-completion" | "prompt_completion" => return Ok(Self::PromptCompletion),
+            "chat" | "messages" => return Ok(Self::Chat),
+            "sharegpt" => return Ok(Self::ShareGpt),
+            "alpaca" => return Ok(Self::Alpaca),
             _ => {}
         }
         match s.split_once(':') {
@@ -78,7 +101,8 @@ impl FromStr for DataFormat {
                 })
             }
             _ => Err(OctetError::InvalidArgument(format!(
-                "unknown data format {s:?}: expected text, jsonl, jsonl:FIELD or prompt-completion"
+                "unknown data format {s:?}: expected text, jsonl, jsonl:FIELD, \
+                 prompt-completion, chat, sharegpt or alpaca"
             ))),
         }
     }
@@ -90,8 +114,37 @@ impl fmt::Display for DataFormat {
             Self::Text => f.write_str("text"),
             Self::JsonlText { field } => write!(f, "jsonl:{field}"),
             Self::PromptCompletion => f.write_str("prompt-completion"),
+            Self::Chat => f.write_str("chat"),
+            Self::ShareGpt => f.write_str("sharegpt"),
+            Self::Alpaca => f.write_str("alpaca"),
         }
     }
+}
+
+impl DataFormat {
+    /// The conversational layout of this format, if it is one (rendered by a chat template).
+    pub fn record_kind(&self) -> Option<RecordKind> {
+        match self {
+            Self::Chat => Some(RecordKind::Chat),
+            Self::ShareGpt => Some(RecordKind::ShareGpt),
+            Self::Alpaca => Some(RecordKind::Alpaca),
+            _ => None,
+        }
+    }
+}
+
+/// How a data file is read beyond its sequence length.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ReadOptions<'a> {
+    /// The format; detected from the file when `None`.
+    pub format: Option<&'a DataFormat>,
+    /// The chat template conversational formats are rendered with (required for them).
+    pub template: Option<&'a ChatTemplate>,
+    /// Loss on every token of a conversation, not only the assistant's.
+    pub train_on_prompt: bool,
+    /// Drop conversational and prompt/completion records longer than `seq_len` instead of
+    /// truncating them.
+    pub drop_long: bool,
 }
 
 /// One training example of exactly `seq_len` tokens.
@@ -113,8 +166,10 @@ pub struct LoadStats {
     pub documents: usize,
     /// Tokens produced, EOS separators included, padding excluded.
     pub tokens: usize,
-    /// Prompt/completion records cut to `seq_len`.
+    /// Prompt/completion or conversational records cut to `seq_len`.
     pub truncated: usize,
+    /// Records longer than `seq_len` dropped ([`ReadOptions::drop_long`]).
+    pub dropped_long: usize,
     /// Prompt/completion records dropped because no completion token fit in `seq_len`.
     pub dropped: usize,
 }
@@ -142,8 +197,24 @@ impl Dataset {
         seed: u64,
         format: Option<DataFormat>,
     ) -> Result<Self> {
+        let read = ReadOptions {
+            format: format.as_ref(),
+            ..ReadOptions::default()
+        };
+        Self::load_with(path, tokenizer, seq_len, eval_fraction, seed, &read)
+    }
+
+    /// [`Dataset::load`] with every reading option.
+    pub fn load_with(
+        path: impl AsRef<Path>,
+        tokenizer: &Tokenizer,
+        seq_len: usize,
+        eval_fraction: f64,
+        seed: u64,
+        read: &ReadOptions,
+    ) -> Result<Self> {
         check_fraction(eval_fraction)?;
-        let (sequences, stats) = load_sequences(path.as_ref(), tokenizer, seq_len, format)?;
+        let (sequences, stats) = load_sequences_with(path.as_ref(), tokenizer, seq_len, read)?;
         let (train, eval) = split(sequences, eval_fraction, seed)?;
         Ok(Self { train, eval, stats })
     }
@@ -183,14 +254,28 @@ pub fn load_sequences(
     seq_len: usize,
     format: Option<DataFormat>,
 ) -> Result<(Vec<Sequence>, LoadStats)> {
+    let read = ReadOptions {
+        format: format.as_ref(),
+        ..ReadOptions::default()
+    };
+    load_sequences_with(path, tokenizer, seq_len, &read)
+}
+
+/// [`load_sequences`] with every reading option.
+pub fn load_sequences_with(
+    path: &Path,
+    tokenizer: &Tokenizer,
+    seq_len: usize,
+    read: &ReadOptions,
+) -> Result<(Vec<Sequence>, LoadStats)> {
     if seq_len < 2 {
         return Err(OctetError::InvalidArgument(format!(
             "seq_len must be at least 2 (one prediction needs two tokens), got {seq_len}"
         )));
     }
     let text = read_text(path)?;
-    let format = match format {
-        Some(f) => f,
+    let format = match read.format {
+        Some(f) => f.clone(),
         None if has_json_extension(path) => detect_json_lines(path, &text)?,
         None => DataFormat::Text,
     };
@@ -217,7 +302,12 @@ pub fn load_sequences(
             let docs: Vec<&str> = docs.iter().map(String::as_str).collect();
             pack(path, tokenizer, &docs, seq_len, eos, format.clone())
         }
-        DataFormat::PromptCompletion => prompt_completion(path, tokenizer, &text, seq_len, eos),
+        DataFormat::PromptCompletion => {
+            prompt_completion(path, tokenizer, &text, seq_len, eos, read.drop_long)
+        }
+        DataFormat::Chat | DataFormat::ShareGpt | DataFormat::Alpaca => {
+            conversations(path, &text, &format, seq_len, eos, read)
+        }
     }
 }
 
@@ -247,7 +337,9 @@ fn padded(mut ids: Vec<i64>, mut labels: Vec<i64>, seq_len: usize, pad_id: i64) 
 }
 
 fn encode_all(tokenizer: &Tokenizer, docs: &[&str]) -> Result<Vec<Vec<u32>>> {
-    docs.par_iter().map(|d| tokenizer.encode(d)).collect()
+    docs.par_iter()
+        .map(|d| tokenizer.encode_with_bos(d))
+        .collect()
 }
 
 fn pack(
@@ -284,6 +376,7 @@ fn pack(
         documents: docs.len(),
         tokens: tokens.len(),
         truncated: 0,
+        dropped_long: 0,
         dropped: 0,
     };
     Ok((sequences, stats))
@@ -295,6 +388,7 @@ fn prompt_completion(
     text: &str,
     seq_len: usize,
     eos: Option<i64>,
+    drop_long: bool,
 ) -> Result<(Vec<Sequence>, LoadStats)> {
     let mut pairs = Vec::new();
     for (line_no, record) in json_lines(path, text) {
@@ -308,7 +402,7 @@ fn prompt_completion(
     }
     let encoded: Vec<(Vec<u32>, Vec<u32>)> = pairs
         .par_iter()
-        .map(|(p, c)| Ok((tokenizer.encode(p)?, tokenizer.encode(c)?)))
+        .map(|(p, c)| Ok((tokenizer.encode_with_bos(p)?, tokenizer.encode(c)?)))
         .collect::<Result<_>>()?;
 
     let pad_id = eos.unwrap_or(0);
@@ -317,6 +411,7 @@ fn prompt_completion(
         documents: encoded.len(),
         tokens: 0,
         truncated: 0,
+        dropped_long: 0,
         dropped: 0,
     };
     let mut sequences = Vec::with_capacity(encoded.len());
@@ -327,19 +422,9 @@ fn prompt_completion(
             ids.push(t);
             labels.push(t);
         }
-        stats.tokens += ids.len();
-        if ids.len() > seq_len {
-            stats.truncated += 1;
-            ids.truncate(seq_len);
-            labels.truncate(seq_len);
-        }
-        // The label at position 0 is never predicted (the model shifts), so a record needs a
-        // labelled position after it to contribute any loss.
-        if labels.iter().skip(1).all(|&l| l == IGNORE_INDEX) {
-            stats.dropped += 1;
-            continue;
-        }
-        sequences.push(padded(ids, labels, seq_len, pad_id));
+        sequences.extend(fit_record(
+            ids, labels, seq_len, pad_id, drop_long, &mut stats,
+        ));
     }
     if sequences.is_empty() {
         return Err(no_text(
@@ -347,6 +432,114 @@ fn prompt_completion(
             &format!(
                 "none of the {} records has a completion token within seq_len {seq_len} \
                  (prompts too long, or completions empty with no EOS token)",
+                stats.documents
+            ),
+        ));
+    }
+    Ok((sequences, stats))
+}
+
+/// One record as a sequence of `seq_len`: cut to it (or dropped with `drop_long`) when
+/// longer, padded when shorter; `None` when no labelled token is left.
+fn fit_record(
+    mut ids: Vec<i64>,
+    mut labels: Vec<i64>,
+    seq_len: usize,
+    pad_id: i64,
+    drop_long: bool,
+    stats: &mut LoadStats,
+) -> Option<Sequence> {
+    stats.tokens += ids.len();
+    if ids.len() > seq_len {
+        if drop_long {
+            stats.dropped_long += 1;
+            return None;
+        }
+        stats.truncated += 1;
+        ids.truncate(seq_len);
+        labels.truncate(seq_len);
+    }
+    // The label at position 0 is never predicted (the model shifts), so a record needs a
+    // labelled position after it to contribute any loss.
+    if labels.iter().skip(1).all(|&l| l == IGNORE_INDEX) {
+        stats.dropped += 1;
+        return None;
+    }
+    Some(padded(ids, labels, seq_len, pad_id))
+}
+
+/// Chat, ShareGPT or Alpaca records, one sequence each, through the chat template; labels on
+/// the assistant's tokens (all tokens with `train_on_prompt`).
+fn conversations(
+    path: &Path,
+    text: &str,
+    format: &DataFormat,
+    seq_len: usize,
+    eos: Option<i64>,
+    read: &ReadOptions,
+) -> Result<(Vec<Sequence>, LoadStats)> {
+    let kind = format.record_kind().expect("a conversational format");
+    let Some(template) = read.template else {
+        return Err(OctetError::InvalidArgument(format!(
+            "{}: {format} records need a chat template to be rendered with",
+            path.display()
+        )));
+    };
+    let at_line =
+        |line: usize, e: &dyn fmt::Display| OctetError::bad_file(path, format!("line {line}: {e}"));
+    let mut conversations = Vec::new();
+    for (line, record) in json_lines(path, text) {
+        let messages = records::messages(kind, &record?).map_err(|e| at_line(line, &e))?;
+        conversations.push((line, messages));
+    }
+    if conversations.is_empty() {
+        return Err(no_text(path, "no records"));
+    }
+    let encoded: Vec<_> = conversations
+        .par_iter()
+        .map(|(line, m)| {
+            template
+                .encode_with_assistant_mask(m)
+                .map_err(|e| at_line(*line, &e))
+        })
+        .collect::<Result<_>>()?;
+    let mut stats = LoadStats {
+        format: format.clone(),
+        documents: encoded.len(),
+        tokens: 0,
+        truncated: 0,
+        dropped_long: 0,
+        dropped: 0,
+    };
+    let pad_id = eos.unwrap_or(0);
+    let mut sequences = Vec::with_capacity(encoded.len());
+    for chat in encoded {
+        let ids: Vec<i64> = chat.ids.iter().map(|&t| i64::from(t)).collect();
+        let labels = ids
+            .iter()
+            .zip(&chat.assistant_mask)
+            .map(|(&t, &m)| {
+                if m || read.train_on_prompt {
+                    t
+                } else {
+                    IGNORE_INDEX
+                }
+            })
+            .collect();
+        sequences.extend(fit_record(
+            ids,
+            labels,
+            seq_len,
+            pad_id,
+            read.drop_long,
+            &mut stats,
+        ));
+    }
+    if sequences.is_empty() {
+        return Err(no_text(
+            path,
+            &format!(
+                "none of the {} records has an assistant token within seq_len {seq_len}",
                 stats.documents
             ),
         ));
@@ -371,12 +564,11 @@ fn read_text(path: &Path) -> Result<String> {
         return Err(OctetError::bad_file(path, "the file is empty"));
     }
     let text = String::from_utf8(bytes).map_err(|e| {
+        let at = e.utf8_error().valid_up_to();
+        let line = 1 + e.as_bytes()[..at].iter().filter(|&&b| b == b'\n').count();
         OctetError::bad_file(
             path,
-            format!(
-                "not UTF-8 text (invalid byte at offset {})",
-                e.utf8_error().valid_up_to()
-            ),
+            format!("line {line}: not UTF-8 text (invalid byte at offset {at})"),
         )
     })?;
     Ok(match text.strip_prefix('\u{feff}') {
@@ -413,7 +605,13 @@ fn detect_json_lines(path: &Path, text: &str) -> Result<DataFormat> {
     };
     let first = first?;
     let has = |k: &str| first.get(k).is_some();
-    Ok(if has("prompt") && has("completion") {
+    Ok(if has("messages") {
+        DataFormat::Chat
+    } else if has("conversations") {
+        DataFormat::ShareGpt
+    } else if has("instruction") && has("output") {
+        DataFormat::Alpaca
+    } else if has("prompt") && has("completion") {
         DataFormat::PromptCompletion
     } else {
         DataFormat::JsonlText {
@@ -509,6 +707,19 @@ pub struct BatcherState {
     pub cursor: usize,
     /// The seed all permutations derive from.
     pub seed: u64,
+}
+
+/// One micro-batch, on the CPU.
+#[derive(Debug)]
+pub struct Batch {
+    /// `[batch, seq_len]` int64 token ids.
+    pub input_ids: Tensor,
+    /// `[batch, seq_len]` int64 labels ([`IGNORE_INDEX`] where no loss is taken).
+    pub labels: Tensor,
+    /// `[batch, seq_len]` int64 record index of each token within its row, for rows that
+    /// hold several records (packing: attention stays within a record); `None` for one
+    /// record (or one stream of text) per row.
+    pub segment_ids: Option<Tensor>,
 }
 
 /// Yields batches of sequence indices in a seeded permutation that is redrawn every epoch.
@@ -607,6 +818,12 @@ impl Batcher {
     /// The next batch as `(input_ids, labels)`, both `[batch_size, seq_len]` int64 on the CPU.
     /// `data` must be the sequences this batcher was made for.
     pub fn next_batch(&mut self, data: &[Sequence]) -> Result<(Tensor, Tensor)> {
+        let b = self.next(data)?;
+        Ok((b.input_ids, b.labels))
+    }
+
+    /// The next batch (see [`Batcher::next_batch`]).
+    pub fn next(&mut self, data: &[Sequence]) -> Result<Batch> {
         if data.len() != self.n {
             return Err(OctetError::ShapeMismatch {
                 what: "sequences given to the batcher".into(),
@@ -631,10 +848,11 @@ impl Batcher {
             labels.extend_from_slice(&s.labels);
         }
         let shape = [idx.len() as i64, seq_len as i64];
-        Ok((
-            Tensor::f_from_slice(&ids)?.f_reshape(shape)?,
-            Tensor::f_from_slice(&labels)?.f_reshape(shape)?,
-        ))
+        Ok(Batch {
+            input_ids: Tensor::f_from_slice(&ids)?.f_reshape(shape)?,
+            labels: Tensor::f_from_slice(&labels)?.f_reshape(shape)?,
+            segment_ids: None,
+        })
     }
 }
 
@@ -648,17 +866,21 @@ impl Batcher {
         data: &[Sequence],
         rank: usize,
         world: usize,
-    ) -> Result<(Tensor, Tensor)> {
+    ) -> Result<Batch> {
         if world == 0 || rank >= world || !self.batch_size.is_multiple_of(world) {
             return Err(OctetError::InvalidArgument(format!(
                 "a global batch of {} cannot be split into {world} equal parts for rank {rank}",
                 self.batch_size
             )));
         }
-        let (ids, labels) = self.next_batch(data)?;
+        let b = self.next(data)?;
         let per = (self.batch_size / world) as i64;
         let at = rank as i64 * per;
-        Ok((ids.f_narrow(0, at, per)?, labels.f_narrow(0, at, per)?))
+        Ok(Batch {
+            input_ids: b.input_ids.f_narrow(0, at, per)?,
+            labels: b.labels.f_narrow(0, at, per)?,
+            segment_ids: b.segment_ids.map(|s| s.f_narrow(0, at, per)).transpose()?,
+        })
     }
 }
 
@@ -754,9 +976,9 @@ mod tests {
         let mut r1 = Batcher::new(7, 4, 5).unwrap();
         for _ in 0..3 {
             let (ids, _) = whole.next_batch(&data).unwrap();
-            let (a, _) = r0.next_shard(&data, 0, 2).unwrap();
-            let (b, _) = r1.next_shard(&data, 1, 2).unwrap();
-            assert_eq!(Tensor::cat(&[a, b], 0), ids);
+            let a = r0.next_shard(&data, 0, 2).unwrap();
+            let b = r1.next_shard(&data, 1, 2).unwrap();
+            assert_eq!(Tensor::cat(&[a.input_ids, b.input_ids], 0), ids);
         }
         assert_eq!(r0.state(), whole.state());
         assert!(r0.next_shard(&data, 0, 3).is_err());

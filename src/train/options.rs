@@ -59,9 +59,25 @@ pub struct TrainOptions {
     /// Model folder (Hugging Face or octet), or Hugging Face cache id `org/name[@revision]`.
     #[arg(long, default_value = "", hide_default_value = true, value_parser = path_flag)]
     pub model: PathBuf,
-    /// Training data: .txt, or .jsonl with "text" or "prompt"/"completion".
+    /// Training data: .txt, or .jsonl of "text", "prompt"/"completion", chat "messages",
+    /// ShareGPT "conversations" or Alpaca "instruction"/"input"/"output".
     #[arg(long, default_value = "", hide_default_value = true, value_parser = path_flag)]
     pub data: PathBuf,
+    /// Data format: auto, text, jsonl, jsonl:FIELD, prompt-completion, chat, sharegpt, alpaca.
+    #[arg(long, default_value = "auto")]
+    pub format: String,
+    /// Held-out data file (same formats), instead of splitting off --eval-fraction.
+    #[arg(long)]
+    pub eval_data: Option<PathBuf>,
+    /// Chat template (a Jinja file) instead of the model's own.
+    #[arg(long)]
+    pub chat_template: Option<PathBuf>,
+    /// Loss on every token of a conversation, not only the assistant's.
+    #[arg(long)]
+    pub train_on_prompt: bool,
+    /// Drop records longer than --seq-len instead of truncating them.
+    #[arg(long)]
+    pub drop_long: bool,
     /// Output folder for the adapter, resume state and metrics.jsonl.
     #[arg(long, default_value = "", hide_default_value = true, value_parser = path_flag)]
     pub out: PathBuf,
@@ -221,6 +237,14 @@ impl TrainOptions {
         self.targets.as_deref().map(Targets::parse).transpose()
     }
 
+    /// The data format `--format` forces; `None` for `auto` (detected from the file).
+    pub fn data_format(&self) -> Result<Option<crate::train::data::DataFormat>> {
+        if self.format.trim().eq_ignore_ascii_case("auto") {
+            return Ok(None);
+        }
+        self.format.parse().map(Some)
+    }
+
     /// The compute dtype.
     pub fn kind(&self) -> Result<tch::Kind> {
         crate::device::parse_dtype(&self.dtype)
@@ -248,6 +272,7 @@ impl TrainOptions {
             );
         }
         self.targets()?;
+        self.data_format()?;
         self.check_ranges()
     }
 

@@ -27,6 +27,43 @@ pub fn causal_lm_loss(logits: &Tensor, labels: &Tensor) -> Tensor {
     pred.cross_entropy_loss::<Tensor>(&target, None, tch::Reduction::Mean, IGNORE_INDEX, 0.0)
 }
 
+/// Positions that carry a loss in `labels` (`[batch, seq_len]`, unshifted): those after the
+/// first with a label other than [`IGNORE_INDEX`].
+pub fn labelled_positions(labels: &Tensor) -> i64 {
+    let t = labels.size()[1];
+    labels
+        .narrow(1, 1, t - 1)
+        .ne(IGNORE_INDEX)
+        .sum(Kind::Int64)
+        .int64_value(&[])
+}
+
+/// The weight of each micro-batch's mean loss in the step's loss, from the labelled
+/// positions `n_m` of each of this rank's micro-batches `m` and the step's labelled positions
+/// `total` over every micro-batch of every rank.
+///
+/// The step's loss is the mean over every labelled token of the step,
+///
+/// `L = (Σ_r Σ_m Σ_{t ∈ A_rm} ℓ_t) / N`, with `N = Σ_r Σ_m n_rm` and `n_rm = |A_rm|`,
+///
+/// not the mean of the micro-batches' (or the ranks') means. Each micro-batch computes its own
+/// mean `L_rm = Σ_{t ∈ A_rm} ℓ_t / n_rm`, so its backward pass is scaled by `w_rm = n_rm / N`,
+/// and `L = Σ_r Σ_m w_rm · L_rm`: the ranks' gradients are then summed, not averaged. With one
+/// rank `N` is the local sum. A micro-batch without labelled positions gets weight 0 (and need
+/// not run).
+pub fn micro_batch_weights(counts: &[i64], total: i64) -> Vec<f64> {
+    counts
+        .iter()
+        .map(|&n| {
+            if total > 0 {
+                n as f64 / total as f64
+            } else {
+                0.0
+            }
+        })
+        .collect()
+}
+
 /// Sum of next-token negative log-likelihoods and the number of labelled positions.
 pub fn causal_lm_nll(logits: &Tensor, labels: &Tensor) -> (f64, i64) {
     let v = logits.size()[2];
@@ -137,4 +174,61 @@ pub fn forward_backward(
         (embedded * g.detach()).sum(Kind::Float).backward();
     }
     Ok(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn step_loss_is_the_mean_over_all_labelled_tokens() {
+        tch::manual_seed(3);
+        let logits = Tensor::randn([2, 5, 7], (Kind::Double, tch::Device::Cpu));
+        let x = -100;
+        // Row 0 has 3 predicted labels (positions 1..4), row 1 one.
+        let labels = Tensor::from_slice(&[0i64, 1, 2, 3, x, 4, x, x, x, 6]).reshape([2, 5]);
+        // By hand: -log softmax(logits[b, t-1])[label[b, t]] over the labelled positions.
+        let lsm = logits.log_softmax(-1, Kind::Double).flatten(0, -1);
+        let lsm = Vec::<f64>::try_from(&lsm).unwrap();
+        let lab = Vec::<i64>::try_from(&labels.flatten(0, -1)).unwrap();
+        let mut nll = Vec::new();
+        for b in 0..2 {
+            for t in 1..5 {
+                let label = lab[b * 5 + t];
+                if label != x {
+                    nll.push(-lsm[(b * 5 + t - 1) * 7 + label as usize]);
+                }
+            }
+        }
+        let by_hand = nll.iter().sum::<f64>() / nll.len() as f64;
+        let mean_of_means = (nll[..3].iter().sum::<f64>() / 3.0 + nll[3]) / 2.0;
+        assert!(
+            (by_hand - mean_of_means).abs() > 1e-3,
+            "the test tells them apart"
+        );
+
+        // Two micro-batches of one row each, weighted as the trainer weighs them.
+        let leaf = logits.set_requires_grad(true);
+        let rows: Vec<Tensor> = (0..2).map(|b| labels.narrow(0, b, 1)).collect();
+        let counts: Vec<i64> = rows.iter().map(labelled_positions).collect();
+        assert_eq!(counts, [3, 1]);
+        let w = micro_batch_weights(&counts, counts.iter().sum());
+        let mut step_loss = 0.0;
+        for (b, row) in rows.iter().enumerate() {
+            let l = causal_lm_loss(&leaf.narrow(0, b as i64, 1), row);
+            step_loss += w[b] * l.double_value(&[]);
+            (l * w[b]).backward();
+        }
+        assert!(
+            (step_loss - by_hand).abs() < 1e-12,
+            "{step_loss} vs {by_hand}"
+        );
+        // The gradient equals that of one batch holding both rows.
+        let accumulated = leaf.grad().copy();
+        let _ = leaf.grad().zero_();
+        causal_lm_loss(&leaf, &labels).backward();
+        let diff = (accumulated - leaf.grad()).abs().max().double_value(&[]);
+        assert!(diff < 1e-12, "{diff}");
+        assert_eq!(micro_batch_weights(&[0, 0], 0), [0.0, 0.0]);
+    }
 }

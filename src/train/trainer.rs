@@ -6,10 +6,13 @@ use super::checkpoint::{
     find_checkpoint, fingerprint_data, save_checkpoint, RunSettings, RunState, OPTIMIZER_FILE,
     STATE_FILE,
 };
-use super::data::{Batcher, BatcherState, Dataset, Sequence};
+use super::data::{
+    load_sequences_with, Batch, Batcher, BatcherState, DataFormat, Dataset, ReadOptions, Sequence,
+};
 use super::optim::{AdamConfig, Optimizer};
 use super::schedule::LrSchedule;
-use super::step::{causal_lm_nll, forward_backward};
+use super::step::{causal_lm_nll, forward_backward, labelled_positions, micro_batch_weights};
+use crate::chat::ChatTemplate;
 use crate::dist::{Dist, ReduceOp};
 use crate::error::{OctetError, Result};
 use crate::io::safetensors::SafetensorsFile;
@@ -36,7 +39,7 @@ pub use super::options::{OptimKind, TrainOptions};
 pub struct StepMetrics {
     /// Optimizer step (1-based: the number of updates applied).
     pub step: usize,
-    /// Mean training loss over the step's micro-batches.
+    /// Mean training loss over the step's labelled tokens (all micro-batches together).
     pub loss: f64,
     /// Learning rate used.
     pub lr: f64,
@@ -264,6 +267,7 @@ fn open_output(opts: &TrainOptions) -> Result<InPlaceOutput> {
     let mut inputs: Vec<&Path> = vec![&opts.model];
     if !continuing {
         inputs.push(&opts.data);
+        inputs.extend(opts.eval_data.as_deref());
         inputs.extend(opts.resume.as_deref());
     }
     InPlaceOutput::open(&opts.out, opts.force, continuing, &inputs)
@@ -376,16 +380,56 @@ fn load_base(opts: &TrainOptions, kind: Kind, device: Device) -> Result<LoadedMo
     Ok(loaded)
 }
 
-/// Tokenizes and splits the data; every token id must have a row in the model.
+/// Tokenizes and splits the data (or reads `--eval-data` as the held-out set); every token id
+/// must have a row in the model.
 fn load_data(opts: &TrainOptions, tokenizer: &Tokenizer, vocab: usize) -> Result<Dataset> {
-    let dataset = Dataset::load(
-        &opts.data,
-        tokenizer,
-        opts.seq_len,
-        opts.eval_fraction,
-        opts.seed,
-        None,
-    )?;
+    let forced = opts.data_format()?;
+    let format_of = |path: &Path| match &forced {
+        Some(f) => Ok(f.clone()),
+        None => DataFormat::detect(path),
+    };
+    let format = format_of(&opts.data)?;
+    let eval_format = opts.eval_data.as_deref().map(format_of).transpose()?;
+    let chat = format.record_kind().is_some()
+        || eval_format
+            .as_ref()
+            .is_some_and(|f| f.record_kind().is_some());
+    let template = chat
+        .then(|| {
+            ChatTemplate::load(
+                &opts.model,
+                opts.chat_template.as_deref(),
+                tokenizer.clone(),
+            )
+        })
+        .transpose()?;
+    let read = ReadOptions {
+        format: Some(&format),
+        template: template.as_ref(),
+        train_on_prompt: opts.train_on_prompt,
+        drop_long: opts.drop_long,
+    };
+    let (seq_len, seed) = (opts.seq_len, opts.seed);
+    let dataset = match (&opts.eval_data, &eval_format) {
+        (Some(eval), Some(f)) => {
+            let mut d = Dataset::load_with(&opts.data, tokenizer, seq_len, 0.0, seed, &read)?;
+            let read_eval = ReadOptions {
+                format: Some(f),
+                ..read
+            };
+            d.eval = load_sequences_with(eval, tokenizer, seq_len, &read_eval)?.0;
+            d
+        }
+        _ => Dataset::load_with(
+            &opts.data,
+            tokenizer,
+            seq_len,
+            opts.eval_fraction,
+            seed,
+            &read,
+        )?,
+    };
+    report_load(opts, &dataset);
     if dataset.train.is_empty() {
         return Err(OctetError::bad_file(
             &opts.data,
@@ -399,6 +443,43 @@ fn load_data(opts: &TrainOptions, tokenizer: &Tokenizer, vocab: usize) -> Result
         &opts.data.display().to_string(),
     )?;
     Ok(dataset)
+}
+
+/// Says on stderr how the data was read and what was cut or dropped.
+fn report_load(opts: &TrainOptions, dataset: &Dataset) {
+    let st = &dataset.stats;
+    let mut notes = Vec::new();
+    if st.truncated > 0 {
+        notes.push(format!(
+            "{} cut to --seq-len {} (--drop-long drops them instead)",
+            st.truncated, opts.seq_len
+        ));
+    }
+    if st.dropped_long > 0 {
+        notes.push(format!(
+            "{} longer than --seq-len {} dropped",
+            st.dropped_long, opts.seq_len
+        ));
+    }
+    if st.dropped > 0 {
+        notes.push(format!("{} without a trained token dropped", st.dropped));
+    }
+    let trained_on = match st.format.record_kind() {
+        Some(_) if opts.train_on_prompt => ", loss on every token",
+        Some(_) => ", loss on the assistant's tokens",
+        None => "",
+    };
+    eprintln!(
+        "data: {} as {} ({} records{trained_on}){}",
+        opts.data.display(),
+        st.format,
+        st.documents,
+        if notes.is_empty() {
+            String::new()
+        } else {
+            format!("; records {}", notes.join(", "))
+        }
+    );
 }
 
 /// Where a run starts: its checkpoint's adapters and data position, or fresh adapters.
@@ -626,22 +707,35 @@ impl<'a> Run<'a> {
         let started = Instant::now();
         let batcher_before = self.batcher.state();
         self.optimizer.zero_grad();
+        // All of the step's micro-batches are drawn first: the loss is the mean over the
+        // labelled tokens of the whole step on every rank, so each is weighted by its share of
+        // them (see `micro_batch_weights`) and the ranks' gradients are then summed.
+        let (rank, world) = (self.dist.rank(), self.dist.world());
+        let batches: Vec<Batch> = (0..opts.grad_accum)
+            .map(|_| self.batcher.next_shard(&data.train, rank, world))
+            .collect::<Result<_>>()?;
+        let counts: Vec<i64> = batches
+            .iter()
+            .map(|b| labelled_positions(&b.labels))
+            .collect();
+        let total = self.dist_sum(counts.iter().sum::<i64>() as f64)? as i64;
+        let weights = micro_batch_weights(&counts, total);
         let mut loss_sum = 0.0;
-        for micro in 0..opts.grad_accum {
-            loss_sum += self.micro_batch(&data.train, micro, batcher_before)?;
+        for (micro, (batch, w)) in batches.into_iter().zip(weights).enumerate() {
+            if w > 0.0 {
+                loss_sum += w * self.micro_batch(batch, micro, w, batcher_before)?;
+            }
         }
-        // The ranks' mean gradient, so clipping sees one norm and every optimizer one update.
+        // One gradient on every rank, so clipping sees one norm and every optimizer one update.
         let grads: Vec<Tensor> = self.params.iter().map(|p| p.grad()).collect();
-        self.dist.average(&grads)?;
+        self.dist.sum_all(&grads)?;
         let grad_norm = clip_grad_norm(&self.params, opts.max_grad_norm);
         let lr = self.schedule.lr(self.step);
         self.optimizer.step(lr)?;
         self.step += 1;
         let tokens = (opts.batch_size * opts.seq_len * opts.grad_accum) as f64;
-        let (loss, tokens_per_s) = self.dist_mean_loss_and_speed(
-            loss_sum / opts.grad_accum as f64,
-            tokens / started.elapsed().as_secs_f64(),
-        )?;
+        let (loss, tokens_per_s) =
+            self.dist_step_loss_and_speed(loss_sum, tokens / started.elapsed().as_secs_f64())?;
         let world = self.dist.world();
         let mut m = StepMetrics {
             step: self.step,
@@ -671,20 +765,21 @@ impl<'a> Run<'a> {
         Ok(m)
     }
 
-    /// Forward and backward of one micro-batch; returns its loss. Running out of memory saves
-    /// the last good checkpoint (data position `before` the step) and names the flags to lower.
+    /// Forward and backward of one micro-batch, its gradient scaled by `weight`; returns its
+    /// mean loss. Running out of memory saves the last good checkpoint (data position `before`
+    /// the step) and names the flags to lower.
     fn micro_batch(
         &mut self,
-        train: &[Sequence],
+        batch: Batch,
         micro: usize,
+        weight: f64,
         before: BatcherState,
     ) -> Result<f64> {
         let opts = self.opts;
-        let (rank, world) = (self.dist.rank(), self.dist.world());
-        let (ids, labels) = self.batcher.next_shard(train, rank, world)?;
+        let rank = self.dist.rank();
         // Built on the host, copied to the device once per micro-batch.
-        let ids = ids.to_device(self.device);
-        let labels = labels.to_device(self.device);
+        let ids = batch.input_ids.to_device(self.device);
+        let labels = batch.labels.to_device(self.device);
         let micro_id = (self.step * opts.grad_accum + micro) as u64;
         let model = &*self.model;
         let seed = super::distributed::rank_seed(opts.seed, rank);
@@ -693,7 +788,7 @@ impl<'a> Run<'a> {
                 model,
                 &ids,
                 &labels,
-                1.0 / opts.grad_accum as f64,
+                weight,
                 !opts.no_checkpointing,
                 seed,
                 micro_id,
@@ -777,16 +872,23 @@ impl<'a> Run<'a> {
         }
     }
 
-    /// The step's loss as the mean over the ranks and its speed as their sum.
-    fn dist_mean_loss_and_speed(&self, loss: f64, tokens_per_s: f64) -> Result<(f64, f64)> {
-        let world = self.dist.world();
-        if world == 1 {
+    /// The step's loss (each rank holds its token-weighted share of it) and speed, summed over the ranks.
+    fn dist_step_loss_and_speed(&self, loss: f64, tokens_per_s: f64) -> Result<(f64, f64)> {
+        if self.dist.world() == 1 {
             return Ok((loss, tokens_per_s));
         }
         let v = self
             .dist
             .all_reduce_f64(&[loss, tokens_per_s], ReduceOp::Sum)?;
-        Ok((v[0] / world as f64, v[1]))
+        Ok((v[0], v[1]))
+    }
+
+    /// `value` summed over the ranks (itself with one rank).
+    fn dist_sum(&self, value: f64) -> Result<f64> {
+        if self.dist.world() == 1 {
+            return Ok(value);
+        }
+        Ok(self.dist.all_reduce_f64(&[value], ReduceOp::Sum)?[0])
     }
 
     /// Held-out loss, each rank evaluating its contiguous share of the held-out set and the

@@ -1,6 +1,8 @@
 //! All integration tests, one binary (one link) with a module per area.
 
 mod adam8bit_oracle;
+mod chat_data;
+mod chat_template;
 mod common;
 mod convert_cli;
 mod data_pipeline;
