@@ -43,9 +43,8 @@ impl LowRank<'_> {
             && xs.last() == Some(&k)
             && ys.last() == Some(&n)
             && xs[..xs.len() - 1] == ys[..ys.len() - 1];
-        let flat_f32 = |t: &Tensor| {
-            t.device() == Device::Cpu && t.kind() == Kind::Float && t.is_contiguous()
-        };
+        let flat_f32 =
+            |t: &Tensor| t.device() == Device::Cpu && t.kind() == Kind::Float && t.is_contiguous();
         if !fits || !flat_f32(x) || !flat_f32(y) {
             return Err(OctetError::ShapeMismatch {
                 what: "low-rank update".into(),

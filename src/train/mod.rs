@@ -6,6 +6,7 @@ pub mod checkpoint;
 pub mod data;
 pub mod optim;
 pub mod options;
+pub mod pack;
 pub mod schedule;
 pub mod step;
 pub mod trainer;
