@@ -189,6 +189,142 @@ pub fn cached_causal_attention(
     Tensor::scaled_dot_product_attention(q, &k, &v, Some(mask), 0.0, false, opts.scale, opts.gqa)
 }
 
+/// Rows that each hold several records (training with packing): every token's segment id
+/// gives its position within its record and the block-diagonal causal mask that keeps
+/// records from seeing each other, so each record is computed as it would be alone.
+pub struct Packing {
+    /// `[B, T]` int64: each token's position within its record.
+    pub positions: Tensor,
+    /// `[B, 1, T, T]`: whether query i may see key j (same segment, j ≤ i).
+    pub mask: Tensor,
+    /// One past the largest position: the length of the longest record.
+    pub longest: i64,
+}
+
+impl Packing {
+    /// From segment ids `[B, T]` (integers; the records of a row numbered along it, padding
+    /// 0). Positions restart wherever the id changes; padding attends only to padding, so
+    /// no query row is empty. Built on the segments' device.
+    pub fn from_segments(segments: &Tensor) -> Result<Self> {
+        let size = segments.size();
+        if size.len() != 2 || segments.is_floating_point() {
+            return Err(crate::OctetError::ShapeMismatch {
+                what: "segment ids".into(),
+                expected: "[batch, seq_len] integers".into(),
+                found: format!("{size:?} {:?}", segments.kind()),
+            });
+        }
+        let (b, t) = (size[0], size[1]);
+        let ids = Vec::<i64>::try_from(segments.f_to_kind(Kind::Int64)?.f_flatten(0, -1)?)?;
+        let mut positions = Vec::with_capacity(ids.len());
+        for row in ids.chunks(t.max(1) as usize) {
+            let mut pos = 0i64;
+            for (j, id) in row.iter().enumerate() {
+                pos = if j > 0 && row[j - 1] == *id {
+                    pos + 1
+                } else {
+                    0
+                };
+                positions.push(pos);
+            }
+        }
+        let longest = positions.iter().max().map_or(0, |p| p + 1);
+        let dev = segments.device();
+        let seg = segments.f_to_kind(Kind::Int64)?;
+        let same = seg.unsqueeze(2).eq_tensor(&seg.unsqueeze(1));
+        let causal = attention_mask(0, t, None, dev);
+        Ok(Packing {
+            positions: Tensor::f_from_slice(&positions)?
+                .f_reshape([b, t])?
+                .f_to_device(dev)?,
+            mask: same.logical_and(&causal).unsqueeze(1),
+            longest,
+        })
+    }
+}
+
+/// Where a block's new tokens sit: what their positions are and what they attend to.
+pub enum Context<'a> {
+    /// After the positions held in the cache (from 0 without one), seeing all before them.
+    Cached(Option<&'a mut LayerCache>),
+    /// In packed records.
+    Packed(&'a Packing),
+}
+
+impl Context<'_> {
+    /// Positions already cached (0 for packed rows).
+    pub fn past(&self) -> i64 {
+        match self {
+            Context::Cached(c) => c.as_ref().map_or(0, |c| c.len()),
+            Context::Packed(_) => 0,
+        }
+    }
+
+    /// The length a length-dependent rotary table covers for `t` new tokens: cached plus new,
+    /// or the longest packed record (transformers takes the largest position id + 1).
+    pub fn span(&self, t: i64) -> i64 {
+        match self {
+            Context::Cached(_) => self.past() + t,
+            Context::Packed(p) => p.longest,
+        }
+    }
+
+    /// Position ids of the `t` new tokens on `device`: `[1, t]`, or `[B, t]` when packed.
+    pub fn position_ids(&self, t: i64, device: Device) -> Tensor {
+        match self {
+            Context::Cached(_) => {
+                let past = self.past();
+                Tensor::arange_start(past, past + t, (Kind::Int64, device)).unsqueeze(0)
+            }
+            Context::Packed(p) => p.positions.to_device(device),
+        }
+    }
+
+    /// The rows of a per-position table `[positions, d]` for the `t` new tokens:
+    /// `[1, t, d]`, or `[B, t, d]` when packed, on the table's device.
+    pub fn table_rows(&self, table: &Tensor, t: i64) -> Tensor {
+        match self {
+            Context::Cached(_) => table.narrow(0, self.past(), t).unsqueeze(0),
+            Context::Packed(p) => {
+                let ids = p.positions.to_device(table.device());
+                let b = ids.size()[0];
+                table
+                    .index_select(0, &ids.flatten(0, -1))
+                    .view([b, t, table.size()[1]])
+            }
+        }
+    }
+
+    /// Attention of `q` over `k`/`v` `[B, heads, T, head_dim]` here: causal after the
+    /// cache (extending it), or within each packed record.
+    pub fn attend(self, q: &Tensor, k: Tensor, v: Tensor, opts: AttentionOptions) -> Tensor {
+        match self {
+            Context::Cached(cache) => cached_causal_attention(q, k, v, cache, opts),
+            Context::Packed(p) => packed_attention(q, &k, &v, p, opts),
+        }
+    }
+}
+
+/// Attention within each packed record: the packing's block-diagonal causal mask, narrowed to
+/// the window when one is set.
+fn packed_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    packing: &Packing,
+    opts: AttentionOptions,
+) -> Tensor {
+    let t = q.size()[2];
+    let mut mask = packing.mask.to_device(q.device());
+    if opts.window.is_some() {
+        mask = mask.logical_and(&attention_mask(0, t, opts.window, q.device()));
+    }
+    if let Some(cap) = opts.softcap {
+        return softcapped_attention(q, k, v, &mask, cap, opts);
+    }
+    Tensor::scaled_dot_product_attention(q, k, v, Some(mask), 0.0, false, opts.scale, opts.gqa)
+}
+
 /// `[t, past + t]`: whether query i (position past + i) may see key j.
 fn attention_mask(past: i64, t: i64, window: Option<i64>, dev: tch::Device) -> Tensor {
     let kpos = Tensor::arange(past + t, (Kind::Int64, dev)).unsqueeze(0);
@@ -274,6 +410,24 @@ pub trait CausalLm: Send {
         let mut h = self.embed(ids)?;
         for i in 0..self.info().blocks {
             h = self.block(i, &h, None)?;
+        }
+        self.head(&h)
+    }
+
+    /// Applies block `i` to rows of packed records: positions restart at each record and
+    /// no record attends to another (see [`Packing`]). Architectures that do not implement
+    /// it refuse packed training.
+    fn block_packed(&self, _i: usize, _h: &Tensor, _packing: &Packing) -> Result<Tensor> {
+        Err(crate::OctetError::InvalidArgument(
+            "this architecture does not support packed sequences (train without --pack)".into(),
+        ))
+    }
+
+    /// Full forward pass over packed rows: logits `[B, T, vocab]` in f32.
+    fn forward_packed(&self, ids: &Tensor, packing: &Packing) -> Result<Tensor> {
+        let mut h = self.embed(ids)?;
+        for i in 0..self.info().blocks {
+            h = self.block_packed(i, &h, packing)?;
         }
         self.head(&h)
     }

@@ -7,7 +7,7 @@ use super::Layout;
 use crate::arch::modules::refuse_leftovers;
 use crate::arch::{Bias, DeclaredModule, ModuleDecl, Modules};
 use crate::error::{OctetError, Result};
-use crate::model::{AttentionOptions, CausalLm, LayerCache, ModelInfo};
+use crate::model::{AttentionOptions, CausalLm, Context, LayerCache, ModelInfo, Packing};
 use crate::nn::float::LayerNorm;
 use crate::nn::rmsnorm::RmsNorm;
 use crate::nn::{Layer, LayerMap};
@@ -312,17 +312,12 @@ impl Decoder {
         Ok((q, k, split(v).transpose(1, 2)))
     }
 
-    fn attention(
-        &self,
-        i: usize,
-        b: &Block,
-        h: &Tensor,
-        cache: Option<&mut LayerCache>,
-    ) -> Result<Tensor> {
+    fn attention(&self, i: usize, b: &Block, h: &Tensor, at: Context) -> Result<Tensor> {
         let (bs, t) = (h.size()[0], h.size()[1]);
-        let past = cache.as_ref().map_or(0, |c| c.len());
         let (q, k, v) = self.qkv(b, h)?;
-        let (q, k) = self.rope.apply(&q, &k, past);
+        let (q, k) = self
+            .rope
+            .apply_at(&q, &k, &at.position_ids(t, q.device()), at.span(t));
         let c = &self.cfg;
         let opts = AttentionOptions {
             scale: Some(c.attention_scale),
@@ -330,9 +325,27 @@ impl Decoder {
             window: c.windows[i].map(|w| w as i64),
             softcap: c.attn_logit_softcapping,
         };
-        let out = crate::model::cached_causal_attention(&q, k, v, cache, opts);
+        let out = at.attend(&q, k, v, opts);
         b.proj(Proj::O)?
             .forward(&out.transpose(1, 2).reshape([bs, t, c.q_width() as i64]))
+    }
+
+    fn block_at(&self, i: usize, h: &Tensor, at: Context) -> Result<Tensor> {
+        let b = &self.blocks[i];
+        let input = b.apply_norm(Norm::Input, h.shallow_clone())?;
+        let attn = self.attention(i, b, &input, at)?;
+        // Llama-style: post_attention_layernorm normalises the MLP's input; with sandwich norms
+        // (Gemma 2) it normalises the attention output and pre_feedforward the MLP's input.
+        let h = if self.layout.sandwich_norms {
+            let h = h + b.apply_norm(Norm::PostAttention, attn)?;
+            let m = self.mlp(b, &b.apply_norm(Norm::PreFeedforward, h.shallow_clone())?)?;
+            h + b.apply_norm(Norm::PostFeedforward, m)?
+        } else {
+            let h = h + attn;
+            let m = self.mlp(b, &b.apply_norm(Norm::PostAttention, h.shallow_clone())?)?;
+            h + m
+        };
+        Ok(h)
     }
 
     fn mlp(&self, b: &Block, h: &Tensor) -> Result<Tensor> {
@@ -391,21 +404,10 @@ impl CausalLm for Decoder {
         })
     }
     fn block(&self, i: usize, h: &Tensor, cache: Option<&mut LayerCache>) -> Result<Tensor> {
-        let b = &self.blocks[i];
-        let input = b.apply_norm(Norm::Input, h.shallow_clone())?;
-        let attn = self.attention(i, b, &input, cache)?;
-        // Llama-style: post_attention_layernorm normalises the MLP's input; with sandwich norms
-        // (Gemma 2) it normalises the attention output and pre_feedforward the MLP's input.
-        let h = if self.layout.sandwich_norms {
-            let h = h + b.apply_norm(Norm::PostAttention, attn)?;
-            let m = self.mlp(b, &b.apply_norm(Norm::PreFeedforward, h.shallow_clone())?)?;
-            h + b.apply_norm(Norm::PostFeedforward, m)?
-        } else {
-            let h = h + attn;
-            let m = self.mlp(b, &b.apply_norm(Norm::PostAttention, h.shallow_clone())?)?;
-            h + m
-        };
-        Ok(h)
+        self.block_at(i, h, Context::Cached(cache))
+    }
+    fn block_packed(&self, i: usize, h: &Tensor, packing: &Packing) -> Result<Tensor> {
+        self.block_at(i, h, Context::Packed(packing))
     }
     fn head(&self, h: &Tensor) -> Result<Tensor> {
         let x = self.norm.forward(h)?;

@@ -334,17 +334,24 @@ impl Rope {
         }
     }
 
-    /// Rotates q and k `[B, heads, T, head_dim]` whose first position is `start`: the first
-    /// `dim` dimensions in HF's `rotate_half` convention (the two halves pair up), the rest as
-    /// is. The cos/sin tables are built once for both.
-    pub fn apply(&self, q: &Tensor, k: &Tensor, start: i64) -> (Tensor, Tensor) {
-        let t = q.size()[2];
+    /// Rotates q and k `[B, heads, T, head_dim]` at `positions` (`[1, T]`, or `[B, T]` for
+    /// packed rows) with the frequencies of a call covering `0..len`: the first `dim`
+    /// dimensions in HF's `rotate_half` convention (the two halves pair up), the rest as is.
+    /// The cos/sin tables are built once for both.
+    pub fn apply_at(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        positions: &Tensor,
+        len: i64,
+    ) -> (Tensor, Tensor) {
         let dim = self.spec.dim as i64;
         let dev = q.device();
-        let f = self.frequencies(start + t);
-        let pos = Tensor::arange_start(start, start + t, (Kind::Float, dev));
-        let freqs = pos.unsqueeze(1) * f.inv_freq.to_device(dev).unsqueeze(0);
-        let emb = Tensor::cat(&[&freqs, &freqs], -1).reshape([1, 1, t, dim]);
+        let f = self.frequencies(len);
+        let pos = positions.to_device(dev).to_kind(Kind::Float);
+        let freqs = pos.unsqueeze(-1) * f.inv_freq.to_device(dev).view([1, 1, -1]);
+        // [1 or B, 1, T, dim]
+        let emb = Tensor::cat(&[&freqs, &freqs], -1).unsqueeze(1);
         let (mut cos, mut sin) = (emb.cos(), emb.sin());
         if f.attention_factor != 1.0 {
             cos *= f.attention_factor;

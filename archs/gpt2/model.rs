@@ -3,7 +3,7 @@ use super::config::Gpt2Config;
 use crate::arch::modules::refuse_leftovers;
 use crate::arch::{ModuleDecl, Modules};
 use crate::error::Result;
-use crate::model::{CausalLm, LayerCache, ModelInfo};
+use crate::model::{CausalLm, Context, LayerCache, ModelInfo, Packing};
 use crate::nn::float::LayerNorm;
 use crate::nn::{Layer, LayerMap};
 use tch::{Device, Kind, Tensor};
@@ -80,7 +80,7 @@ impl Gpt2 {
         self.ln_f.weight.device()
     }
 
-    fn attention(&self, i: usize, x: &Tensor, cache: Option<&mut LayerCache>) -> Result<Tensor> {
+    fn attention(&self, i: usize, x: &Tensor, at: Context) -> Result<Tensor> {
         let b = &self.blocks[i];
         let (bs, t) = (x.size()[0], x.size()[1]);
         let (nh, hd) = (self.cfg.n_head as i64, self.cfg.head_dim() as i64);
@@ -94,11 +94,10 @@ impl Gpt2 {
         };
         let (q, k, v) = (head(0), head(1), head(2));
         let scale = Some(self.cfg.attn_scale(i));
-        let out = crate::model::cached_causal_attention(
+        let out = at.attend(
             &q,
             k,
             v,
-            cache,
             crate::model::AttentionOptions {
                 scale,
                 ..Default::default()
@@ -106,6 +105,21 @@ impl Gpt2 {
         );
         b.attn_c_proj
             .forward(&out.permute([0, 2, 1, 3]).reshape([bs, t, d]))
+    }
+
+    fn block_at(&self, i: usize, h: &Tensor, at: Context) -> Result<Tensor> {
+        // The learned positions are added here rather than in `embed`: only block 0's cache
+        // (or the packing) knows the positions of `h`'s tokens.
+        let h = if i == 0 {
+            let pos = at.position_ids(h.size()[1], self.device());
+            h + self.wpe.forward(&pos)?.to_kind(h.kind())
+        } else {
+            h.shallow_clone()
+        };
+        let b = &self.blocks[i];
+        let h = &h + self.attention(i, &b.ln_1.forward(&h)?, at)?;
+        let m = self.mlp(b, &b.ln_2.forward(&h)?)?;
+        Ok(h + m)
     }
 
     fn mlp(&self, b: &Block, x: &Tensor) -> Result<Tensor> {
@@ -139,20 +153,10 @@ impl CausalLm for Gpt2 {
         crate::model::embed_ids(self.wte.as_ref(), ids, self.device(), self.kind)
     }
     fn block(&self, i: usize, h: &Tensor, cache: Option<&mut LayerCache>) -> Result<Tensor> {
-        // The learned positions are added here rather than in `embed`: only block 0's cache
-        // knows how many positions came before `h` during cached generation.
-        let h = if i == 0 {
-            let past = cache.as_ref().map_or(0, |c| c.len());
-            let t = h.size()[1];
-            let pos = Tensor::arange_start(past, past + t, (Kind::Int64, self.device()));
-            h + self.wpe.forward(&pos)?.to_kind(h.kind()).unsqueeze(0)
-        } else {
-            h.shallow_clone()
-        };
-        let b = &self.blocks[i];
-        let h = &h + self.attention(i, &b.ln_1.forward(&h)?, cache)?;
-        let m = self.mlp(b, &b.ln_2.forward(&h)?)?;
-        Ok(h + m)
+        self.block_at(i, h, Context::Cached(cache))
+    }
+    fn block_packed(&self, i: usize, h: &Tensor, packing: &Packing) -> Result<Tensor> {
+        self.block_at(i, h, Context::Packed(packing))
     }
     fn head(&self, h: &Tensor) -> Result<Tensor> {
         let x = self.ln_f.forward(h)?;

@@ -3,7 +3,7 @@ use super::config::GptNeoxConfig;
 use crate::arch::modules::refuse_leftovers;
 use crate::arch::{ModuleDecl, Modules};
 use crate::error::Result;
-use crate::model::{CausalLm, LayerCache, ModelInfo};
+use crate::model::{CausalLm, Context, LayerCache, ModelInfo, Packing};
 use crate::nn::float::LayerNorm;
 use crate::nn::{Layer, LayerMap};
 use tch::{Device, Kind, Tensor};
@@ -123,19 +123,20 @@ impl GptNeox {
         self.final_layer_norm.weight.device()
     }
 
-    /// Rotates the leading `rotary_dims` of each head of `x` `[B, heads, T, head_dim]` whose
-    /// first position is `start` (HF's rotate_half convention: the halves pair up).
-    fn apply_rotary(&self, x: &Tensor, start: i64) -> Tensor {
+    /// Rotates the leading `rotary_dims` of each head of `x` `[B, heads, T, head_dim]` at the
+    /// positions `at` gives (HF's rotate_half convention: the halves pair up).
+    fn apply_rotary(&self, x: &Tensor, at: &Context) -> Tensor {
         let rd = self.cfg.rotary_dims() as i64;
         if rd == 0 {
             return x.shallow_clone();
         }
         let (t, hd) = (x.size()[2], x.size()[3]);
+        // [1 or B, 1, T, rd]
         let table = |tab: &Tensor| {
-            tab.narrow(0, start, t)
+            at.table_rows(tab, t)
                 .to_device(x.device())
                 .to_kind(x.kind())
-                .reshape([1, 1, t, rd])
+                .unsqueeze(1)
         };
         let (sin, cos) = (table(&self.sin), table(&self.cos));
         let rot = x.narrow(3, 0, rd);
@@ -149,25 +150,37 @@ impl GptNeox {
         }
     }
 
-    fn attention(&self, b: &Block, x: &Tensor, cache: Option<&mut LayerCache>) -> Result<Tensor> {
+    fn attention(&self, b: &Block, x: &Tensor, at: Context) -> Result<Tensor> {
         let (bs, t) = (x.size()[0], x.size()[1]);
         let (nh, hd) = (
             self.cfg.num_attention_heads as i64,
             self.cfg.head_dim() as i64,
         );
-        let past = cache.as_ref().map_or(0, |c| c.len());
         // query_key_value's output is laid out per head: [heads, (q, k, v), head_dim].
         let qkv = b
             .query_key_value
             .forward(x)?
             .f_view([bs, t, nh, 3 * hd])?
             .permute([0, 2, 1, 3]);
-        let q = self.apply_rotary(&qkv.narrow(3, 0, hd), past);
-        let k = self.apply_rotary(&qkv.narrow(3, hd, hd), past);
+        let q = self.apply_rotary(&qkv.narrow(3, 0, hd), &at);
+        let k = self.apply_rotary(&qkv.narrow(3, hd, hd), &at);
         let v = qkv.narrow(3, 2 * hd, hd);
-        let out = crate::model::cached_causal_attention(&q, k, v, cache, Default::default());
+        let out = at.attend(&q, k, v, Default::default());
         b.dense
             .forward(&out.permute([0, 2, 1, 3]).reshape([bs, t, nh * hd]))
+    }
+
+    fn block_at(&self, i: usize, h: &Tensor, at: Context) -> Result<Tensor> {
+        let b = &self.blocks[i];
+        let attn = self.attention(b, &b.input_layernorm.forward(h)?, at)?;
+        Ok(if self.cfg.use_parallel_residual {
+            let m = self.mlp(b, &b.post_attention_layernorm.forward(h)?)?;
+            m + attn + h
+        } else {
+            let a = attn + h;
+            let m = self.mlp(b, &b.post_attention_layernorm.forward(&a)?)?;
+            m + a
+        })
     }
 
     fn mlp(&self, b: &Block, x: &Tensor) -> Result<Tensor> {
@@ -201,16 +214,10 @@ impl CausalLm for GptNeox {
         crate::model::embed_ids(self.embed_in.as_ref(), ids, self.device(), self.kind)
     }
     fn block(&self, i: usize, h: &Tensor, cache: Option<&mut LayerCache>) -> Result<Tensor> {
-        let b = &self.blocks[i];
-        let attn = self.attention(b, &b.input_layernorm.forward(h)?, cache)?;
-        Ok(if self.cfg.use_parallel_residual {
-            let m = self.mlp(b, &b.post_attention_layernorm.forward(h)?)?;
-            m + attn + h
-        } else {
-            let a = attn + h;
-            let m = self.mlp(b, &b.post_attention_layernorm.forward(&a)?)?;
-            m + a
-        })
+        self.block_at(i, h, Context::Cached(cache))
+    }
+    fn block_packed(&self, i: usize, h: &Tensor, packing: &Packing) -> Result<Tensor> {
+        self.block_at(i, h, Context::Packed(packing))
     }
     fn head(&self, h: &Tensor) -> Result<Tensor> {
         let x = self.final_layer_norm.forward(h)?;

@@ -3,7 +3,7 @@ use super::config::GptjConfig;
 use crate::arch::modules::refuse_leftovers;
 use crate::arch::{Bias, ModuleDecl, Modules};
 use crate::error::Result;
-use crate::model::{CausalLm, LayerCache, ModelInfo};
+use crate::model::{CausalLm, Context, LayerCache, ModelInfo, Packing};
 use crate::nn::float::LayerNorm;
 use crate::nn::{Layer, LayerMap};
 use tch::{Device, Kind, Tensor};
@@ -84,26 +84,23 @@ impl Gptj {
         self.ln_f.weight.device()
     }
 
-    fn apply_rotary(&self, x: &Tensor, start: i64) -> Tensor {
+    /// Rotates the leading `rotary_dim` of each head of `x` `[B, T, heads, head_dim]` at the
+    /// positions `at` gives (GPT-J's interleaved pairs).
+    fn apply_rotary(&self, x: &Tensor, at: &Context) -> Tensor {
         let rd = self.cfg.rotary_dim() as i64;
         if rd == 0 {
             return x.shallow_clone();
         }
         let t = x.size()[1];
         let dev = x.device();
-        let shape = [1, t, 1, rd];
-        let sin = self
-            .sin
-            .narrow(0, start, t)
-            .to_device(dev)
-            .repeat_interleave_self_int(2, -1, None::<i64>)
-            .reshape(shape);
-        let cos = self
-            .cos
-            .narrow(0, start, t)
-            .to_device(dev)
-            .repeat_interleave_self_int(2, -1, None::<i64>)
-            .reshape(shape);
+        // [1 or B, T, 1, rd]
+        let rows = |tab: &Tensor| {
+            at.table_rows(tab, t)
+                .to_device(dev)
+                .repeat_interleave_self_int(2, -1, None::<i64>)
+                .unsqueeze(2)
+        };
+        let (sin, cos) = (rows(&self.sin), rows(&self.cos));
         let head_dim = x.size()[3];
         let rot = x.narrow(3, 0, rd);
         let x1 = rot.slice(3, 0, rd, 2);
@@ -118,21 +115,28 @@ impl Gptj {
         }
     }
 
-    fn attention(&self, b: &Block, h: &Tensor, cache: Option<&mut LayerCache>) -> Result<Tensor> {
+    fn attention(&self, b: &Block, h: &Tensor, at: Context) -> Result<Tensor> {
         let (bs, t) = (h.size()[0], h.size()[1]);
         let (nh, hd) = (self.cfg.n_head as i64, self.cfg.head_dim() as i64);
-        let past = cache.as_ref().map_or(0, |c| c.len());
         let split = |x: Tensor| x.view([bs, t, nh, hd]);
         let q = self
-            .apply_rotary(&split(b.q_proj.forward(h)?), past)
+            .apply_rotary(&split(b.q_proj.forward(h)?), &at)
             .permute([0, 2, 1, 3]);
         let k = self
-            .apply_rotary(&split(b.k_proj.forward(h)?), past)
+            .apply_rotary(&split(b.k_proj.forward(h)?), &at)
             .permute([0, 2, 1, 3]);
         let v = split(b.v_proj.forward(h)?).permute([0, 2, 1, 3]);
-        let out = crate::model::cached_causal_attention(&q, k, v, cache, Default::default());
+        let out = at.attend(&q, k, v, Default::default());
         b.out_proj
             .forward(&out.permute([0, 2, 1, 3]).reshape([bs, t, nh * hd]))
+    }
+
+    fn block_at(&self, i: usize, h: &Tensor, at: Context) -> Result<Tensor> {
+        let b = &self.blocks[i];
+        let x = b.ln_1.forward(h)?;
+        let attn = self.attention(b, &x, at)?;
+        let ff = self.mlp(b, &x)?;
+        Ok(attn + ff + h)
     }
 
     fn mlp(&self, b: &Block, h: &Tensor) -> Result<Tensor> {
@@ -176,11 +180,10 @@ impl CausalLm for Gptj {
         crate::model::embed_ids(self.wte.as_ref(), ids, self.device(), self.kind)
     }
     fn block(&self, i: usize, h: &Tensor, cache: Option<&mut LayerCache>) -> Result<Tensor> {
-        let b = &self.blocks[i];
-        let x = b.ln_1.forward(h)?;
-        let attn = self.attention(b, &x, cache)?;
-        let ff = self.mlp(b, &x)?;
-        Ok(attn + ff + h)
+        self.block_at(i, h, Context::Cached(cache))
+    }
+    fn block_packed(&self, i: usize, h: &Tensor, packing: &Packing) -> Result<Tensor> {
+        self.block_at(i, h, Context::Packed(packing))
     }
     fn head(&self, h: &Tensor) -> Result<Tensor> {
         Ok(self

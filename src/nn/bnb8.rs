@@ -60,6 +60,14 @@ impl Layer for Bnb8Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.weight.matmul(x, self.bias.as_ref(), self.layout)
     }
+    fn forward_plus_low_rank(
+        &self,
+        x: &Tensor,
+        update: &crate::quant::LowRank,
+    ) -> Result<Option<Tensor>> {
+        self.weight
+            .matmul_plus_low_rank(x, self.bias.as_ref(), self.layout, update)
+    }
     fn tensors(&self) -> Vec<(String, Tensor)> {
         let mut v = self.weight.tensors();
         if let Some(b) = &self.bias {

@@ -61,6 +61,16 @@ pub trait Layer: Send {
     /// Stores frozen float weights in `kind` (the compute dtype), so a bf16 run does not cast
     /// every f32 weight on every call. 8-bit weights, biases and trained tensors are unchanged.
     fn store_frozen_in(&mut self, _kind: tch::Kind) {}
+    /// `forward(x)` plus the low-rank update `scale·(x·Aᵀ)·Bᵀ` in one pass, when the layer has
+    /// such a path for `x` (an 8-bit linear given a few rows and no gradient to track); `None`
+    /// leaves the update to the caller. Only called where no autograd graph is built.
+    fn forward_plus_low_rank(
+        &self,
+        _x: &Tensor,
+        _update: &crate::quant::LowRank,
+    ) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
 }
 
 /// `weight` in `kind` when it is a frozen floating-point tensor of another dtype.

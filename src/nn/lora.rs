@@ -4,6 +4,7 @@
 pub use super::layer::AdapterShape;
 use super::layer::Layer;
 use crate::error::{OctetError, Result};
+use crate::quant::LowRank;
 use tch::{Device, Kind, Tensor};
 
 /// LoRA hyper-parameters.
@@ -194,8 +195,22 @@ impl Layer for LoraLayer {
         self.base.kind()
     }
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = self.base.forward(x)?;
         let s = self.config.scale();
+        // Generating: the base's fused pass adds the update itself, with no tensor ops.
+        if matches!(self.shape, AdapterShape::Linear { .. })
+            && !self.training
+            && crate::nn::scratch::inference_active()
+        {
+            let update = LowRank {
+                a: &self.a,
+                b: &self.b,
+                scale: s,
+            };
+            if let Some(y) = self.base.forward_plus_low_rank(x, &update)? {
+                return Ok(y);
+            }
+        }
+        let y = self.base.forward(x)?;
         match self.shape {
             AdapterShape::Linear { .. } => {
                 let k = x.kind();
@@ -260,5 +275,58 @@ impl Layer for LoraLayer {
     }
     fn store_frozen_in(&mut self, kind: Kind) {
         self.base.store_frozen_in(kind);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::bnb8::Bnb8Linear;
+    use crate::nn::q8::{Layout, Q8Weight};
+    use crate::quant::{BlockSize, CodeKind};
+
+    /// Generation adds the adapter's update inside the 8-bit layer's fused pass; the result
+    /// equals the update computed with tensor operations, for both stored layouts.
+    #[test]
+    fn fused_update_in_generation_equals_the_tensor_ops() {
+        tch::manual_seed(11);
+        let opts = (Kind::Float, Device::Cpu);
+        let (inp, out, r) = (96i64, 40i64, 4i64);
+        for layout in [Layout::OutIn, Layout::InOut] {
+            let shape = match layout {
+                Layout::OutIn => [out, inp],
+                Layout::InOut => [inp, out],
+            };
+            let block = BlockSize::new(64).unwrap();
+            let q = Q8Weight::quantize(&Tensor::randn(shape, opts), block, CodeKind::Dynamic);
+            let bias = Some(Tensor::randn([out], opts));
+            let base = Bnb8Linear::with_layout("Bnb8Linear", layout, q.unwrap(), bias);
+            let cfg = LoraConfig {
+                r: r as usize,
+                alpha: 6.0,
+                ..Default::default()
+            };
+            let (a, b) = (Tensor::randn([r, inp], opts), Tensor::randn([out, r], opts));
+            let lora = LoraLayer::with_weights(Box::new(base), cfg, a, b, "m").unwrap();
+            let update = LowRank {
+                a: &lora.a,
+                b: &lora.b,
+                scale: cfg.scale(),
+            };
+            for (rows, fusable) in [(1, true), (5, true), (40, false)] {
+                let x = Tensor::randn([1, rows, inp], opts);
+                let fused = crate::nn::scratch::inference(|| {
+                    let direct = lora.base().forward_plus_low_rank(&x, &update).unwrap();
+                    assert_eq!(direct.is_some(), fusable, "{layout:?}, {rows} rows");
+                    lora.forward(&x).unwrap()
+                });
+                // Outside an inference scope the update runs as tensor operations.
+                let ops = tch::no_grad(|| lora.forward(&x).unwrap());
+                assert!(
+                    fused.allclose(&ops, 1e-5, 1e-5, false),
+                    "{layout:?}, {rows} rows"
+                );
+            }
+        }
     }
 }

@@ -255,6 +255,32 @@ impl Q8Weight {
         }
     }
 
+    /// [`Self::matmul`] plus the low-rank update `scale·(x·Aᵀ)·Bᵀ`, in one pass when the
+    /// fused kernels take `x` (few rows, no gradient) and the update's factors are plain CPU
+    /// f32; `None` otherwise, leaving the update to the caller.
+    pub fn matmul_plus_low_rank(
+        &self,
+        x: &Tensor,
+        bias: Option<&Tensor>,
+        layout: Layout,
+        update: &crate::quant::LowRank,
+    ) -> Result<Option<Tensor>> {
+        let fused = !x.requires_grad()
+            && !bias.is_some_and(Tensor::requires_grad)
+            && update.applies()
+            && match layout {
+                Layout::OutIn => crate::quant::fused::applies(x, self),
+                Layout::InOut => crate::quant::fused_in_out::applies(x, self),
+            };
+        if !fused {
+            return Ok(None);
+        }
+        // The fused kernels return a fresh contiguous tensor, which the update may write into.
+        let y = self.matmul(x, bias, layout)?.f_contiguous()?;
+        update.add_to(&x.f_contiguous()?, &y)?;
+        Ok(Some(y))
+    }
+
     /// The stored tensors: `weight` (uint8), `absmax`, `code`.
     pub fn tensors(&self) -> Vec<(String, Tensor)> {
         vec![

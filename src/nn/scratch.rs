@@ -91,6 +91,12 @@ pub fn active() -> bool {
     MODE.with(Cell::get) != Mode::Off
 }
 
+/// Whether the current thread is inside [`inference`] (so under `no_grad`: nothing computed
+/// here needs an autograd graph).
+pub fn inference_active() -> bool {
+    MODE.with(Cell::get) == Mode::Shared
+}
+
 /// Calls `fill` on a pooled buffer of `shape`/`kind` (allocated on first use) and returns a
 /// shallow handle to it: under [`inference`] valid until the next call for the same shape,
 /// under [`recompute`] until that scope ends.

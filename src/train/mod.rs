@@ -7,6 +7,7 @@ pub mod data;
 pub mod distributed;
 pub mod optim;
 pub mod options;
+pub mod pack;
 pub mod records;
 pub mod schedule;
 pub mod step;

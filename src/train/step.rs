@@ -8,7 +8,7 @@
 //! and de-quantized weights are alive at a time. Dropout replays the same masks because each
 //! block's forward is seeded the same way in both passes.
 use crate::error::Result;
-use crate::model::CausalLm;
+use crate::model::{CausalLm, Packing};
 use tch::{Kind, Tensor};
 
 /// Labels with this value carry no loss.
@@ -99,7 +99,36 @@ pub fn forward_backward(
     seed: u64,
     step: u64,
 ) -> Result<f64> {
+    forward_backward_with(
+        model,
+        ids,
+        labels,
+        None,
+        loss_scale,
+        checkpointing,
+        seed,
+        step,
+    )
+}
+
+/// [`forward_backward`] where, with `packing`, each row holds several records that are
+/// computed as if alone.
+#[allow(clippy::too_many_arguments)]
+pub fn forward_backward_with(
+    model: &dyn CausalLm,
+    ids: &Tensor,
+    labels: &Tensor,
+    packing: Option<&Packing>,
+    loss_scale: f64,
+    checkpointing: bool,
+    seed: u64,
+    step: u64,
+) -> Result<f64> {
     let n = model.info().blocks;
+    let block = |i: usize, h: &Tensor| match packing {
+        Some(p) => model.block_packed(i, h, p),
+        None => model.block(i, h, None),
+    };
     if !checkpointing {
         let mut h = {
             seed_block(seed, step, usize::MAX);
@@ -107,7 +136,7 @@ pub fn forward_backward(
         };
         for i in 0..n {
             seed_block(seed, step, i);
-            h = model.block(i, &h, None)?;
+            h = block(i, &h)?;
         }
         let loss = causal_lm_loss(&model.head(&h)?, labels);
         let value = loss.double_value(&[]);
@@ -130,7 +159,7 @@ pub fn forward_backward(
         let mut saved = Vec::with_capacity(last);
         for i in 0..last {
             seed_block(seed, step, i);
-            let next = model.block(i, &h, None)?;
+            let next = block(i, &h)?;
             saved.push(h);
             h = next;
         }
@@ -145,7 +174,7 @@ pub fn forward_backward(
         } else {
             let x = h.detach().set_requires_grad(needs_input_grad(last));
             seed_block(seed, step, last);
-            let y = model.block(last, &x, None)?;
+            let y = block(last, &x)?;
             (x, y)
         };
         let loss = causal_lm_loss(&model.head(&y)?, labels);
@@ -163,7 +192,7 @@ pub fn forward_backward(
             .set_requires_grad(needs_input_grad(i));
         g = crate::nn::scratch::recompute(|| -> Result<_> {
             seed_block(seed, step, i);
-            let y = model.block(i, &x, None)?;
+            let y = block(i, &x)?;
             if y.requires_grad() {
                 (y * g.detach()).sum(Kind::Float).backward();
             }

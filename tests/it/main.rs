@@ -23,6 +23,7 @@ mod gpu;
 mod hub_cache;
 mod llama_golden;
 mod merge;
+mod packing;
 mod quant_oracle;
 mod safety_in;
 mod safety_out;
