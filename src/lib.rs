@@ -8,6 +8,7 @@ pub mod device;
 pub mod error;
 pub mod eval;
 pub mod export;
+pub mod export_gguf;
 pub mod generate;
 pub mod hub;
 pub mod infer;
