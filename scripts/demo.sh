@@ -5,6 +5,8 @@
 #   2. generate from a fixed prompt
 #   3. fine-tune a LoRA adapter on part of the article (8-bit frozen weights, 8-bit Adam)
 #   4. perplexity on the held-out part and the same generation, with the adapter
+#   5. export the fine-tuned model (adapter merged) to a Q8_0 GGUF for llama.cpp, Ollama or
+#      LM Studio, and read it back with octet for its perplexity
 # Usage: demo.sh OCTET SRC_DIR WORK_DIR
 set -euo pipefail
 O=${1:?usage: demo.sh OCTET SRC_DIR WORK_DIR}
@@ -44,4 +46,12 @@ say "4. Perplexity on the held-out text: 8-bit base vs 8-bit base + adapter"
 say "   Generation after fine-tuning (greedy)"
 "$O" generate --model "$W/smollm2-8bit" --adapter "$W/adapter" --prompt "$PROMPT" --max-new-tokens 40 --temperature 0
 echo
-say "Done. The adapter in $W/adapter loads with peft (PeftModel.from_pretrained)."
+
+say "5. Export the fine-tuned model to llama.cpp: adapter merged, Q8_0 GGUF"
+"$O" merge --model "$W/smollm2-8bit" --adapter "$W/adapter" --format gguf-q8_0 \
+  --out "$W/smollm2-finetuned-q8_0.gguf" --force
+echo "$W/smollm2-finetuned-q8_0.gguf: $(du -h "$W/smollm2-finetuned-q8_0.gguf" | cut -f1)"
+say "   Perplexity of the exported GGUF, read back by octet"
+"$O" eval --model "$W/smollm2-finetuned-q8_0.gguf" --data "$W/eval.txt" --ctx 512
+say "Done. The adapter in $W/adapter loads with peft (PeftModel.from_pretrained);
+$W/smollm2-finetuned-q8_0.gguf runs in llama.cpp (llama-cli -m ...)."

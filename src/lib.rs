@@ -10,6 +10,7 @@ pub mod dist;
 pub mod error;
 pub mod eval;
 pub mod export;
+pub mod export_gguf;
 pub mod generate;
 pub mod hub;
 pub mod infer;

@@ -30,6 +30,12 @@ pub enum MergeFormat {
     HfF32,
     /// An octet folder with the merged weights re-quantized to blockwise 8-bit.
     Octet8,
+    /// A llama.cpp GGUF file, matrices in F16.
+    GgufF16,
+    /// A llama.cpp GGUF file, matrices in BF16.
+    GgufBf16,
+    /// A llama.cpp GGUF file, matrices in Q8_0 (octet's quantizer, as gguf's).
+    GgufQ8_0,
 }
 
 impl MergeFormat {
@@ -39,6 +45,20 @@ impl MergeFormat {
             MergeFormat::HfF16 => "hf-f16",
             MergeFormat::HfF32 => "hf-f32",
             MergeFormat::Octet8 => "octet8",
+            MergeFormat::GgufF16 => "gguf-f16",
+            MergeFormat::GgufBf16 => "gguf-bf16",
+            MergeFormat::GgufQ8_0 => "gguf-q8_0",
+        }
+    }
+
+    /// The GGUF format of a `gguf-*` merge.
+    pub fn gguf(self) -> Option<crate::export_gguf::GgufFormat> {
+        use crate::export_gguf::GgufFormat;
+        match self {
+            MergeFormat::GgufF16 => Some(GgufFormat::F16),
+            MergeFormat::GgufBf16 => Some(GgufFormat::Bf16),
+            MergeFormat::GgufQ8_0 => Some(GgufFormat::Q8_0),
+            _ => None,
         }
     }
 
@@ -47,7 +67,7 @@ impl MergeFormat {
         match self {
             MergeFormat::HfF16 => Some(Dtype::F16),
             MergeFormat::HfF32 => Some(Dtype::F32),
-            MergeFormat::Octet8 => None,
+            _ => None,
         }
     }
 }
@@ -59,8 +79,12 @@ impl std::str::FromStr for MergeFormat {
             "hf-f16" => Ok(MergeFormat::HfF16),
             "hf-f32" => Ok(MergeFormat::HfF32),
             "octet8" => Ok(MergeFormat::Octet8),
+            "gguf-f16" => Ok(MergeFormat::GgufF16),
+            "gguf-bf16" => Ok(MergeFormat::GgufBf16),
+            "gguf-q8_0" => Ok(MergeFormat::GgufQ8_0),
             other => Err(OctetError::InvalidArgument(format!(
-                "unknown merge format '{other}': expected hf-f16, hf-f32 or octet8"
+                "unknown merge format '{other}': expected hf-f16, hf-f32, octet8, gguf-f16, \
+                 gguf-bf16 or gguf-q8_0"
             ))),
         }
     }
@@ -128,7 +152,7 @@ impl MergeReport {
 }
 
 /// Applies one module's edit to its f32 tensors: replacements first, then W += ΔW.
-fn apply_edit(
+pub(crate) fn apply_edit(
     edit: &ModuleEdit,
     weight: &str,
     params: &mut BTreeMap<String, Tensor>,
@@ -166,7 +190,7 @@ fn tensor_bytes(t: &Tensor) -> Result<Vec<u8>> {
 
 /// The output graph: for octet8 from a float base, the spec's modules become 8-bit; an 8-bit
 /// base keeps its own layout. Also returns the block size for newly quantized modules.
-fn output_graph(
+pub(crate) fn output_graph(
     model: &Path,
     stored: &ModuleGraph,
     arch: &dyn crate::arch::Architecture,
@@ -409,6 +433,17 @@ fn dir_bytes(dir: &Path) -> Result<u64> {
 /// land on a module of the model with a fitting shape; this is checked before anything is
 /// written, and a failed merge leaves no output behind.
 pub fn merge(model: &Path, adapter: &Path, out: &Path, opts: &MergeOptions) -> Result<MergeReport> {
+    if let Some(g) = opts.format.gguf() {
+        return crate::export_gguf::merge_to_gguf(
+            model,
+            adapter,
+            out,
+            opts.format,
+            g,
+            opts.force,
+            opts.device,
+        );
+    }
     let ad = Adapter::read(adapter)?;
     let source = ModelSource::open(model, "auto")?;
     let arch = source.arch.name();

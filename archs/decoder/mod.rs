@@ -6,6 +6,7 @@
 //!
 //! This folder is not a plugin itself: it registers nothing.
 mod config;
+pub mod gguf;
 mod model;
 mod rope;
 

@@ -4,6 +4,7 @@
 //! its 8-bit replacement are registered by this plugin (see [`conv1d`]).
 mod config;
 pub mod conv1d;
+mod gguf;
 mod model;
 
 pub use config::Gpt2Config;
@@ -33,6 +34,9 @@ impl Plugin for Gpt2Plugin {
     }
     fn build(cfg: Gpt2Config, layers: &mut LayerMap, kind: Kind) -> Result<Box<dyn CausalLm>> {
         Ok(Box::new(Gpt2::new(cfg, layers, kind)?))
+    }
+    fn gguf() -> Option<&'static dyn crate::io::gguf::GgufMapping> {
+        Some(&gguf::Gpt2Gguf)
     }
 }
 

@@ -2,10 +2,11 @@
 //! names, the q/k row permutation its converter applies, and the config.json the `llama.*`
 //! metadata implies, including Llama 3's rope scaling, which llama.cpp keeps only as the
 //! per-frequency divisors of `rope_freqs.weight`.
+use crate::archs::decoder::{gguf as export, DecoderConfig, Family, Scaling};
 use crate::error::Result;
 use crate::io::gguf::{
-    decoder_hf_name, llama_block_module, refuse_rope_changes, settings_values, DecoderSizes,
-    GgufFile, GgufMapping,
+    decoder_gguf_name, decoder_hf_name, llama_block_module, llama_qk_heads, refuse_rope_changes,
+    settings_values, DecoderSizes, GgufFile, GgufMapping, GgufValue, LLAMA_BLOCK,
 };
 
 /// The Llama GGUF mapping (`general.architecture = "llama"`).
@@ -28,18 +29,8 @@ impl GgufMapping for LlamaGguf {
         decoder_hf_name(raw, llama_block_module)
     }
 
-    fn permuted_heads(&self, file: &GgufFile, raw: &str) -> Result<Option<usize>> {
-        let heads = file.required_u64(&key("attention.head_count"))? as usize;
-        let kv = file
-            .meta_u64(&key("attention.head_count_kv"))
-            .map_or(heads, |v| v as usize);
-        Ok(if raw.contains(".attn_q.") {
-            Some(heads)
-        } else if raw.contains(".attn_k.") {
-            Some(kv)
-        } else {
-            None
-        })
+    fn permuted_head_count(&self, raw: &str, heads: usize, kv_heads: usize) -> Option<usize> {
+        llama_qk_heads(raw, heads, kv_heads)
     }
 
     fn is_settings_tensor(&self, raw: &str) -> bool {
@@ -77,6 +68,75 @@ impl GgufMapping for LlamaGguf {
             };
         }
         Ok(cfg)
+    }
+
+    fn exports(&self) -> &'static [&'static str] {
+        &["llama", "mistral"]
+    }
+
+    fn gguf_tensor_name(&self, hf: &str) -> Option<String> {
+        decoder_gguf_name(hf, |m| LLAMA_BLOCK.part(m))
+    }
+
+    /// What llama.cpp's converter writes for a Llama config (rope scaling `linear` as its
+    /// type and factor, `llama3` as `rope_freqs.weight`, `dynamic` not at all, as llama.cpp
+    /// has no NTK scaling), plus Mistral's sliding window as
+    /// `llama.attention.sliding_window`, which the reading direction takes for Mistral.
+    fn metadata(&self, config: &serde_json::Value) -> Result<Vec<(String, GgufValue)>> {
+        let dc = parsed(config)?;
+        export::refuse_rope(ARCH, &dc, |s| {
+            matches!(
+                s,
+                Scaling::Linear { .. } | Scaling::Dynamic { .. } | Scaling::Llama3 { .. }
+            )
+        })?;
+        let mut m = export::size_metadata(ARCH, &dc, config);
+        m.push((key("vocab_size"), GgufValue::U32(dc.vocab_size as u32)));
+        m.push((
+            key("rope.dimension_count"),
+            GgufValue::U32(dc.head_dim as u32),
+        ));
+        if let Scaling::Linear { factor } = dc.rope.scaling {
+            m.push((key("rope.scaling.type"), GgufValue::Str("linear".into())));
+            m.push((key("rope.scaling.factor"), GgufValue::F32(factor as f32)));
+        }
+        if let Some(w) = dc.windows.iter().flatten().next() {
+            m.push((key("attention.sliding_window"), GgufValue::U32(*w as u32)));
+        }
+        Ok(m)
+    }
+
+    fn settings_tensors(&self, config: &serde_json::Value) -> Result<Vec<(String, Vec<f32>)>> {
+        let dc = parsed(config)?;
+        Ok(match dc.rope.scaling {
+            Scaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original,
+            } => {
+                let rule = Llama3Rope {
+                    factor,
+                    low_freq_factor,
+                    high_freq_factor,
+                    original_context: original,
+                };
+                let divisors = rule.divisors(dc.rope.theta, dc.head_dim as u64);
+                vec![(
+                    ROPE_FREQS.to_string(),
+                    divisors.iter().map(|&d| d as f32).collect(),
+                )]
+            }
+            _ => Vec::new(),
+        })
+    }
+}
+
+/// A Llama or Mistral config.json, parsed over its family's defaults.
+fn parsed(config: &serde_json::Value) -> Result<DecoderConfig> {
+    match config["model_type"].as_str() {
+        Some("mistral") => crate::archs::mistral::Mistral::config(config),
+        _ => super::Llama::config(config),
     }
 }
 

@@ -1,9 +1,11 @@
 //! Qwen2 in llama.cpp's GGUF files: Llama's tensor names without the q/k permutation (the
 //! converter leaves Qwen's rows as they are), q/k/v biases, and the config.json the
 //! `qwen2.*` metadata implies.
+use crate::archs::decoder::{gguf as export, Family};
 use crate::error::Result;
 use crate::io::gguf::{
-    decoder_hf_name, llama_block_module, refuse_rope_changes, DecoderSizes, GgufFile, GgufMapping,
+    decoder_gguf_name, decoder_hf_name, refuse_rope_changes, DecoderSizes, GgufFile, GgufMapping,
+    GgufValue, LLAMA_BLOCK,
 };
 
 /// The Qwen2 GGUF mapping (`general.architecture = "qwen2"`).
@@ -11,13 +13,18 @@ pub struct Qwen2Gguf;
 
 const ARCH: &str = "qwen2";
 
+/// The llama.cpp part of a Qwen2 block module (Llama's).
+fn part(module: &str) -> Option<&'static str> {
+    LLAMA_BLOCK.part(module)
+}
+
 impl GgufMapping for Qwen2Gguf {
     fn gguf_name(&self) -> &'static str {
         ARCH
     }
 
     fn tensor_name(&self, raw: &str) -> Option<String> {
-        decoder_hf_name(raw, llama_block_module)
+        decoder_hf_name(raw, |p| LLAMA_BLOCK.module(p))
     }
 
     /// Sizes from the `qwen2.*` keys; tied embeddings when there is no `output.weight`. Qwen2
@@ -37,6 +44,24 @@ impl GgufMapping for Qwen2Gguf {
         cfg["use_sliding_window"] = false.into();
         cfg["sliding_window"] = serde_json::Value::Null;
         Ok(cfg)
+    }
+
+    fn exports(&self) -> &'static [&'static str] {
+        &["qwen2"]
+    }
+
+    fn gguf_tensor_name(&self, hf: &str) -> Option<String> {
+        decoder_gguf_name(hf, part)
+    }
+
+    /// The sizes, as llama.cpp's converter writes them; sliding windows and rope scaling,
+    /// which `qwen2` files do not hold, are refused.
+    fn metadata(&self, config: &serde_json::Value) -> Result<Vec<(String, GgufValue)>> {
+        let dc = super::Qwen2::config(config)?;
+        export::refuse_rope(ARCH, &dc, |_| false)?;
+        export::refuse_windows(ARCH, &dc)?;
+        // Qwen2's head size is always hidden / heads: the converter never writes it.
+        Ok(export::sizes(&dc).metadata(ARCH, false))
     }
 }
 

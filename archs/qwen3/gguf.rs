@@ -1,9 +1,11 @@
 //! Qwen3 in llama.cpp's GGUF files: Qwen2's names plus the per-head q/k RMSNorms
 //! (`attn_q_norm`, `attn_k_norm`), an explicit head size, and the config.json the `qwen3.*`
 //! metadata implies.
+use crate::archs::decoder::{gguf as export, Family};
 use crate::error::Result;
 use crate::io::gguf::{
-    decoder_hf_name, llama_block_module, refuse_rope_changes, DecoderSizes, GgufFile, GgufMapping,
+    decoder_gguf_name, decoder_hf_name, refuse_rope_changes, DecoderSizes, GgufFile, GgufMapping,
+    GgufValue, NameTable, LLAMA_BLOCK,
 };
 
 /// The Qwen3 GGUF mapping (`general.architecture = "qwen3"`).
@@ -11,13 +13,20 @@ pub struct Qwen3Gguf;
 
 const ARCH: &str = "qwen3";
 
+/// Qwen3's own block modules, beside Llama's.
+const QK_NORMS: NameTable = NameTable(&[
+    ("attn_q_norm", "self_attn.q_norm"),
+    ("attn_k_norm", "self_attn.k_norm"),
+]);
+
 /// Qwen3's block modules: Llama's plus the q/k norms.
 fn module(part: &str) -> Option<&'static str> {
-    match part {
-        "attn_q_norm" => Some("self_attn.q_norm"),
-        "attn_k_norm" => Some("self_attn.k_norm"),
-        _ => llama_block_module(part),
-    }
+    QK_NORMS.module(part).or_else(|| LLAMA_BLOCK.module(part))
+}
+
+/// The inverse of [`module`], through the same tables.
+fn part(module: &str) -> Option<&'static str> {
+    QK_NORMS.part(module).or_else(|| LLAMA_BLOCK.part(module))
 }
 
 impl GgufMapping for Qwen3Gguf {
@@ -40,6 +49,23 @@ impl GgufMapping for Qwen3Gguf {
         cfg["use_sliding_window"] = false.into();
         cfg["sliding_window"] = serde_json::Value::Null;
         Ok(cfg)
+    }
+
+    fn exports(&self) -> &'static [&'static str] {
+        &["qwen3"]
+    }
+
+    fn gguf_tensor_name(&self, hf: &str) -> Option<String> {
+        decoder_gguf_name(hf, part)
+    }
+
+    /// The sizes, as llama.cpp's converter writes them; sliding windows and rope scaling,
+    /// which `qwen3` files do not hold, are refused.
+    fn metadata(&self, config: &serde_json::Value) -> Result<Vec<(String, GgufValue)>> {
+        let dc = super::Qwen3::config(config)?;
+        export::refuse_rope(ARCH, &dc, |_| false)?;
+        export::refuse_windows(ARCH, &dc)?;
+        Ok(export::size_metadata(ARCH, &dc, config))
     }
 }
 

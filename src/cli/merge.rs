@@ -12,10 +12,12 @@ pub struct Args {
     /// PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors).
     #[arg(long)]
     adapter: PathBuf,
-    /// Output folder (must not exist or be empty, unless --force).
+    /// Output folder (must not exist or be empty, unless --force); for gguf-* a GGUF file
+    /// (refused if it exists, unless --force).
     #[arg(long)]
     out: PathBuf,
-    /// hf-f16 or hf-f32 (a Hugging Face checkpoint), or octet8 (re-quantized 8-bit).
+    /// hf-f16 or hf-f32 (a Hugging Face checkpoint), octet8 (re-quantized 8-bit), or
+    /// gguf-f16, gguf-bf16, gguf-q8_0 (one llama.cpp GGUF file).
     #[arg(long, default_value = "hf-f16")]
     format: MergeFormat,
     /// Replace a non-empty output folder.

@@ -3,6 +3,7 @@ mod archs;
 mod convert;
 mod env;
 mod eval;
+mod export;
 mod generate;
 mod inspect;
 mod launch;
@@ -41,6 +42,10 @@ enum Command {
     Generate(generate::Args),
     /// Describe this build and machine: versions, CUDA devices, CPU kernels.
     Env(env::Args),
+    /// Export a model (octet 8-bit, Hugging Face or GGUF) to a llama.cpp GGUF file.
+    Export(export::Args),
+    /// Export a LoRA adapter to llama.cpp's GGUF LoRA format (`llama-cli --lora`).
+    ExportAdapter(export::AdapterArgs),
 }
 
 /// The flags naming the model `eval` and `generate` run, and how it is loaded.
@@ -92,5 +97,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Eval(a) => eval::run(a),
         Command::Generate(a) => generate::run(a),
         Command::Env(a) => env::run(a),
+        Command::Export(a) => export::run(a),
+        Command::ExportAdapter(a) => export::run_adapter(a),
     }
 }

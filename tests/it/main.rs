@@ -13,6 +13,7 @@ mod fuzz;
 mod fuzz_support;
 mod gguf;
 mod gguf_decoders;
+mod gguf_export;
 mod gguf_tokenizer;
 mod gguf_types;
 mod gguf_write;

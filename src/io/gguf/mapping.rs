@@ -1,5 +1,5 @@
 //! The per-architecture GGUF hook: llama.cpp names and metadata to Hugging Face ones.
-use super::GgufFile;
+use super::{GgufFile, GgufValue};
 use crate::error::Result;
 
 /// How one architecture's GGUF files map onto its Hugging Face checkpoints; an
@@ -10,10 +10,20 @@ pub trait GgufMapping: Sync {
     /// The Hugging Face name of the llama.cpp tensor `raw` (`blk.0.attn_q.weight` →
     /// `model.layers.0.self_attn.q_proj.weight`); `None` keeps the name.
     fn tensor_name(&self, raw: &str) -> Option<String>;
-    /// For a tensor whose rows llama.cpp's converter permuted per head (llama's q/k), the
-    /// head count, so that reads undo it (none by default: only llama's converter permutes).
-    fn permuted_heads(&self, _file: &GgufFile, _raw: &str) -> Result<Option<usize>> {
-        Ok(None)
+    /// For a tensor whose rows llama.cpp's converter permutes per head (llama's q/k), the
+    /// head count out of the model's `heads` and `kv_heads`; reads undo the permutation and
+    /// exports apply it (none by default: only llama's converter permutes).
+    fn permuted_head_count(&self, _raw: &str, _heads: usize, _kv_heads: usize) -> Option<usize> {
+        None
+    }
+    /// [`GgufMapping::permuted_head_count`] with the head counts of `file`'s metadata.
+    fn permuted_heads(&self, file: &GgufFile, raw: &str) -> Result<Option<usize>> {
+        let arch = self.gguf_name();
+        let heads = file.required_u64(&format!("{arch}.attention.head_count"))? as usize;
+        let kv = file
+            .meta_u64(&format!("{arch}.attention.head_count_kv"))
+            .map_or(heads, |v| v as usize);
+        Ok(self.permuted_head_count(raw, heads, kv))
     }
     /// The Hugging Face config.json the file's metadata implies.
     fn config(&self, file: &GgufFile) -> Result<serde_json::Value>;
@@ -28,6 +38,51 @@ pub trait GgufMapping: Sync {
     fn is_settings_tensor(&self, _raw: &str) -> bool {
         false
     }
+
+    // The export direction: octet → llama.cpp.
+
+    /// The octet architectures (registry names) this mapping writes as `gguf_name` (none by
+    /// default: the mapping only reads).
+    fn exports(&self) -> &'static [&'static str] {
+        &[]
+    }
+    /// The llama.cpp name of the Hugging Face tensor `hf`, the inverse of
+    /// [`GgufMapping::tensor_name`]; `None` for a tensor llama.cpp has no place for.
+    fn gguf_tensor_name(&self, _hf: &str) -> Option<String> {
+        None
+    }
+    /// Whether the Hugging Face tensor `hf` is stored `[in, out]` (GPT-2's Conv1D) and
+    /// llama.cpp holds it transposed, `[out, in]`.
+    fn transposed(&self, _hf: &str) -> bool {
+        false
+    }
+    /// The `<arch>.*` metadata (sizes, rope, norms' epsilon) a Hugging Face `config` gives,
+    /// the inverse of [`GgufMapping::config`].
+    fn metadata(&self, _config: &serde_json::Value) -> Result<Vec<(String, GgufValue)>> {
+        Err(crate::error::OctetError::InvalidArgument(format!(
+            "octet does not write {} GGUF files",
+            self.gguf_name()
+        )))
+    }
+    /// The settings tensors (name, f32 values) a `config` gives, which
+    /// [`GgufMapping::config`] reads back (Llama 3's `rope_freqs.weight`); none by default.
+    fn settings_tensors(&self, _config: &serde_json::Value) -> Result<Vec<(String, Vec<f32>)>> {
+        Ok(Vec::new())
+    }
+}
+
+/// The mapping that writes the octet architecture `arch` (a registry name), if any.
+pub fn mapping_exporting(arch: &str) -> Option<&'static dyn GgufMapping> {
+    mappings().find(|m| m.exports().contains(&arch))
+}
+
+/// The octet architectures some mapping writes.
+pub fn exported_architectures() -> Vec<&'static str> {
+    let mut v: Vec<&str> = mappings()
+        .flat_map(|m| m.exports().iter().copied())
+        .collect();
+    v.sort_unstable();
+    v
 }
 
 /// A GGUF mapping's registration (submitted by `register_architecture!` for every plugin;
@@ -64,30 +119,77 @@ pub fn split_block_name(raw: &str) -> Option<(usize, &str, &str)> {
 /// their fixed names, block tensors through `module` (llama.cpp part → Hugging Face module
 /// under `model.layers.N`); `None` for anything else.
 pub fn decoder_hf_name(raw: &str, module: impl Fn(&str) -> Option<&'static str>) -> Option<String> {
-    match raw {
-        "token_embd.weight" => return Some("model.embed_tokens.weight".into()),
-        "output_norm.weight" => return Some("model.norm.weight".into()),
-        "output.weight" => return Some("lm_head.weight".into()),
-        _ => {}
+    if let Some(hf) = DECODER_TOP.module(raw) {
+        return Some(hf.into());
     }
     let (layer, part, param) = split_block_name(raw)?;
     Some(format!("model.layers.{layer}.{}.{param}", module(part)?))
 }
 
+/// The llama.cpp name of a Hugging Face decoder tensor, the inverse of [`decoder_hf_name`]
+/// through the same tables: `part` gives the llama.cpp part of a module under
+/// `model.layers.N`.
+pub fn decoder_gguf_name(hf: &str, part: impl Fn(&str) -> Option<&'static str>) -> Option<String> {
+    if let Some(raw) = DECODER_TOP.part(hf) {
+        return Some(raw.into());
+    }
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (n, rest) = rest.split_once('.')?;
+    let layer = n.parse::<usize>().ok()?;
+    let (module, param) = rest.rsplit_once('.')?;
+    matches!(param, "weight" | "bias").then_some(())?;
+    Some(format!("blk.{layer}.{}.{param}", part(module)?))
+}
+
+/// Pairs of (llama.cpp name, Hugging Face name), read in both directions: reading GGUF
+/// looks up the first, exporting the second.
+#[derive(Clone, Copy, Debug)]
+pub struct NameTable(pub &'static [(&'static str, &'static str)]);
+
+impl NameTable {
+    /// The Hugging Face name of the llama.cpp `part`.
+    pub fn module(&self, part: &str) -> Option<&'static str> {
+        self.0.iter().find(|(p, _)| *p == part).map(|(_, m)| *m)
+    }
+    /// The llama.cpp name of the Hugging Face `module`.
+    pub fn part(&self, module: &str) -> Option<&'static str> {
+        self.0.iter().find(|(_, m)| *m == module).map(|(p, _)| *p)
+    }
+}
+
+/// The decoder tensors outside the blocks.
+const DECODER_TOP: NameTable = NameTable(&[
+    ("token_embd.weight", "model.embed_tokens.weight"),
+    ("output_norm.weight", "model.norm.weight"),
+    ("output.weight", "lm_head.weight"),
+]);
+
 /// The Llama-family block modules most llama.cpp decoders share (Llama, Mistral, Qwen2/3).
+pub const LLAMA_BLOCK: NameTable = NameTable(&[
+    ("attn_norm", "input_layernorm"),
+    ("ffn_norm", "post_attention_layernorm"),
+    ("attn_q", "self_attn.q_proj"),
+    ("attn_k", "self_attn.k_proj"),
+    ("attn_v", "self_attn.v_proj"),
+    ("attn_output", "self_attn.o_proj"),
+    ("ffn_gate", "mlp.gate_proj"),
+    ("ffn_up", "mlp.up_proj"),
+    ("ffn_down", "mlp.down_proj"),
+]);
+
+/// The Hugging Face module of a Llama-family block part ([`LLAMA_BLOCK`]).
 pub fn llama_block_module(part: &str) -> Option<&'static str> {
-    Some(match part {
-        "attn_norm" => "input_layernorm",
-        "ffn_norm" => "post_attention_layernorm",
-        "attn_q" => "self_attn.q_proj",
-        "attn_k" => "self_attn.k_proj",
-        "attn_v" => "self_attn.v_proj",
-        "attn_output" => "self_attn.o_proj",
-        "ffn_gate" => "mlp.gate_proj",
-        "ffn_up" => "mlp.up_proj",
-        "ffn_down" => "mlp.down_proj",
-        _ => return None,
-    })
+    LLAMA_BLOCK.module(part)
+}
+
+/// The head count whose rows llama.cpp's Llama converter permutes in `raw`: q's with the
+/// query heads, k's with the key/value heads (weights and biases alike).
+pub fn llama_qk_heads(raw: &str, heads: usize, kv_heads: usize) -> Option<usize> {
+    match split_block_name(raw)?.1 {
+        "attn_q" => Some(heads),
+        "attn_k" => Some(kv_heads),
+        _ => None,
+    }
 }
 
 /// The sizes every llama.cpp decoder stores under `<arch>.*`.
@@ -113,40 +215,109 @@ pub struct DecoderSizes {
     pub rope_theta: Option<f64>,
 }
 
+/// The `<arch>.*` keys of [`DecoderSizes`], read and written alike.
+mod keys {
+    pub const HIDDEN: &str = "embedding_length";
+    pub const LAYERS: &str = "block_count";
+    pub const HEADS: &str = "attention.head_count";
+    pub const KV_HEADS: &str = "attention.head_count_kv";
+    pub const INTERMEDIATE: &str = "feed_forward_length";
+    pub const KEY_LENGTH: &str = "attention.key_length";
+    pub const VALUE_LENGTH: &str = "attention.value_length";
+    pub const CONTEXT: &str = "context_length";
+    pub const RMS_EPS: &str = "attention.layer_norm_rms_epsilon";
+    pub const ROPE_THETA: &str = "rope.freq_base";
+}
+
 impl DecoderSizes {
     /// Reads the `<arch>.*` sizes; a missing or malformed key is an error naming the file.
     pub fn read(file: &GgufFile, arch: &str) -> Result<Self> {
         let key = |k: &str| format!("{arch}.{k}");
-        let hidden = file.required_u64(&key("embedding_length"))?;
-        let heads = file.required_u64(&key("attention.head_count"))?;
+        let hidden = file.required_u64(&key(keys::HIDDEN))?;
+        let heads = file.required_u64(&key(keys::HEADS))?;
         if heads == 0 {
-            return Err(file.bad(format!("{arch}.attention.head_count is 0")));
+            return Err(file.bad(format!("{arch}.{} is 0", keys::HEADS)));
         }
-        let kv_heads = file
-            .meta_u64(&key("attention.head_count_kv"))
-            .unwrap_or(heads);
+        let kv_heads = file.meta_u64(&key(keys::KV_HEADS)).unwrap_or(heads);
         if kv_heads == 0 || heads % kv_heads != 0 {
             return Err(file.bad(format!(
-                "{arch}.attention.head_count_kv {kv_heads} does not divide the {heads} heads"
+                "{arch}.{} {kv_heads} does not divide the {heads} heads",
+                keys::KV_HEADS
             )));
         }
-        let eps_key = key("attention.layer_norm_rms_epsilon");
+        let eps_key = key(keys::RMS_EPS);
         let rms_eps = file
             .positive_f64(&eps_key)?
             .ok_or_else(|| file.bad(format!("metadata {eps_key} is missing")))?;
         Ok(DecoderSizes {
             hidden,
-            layers: file.required_u64(&key("block_count"))?,
+            layers: file.required_u64(&key(keys::LAYERS))?,
             heads,
             kv_heads,
-            intermediate: file.required_u64(&key("feed_forward_length"))?,
+            intermediate: file.required_u64(&key(keys::INTERMEDIATE))?,
             head_dim: file
-                .meta_u64(&key("attention.key_length"))
+                .meta_u64(&key(keys::KEY_LENGTH))
                 .unwrap_or(hidden / heads),
-            context: file.meta_u64(&key("context_length")).unwrap_or(2048),
+            context: file.meta_u64(&key(keys::CONTEXT)).unwrap_or(2048),
             rms_eps,
-            rope_theta: file.positive_f64(&key("rope.freq_base"))?,
+            rope_theta: file.positive_f64(&key(keys::ROPE_THETA))?,
         })
+    }
+
+    /// The sizes of a Hugging Face decoder `config` (the fields [`DecoderSizes::config`]
+    /// writes); a missing or malformed field is an error naming it.
+    pub fn from_config(config: &serde_json::Value) -> Result<Self> {
+        let int = |k: &str| {
+            config[k].as_u64().ok_or_else(|| {
+                crate::error::OctetError::InvalidArgument(format!(
+                    "config.json: {k} must be a non-negative integer to write GGUF metadata"
+                ))
+            })
+        };
+        let (hidden, heads) = (int("hidden_size")?, int("num_attention_heads")?);
+        if heads == 0 {
+            return Err(crate::error::OctetError::InvalidArgument(
+                "config.json: num_attention_heads is 0".into(),
+            ));
+        }
+        let opt = |k: &str| config[k].as_u64();
+        Ok(DecoderSizes {
+            hidden,
+            layers: int("num_hidden_layers")?,
+            heads,
+            kv_heads: opt("num_key_value_heads").unwrap_or(heads),
+            intermediate: int("intermediate_size")?,
+            head_dim: opt("head_dim").unwrap_or(hidden / heads),
+            context: opt("max_position_embeddings").unwrap_or(2048),
+            rms_eps: config["rms_norm_eps"].as_f64().unwrap_or(1e-6),
+            rope_theta: config["rope_theta"].as_f64(),
+        })
+    }
+
+    /// The `<arch>.*` metadata [`DecoderSizes::read`] reads back, typed as llama.cpp's
+    /// converter types it; the head size (`key_length`, `value_length`) only when
+    /// `explicit_head_dim` (the converter writes it only when config.json has `head_dim`).
+    pub fn metadata(&self, arch: &str, explicit_head_dim: bool) -> Vec<(String, GgufValue)> {
+        let key = |k: &str| format!("{arch}.{k}");
+        let u32v = |v: u64| GgufValue::U32(v as u32);
+        let mut m = vec![
+            (key(keys::LAYERS), u32v(self.layers)),
+            (key(keys::CONTEXT), u32v(self.context)),
+            (key(keys::HIDDEN), u32v(self.hidden)),
+            (key(keys::INTERMEDIATE), u32v(self.intermediate)),
+            (key(keys::HEADS), u32v(self.heads)),
+            (key(keys::KV_HEADS), u32v(self.kv_heads)),
+            (
+                key(keys::ROPE_THETA),
+                GgufValue::F32(self.rope_theta.unwrap_or(10000.0) as f32),
+            ),
+            (key(keys::RMS_EPS), GgufValue::F32(self.rms_eps as f32)),
+        ];
+        if explicit_head_dim {
+            m.push((key(keys::KEY_LENGTH), u32v(self.head_dim)));
+            m.push((key(keys::VALUE_LENGTH), u32v(self.head_dim)));
+        }
+        m
     }
 
     /// The config.json fields these sizes give, plus the vocabulary size, a tied head when the
@@ -243,24 +414,44 @@ pub fn settings_values(file: &GgufFile, raw: &str, len: usize) -> Result<Vec<f32
     Ok(v)
 }
 
-/// Undoes llama.cpp's q/k row permutation of a `[rows, …]` tensor's bytes: within each of `heads` heads, GGUF row `2i + j` is Hugging Face row
-/// `j·(head_dim/2) + i` (the converter's `reshape(n_head, 2, hd/2, …).swapaxes(1, 2)`).
-pub(super) fn unpermute_rows(bytes: &[u8], rows: usize, heads: usize) -> Vec<u8> {
-    let row_bytes = bytes.len() / rows;
+/// Within one head of `hd` rows, the Hugging Face row that llama.cpp stores at row `r`: row
+/// `2i + j` holds Hugging Face row `j·(hd/2) + i` (the converter's
+/// `reshape(n_head, 2, hd/2, …).swapaxes(1, 2)`). The one statement of the permutation; reads
+/// and exports both go through it.
+fn hf_row_of_stored(r: usize, hd: usize) -> usize {
+    (r % 2) * (hd / 2) + r / 2
+}
+
+/// Reorders the `rows` rows of `data` (any element type, rows of equal length) between
+/// llama.cpp's q/k order and Hugging Face's, per head of `heads`.
+fn reorder_head_rows<T: Copy + Default>(
+    data: &[T],
+    rows: usize,
+    heads: usize,
+    to_hf: bool,
+) -> Vec<T> {
+    let row = data.len() / rows;
     let hd = rows / heads;
-    let half = hd / 2;
-    let mut out = vec![0u8; bytes.len()];
+    let mut out = vec![T::default(); data.len()];
     for h in 0..heads {
-        for j in 0..2 {
-            for i in 0..half {
-                let dst = h * hd + j * half + i;
-                let src = h * hd + 2 * i + j;
-                out[dst * row_bytes..(dst + 1) * row_bytes]
-                    .copy_from_slice(&bytes[src * row_bytes..(src + 1) * row_bytes]);
-            }
+        for r in 0..hd {
+            let (stored, hf) = (h * hd + r, h * hd + hf_row_of_stored(r, hd));
+            let (src, dst) = if to_hf { (stored, hf) } else { (hf, stored) };
+            out[dst * row..(dst + 1) * row].copy_from_slice(&data[src * row..(src + 1) * row]);
         }
     }
     out
+}
+
+/// Undoes llama.cpp's q/k row permutation of a `[rows, …]` tensor's bytes.
+pub(super) fn unpermute_rows(bytes: &[u8], rows: usize, heads: usize) -> Vec<u8> {
+    reorder_head_rows(bytes, rows, heads, true)
+}
+
+/// Applies llama.cpp's q/k row permutation to a `[rows, …]` tensor's values (in Hugging
+/// Face order), as its converter does.
+pub fn permute_rows(values: &[f32], rows: usize, heads: usize) -> Vec<f32> {
+    reorder_head_rows(values, rows, heads, false)
 }
 
 #[cfg(test)]
@@ -274,5 +465,30 @@ mod tests {
         let hf: Vec<u8> = (0..8u8).collect();
         let permuted: Vec<u8> = [0, 2, 1, 3, 4, 6, 5, 7].to_vec();
         assert_eq!(unpermute_rows(&permuted, 8, heads), hf);
+        let hf_f: Vec<f32> = hf.iter().map(|&x| f32::from(x)).collect();
+        let stored: Vec<f32> = permuted.iter().map(|&x| f32::from(x)).collect();
+        assert_eq!(permute_rows(&hf_f, 8, heads), stored);
+    }
+
+    #[test]
+    fn names_map_both_ways_through_one_table() {
+        for raw in [
+            "token_embd.weight",
+            "blk.3.attn_k.bias",
+            "blk.0.ffn_down.weight",
+        ] {
+            let hf = decoder_hf_name(raw, llama_block_module).unwrap();
+            assert_eq!(
+                decoder_gguf_name(&hf, |m| LLAMA_BLOCK.part(m)).as_deref(),
+                Some(raw)
+            );
+        }
+        assert_eq!(
+            decoder_gguf_name("model.layers.0.self_attn.rotary.weight", |m| LLAMA_BLOCK
+                .part(m)),
+            None
+        );
+        assert_eq!(llama_qk_heads("blk.1.attn_k.weight", 4, 2), Some(2));
+        assert_eq!(llama_qk_heads("blk.1.attn_v.weight", 4, 2), None);
     }
 }

@@ -25,6 +25,7 @@ mod kquants;
 mod mapping;
 mod sentencepiece;
 mod tokenizer;
+mod vocab_export;
 mod write;
 
 use super::dtype::float_bytes_to_f32;
@@ -32,8 +33,9 @@ use super::{Dtype, TensorMeta, TensorStore};
 use crate::error::{OctetError, Result};
 pub use ggml::{bf16_bits, dequantize, f16_bits, ggml_type_name, quantize_f32, GgmlType};
 pub use mapping::{
-    decoder_hf_name, llama_block_module, refuse_rope_changes, settings_values, split_block_name,
-    vocab_size, DecoderSizes, GgufMapping, GgufRegistration,
+    decoder_gguf_name, decoder_hf_name, exported_architectures, llama_block_module, llama_qk_heads,
+    mapping_exporting, permute_rows, refuse_rope_changes, settings_values, split_block_name,
+    vocab_size, DecoderSizes, GgufMapping, GgufRegistration, NameTable, LLAMA_BLOCK,
 };
 use mapping::{mapping_for, mappings, unpermute_rows};
 use memmap2::Mmap;
@@ -42,6 +44,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 pub use tokenizer::TokenizerKind;
+pub use vocab_export::tokenizer_metadata;
 pub use write::{GgufTensorSpec, GgufWriter, IfExists, GGUF_VERSION};
 
 const MAGIC: &[u8; 4] = b"GGUF";

@@ -272,7 +272,7 @@ pub enum TokenizerKind {
 }
 
 /// transformers' names for the special tokens and the metadata keys holding their ids.
-const SPECIAL_KEYS: [(&str, &str); 4] = [
+pub(super) const SPECIAL_KEYS: [(&str, &str); 4] = [
     ("bos_token", "bos_token_id"),
     ("eos_token", "eos_token_id"),
     ("unk_token", "unknown_token_id"),
@@ -332,7 +332,7 @@ const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}
 
 /// The pre-tokenizer llama.cpp uses for `tokenizer.ggml.pre`, and whether whole words found in
 /// the vocabulary skip the merges (llama.cpp's `ignore_merges`).
-fn pre_tokenizer_for(
+pub(super) fn pre_tokenizer_for(
     pre: &str,
 ) -> std::result::Result<(tokenizers::PreTokenizerWrapper, bool), String> {
     use tokenizers::pre_tokenizers::{digits::Digits, sequence::Sequence};

@@ -255,6 +255,31 @@ fn clean_leftovers(target: &Path) {
     }
 }
 
+/// The largest |x| a Q8_0 block holds: its scale `max|x| / 127` is stored as f16, whose
+/// largest finite value is 65504.
+pub const Q8_0_MAX_ABS: f32 = 127.0 * 65504.0;
+
+/// Refuses values that type `ty` would not store faithfully: non-finite values (a Q8_0
+/// block's scale would be NaN or infinite), values past f16's range in F16, and Q8_0 blocks
+/// whose largest magnitude exceeds [`Q8_0_MAX_ABS`] (their scale would overflow f16).
+fn check_representable(ty: GgmlType, values: &[f32]) -> std::result::Result<(), String> {
+    if let Some(i) = values.iter().position(|x| !x.is_finite()) {
+        return Err(format!("element {i} is {}", values[i]));
+    }
+    let limit = match ty {
+        GgmlType::F16 => f32::from(half::f16::MAX),
+        GgmlType::Q8_0 => Q8_0_MAX_ABS,
+        _ => return Ok(()),
+    };
+    match values.iter().position(|x| x.abs() > limit) {
+        Some(i) => Err(format!(
+            "element {i} is {}, beyond {limit:e}, the largest magnitude {ty:?} holds",
+            values[i]
+        )),
+        None => Ok(()),
+    }
+}
+
 /// A GGUF file being written: create it with its plan, write every planned tensor in order,
 /// then [`GgufWriter::finish`]. Dropped unfinished, it removes its temporary file.
 pub struct GgufWriter {
@@ -385,6 +410,12 @@ impl GgufWriter {
             // quantize_f32 says which types are written.
             quantize_f32(ty, &[], &mut [])?;
         }
+        check_representable(ty, values).map_err(|why| {
+            OctetError::InvalidArgument(format!(
+                "{}: tensor {name} cannot be stored as {ty:?}: {why}; nothing was written",
+                self.target.display()
+            ))
+        })?;
         let (be, bb) = (ty.block_elems(), ty.block_bytes());
         let mut buf = vec![0u8; CONVERT_CHUNK.min(numel) / be * bb];
         // Pieces of whole blocks: CONVERT_CHUNK is a multiple of every block size.
@@ -464,6 +495,19 @@ mod tests {
         assert_eq!(ok.nbytes(), 3 * 2 * 34);
         let e = check_spec(&ok, &mut seen).unwrap_err().to_string();
         assert!(e.contains("appears twice"), "{e}");
+    }
+
+    #[test]
+    fn values_a_type_cannot_hold_are_refused() {
+        assert!(check_representable(GgmlType::Q8_0, &[1.0, -8.3e6]).is_ok());
+        let e = check_representable(GgmlType::Q8_0, &[1.0, 8.4e6]).unwrap_err();
+        assert!(e.contains("element 1") && e.contains("Q8_0"), "{e}");
+        assert!(check_representable(GgmlType::F16, &[7e4]).is_err());
+        assert!(check_representable(GgmlType::F32, &[7e4]).is_ok());
+        for ty in [GgmlType::F32, GgmlType::BF16, GgmlType::Q8_0] {
+            let e = check_representable(ty, &[0.0, f32::NAN]).unwrap_err();
+            assert!(e.contains("element 1 is NaN"), "{e}");
+        }
     }
 
     #[test]
