@@ -59,7 +59,7 @@ impl GgufFormat {
         match self {
             GgufFormat::F16 => GgmlType::F16,
             GgufFormat::Bf16 => GgmlType::BF16,
-            GgufFormat::Q8_0 if shape[shape.len() - 1] % 32 == 0 => GgmlType::Q8_0,
+            GgufFormat::Q8_0 if shape[shape.len() - 1].is_multiple_of(32) => GgmlType::Q8_0,
             GgufFormat::Q8_0 => GgmlType::F16,
         }
     }
