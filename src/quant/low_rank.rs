@@ -59,7 +59,7 @@ impl LowRank<'_> {
             });
         }
         let (r, k, n) = (r as usize, k as usize, n as usize);
-        let m = if k == 0 { 0 } else { x.numel() / k };
+        let m = x.numel().checked_div(k).unwrap_or(0);
         if m == 0 || n == 0 || r == 0 {
             return Ok(());
         }
