@@ -803,7 +803,7 @@ impl<'a> Run<'a> {
                 return Err(self.out_of_memory(before)?);
             }
         };
-        if !loss.is_finite() && world > 1 {
+        if !loss.is_finite() && self.dist.world() > 1 {
             // Every rank learns of it in the step's stop vote and stops with it.
             self.nonfinite = true;
         } else if !loss.is_finite() {
