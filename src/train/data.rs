@@ -861,12 +861,7 @@ impl Batcher {
     /// draws the same batch of `batch_size` sequences (the global batch) and keeps the
     /// `rank`-th of `world` equal slices, so the data order and the saved position are the
     /// same on every rank.
-    pub fn next_shard(
-        &mut self,
-        data: &[Sequence],
-        rank: usize,
-        world: usize,
-    ) -> Result<Batch> {
+    pub fn next_shard(&mut self, data: &[Sequence], rank: usize, world: usize) -> Result<Batch> {
         if world == 0 || rank >= world || !self.batch_size.is_multiple_of(world) {
             return Err(OctetError::InvalidArgument(format!(
                 "a global batch of {} cannot be split into {world} equal parts for rank {rank}",

@@ -54,7 +54,8 @@ fn conversations_train_on_the_assistant_tokens() {
         ..ReadOptions::default()
     };
     let load = |name: &str, text: &str, read: &ReadOptions| {
-        load_sequences_with(&write(dir.path(), name, text), &tok, 64, read).unwrap()
+        // Long enough for the longest conversation (99 tokens): none is cut.
+        load_sequences_with(&write(dir.path(), name, text), &tok, 128, read).unwrap()
     };
     let (chat, stats) = load("chat.jsonl", CHAT, &read);
     assert_eq!((stats.format, stats.documents), (DataFormat::Chat, 2));
@@ -132,7 +133,8 @@ fn bad_records_name_the_file_and_line() {
     let tok = tokenizer();
     let chatml = ChatTemplate::chatml(tok.clone()).unwrap();
     let ok = r#"{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}"#;
-    let err = |name: &str, body: &str, template: &ChatTemplate| {
+    // `body` is line 2, after a good record; `line` is where the error is expected.
+    let err_at = |name: &str, body: &str, template: &ChatTemplate, line: &str| {
         let path = write(dir.path(), name, &format!("{ok}\n{body}\n"));
         let read = ReadOptions {
             template: Some(template),
@@ -141,9 +143,11 @@ fn bad_records_name_the_file_and_line() {
         let e = load_sequences_with(&path, &tok, 64, &read)
             .unwrap_err()
             .to_string();
-        assert!(e.contains(name) && e.contains("line 2"), "{e}");
+        assert!(e.contains(name) && e.contains(line), "{e}");
         e
     };
+    let err =
+        |name: &str, body: &str, template: &ChatTemplate| err_at(name, body, template, "line 2");
     let e = err(
         "role.jsonl",
         r#"{"messages": [{"role": "user", "content": "q"}, {"role": "bot", "content": "a"}]}"#,
@@ -182,7 +186,8 @@ fn bad_records_name_the_file_and_line() {
         tok.clone(),
     )
     .unwrap();
-    let e = err("render.jsonl", ok, &broken);
+    // It fails on the first record already.
+    let e = err_at("render.jsonl", ok, &broken, "line 1");
     assert!(
         e.contains("broken.jinja") && e.contains("template line 3"),
         "{e}"
