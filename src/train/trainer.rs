@@ -976,11 +976,14 @@ fn train_run(opts: &TrainOptions, dist: &Dist) -> Result<TrainSummary> {
     if dist.world() > 1 {
         // Every rank says what it holds: equal digests are ranks in step.
         let digest = super::distributed::digest(&run.params);
-        eprintln!(
-            "rank {} of {}: adapter digest {digest}",
+        let line = format!(
+            "rank {} of {}: adapter digest {digest}\n",
             dist.rank(),
             dist.world()
         );
+        // One write (shorter than a pipe's atomic size), so ranks sharing a pipe or terminal
+        // never interleave inside the line; `eprintln!` writes its pieces separately.
+        let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
     }
     Ok(TrainSummary {
         steps: run.step,
