@@ -718,7 +718,8 @@ impl<'a> Run<'a> {
             .iter()
             .map(|b| labelled_positions(&b.labels))
             .collect();
-        let total = self.dist_sum(counts.iter().sum::<i64>() as f64)? as i64;
+        let local = counts.iter().sum::<i64>() as f64;
+        let total = self.dist.all_reduce_f64(&[local], ReduceOp::Sum)?[0] as i64;
         let weights = micro_batch_weights(&counts, total);
         let mut loss_sum = 0.0;
         for (micro, (batch, w)) in batches.into_iter().zip(weights).enumerate() {
@@ -734,8 +735,12 @@ impl<'a> Run<'a> {
         self.optimizer.step(lr)?;
         self.step += 1;
         let tokens = (opts.batch_size * opts.seq_len * opts.grad_accum) as f64;
-        let (loss, tokens_per_s) =
-            self.dist_step_loss_and_speed(loss_sum, tokens / started.elapsed().as_secs_f64())?;
+        // Each rank holds its token-weighted share of the step's loss; speeds add up.
+        let speed = tokens / started.elapsed().as_secs_f64();
+        let summed = self
+            .dist
+            .all_reduce_f64(&[loss_sum, speed], ReduceOp::Sum)?;
+        let (loss, tokens_per_s) = (summed[0], summed[1]);
         let world = self.dist.world();
         let mut m = StepMetrics {
             step: self.step,
@@ -870,25 +875,6 @@ impl<'a> Run<'a> {
             1 => Ok(StopReason::StopAfter),
             _ => Ok(StopReason::Finished),
         }
-    }
-
-    /// The step's loss (each rank holds its token-weighted share of it) and speed, summed over the ranks.
-    fn dist_step_loss_and_speed(&self, loss: f64, tokens_per_s: f64) -> Result<(f64, f64)> {
-        if self.dist.world() == 1 {
-            return Ok((loss, tokens_per_s));
-        }
-        let v = self
-            .dist
-            .all_reduce_f64(&[loss, tokens_per_s], ReduceOp::Sum)?;
-        Ok((v[0], v[1]))
-    }
-
-    /// `value` summed over the ranks (itself with one rank).
-    fn dist_sum(&self, value: f64) -> Result<f64> {
-        if self.dist.world() == 1 {
-            return Ok(value);
-        }
-        Ok(self.dist.all_reduce_f64(&[value], ReduceOp::Sum)?[0])
     }
 
     /// Held-out loss, each rank evaluating its contiguous share of the held-out set and the
