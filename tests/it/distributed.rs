@@ -159,10 +159,13 @@ fn two_ranks_at_batch_b_equal_one_rank_at_2b_with_adamw() {
 }
 
 /// 8-bit Adam rounds its states to a 256-entry code, so gradients that differ in the last
-/// bit can land on neighbouring codes: the bound is a fraction of one step of lr 3e-3.
+/// bit could land on neighbouring codes and move a weight by up to lr × one code step. On this
+/// fixture none does: seeds 5, 6 and 7 differ by at most 8.2e-8 (adamw: 3.0e-7), so the
+/// tolerance is adamw's. The run is deterministic (one thread, a fixed two-rank reduction
+/// order), so the bound cannot flake.
 #[test]
 fn two_ranks_at_batch_b_match_one_rank_at_2b_with_adam8bit() {
-    two_ranks_match_one("adam8bit", 1e-4);
+    two_ranks_match_one("adam8bit", 1e-5);
 }
 
 #[test]
