@@ -250,6 +250,19 @@ impl<'a> Stepper<'a> {
         }
     }
 
+    /// Forgets every fed position from `keep` on, so the next sequence is fed from there.
+    fn rewind(&mut self, keep: i64) {
+        if keep >= self.fed {
+            return;
+        }
+        if let Some(caches) = &mut self.caches {
+            for c in caches.iter_mut() {
+                c.truncate(keep);
+            }
+        }
+        self.fed = keep;
+    }
+
     /// `seq` is `[B, T]` and extends what was fed before; returns f32 logits `[B, vocab]`
     /// for its last position.
     fn last_logits(&mut self, seq: &Tensor) -> Result<Tensor> {
@@ -316,34 +329,93 @@ pub fn generate(
     model: &dyn CausalLm,
     prompt_ids: &[i64],
     opts: &GenerateOptions,
-    mut on_token: impl FnMut(i64) -> bool,
+    on_token: impl FnMut(i64) -> bool,
 ) -> Result<Vec<i64>> {
-    opts.validate()?;
-    check_ids(model, prompt_ids)?;
-    let budget = room(model, prompt_ids.len(), opts.max_new_tokens)?;
-    let device = crate::model::model_device(model)?;
-    let mut sampler = Sampler::new(opts);
-    let mut stepper = Stepper::new(model, opts.use_cache, prompt_ids.len() + budget);
-    let mut seq = prompt_ids.to_vec();
-    let mut new = Vec::with_capacity(budget);
-    crate::nn::scratch::inference(|| -> Result<()> {
-        for _ in 0..budget {
-            let ids = Tensor::from_slice(&seq).unsqueeze(0).to_device(device);
-            let logits = stepper
-                .last_logits(&ids)?
-                .to_kind(Kind::Float)
-                .to_device(Device::Cpu);
-            let mut row = Vec::<f32>::try_from(logits.reshape([-1]))?;
-            let tok = sampler.next_token(&mut row, &seq);
-            seq.push(tok);
-            new.push(tok);
-            if !on_token(tok) || opts.eos.contains(&tok) {
-                break;
-            }
+    let positions = (prompt_ids.len() + opts.max_new_tokens).min(model.info().max_positions);
+    Decoder::new(model, opts.use_cache, positions).generate(prompt_ids, opts, on_token)
+}
+
+/// Generation that keeps its KV cache between calls, for a conversation: each call's sequence
+/// (the whole conversation so far) is compared with what was fed before, and only the part
+/// after their common beginning is computed. A later turn that re-renders the history exactly
+/// as it was generated costs only its new tokens; one that differs (a reply whose text
+/// re-tokenizes otherwise, a history trimmed at the front) rolls the cache back to where the
+/// two agree.
+pub struct Decoder<'a> {
+    model: &'a dyn CausalLm,
+    stepper: Stepper<'a>,
+    /// Every id fed to the model or sampled so far; the first `stepper.fed` are cached.
+    seq: Vec<i64>,
+    /// Leading ids of the last call's sequence whose keys and values were already cached.
+    reused: usize,
+}
+
+impl<'a> Decoder<'a> {
+    /// A decoder whose cache first makes room for `positions` positions (it grows if needed);
+    /// `use_cache: false` recomputes the whole sequence every step.
+    pub fn new(model: &'a dyn CausalLm, use_cache: bool, positions: usize) -> Self {
+        Decoder {
+            model,
+            stepper: Stepper::new(model, use_cache, positions),
+            seq: Vec::new(),
+            reused: 0,
         }
-        Ok(())
-    })?;
-    Ok(new)
+    }
+
+    /// How many leading ids of the last call's sequence came from the cache of earlier calls
+    /// (0 without a cache).
+    pub fn reused(&self) -> usize {
+        self.reused
+    }
+
+    /// As [`generate`], for `ids` that may begin with what an earlier call fed.
+    pub fn generate(
+        &mut self,
+        ids: &[i64],
+        opts: &GenerateOptions,
+        mut on_token: impl FnMut(i64) -> bool,
+    ) -> Result<Vec<i64>> {
+        opts.validate()?;
+        check_ids(self.model, ids)?;
+        let budget = room(self.model, ids.len(), opts.max_new_tokens)?;
+        let device = crate::model::model_device(self.model)?;
+        // At least the last id is fed again, for the logits of the next one.
+        let fed = (self.stepper.fed as usize).min(self.seq.len());
+        let same = self.seq[..fed]
+            .iter()
+            .zip(ids)
+            .take_while(|(a, b)| a == b)
+            .count()
+            .min(ids.len() - 1);
+        self.stepper.rewind(same as i64);
+        self.reused = if self.stepper.caches.is_some() {
+            same
+        } else {
+            0
+        };
+        let mut sampler = Sampler::new(opts);
+        self.seq = ids.to_vec();
+        let mut new = Vec::with_capacity(budget);
+        let (stepper, seq) = (&mut self.stepper, &mut self.seq);
+        crate::nn::scratch::inference(|| -> Result<()> {
+            for _ in 0..budget {
+                let ids = Tensor::from_slice(seq).unsqueeze(0).to_device(device);
+                let logits = stepper
+                    .last_logits(&ids)?
+                    .to_kind(Kind::Float)
+                    .to_device(Device::Cpu);
+                let mut row = Vec::<f32>::try_from(logits.reshape([-1]))?;
+                let tok = sampler.next_token(&mut row, seq);
+                seq.push(tok);
+                new.push(tok);
+                if !on_token(tok) || opts.eos.contains(&tok) {
+                    break;
+                }
+            }
+            Ok(())
+        })?;
+        Ok(new)
+    }
 }
 
 /// Greedy continuation of a batch of equal-length prompts `[B, T]` by exactly

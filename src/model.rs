@@ -89,6 +89,22 @@ impl LayerCache {
         self.buffers.as_ref().map_or(0, |(k, _)| k.size()[2])
     }
 
+    /// Forgets every cached position from `len` on (a conversation that took another turn
+    /// than the one cached); the buffers stay for the positions appended next. Views of the
+    /// forgotten positions handed out before are overwritten by later appends.
+    pub fn truncate(&mut self, len: i64) {
+        if len >= self.len() {
+            return;
+        }
+        if len <= 0 {
+            self.k = None;
+            self.v = None;
+            return;
+        }
+        self.k = self.k.as_ref().map(|k| k.narrow(2, 0, len));
+        self.v = self.v.as_ref().map(|v| v.narrow(2, 0, len));
+    }
+
     /// Appends `k`/`v` `[B, heads, t, head_dim]` after the cached positions and returns views
     /// of all of them. Cached positions are never rewritten, so views handed out earlier stay
     /// valid.

@@ -1,5 +1,6 @@
 //! Subcommands of the `octet` binary; `anyhow` errors live only here.
 mod archs;
+mod chat;
 mod convert;
 mod env;
 mod eval;
@@ -38,8 +39,10 @@ enum Command {
     QuantReport(quant_report::Args),
     /// Sliding-window perplexity of a model on a text file.
     Eval(eval::Args),
-    /// Continue a prompt (KV cache, greedy or sampled), streaming to stdout.
+    /// Continue a prompt or answer a chat (KV cache, greedy or sampled), streaming to stdout.
     Generate(generate::Args),
+    /// Chat with a model on stdin/stdout, keeping the KV cache across turns.
+    Chat(chat::Args),
     /// Describe this build and machine: versions, CUDA devices, CPU kernels.
     Env(env::Args),
     /// Export a model (octet 8-bit, Hugging Face or GGUF) to a llama.cpp GGUF file.
@@ -96,6 +99,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::QuantReport(a) => quant_report::run(a),
         Command::Eval(a) => eval::run(a),
         Command::Generate(a) => generate::run(a),
+        Command::Chat(a) => chat::run(a),
         Command::Env(a) => env::run(a),
         Command::Export(a) => export::run(a),
         Command::ExportAdapter(a) => export::run_adapter(a),

@@ -2,6 +2,7 @@
 
 mod adam8bit_oracle;
 mod chat_data;
+mod chat_generate;
 mod chat_template;
 mod common;
 mod convert_cli;
