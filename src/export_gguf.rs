@@ -145,7 +145,8 @@ fn model_name(path: &Path) -> String {
 }
 
 /// The tokenizer metadata of a source: a GGUF file's own `tokenizer.*` keys, or a folder's
-/// tokenizer files written as such. A folder without a tokenizer gives none.
+/// tokenizer files written as such, padded to the config's `vocab_size`. A folder without a
+/// tokenizer gives none.
 fn source_tokenizer(source: &ModelSource) -> Result<Vec<(String, GgufValue)>> {
     if source.is_gguf() {
         let file = GgufFile::open(&source.path)?;
@@ -156,7 +157,8 @@ fn source_tokenizer(source: &ModelSource) -> Result<Vec<(String, GgufValue)>> {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect());
     }
-    Ok(tokenizer_metadata(&source.path)?.unwrap_or_default())
+    let vocab_size = source.config["vocab_size"].as_u64().map(|v| v as usize);
+    Ok(tokenizer_metadata(&source.path, vocab_size)?.unwrap_or_default())
 }
 
 /// A CPU f32 tensor's values.
@@ -262,6 +264,12 @@ pub fn export_gguf(
             drop(tensor);
             if let Some(h) = mapping.permuted_head_count(raw, heads.0, heads.1) {
                 v = crate::io::gguf::permute_rows(&v, p.shape[0], h);
+            }
+            if let Some(order) = mapping.stored_row_order(raw, &source.config) {
+                v = crate::io::gguf::gather_rows(&v, &order);
+            }
+            if let Some(offset) = mapping.stored_offset(raw) {
+                v.iter_mut().for_each(|x| *x += offset);
             }
             w.write_f32(raw, &v)?;
         }
@@ -384,6 +392,9 @@ pub fn export_adapter_gguf(
         let b_shape: Vec<usize> = l.b.size().iter().map(|&d| d as usize).collect();
         if let Some(h) = mapping.permuted_head_count(&raw, heads.0, heads.1) {
             b_vals = crate::io::gguf::permute_rows(&b_vals, b_shape[0], h);
+        }
+        if let Some(order) = mapping.stored_row_order(&raw, &source.config) {
+            b_vals = crate::io::gguf::gather_rows(&b_vals, &order);
         }
         let a_shape: Vec<usize> = a.size().iter().map(|&d| d as usize).collect();
         plan.push(GgufTensorSpec::new(

@@ -2,6 +2,7 @@
 //! partial rotary embeddings (rotate_half convention), parallel or sequential residuals with
 //! two LayerNorms per block, and an untied `embed_out` head.
 mod config;
+mod gguf;
 mod model;
 
 pub use config::{GptNeoxConfig, RopeParameters};
@@ -29,6 +30,9 @@ impl Plugin for GptNeoxPlugin {
     }
     fn build(cfg: GptNeoxConfig, layers: &mut LayerMap, kind: Kind) -> Result<Box<dyn CausalLm>> {
         Ok(Box::new(GptNeox::new(cfg, layers, kind)?))
+    }
+    fn gguf() -> Option<&'static dyn crate::io::gguf::GgufMapping> {
+        Some(&gguf::GptNeoxGguf)
     }
 }
 

@@ -5,7 +5,7 @@
 use crate::archs::decoder::{gguf as export, DecoderConfig, Family, Scaling};
 use crate::error::Result;
 use crate::io::gguf::{
-    decoder_gguf_name, decoder_hf_name, llama_block_module, llama_qk_heads, refuse_rope_changes,
+    decoder_gguf_name, decoder_hf_name, llama_block_module, llama_qk_heads, rope_scaling,
     settings_values, DecoderSizes, GgufFile, GgufMapping, GgufValue, LLAMA_BLOCK,
 };
 
@@ -38,12 +38,13 @@ impl GgufMapping for LlamaGguf {
     }
 
     /// Sizes from the `llama.*` keys, tied embeddings when there is no `output.weight`,
-    /// biases when the first block has them, Llama 3 rope scaling from `rope_freqs.weight`,
+    /// biases when the first block has them, linear rope scaling from
+    /// `llama.rope.scaling.type` / `factor`, Llama 3 rope scaling from `rope_freqs.weight`,
     /// and a Mistral config when the file names a sliding window (llama.cpp's converter does
     /// not write Mistral's, so most Mistral files read as Llama).
     fn config(&self, file: &GgufFile) -> Result<serde_json::Value> {
         let sizes = DecoderSizes::read(file, ARCH)?;
-        refuse_rope_changes(file, ARCH, sizes.head_dim)?;
+        let linear = rope_scaling(file, ARCH, sizes.head_dim)?;
         let window = file
             .meta_u64(&key("attention.sliding_window"))
             .filter(|&w| w > 0);
@@ -58,7 +59,13 @@ impl GgufMapping for LlamaGguf {
         if let Some(w) = window {
             cfg["sliding_window"] = w.into();
         }
+        cfg["rope_scaling"] = linear;
         if file.tensor_info(ROPE_FREQS).is_some() {
+            if !cfg["rope_scaling"].is_null() {
+                return Err(file.bad(format!(
+                    "{ROPE_FREQS} and linear rope scaling together: one model has one rope scaling"
+                )));
+            }
             let theta = sizes.rope_theta.unwrap_or(10000.0);
             let factors = settings_values(file, ROPE_FREQS, (sizes.head_dim / 2) as usize)?;
             cfg["rope_scaling"] = match llama3_from_factors(&factors, theta, sizes.head_dim) {

@@ -52,13 +52,15 @@ fn listing(dir: &Path) -> Vec<String> {
 
 /// Re-exporting llama.cpp's f32 files as Q8_0 gives llama.cpp's own Q8_0 files: the same
 /// metadata keys and values (config-derived, not copied: only the tokenizer is), the same
-/// tensor names, types and bytes; and octet reads the result back to transformers' logits.
+/// tensor names, types and bytes (Phi-3's fused q/k/v and gate/up and longrope factors,
+/// Gemma 2's norms stored as 1 + w, soft-caps and window included); and octet reads the
+/// result back to transformers' logits.
 #[test]
 fn q8_0_exports_equal_llama_cpp_converter_output() {
     use octet::load::{load_model, LoadOptions};
     let dir = tempfile::tempdir().unwrap();
     let r = common::load_safetensors(&decoders("gguf/reference.safetensors"));
-    for v in ["llama3", "mistral", "qwen2", "qwen3"] {
+    for v in ["llama3", "mistral", "qwen2", "qwen3", "phi3", "gemma2"] {
         let ours = dir.path().join(format!("{v}.q8_0.gguf"));
         export_ok(&decoders(&format!("gguf/{v}.gguf")), &ours, "gguf-q8_0");
         let theirs = decoders(&format!("gguf/{v}.q8_0.gguf"));
@@ -129,8 +131,9 @@ fn transformers_loads_exports_of_hf_folders() {
         (mistral, "gguf-f16", "f16", true),
         // No tokenizer, so transformers cannot tell the vocabulary size from the metadata.
         (decoders("qwen2"), "gguf-bf16", "bf16", false),
-        // Its 257-token tokenizer is not padded to the model's 301 rows (llama.cpp's converter
-        // pads with [PADn]), so transformers cannot tell the vocabulary size either.
+        // Its 257-token tokenizer is padded to the model's 301 rows (checked below), but
+        // transformers' GGUF loader maps gpt2.context_length to n_ctx, not n_positions, so it
+        // builds 1024 positions for this model's 64 and needs the config.
         (
             common::fixture("tiny_gpt2/hf_safetensors"),
             "gguf-f16",
@@ -159,6 +162,23 @@ fn transformers_loads_exports_of_hf_folders() {
             assert_eq!(c["config_from"], "gguf", "{}: {c}", src.display());
         }
     }
+    // GPT-2's token list is padded to its 301 embedding rows with unused [PADn] tokens, as
+    // llama.cpp's converter pads it (llama.cpp refuses a token count other than the rows).
+    let file = octet::io::gguf::GgufFile::open(&dir.path().join("m4.gguf")).unwrap();
+    let tokens = file
+        .get("tokenizer.ggml.tokens")
+        .unwrap()
+        .as_array()
+        .unwrap();
+    let types = file
+        .get("tokenizer.ggml.token_type")
+        .unwrap()
+        .as_array()
+        .unwrap();
+    assert_eq!((tokens.len(), types.len()), (301, 301));
+    assert_eq!(tokens[300].as_str(), Some("[PAD300]"));
+    assert_eq!(types[300].as_u64(), Some(5));
+    assert_eq!(types[100].as_u64(), Some(1));
 }
 
 /// The adapter GGUF holds PEFT's A and B (B's q/k rows permuted as llama.cpp permutes the
@@ -339,4 +359,193 @@ fn exported_tokenizers_give_the_same_ids() {
             );
         }
     }
+}
+
+/// octet reads its own exports back to the source's perplexity. The source is an f32 Hugging
+/// Face folder (tiny_llama/untied, whose rows are whole Q8_0 blocks); the oracle for each
+/// format is that folder with its matrices rounded as the format stores them, computed in
+/// Python without any GGUF file (torch's f16 / bf16 casts, gguf's Q8_0 quantize and
+/// de-quantize). octet on the GGUF equals octet on the rounded folder within 1e-5 relative
+/// (the same weights through the two readers), transformers on the rounded folder within
+/// 1e-5, and the source itself within what the rounding costs.
+#[test]
+fn exports_read_back_to_the_perplexity_of_the_rounded_source() {
+    use octet::eval::perplexity;
+    use octet::load::{load_model, LoadOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let src = common::fixture("tiny_llama/untied");
+    // 128 fixed token ids (vocabulary 301), two windows of the model's 64 positions.
+    let ids: Vec<i64> = (0..128i64).map(|i| (i * 37 + 11) % 298 + 3).collect();
+    let ids_path = common::ids_file(dir.path(), &tch::Tensor::from_slice(&ids).unsqueeze(0));
+    let ppl = |model: &Path| {
+        let m = load_model(model, &LoadOptions::default()).unwrap();
+        tch::no_grad(|| perplexity(m.model.as_ref(), &ids, 64, 64, 1).unwrap()).perplexity
+    };
+    let source = ppl(&src);
+    let formats = [
+        // (format, rounding, allowed cost against the unrounded source; measured on this
+        // model: f16 7.7e-5, bf16 4.8e-5, q8_0 4.3e-3)
+        ("gguf-f16", "f16", 3e-4),
+        ("gguf-bf16", "bf16", 3e-3),
+        ("gguf-q8_0", "q8_0", 1e-2),
+    ];
+    let mut args = vec!["round", s(&src), s(dir.path()), s(&ids_path), "64"];
+    args.extend(formats.iter().map(|f| f.1));
+    let hf = check(&args);
+    let rel = |a: f64, b: f64| (a - b).abs() / b;
+    assert!(
+        rel(hf["source"].as_f64().unwrap(), source) < 1e-5,
+        "{hf} vs {source}"
+    );
+    for (fmt, round, cost) in formats {
+        let out = dir.path().join(format!("{round}.gguf"));
+        export_ok(&src, &out, fmt);
+        let (ours, oracle) = (ppl(&out), ppl(&dir.path().join(round)));
+        let hf_rounded = hf[round].as_f64().unwrap();
+        eprintln!(
+            "{fmt}: octet on the GGUF {ours:.8}, on the rounded folder {oracle:.8}, \
+             transformers on it {hf_rounded:.8}; source {source:.8}, rounding cost {:.2e}",
+            rel(ours, source)
+        );
+        assert!(rel(ours, oracle) < 1e-5, "{fmt}: {ours} vs {oracle}");
+        assert!(
+            rel(ours, hf_rounded) < 1e-5,
+            "{fmt}: {ours} vs {hf_rounded}"
+        );
+        assert!(rel(ours, source) < cost, "{fmt}: {ours} vs source {source}");
+        // The export did round: the file is not the source.
+        assert!(ours != source, "{fmt}");
+    }
+}
+
+/// GPT-NeoX exports equal llama.cpp's converter output for the tiny GPT-NeoX (F16 and Q8_0):
+/// names, metadata, the fused q/k/v rows regrouped from per-head to per-part order, every
+/// tensor's bytes, and the token list padded to the model's 301 rows. The one difference is
+/// the rope base 5000, which the converter drops (llama.cpp would then rotate with 10000) and
+/// octet writes.
+#[test]
+fn gpt_neox_exports_equal_llama_cpp_converter_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = common::fixture("tiny_gpt_neox/hf_safetensors");
+    for (fmt, theirs) in [("gguf-f16", "f16"), ("gguf-q8_0", "q8_0")] {
+        let ours = dir.path().join(format!("{theirs}.gguf"));
+        export_ok(&src, &ours, fmt);
+        let theirs = common::fixture(&format!("gguf_export/gpt_neox.{theirs}.gguf"));
+        let c = check(&["compare", s(&ours), s(&theirs)]);
+        // The converter's GPT-NeoX code writes no general.file_type, which every other
+        // architecture's does; octet writes it for all.
+        assert_eq!(
+            strings(&c["keys_only_ours"]),
+            ["general.file_type", "gptneox.rope.freq_base"],
+            "{fmt}: {c}"
+        );
+        assert_eq!(
+            strings(&c["keys_only_theirs"]),
+            ["general.size_label"],
+            "{fmt}: {c}"
+        );
+        for k in ["tensors_only_ours", "tensors_only_theirs", "tensors_differ"] {
+            assert!(strings(&c[k]).is_empty(), "{fmt} {k}: {c}");
+        }
+        assert_eq!(c["types"]["blk.0.attn_qkv.weight"], theirs_type(fmt));
+        // The token lists differ in one id: transformers' GPT-NeoX tokenizer class, which the
+        // converter loads, adds a `<|padding|>` token (id 257) that tokenizer.json does not
+        // hold; octet reads tokenizer.json and pads id 257 like 258..300.
+        assert_eq!(
+            strings(&c["values_differ"]),
+            ["tokenizer.ggml.token_type", "tokenizer.ggml.tokens"],
+            "{fmt}: {c}"
+        );
+        let (a, b) = (
+            octet::io::gguf::GgufFile::open(&ours).unwrap(),
+            octet::io::gguf::GgufFile::open(&theirs).unwrap(),
+        );
+        for key in ["tokenizer.ggml.tokens", "tokenizer.ggml.token_type"] {
+            let (x, y) = (
+                a.get(key).unwrap().as_array().unwrap(),
+                b.get(key).unwrap().as_array().unwrap(),
+            );
+            assert_eq!(x.len(), 301);
+            let differ: Vec<usize> = (0..x.len()).filter(|&i| x[i] != y[i]).collect();
+            assert_eq!(differ, [257], "{key}");
+        }
+        assert_eq!(
+            b.get("tokenizer.ggml.tokens").unwrap().as_array().unwrap()[257].as_str(),
+            Some("<|padding|>")
+        );
+        assert_eq!(
+            a.get("gptneox.rope.freq_base").and_then(|v| v.as_f64()),
+            Some(5000.0)
+        );
+    }
+}
+
+fn theirs_type(fmt: &str) -> &'static str {
+    match fmt {
+        "gguf-q8_0" => "Q8_0",
+        _ => "F16",
+    }
+}
+
+/// A Phi-3 Hugging Face folder (longrope, partial rotary, fused q/k/v and gate/up) exported
+/// and loaded by transformers (with the source's config: its GGUF loader reads Phi-3's rope
+/// settings incompletely) gives the source's logits on the same rounded weights; a Gemma 2
+/// whose query scale llama.cpp cannot express is refused by name.
+#[test]
+fn phi3_export_loads_in_transformers_and_gemma2_limits_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = common::load_safetensors(&decoders("reference.safetensors"));
+    let ids = common::ids_file(dir.path(), &r["phi3.input_ids"]);
+    let src = decoders("phi3");
+    let out = dir.path().join("phi3.gguf");
+    export_ok(&src, &out, "gguf-bf16");
+    let c = check(&["logits", s(&src), s(&out), s(&ids), "bf16", "source-config"]);
+    eprintln!("phi3 bf16: {c}");
+    assert!(c["same_weights"].as_f64().unwrap() < 1e-4, "{c}");
+
+    // tiny_decoders/gemma2: query_pre_attn_scalar 32, head size 20.
+    let out = dir.path().join("gemma2.gguf");
+    let (ok, _, err) = export(&decoders("gemma2"), &out, "gguf-f16", &[]);
+    assert!(!ok);
+    common::assert_mentions(&err, &["gemma2", "query_pre_attn_scalar other than 20"]);
+    assert!(!out.exists());
+}
+
+/// A linear-rope Llama exports with llama.rope.scaling.type / factor, and octet reads it back
+/// with the scaling applied: its logits equal transformers' on the source with the same f16
+/// rounding.
+#[test]
+fn linear_rope_exports_read_back() {
+    use octet::load::{load_model, LoadOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let r = common::load_safetensors(&decoders("reference.safetensors"));
+    let ids_t = r["llama_linear.input_ids"].shallow_clone();
+    let ids = common::ids_file(dir.path(), &ids_t);
+    let src = decoders("llama_linear");
+    let out = dir.path().join("linear.gguf");
+    export_ok(&src, &out, "gguf-f16");
+    let file = octet::io::gguf::GgufFile::open(&out).unwrap();
+    assert_eq!(
+        file.get("llama.rope.scaling.type").and_then(|v| v.as_str()),
+        Some("linear")
+    );
+    let m = load_model(&out, &LoadOptions::default()).unwrap();
+    assert_eq!(m.config["rope_scaling"]["rope_type"], "linear");
+    assert_eq!(m.config["rope_scaling"]["factor"], 2.0);
+    let ours = tch::no_grad(|| m.model.forward(&ids_t).unwrap());
+    let seq = ids_t.size()[1].to_string();
+    check(&["round", s(&src), s(dir.path()), s(&ids), &seq, "f16"]);
+    let theirs = common::hf_logits(
+        &dir.path().join("f16"),
+        &ids,
+        &dir.path().join("l.st"),
+        None,
+    );
+    let d = max_abs_diff(&ours, &theirs);
+    eprintln!("linear rope: octet on the f16 GGUF vs transformers on the rounded source {d:.2e}");
+    assert!(d < 1e-4, "{d}");
+    // And the unrounded source's logits (transformers), within what f16 rounding costs.
+    let source = &r["llama_linear.logits"];
+    let scale = source.abs().max().double_value(&[]);
+    assert!(max_abs_diff(&ours, source) < 1e-2 * scale);
 }

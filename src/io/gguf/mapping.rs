@@ -56,6 +56,12 @@ pub trait GgufMapping: Sync {
     fn transposed(&self, _hf: &str) -> bool {
         false
     }
+    /// For a tensor whose rows llama.cpp's converter reorders other than by
+    /// [`GgufMapping::permuted_head_count`] (GPT-NeoX's fused q/k/v, interleaved per head in
+    /// Hugging Face's order), the Hugging Face row each stored row holds; `None` keeps them.
+    fn stored_row_order(&self, _raw: &str, _config: &serde_json::Value) -> Option<Vec<usize>> {
+        None
+    }
     /// The `<arch>.*` metadata (sizes, rope, norms' epsilon) a Hugging Face `config` gives,
     /// the inverse of [`GgufMapping::config`].
     fn metadata(&self, _config: &serde_json::Value) -> Result<Vec<(String, GgufValue)>> {
@@ -362,6 +368,19 @@ impl DecoderSizes {
 /// Refuses what a plain rotary model cannot express: a `<arch>.rope.scaling.type` other than
 /// `none` and a rotary dimension other than the head size.
 pub fn refuse_rope_changes(file: &GgufFile, arch: &str, head_dim: u64) -> Result<()> {
+    match rope_scaling(file, arch, head_dim)? {
+        serde_json::Value::Null => Ok(()),
+        _ => Err(file.bad(format!(
+            "rope scaling 'linear' ({arch}.rope.scaling.type) is not supported"
+        ))),
+    }
+}
+
+/// The config.json `rope_scaling` of a whole-head rotary model's `<arch>.rope.scaling.*`
+/// keys: `null` for none, linear scaling with its `factor` (frequencies divided by it, as
+/// transformers and llama.cpp both apply it); other types, a missing or non-positive factor
+/// and a rotary dimension other than the head size are refused.
+pub fn rope_scaling(file: &GgufFile, arch: &str, head_dim: u64) -> Result<serde_json::Value> {
     if let Some(rd) = file.meta_u64(&format!("{arch}.rope.dimension_count")) {
         if rd != head_dim {
             return Err(file.bad(format!(
@@ -371,7 +390,14 @@ pub fn refuse_rope_changes(file: &GgufFile, arch: &str, head_dim: u64) -> Result
     }
     let key = format!("{arch}.rope.scaling.type");
     match file.get(&key).map(|v| v.as_str()) {
-        None | Some(Some("none")) => Ok(()),
+        None | Some(Some("none")) => Ok(serde_json::Value::Null),
+        Some(Some("linear")) => {
+            let fkey = format!("{arch}.rope.scaling.factor");
+            let factor = file
+                .positive_f64(&fkey)?
+                .ok_or_else(|| file.bad(format!("linear rope scaling ({key}) without {fkey}")))?;
+            Ok(serde_json::json!({"rope_type": "linear", "factor": factor}))
+        }
         Some(Some(s)) => Err(file.bad(format!("rope scaling '{s}' ({key}) is not supported"))),
         Some(None) => Err(file.bad(format!("metadata {key} is not a string"))),
     }
@@ -441,6 +467,16 @@ fn reorder_head_rows<T: Copy + Default>(
         }
     }
     out
+}
+
+/// The rows of `values` (rows of equal length) in the order `order` gives: stored row `i` is
+/// row `order[i]` of `values`.
+pub fn gather_rows(values: &[f32], order: &[usize]) -> Vec<f32> {
+    let row = values.len() / order.len().max(1);
+    order
+        .iter()
+        .flat_map(|&r| values[r * row..(r + 1) * row].iter().copied())
+        .collect()
 }
 
 /// Undoes llama.cpp's q/k row permutation of a `[rows, …]` tensor's bytes.

@@ -22,10 +22,18 @@ const NORMAL: i32 = 1;
 const UNKNOWN: i32 = 2;
 const CONTROL: i32 = 3;
 const USER_DEFINED: i32 = 4;
+const UNUSED: i32 = 5;
 const BYTE: i32 = 6;
 
 /// The `tokenizer.*` metadata of the tokenizer in `dir`; `None` when the folder has none.
-pub fn tokenizer_metadata(dir: &Path) -> Result<Option<Vec<(String, GgufValue)>>> {
+/// The token list is padded to `vocab_size` (the model's embedding rows, when larger than the
+/// tokenizer) with unused `[PADn]` tokens, as llama.cpp's converter pads it, so that readers
+/// that take the vocabulary size from the token list (transformers, llama.cpp) see the
+/// model's.
+pub fn tokenizer_metadata(
+    dir: &Path,
+    vocab_size: Option<usize>,
+) -> Result<Option<Vec<(String, GgufValue)>>> {
     let has = dir.join("tokenizer.json").is_file()
         || (dir.join("vocab.json").is_file() && dir.join("merges.txt").is_file());
     if !has {
@@ -49,7 +57,10 @@ pub fn tokenizer_metadata(dir: &Path) -> Result<Option<Vec<(String, GgufValue)>>
         )));
     }
     let byte_fallback = model["byte_fallback"].as_bool().unwrap_or(false);
-    let n = tok.inner().get_vocab_size(true);
+    let n = tok
+        .inner()
+        .get_vocab_size(true)
+        .max(vocab_size.unwrap_or(0));
     let mut tokens = vec![None::<String>; n];
     let vocab = model["vocab"]
         .as_object()
@@ -59,14 +70,18 @@ pub fn tokenizer_metadata(dir: &Path) -> Result<Option<Vec<(String, GgufValue)>>
             *slot = Some(t.clone());
         }
     }
-    let mut types = vec![NORMAL; n];
+    let mut types: Vec<i32> = tokens
+        .iter()
+        .map(|t| if t.is_some() { NORMAL } else { UNUSED })
+        .collect();
     for (id, added) in tok.inner().get_added_tokens_decoder() {
         if let Some(slot) = tokens.get_mut(id as usize) {
             *slot = Some(added.content.clone());
             types[id as usize] = if added.special { CONTROL } else { USER_DEFINED };
         }
     }
-    // Ids no token holds are padded as llama.cpp's converter pads them.
+    // Ids no token holds (gaps and the padding) are unused `[PADn]`, as llama.cpp's converter
+    // writes them.
     let tokens: Vec<String> = tokens
         .into_iter()
         .enumerate()
@@ -123,13 +138,28 @@ pub fn tokenizer_metadata(dir: &Path) -> Result<Option<Vec<(String, GgufValue)>>
             "ggml.token_type",
             GgufValue::Array(types.iter().map(|&t| GgufValue::I32(t)).collect()),
         );
-        let merges: Vec<String> = merges.iter().map(|(a, b)| format!("{a} {b}")).collect();
-        push("ggml.merges", strings(&merges));
+        // No merges (a byte-level vocabulary) means no key, as the converter writes it.
+        if !merges.is_empty() {
+            let merges: Vec<String> = merges.iter().map(|(a, b)| format!("{a} {b}")).collect();
+            push("ggml.merges", strings(&merges));
+        }
     }
     let named = |name: &str| str_key(name).and_then(|t| id_of(&t));
+    // Last, the model's config.json ids, as the converter falls back to them.
+    let model_config = read_json(&dir.join("config.json"))?;
+    let config_id = |key: &str| {
+        model_config[key]
+            .as_u64()
+            .filter(|&id| (id as usize) < tokens.len())
+            .map(|id| id as u32)
+    };
     let ids = [
-        named("bos_token").or(tok.bos_id()),
-        named("eos_token").or(tok.eos_id()),
+        named("bos_token")
+            .or(tok.bos_id())
+            .or_else(|| config_id("bos_token_id")),
+        named("eos_token")
+            .or(tok.eos_id())
+            .or_else(|| config_id("eos_token_id")),
         named("unk_token").or_else(|| model["unk_token"].as_str().and_then(id_of)),
         named("pad_token"),
     ];
