@@ -33,7 +33,7 @@ use crate::tokenizer::Tokenizer;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::fmt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use tch::Tensor;
 
@@ -65,12 +65,17 @@ impl DataFormat {
     /// of a `.jsonl`/`.json` file: `messages` is chat, `conversations` ShareGPT, `instruction`
     /// with `output` Alpaca, `prompt` with `completion` prompt/completion, anything else JSONL
     /// text (field `text`); other files are plain text.
+    ///
+    /// A folder is read as its JSON Lines shards ([`data_files`]); its format is the first
+    /// shard's.
     pub fn detect(path: &Path) -> Result<Self> {
-        if !has_json_extension(path) {
+        let files = data_files(path)?;
+        let first = &files[0];
+        if !has_json_extension(first) {
             return Ok(Self::Text);
         }
-        let text = read_text(path)?;
-        detect_json_lines(path, &text)
+        let text = read_text(first)?;
+        detect_json_lines(first, &text)
     }
 }
 
@@ -183,6 +188,9 @@ pub struct Dataset {
     pub eval: Vec<Sequence>,
     /// What loading produced.
     pub stats: LoadStats,
+    /// The segment ids of each training sequence once packed ([`Dataset::pack_train`]): 1, 2,
+    /// … for its records, 0 for padding; `None`: one record (or one window of text) each.
+    pub segments: Option<Vec<Vec<i64>>>,
 }
 
 impl Dataset {
@@ -216,8 +224,28 @@ impl Dataset {
         check_fraction(eval_fraction)?;
         let (sequences, stats) = load_sequences_with(path.as_ref(), tokenizer, seq_len, read)?;
         let (train, eval) = split(sequences, eval_fraction, seed)?;
-        Ok(Self { train, eval, stats })
+        Ok(Self {
+            train,
+            eval,
+            stats,
+            segments: None,
+        })
     }
+
+    /// Packs the training sequences several records to a sequence
+    /// ([`super::pack::pack`]; `pad_id` is what they are padded with, see [`pad_id`]) and
+    /// keeps their segment ids. The held-out sequences stay one record each.
+    pub fn pack_train(&mut self, pad_id: i64) -> super::pack::PackStats {
+        let (train, segments, stats) = super::pack::pack(&self.train, pad_id);
+        self.train = train;
+        self.segments = Some(segments);
+        stats
+    }
+}
+
+/// The id sequences are padded with: the tokenizer's EOS, or 0 without one.
+pub fn pad_id(tokenizer: &Tokenizer) -> i64 {
+    tokenizer.eos_id().map_or(0, i64::from)
 }
 
 /// Shuffles `sequences` with `seed` and splits off `eval_fraction` of them as (train, eval).
@@ -273,15 +301,22 @@ pub fn load_sequences_with(
             "seq_len must be at least 2 (one prediction needs two tokens), got {seq_len}"
         )));
     }
-    let text = read_text(path)?;
+    let files = data_files(path)?;
     let format = match read.format {
         Some(f) => f.clone(),
-        None if has_json_extension(path) => detect_json_lines(path, &text)?,
-        None => DataFormat::Text,
+        None => DataFormat::detect(path)?,
     };
     let eos = tokenizer.eos_id().map(i64::from);
     match &format {
         DataFormat::Text => {
+            if path.is_dir() {
+                return Err(OctetError::bad_file(
+                    path,
+                    "a data folder is read as JSON Lines shards, not as plain text (give one \
+                     text file, or a --format of JSON Lines)",
+                ));
+            }
+            let text = read_text(path)?;
             if text.trim().is_empty() {
                 return Err(no_text(path, "the file holds only whitespace"));
             }
@@ -290,12 +325,13 @@ pub fn load_sequences_with(
         }
         DataFormat::JsonlText { field } => {
             let mut docs = Vec::new();
-            for (line_no, record) in json_lines(path, &text) {
-                let value = string_field(path, line_no, &record?, field)?;
+            for_each_record(&files, |file, line_no, record| {
+                let value = string_field(file, line_no, &record, field)?;
                 if !value.trim().is_empty() {
                     docs.push(value);
                 }
-            }
+                Ok(())
+            })?;
             if docs.is_empty() {
                 return Err(no_text(path, &format!("every {field:?} field is empty")));
             }
@@ -303,10 +339,10 @@ pub fn load_sequences_with(
             pack(path, tokenizer, &docs, seq_len, eos, format.clone())
         }
         DataFormat::PromptCompletion => {
-            prompt_completion(path, tokenizer, &text, seq_len, eos, read.drop_long)
+            prompt_completion(path, &files, tokenizer, seq_len, eos, read.drop_long)
         }
         DataFormat::Chat | DataFormat::ShareGpt | DataFormat::Alpaca => {
-            conversations(path, &text, &format, seq_len, eos, read)
+            conversations(path, &files, &format, seq_len, eos, read)
         }
     }
 }
@@ -384,19 +420,19 @@ fn pack(
 
 fn prompt_completion(
     path: &Path,
+    files: &[PathBuf],
     tokenizer: &Tokenizer,
-    text: &str,
     seq_len: usize,
     eos: Option<i64>,
     drop_long: bool,
 ) -> Result<(Vec<Sequence>, LoadStats)> {
     let mut pairs = Vec::new();
-    for (line_no, record) in json_lines(path, text) {
-        let record = record?;
-        let prompt = string_field(path, line_no, &record, "prompt")?;
-        let completion = string_field(path, line_no, &record, "completion")?;
+    for_each_record(files, |file, line_no, record| {
+        let prompt = string_field(file, line_no, &record, "prompt")?;
+        let completion = string_field(file, line_no, &record, "completion")?;
         pairs.push((prompt, completion));
-    }
+        Ok(())
+    })?;
     if pairs.is_empty() {
         return Err(no_text(path, "no prompt/completion records"));
     }
@@ -472,7 +508,7 @@ fn fit_record(
 /// the assistant's tokens (all tokens with `train_on_prompt`).
 fn conversations(
     path: &Path,
-    text: &str,
+    files: &[PathBuf],
     format: &DataFormat,
     seq_len: usize,
     eos: Option<i64>,
@@ -485,22 +521,24 @@ fn conversations(
             path.display()
         )));
     };
-    let at_line =
-        |line: usize, e: &dyn fmt::Display| OctetError::bad_file(path, format!("line {line}: {e}"));
+    let at_line = |file: &Path, line: usize, e: &dyn fmt::Display| {
+        OctetError::bad_file(file, format!("line {line}: {e}"))
+    };
     let mut conversations = Vec::new();
-    for (line, record) in json_lines(path, text) {
-        let messages = records::messages(kind, &record?).map_err(|e| at_line(line, &e))?;
-        conversations.push((line, messages));
-    }
+    for_each_record(files, |file, line, record| {
+        let messages = records::messages(kind, &record).map_err(|e| at_line(file, line, &e))?;
+        conversations.push((file.to_path_buf(), line, messages));
+        Ok(())
+    })?;
     if conversations.is_empty() {
         return Err(no_text(path, "no records"));
     }
     let encoded: Vec<_> = conversations
         .par_iter()
-        .map(|(line, m)| {
+        .map(|(file, line, m)| {
             template
                 .encode_with_assistant_mask(m)
-                .map_err(|e| at_line(*line, &e))
+                .map_err(|e| at_line(file, *line, &e))
         })
         .collect::<Result<_>>()?;
     let mut stats = LoadStats {
@@ -549,6 +587,47 @@ fn conversations(
 
 fn no_text(path: &Path, why: &str) -> OctetError {
     OctetError::bad_file(path, format!("no usable text: {why}"))
+}
+
+/// The files of `path`: itself, or, for a folder, the JSON Lines shards directly in it
+/// (`*.jsonl`, `*.json`) sorted by name, read as one file in that order. Other files in the
+/// folder are not data and are skipped.
+pub fn data_files(path: &Path) -> Result<Vec<PathBuf>> {
+    if !path.is_dir() {
+        return Ok(vec![path.to_path_buf()]);
+    }
+    let entries = std::fs::read_dir(path).map_err(|e| OctetError::io(path, e))?;
+    let mut files = Vec::new();
+    for entry in entries {
+        let p = entry.map_err(|e| OctetError::io(path, e))?.path();
+        if p.is_file() && has_json_extension(&p) {
+            files.push(p);
+        }
+    }
+    if files.is_empty() {
+        return Err(OctetError::bad_file(
+            path,
+            "a data folder must hold JSON Lines shards (*.jsonl or *.json); it holds none",
+        ));
+    }
+    // By name, bytewise, so the order is the same on every platform and rank.
+    files.sort_by(|a, b| a.file_name().cmp(&b.file_name()));
+    Ok(files)
+}
+
+/// Calls `f` with every record of `files` in order, with its file and 1-based line; stops at
+/// the first error.
+fn for_each_record(
+    files: &[PathBuf],
+    mut f: impl FnMut(&Path, usize, serde_json::Value) -> Result<()>,
+) -> Result<()> {
+    for file in files {
+        let text = read_text(file)?;
+        for (line, record) in json_lines(file, &text) {
+            f(file, line, record?)?;
+        }
+    }
+    Ok(())
 }
 
 fn has_json_extension(path: &Path) -> bool {
@@ -824,7 +903,13 @@ impl Batcher {
 
     /// The next batch (see [`Batcher::next_batch`]).
     pub fn next(&mut self, data: &[Sequence]) -> Result<Batch> {
-        if data.len() != self.n {
+        self.next_with(data, None)
+    }
+
+    /// The next batch, with the segment ids of its rows when the sequences are packed
+    /// (`segments`, one row per sequence of `data`).
+    pub fn next_with(&mut self, data: &[Sequence], segments: Option<&[Vec<i64>]>) -> Result<Batch> {
+        if data.len() != self.n || segments.is_some_and(|s| s.len() != self.n) {
             return Err(OctetError::ShapeMismatch {
                 what: "sequences given to the batcher".into(),
                 expected: self.n.to_string(),
@@ -835,6 +920,11 @@ impl Batcher {
         let seq_len = data[idx[0]].input_ids.len();
         let mut ids = Vec::with_capacity(idx.len() * seq_len);
         let mut labels = Vec::with_capacity(idx.len() * seq_len);
+        let mut segs = Vec::with_capacity(if segments.is_some() {
+            idx.len() * seq_len
+        } else {
+            0
+        });
         for &i in &idx {
             let s = &data[i];
             if s.input_ids.len() != seq_len || s.labels.len() != seq_len {
@@ -846,12 +936,24 @@ impl Batcher {
             }
             ids.extend_from_slice(&s.input_ids);
             labels.extend_from_slice(&s.labels);
+            if let Some(all) = segments {
+                if all[i].len() != seq_len {
+                    return Err(OctetError::ShapeMismatch {
+                        what: format!("segment ids of sequence {i}"),
+                        expected: seq_len.to_string(),
+                        found: all[i].len().to_string(),
+                    });
+                }
+                segs.extend_from_slice(&all[i]);
+            }
         }
         let shape = [idx.len() as i64, seq_len as i64];
         Ok(Batch {
             input_ids: Tensor::f_from_slice(&ids)?.f_reshape(shape)?,
             labels: Tensor::f_from_slice(&labels)?.f_reshape(shape)?,
-            segment_ids: None,
+            segment_ids: segments
+                .map(|_| Tensor::f_from_slice(&segs)?.f_reshape(shape))
+                .transpose()?,
         })
     }
 }
@@ -861,14 +963,21 @@ impl Batcher {
     /// draws the same batch of `batch_size` sequences (the global batch) and keeps the
     /// `rank`-th of `world` equal slices, so the data order and the saved position are the
     /// same on every rank.
-    pub fn next_shard(&mut self, data: &[Sequence], rank: usize, world: usize) -> Result<Batch> {
+    /// `segments`: the sequences' segment ids when they are packed.
+    pub fn next_shard(
+        &mut self,
+        data: &[Sequence],
+        segments: Option<&[Vec<i64>]>,
+        rank: usize,
+        world: usize,
+    ) -> Result<Batch> {
         if world == 0 || rank >= world || !self.batch_size.is_multiple_of(world) {
             return Err(OctetError::InvalidArgument(format!(
                 "a global batch of {} cannot be split into {world} equal parts for rank {rank}",
                 self.batch_size
             )));
         }
-        let b = self.next(data)?;
+        let b = self.next_with(data, segments)?;
         let per = (self.batch_size / world) as i64;
         let at = rank as i64 * per;
         Ok(Batch {
@@ -971,12 +1080,25 @@ mod tests {
         let mut r1 = Batcher::new(7, 4, 5).unwrap();
         for _ in 0..3 {
             let (ids, _) = whole.next_batch(&data).unwrap();
-            let a = r0.next_shard(&data, 0, 2).unwrap();
-            let b = r1.next_shard(&data, 1, 2).unwrap();
+            let a = r0.next_shard(&data, None, 0, 2).unwrap();
+            let b = r1.next_shard(&data, None, 1, 2).unwrap();
             assert_eq!(Tensor::cat(&[a.input_ids, b.input_ids], 0), ids);
         }
         assert_eq!(r0.state(), whole.state());
-        assert!(r0.next_shard(&data, 0, 3).is_err());
-        assert!(r0.next_shard(&data, 2, 2).is_err());
+        assert!(r0.next_shard(&data, None, 0, 3).is_err());
+        assert!(r0.next_shard(&data, None, 2, 2).is_err());
+        // Packed: each row's segment ids travel with it.
+        let segs: Vec<Vec<i64>> = (0..7i64).map(|i| vec![1, 1 + i % 2]).collect();
+        let mut r1 = Batcher::new(7, 4, 5).unwrap();
+        let b = r1.next_shard(&data, Some(&segs), 1, 2).unwrap();
+        let ids = Vec::<i64>::try_from(b.input_ids.flatten(0, -1)).unwrap();
+        let got = Vec::<i64>::try_from(b.segment_ids.unwrap().flatten(0, -1)).unwrap();
+        let want: Vec<i64> = ids
+            .iter()
+            .step_by(2)
+            .flat_map(|&i| segs[i as usize].clone())
+            .collect();
+        assert_eq!(got, want);
+        assert!(r1.next_shard(&data, Some(&segs[1..]), 0, 2).is_err());
     }
 }

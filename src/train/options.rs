@@ -78,6 +78,10 @@ pub struct TrainOptions {
     /// Drop records longer than --seq-len instead of truncating them.
     #[arg(long)]
     pub drop_long: bool,
+    /// Pack several records into each sequence, up to --seq-len (positions restart at each
+    /// record and no record attends to another).
+    #[arg(long)]
+    pub pack: bool,
     /// Output folder for the adapter, resume state and metrics.jsonl.
     #[arg(long, default_value = "", hide_default_value = true, value_parser = path_flag)]
     pub out: PathBuf,

@@ -7,18 +7,19 @@ use super::checkpoint::{
     STATE_FILE,
 };
 use super::data::{
-    load_sequences_with, Batch, Batcher, BatcherState, DataFormat, Dataset, ReadOptions, Sequence,
+    load_sequences_with, pad_id, Batch, Batcher, BatcherState, DataFormat, Dataset, ReadOptions,
+    Sequence,
 };
 use super::optim::{AdamConfig, Optimizer};
 use super::schedule::LrSchedule;
-use super::step::{causal_lm_nll, forward_backward, labelled_positions, micro_batch_weights};
+use super::step::{causal_lm_nll, forward_backward_with, labelled_positions, micro_batch_weights};
 use crate::chat::ChatTemplate;
 use crate::dist::{Dist, ReduceOp};
 use crate::error::{OctetError, Result};
 use crate::io::safetensors::SafetensorsFile;
 use crate::io::TensorStore;
 use crate::load::{load_model, LoadOptions, LoadedModel, QuantizeOptions};
-use crate::model::CausalLm;
+use crate::model::{CausalLm, Packing};
 use crate::nn::Layer;
 use crate::outdir::InPlaceOutput;
 use crate::peft::{
@@ -58,6 +59,10 @@ pub struct StepMetrics {
     /// for a run of one process.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub world_size: Option<usize>,
+    /// With `--pack`: the fraction of the step's token positions (every micro-batch of every
+    /// rank) that hold a record rather than padding.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub packing_efficiency: Option<f64>,
 }
 
 /// What a run did.
@@ -410,7 +415,7 @@ fn load_data(opts: &TrainOptions, tokenizer: &Tokenizer, vocab: usize) -> Result
         drop_long: opts.drop_long,
     };
     let (seq_len, seed) = (opts.seq_len, opts.seed);
-    let dataset = match (&opts.eval_data, &eval_format) {
+    let mut dataset = match (&opts.eval_data, &eval_format) {
         (Some(eval), Some(f)) => {
             let mut d = Dataset::load_with(&opts.data, tokenizer, seq_len, 0.0, seed, &read)?;
             let read_eval = ReadOptions {
@@ -430,6 +435,17 @@ fn load_data(opts: &TrainOptions, tokenizer: &Tokenizer, vocab: usize) -> Result
         )?,
     };
     report_load(opts, &dataset);
+    if opts.pack {
+        let st = dataset.pack_train(pad_id(tokenizer));
+        eprintln!(
+            "packing: {} training records into {} sequences of {} tokens; padding {:.1}% -> {:.1}%",
+            st.records,
+            st.sequences,
+            opts.seq_len,
+            100.0 * st.padding_before,
+            100.0 * st.padding_after
+        );
+    }
     if dataset.train.is_empty() {
         return Err(OctetError::bad_file(
             &opts.data,
@@ -711,9 +727,16 @@ impl<'a> Run<'a> {
         // labelled tokens of the whole step on every rank, so each is weighted by its share of
         // them (see `micro_batch_weights`) and the ranks' gradients are then summed.
         let (rank, world) = (self.dist.rank(), self.dist.world());
+        let segments = data.segments.as_deref();
         let batches: Vec<Batch> = (0..opts.grad_accum)
-            .map(|_| self.batcher.next_shard(&data.train, rank, world))
+            .map(|_| self.batcher.next_shard(&data.train, segments, rank, world))
             .collect::<Result<_>>()?;
+        // Positions that hold a record, for the packing efficiency.
+        let filled: i64 = batches
+            .iter()
+            .filter_map(|b| b.segment_ids.as_ref())
+            .map(|s| s.ne(0).sum(Kind::Int64).int64_value(&[]))
+            .sum();
         let counts: Vec<i64> = batches
             .iter()
             .map(|b| labelled_positions(&b.labels))
@@ -739,9 +762,10 @@ impl<'a> Run<'a> {
         let speed = tokens / started.elapsed().as_secs_f64();
         let summed = self
             .dist
-            .all_reduce_f64(&[loss_sum, speed], ReduceOp::Sum)?;
+            .all_reduce_f64(&[loss_sum, speed, filled as f64], ReduceOp::Sum)?;
         let (loss, tokens_per_s) = (summed[0], summed[1]);
         let world = self.dist.world();
+        let positions = (world * opts.batch_size * opts.seq_len * opts.grad_accum) as f64;
         let mut m = StepMetrics {
             step: self.step,
             loss,
@@ -751,6 +775,7 @@ impl<'a> Run<'a> {
             eval_loss: None,
             peak_gpu_mib: self.track_gpu_memory(),
             world_size: (world > 1).then_some(world),
+            packing_efficiency: segments.map(|_| summed[2] / positions),
         };
         if (opts.eval_every > 0 && self.step.is_multiple_of(opts.eval_every))
             || self.step == opts.steps
@@ -785,14 +810,20 @@ impl<'a> Run<'a> {
         // Built on the host, copied to the device once per micro-batch.
         let ids = batch.input_ids.to_device(self.device);
         let labels = batch.labels.to_device(self.device);
+        // Positions and the block-diagonal mask are built where the model runs.
+        let packing = batch
+            .segment_ids
+            .map(|s| Packing::from_segments(&s.to_device(self.device)))
+            .transpose()?;
         let micro_id = (self.step * opts.grad_accum + micro) as u64;
         let model = &*self.model;
         let seed = super::distributed::rank_seed(opts.seed, rank);
         let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            forward_backward(
+            forward_backward_with(
                 model,
                 &ids,
                 &labels,
+                packing.as_ref(),
                 weight,
                 !opts.no_checkpointing,
                 seed,
