@@ -74,8 +74,8 @@ impl DataFormat {
         if !has_json_extension(first) {
             return Ok(Self::Text);
         }
-        let text = read_text(first)?;
-        detect_json_lines(first, &text)
+        // Only the first record is read: the file may be far larger than memory.
+        detect_json_lines(first, &first_record_text(first)?)
     }
 }
 
@@ -179,6 +179,20 @@ pub struct LoadStats {
     pub dropped: usize,
 }
 
+impl LoadStats {
+    /// Nothing cut or dropped yet from `documents` records of `format`.
+    pub(super) fn new(format: DataFormat, documents: usize) -> Self {
+        Self {
+            format,
+            documents,
+            tokens: 0,
+            truncated: 0,
+            dropped_long: 0,
+            dropped: 0,
+        }
+    }
+}
+
 /// A tokenized data file split into training and held-out sequences.
 #[derive(Debug, Clone)]
 pub struct Dataset {
@@ -249,11 +263,7 @@ pub fn pad_id(tokenizer: &Tokenizer) -> i64 {
 }
 
 /// Shuffles `sequences` with `seed` and splits off `eval_fraction` of them as (train, eval).
-pub fn split(
-    mut sequences: Vec<Sequence>,
-    eval_fraction: f64,
-    seed: u64,
-) -> Result<(Vec<Sequence>, Vec<Sequence>)> {
+pub fn split<T>(mut sequences: Vec<T>, eval_fraction: f64, seed: u64) -> Result<(Vec<T>, Vec<T>)> {
     check_fraction(eval_fraction)?;
     let n = sequences.len();
     shuffle(&mut sequences, &mut SplitMix64::new(seed));
@@ -266,7 +276,7 @@ pub fn split(
     Ok((train, sequences))
 }
 
-fn check_fraction(eval_fraction: f64) -> Result<()> {
+pub(super) fn check_fraction(eval_fraction: f64) -> Result<()> {
     if !(0.0..1.0).contains(&eval_fraction) {
         return Err(OctetError::InvalidArgument(format!(
             "eval fraction must be in [0, 1), got {eval_fraction}"
@@ -386,6 +396,32 @@ fn pack(
     eos: Option<i64>,
     format: DataFormat,
 ) -> Result<(Vec<Sequence>, LoadStats)> {
+    let (sequences, n_tokens) = encode_documents(tokenizer, docs, seq_len, eos)?;
+    if sequences.is_empty() {
+        return Err(OctetError::bad_file(
+            path,
+            format!(
+                "too few tokens: the file gives {n_tokens} tokens, but one sequence of seq_len \
+                 {seq_len} needs at least {}",
+                min_tail(seq_len)
+            ),
+        ));
+    }
+    let stats = LoadStats {
+        tokens: n_tokens,
+        ..LoadStats::new(format, docs.len())
+    };
+    Ok((sequences, stats))
+}
+
+/// Documents tokenized, joined with EOS and cut into `seq_len` windows ([`chunk_tokens`]);
+/// returns the windows and the tokens they were cut from.
+pub(super) fn encode_documents(
+    tokenizer: &Tokenizer,
+    docs: &[&str],
+    seq_len: usize,
+    eos: Option<i64>,
+) -> Result<(Vec<Sequence>, usize)> {
     let encoded = encode_all(tokenizer, docs)?;
     let mut tokens: Vec<i64> = Vec::with_capacity(encoded.iter().map(Vec::len).sum::<usize>());
     for (i, doc) in encoded.iter().enumerate() {
@@ -395,27 +431,10 @@ fn pack(
         }
         tokens.extend(doc.iter().map(|&t| i64::from(t)));
     }
-    let sequences = chunk_tokens(&tokens, seq_len, eos.unwrap_or(0));
-    if sequences.is_empty() {
-        return Err(OctetError::bad_file(
-            path,
-            format!(
-                "too few tokens: the file gives {} tokens, but one sequence of seq_len {seq_len} \
-                 needs at least {}",
-                tokens.len(),
-                min_tail(seq_len)
-            ),
-        ));
-    }
-    let stats = LoadStats {
-        format,
-        documents: docs.len(),
-        tokens: tokens.len(),
-        truncated: 0,
-        dropped_long: 0,
-        dropped: 0,
-    };
-    Ok((sequences, stats))
+    Ok((
+        chunk_tokens(&tokens, seq_len, eos.unwrap_or(0)),
+        tokens.len(),
+    ))
 }
 
 fn prompt_completion(
@@ -428,28 +447,53 @@ fn prompt_completion(
 ) -> Result<(Vec<Sequence>, LoadStats)> {
     let mut pairs = Vec::new();
     for_each_record(files, |file, line_no, record| {
-        let prompt = string_field(file, line_no, &record, "prompt")?;
-        let completion = string_field(file, line_no, &record, "completion")?;
-        pairs.push((prompt, completion));
+        pairs.push(prompt_completion_of(file, line_no, &record)?);
         Ok(())
     })?;
     if pairs.is_empty() {
         return Err(no_text(path, "no prompt/completion records"));
     }
+    let (sequences, stats) = encode_pairs(tokenizer, &pairs, seq_len, eos, drop_long)?;
+    if sequences.is_empty() {
+        return Err(no_text(
+            path,
+            &format!(
+                "none of the {} records has a completion token within seq_len {seq_len} \
+                 (prompts too long, or completions empty with no EOS token)",
+                stats.documents
+            ),
+        ));
+    }
+    Ok((sequences, stats))
+}
+
+/// The prompt and completion of a record.
+pub(super) fn prompt_completion_of(
+    file: &Path,
+    line: usize,
+    record: &serde_json::Value,
+) -> Result<(String, String)> {
+    Ok((
+        string_field(file, line, record, "prompt")?,
+        string_field(file, line, record, "completion")?,
+    ))
+}
+
+/// Prompt/completion pairs as sequences of `seq_len` (loss on the completion and EOS), in
+/// order; those without a trained token are dropped and counted.
+pub(super) fn encode_pairs(
+    tokenizer: &Tokenizer,
+    pairs: &[(String, String)],
+    seq_len: usize,
+    eos: Option<i64>,
+    drop_long: bool,
+) -> Result<(Vec<Sequence>, LoadStats)> {
     let encoded: Vec<(Vec<u32>, Vec<u32>)> = pairs
         .par_iter()
         .map(|(p, c)| Ok((tokenizer.encode_with_bos(p)?, tokenizer.encode(c)?)))
         .collect::<Result<_>>()?;
-
     let pad_id = eos.unwrap_or(0);
-    let mut stats = LoadStats {
-        format: DataFormat::PromptCompletion,
-        documents: encoded.len(),
-        tokens: 0,
-        truncated: 0,
-        dropped_long: 0,
-        dropped: 0,
-    };
+    let mut stats = LoadStats::new(DataFormat::PromptCompletion, encoded.len());
     let mut sequences = Vec::with_capacity(encoded.len());
     for (prompt, completion) in encoded {
         let mut ids: Vec<i64> = prompt.iter().map(|&t| i64::from(t)).collect();
@@ -460,16 +504,6 @@ fn prompt_completion(
         }
         sequences.extend(fit_record(
             ids, labels, seq_len, pad_id, drop_long, &mut stats,
-        ));
-    }
-    if sequences.is_empty() {
-        return Err(no_text(
-            path,
-            &format!(
-                "none of the {} records has a completion token within seq_len {seq_len} \
-                 (prompts too long, or completions empty with no EOS token)",
-                stats.documents
-            ),
         ));
     }
     Ok((sequences, stats))
@@ -521,18 +555,53 @@ fn conversations(
             path.display()
         )));
     };
-    let at_line = |file: &Path, line: usize, e: &dyn fmt::Display| {
-        OctetError::bad_file(file, format!("line {line}: {e}"))
-    };
     let mut conversations = Vec::new();
     for_each_record(files, |file, line, record| {
-        let messages = records::messages(kind, &record).map_err(|e| at_line(file, line, &e))?;
+        let messages = conversation_of(kind, file, line, &record)?;
         conversations.push((file.to_path_buf(), line, messages));
         Ok(())
     })?;
     if conversations.is_empty() {
         return Err(no_text(path, "no records"));
     }
+    let (sequences, stats) =
+        encode_conversations(template, format, &conversations, seq_len, eos, read)?;
+    if sequences.is_empty() {
+        return Err(no_text(
+            path,
+            &format!(
+                "none of the {} records has an assistant token within seq_len {seq_len}",
+                stats.documents
+            ),
+        ));
+    }
+    Ok((sequences, stats))
+}
+
+fn at_line(file: &Path, line: usize, e: &dyn fmt::Display) -> OctetError {
+    OctetError::bad_file(file, format!("line {line}: {e}"))
+}
+
+/// The messages of a conversational record.
+pub(super) fn conversation_of(
+    kind: RecordKind,
+    file: &Path,
+    line: usize,
+    record: &serde_json::Value,
+) -> Result<Vec<crate::chat::Message>> {
+    records::messages(kind, record).map_err(|e| at_line(file, line, &e))
+}
+
+/// Conversations (each with its file and line) rendered and tokenized by `template`, as
+/// sequences of `seq_len` in order; those without a trained token are dropped and counted.
+pub(super) fn encode_conversations(
+    template: &ChatTemplate,
+    format: &DataFormat,
+    conversations: &[(PathBuf, usize, Vec<crate::chat::Message>)],
+    seq_len: usize,
+    eos: Option<i64>,
+    read: &ReadOptions,
+) -> Result<(Vec<Sequence>, LoadStats)> {
     let encoded: Vec<_> = conversations
         .par_iter()
         .map(|(file, line, m)| {
@@ -541,14 +610,7 @@ fn conversations(
                 .map_err(|e| at_line(file, *line, &e))
         })
         .collect::<Result<_>>()?;
-    let mut stats = LoadStats {
-        format: format.clone(),
-        documents: encoded.len(),
-        tokens: 0,
-        truncated: 0,
-        dropped_long: 0,
-        dropped: 0,
-    };
+    let mut stats = LoadStats::new(format.clone(), encoded.len());
     let pad_id = eos.unwrap_or(0);
     let mut sequences = Vec::with_capacity(encoded.len());
     for chat in encoded {
@@ -571,15 +633,6 @@ fn conversations(
             pad_id,
             read.drop_long,
             &mut stats,
-        ));
-    }
-    if sequences.is_empty() {
-        return Err(no_text(
-            path,
-            &format!(
-                "none of the {} records has an assistant token within seq_len {seq_len}",
-                stats.documents
-            ),
         ));
     }
     Ok((sequences, stats))
@@ -630,7 +683,7 @@ fn for_each_record(
     Ok(())
 }
 
-fn has_json_extension(path: &Path) -> bool {
+pub(super) fn has_json_extension(path: &Path) -> bool {
     path.extension()
         .and_then(|e| e.to_str())
         .is_some_and(|e| e.eq_ignore_ascii_case("jsonl") || e.eq_ignore_ascii_case("json"))
@@ -654,6 +707,47 @@ fn read_text(path: &Path) -> Result<String> {
         Some(rest) => rest.to_string(),
         None => text,
     })
+}
+
+/// The text of `path` up to its first non-blank line (a leading BOM removed), so that line
+/// keeps its number.
+fn first_record_text(path: &Path) -> Result<String> {
+    use std::io::BufRead;
+    let file = std::fs::File::open(path).map_err(|e| OctetError::io(path, e))?;
+    let mut reader = std::io::BufReader::new(file);
+    let mut text = String::new();
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        let n = reader
+            .read_until(b'\n', &mut line)
+            .map_err(|e| OctetError::io(path, e))?;
+        if n == 0 {
+            break;
+        }
+        let at = 1 + text.matches('\n').count();
+        let l = std::str::from_utf8(&line).map_err(|e| {
+            OctetError::bad_file(
+                path,
+                format!(
+                    "line {at}: not UTF-8 text (invalid byte at column {})",
+                    e.valid_up_to() + 1
+                ),
+            )
+        })?;
+        text.push_str(if text.is_empty() {
+            l.trim_start_matches('\u{feff}')
+        } else {
+            l
+        });
+        if !l.trim().is_empty() {
+            break;
+        }
+    }
+    if text.is_empty() {
+        return Err(OctetError::bad_file(path, "the file is empty"));
+    }
+    Ok(text)
 }
 
 /// Non-blank lines parsed as JSON, with their 1-based line numbers.
@@ -699,7 +793,7 @@ fn detect_json_lines(path: &Path, text: &str) -> Result<DataFormat> {
     })
 }
 
-fn string_field(
+pub(super) fn string_field(
     path: &Path,
     line_no: usize,
     record: &serde_json::Value,
@@ -786,6 +880,10 @@ pub struct BatcherState {
     pub cursor: usize,
     /// The seed all permutations derive from.
     pub seed: u64,
+    /// Streamed data ([`super::stream`]): sequences already taken from the unit of records
+    /// at `cursor`, which then counts units, not sequences. Always 0 for data in memory.
+    #[serde(default)]
+    pub within: usize,
 }
 
 /// One micro-batch, on the CPU.
@@ -824,6 +922,7 @@ impl Batcher {
                 epoch: 0,
                 cursor: 0,
                 seed,
+                within: 0,
             },
             n_sequences,
             batch_size,
@@ -865,6 +964,7 @@ impl Batcher {
             epoch: self.epoch,
             cursor: self.cursor,
             seed: self.seed,
+            within: 0,
         }
     }
 
@@ -917,6 +1017,17 @@ impl Batcher {
             });
         }
         let idx = self.next_indices();
+        batch_of(&idx, data, segments)
+    }
+}
+
+/// The rows `idx` of `data` (with their `segments` when packed) as one batch.
+pub(super) fn batch_of(
+    idx: &[usize],
+    data: &[Sequence],
+    segments: Option<&[Vec<i64>]>,
+) -> Result<Batch> {
+    {
         let seq_len = data[idx[0]].input_ids.len();
         let mut ids = Vec::with_capacity(idx.len() * seq_len);
         let mut labels = Vec::with_capacity(idx.len() * seq_len);
@@ -925,7 +1036,7 @@ impl Batcher {
         } else {
             0
         });
-        for &i in &idx {
+        for &i in idx {
             let s = &data[i];
             if s.input_ids.len() != seq_len || s.labels.len() != seq_len {
                 return Err(OctetError::ShapeMismatch {
@@ -971,26 +1082,36 @@ impl Batcher {
         rank: usize,
         world: usize,
     ) -> Result<Batch> {
-        if world == 0 || rank >= world || !self.batch_size.is_multiple_of(world) {
-            return Err(OctetError::InvalidArgument(format!(
-                "a global batch of {} cannot be split into {world} equal parts for rank {rank}",
-                self.batch_size
-            )));
-        }
-        let b = self.next_with(data, segments)?;
-        let per = (self.batch_size / world) as i64;
-        let at = rank as i64 * per;
-        Ok(Batch {
-            input_ids: b.input_ids.f_narrow(0, at, per)?,
-            labels: b.labels.f_narrow(0, at, per)?,
-            segment_ids: b.segment_ids.map(|s| s.f_narrow(0, at, per)).transpose()?,
-        })
+        check_split(self.batch_size, rank, world)?;
+        shard_of(self.next_with(data, segments)?, rank, world)
     }
+}
+
+/// Refuses a global batch of `batch_size` that `world` ranks cannot share equally.
+pub(super) fn check_split(batch_size: usize, rank: usize, world: usize) -> Result<()> {
+    if world == 0 || rank >= world || !batch_size.is_multiple_of(world) {
+        return Err(OctetError::InvalidArgument(format!(
+            "a global batch of {batch_size} cannot be split into {world} equal parts for rank \
+             {rank}"
+        )));
+    }
+    Ok(())
+}
+
+/// Rank `rank`'s slice of a global batch (see [`check_split`]).
+pub(super) fn shard_of(b: Batch, rank: usize, world: usize) -> Result<Batch> {
+    let per = b.input_ids.size()[0] / world as i64;
+    let at = rank as i64 * per;
+    Ok(Batch {
+        input_ids: b.input_ids.f_narrow(0, at, per)?,
+        labels: b.labels.f_narrow(0, at, per)?,
+        segment_ids: b.segment_ids.map(|s| s.f_narrow(0, at, per)).transpose()?,
+    })
 }
 
 /// The permutation of epoch `epoch`: a pure function of (n, seed, epoch), so resuming needs no
 /// stored permutation.
-fn permutation(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
+pub(super) fn permutation(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
     let mut perm: Vec<usize> = (0..n).collect();
     let mut rng = SplitMix64::new(mix64(seed) ^ mix64(epoch ^ 0xD1B5_4A32_D192_ED03));
     shuffle(&mut perm, &mut rng);
