@@ -180,6 +180,9 @@ impl LineIndex {
     }
 }
 
+/// The segment ids of packed sequences, one row each.
+type Segments = Vec<Vec<i64>>;
+
 /// How records become sequences, owned so the reading thread can keep it.
 #[derive(Clone)]
 pub struct Reader {
@@ -208,7 +211,7 @@ impl Reader {
         &self,
         index: &LineIndex,
         records: &[usize],
-    ) -> Result<(Vec<Sequence>, Option<Vec<Vec<i64>>>)> {
+    ) -> Result<(Vec<Sequence>, Option<Segments>)> {
         let mut open: Vec<Option<std::fs::File>> = index.files.iter().map(|_| None).collect();
         let parsed: Vec<_> = records
             .iter()
