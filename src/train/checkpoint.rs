@@ -129,7 +129,8 @@ impl RunSettings {
             let what = if *key == "data" {
                 format!(
                     "--data: the tokenized data differs from the run's (fingerprint {old} now \
-                     {new})"
+                     {new}: the file, the tokenizer, --format, --train-on-prompt, --drop-long \
+                     or --pack changed)"
                 )
             } else {
                 format!(
@@ -164,6 +165,12 @@ pub(super) fn fingerprint_data(dataset: &Dataset) -> String {
             for v in s.input_ids.iter().chain(&s.labels) {
                 h.update(v.to_le_bytes());
             }
+        }
+    }
+    // Only packed data hashes its segments, so unpacked runs keep their fingerprints.
+    for seg in dataset.segments.iter().flatten() {
+        for v in seg {
+            h.update(v.to_le_bytes());
         }
     }
     h.finalize()

@@ -33,7 +33,7 @@ use crate::tokenizer::Tokenizer;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::fmt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use tch::Tensor;
 
@@ -65,12 +65,17 @@ impl DataFormat {
     /// of a `.jsonl`/`.json` file: `messages` is chat, `conversations` ShareGPT, `instruction`
     /// with `output` Alpaca, `prompt` with `completion` prompt/completion, anything else JSONL
     /// text (field `text`); other files are plain text.
+    ///
+    /// A folder is read as its JSON Lines shards ([`data_files`]); its format is the first
+    /// shard's.
     pub fn detect(path: &Path) -> Result<Self> {
-        if !has_json_extension(path) {
+        let files = data_files(path)?;
+        let first = &files[0];
+        if !has_json_extension(first) {
             return Ok(Self::Text);
         }
-        let text = read_text(path)?;
-        detect_json_lines(path, &text)
+        // Only the first record is read: the file may be far larger than memory.
+        detect_json_lines(first, &first_record_text(first)?)
     }
 }
 
@@ -174,6 +179,20 @@ pub struct LoadStats {
     pub dropped: usize,
 }
 
+impl LoadStats {
+    /// Nothing cut or dropped yet from `documents` records of `format`.
+    pub(super) fn new(format: DataFormat, documents: usize) -> Self {
+        Self {
+            format,
+            documents,
+            tokens: 0,
+            truncated: 0,
+            dropped_long: 0,
+            dropped: 0,
+        }
+    }
+}
+
 /// A tokenized data file split into training and held-out sequences.
 #[derive(Debug, Clone)]
 pub struct Dataset {
@@ -183,6 +202,9 @@ pub struct Dataset {
     pub eval: Vec<Sequence>,
     /// What loading produced.
     pub stats: LoadStats,
+    /// The segment ids of each training sequence once packed ([`Dataset::pack_train`]): 1, 2,
+    /// … for its records, 0 for padding; `None`: one record (or one window of text) each.
+    pub segments: Option<Vec<Vec<i64>>>,
 }
 
 impl Dataset {
@@ -216,16 +238,32 @@ impl Dataset {
         check_fraction(eval_fraction)?;
         let (sequences, stats) = load_sequences_with(path.as_ref(), tokenizer, seq_len, read)?;
         let (train, eval) = split(sequences, eval_fraction, seed)?;
-        Ok(Self { train, eval, stats })
+        Ok(Self {
+            train,
+            eval,
+            stats,
+            segments: None,
+        })
+    }
+
+    /// Packs the training sequences several records to a sequence
+    /// ([`super::pack::pack`]; `pad_id` is what they are padded with, see [`pad_id`]) and
+    /// keeps their segment ids. The held-out sequences stay one record each.
+    pub fn pack_train(&mut self, pad_id: i64) -> super::pack::PackStats {
+        let (train, segments, stats) = super::pack::pack(&self.train, pad_id);
+        self.train = train;
+        self.segments = Some(segments);
+        stats
     }
 }
 
+/// The id sequences are padded with: the tokenizer's EOS, or 0 without one.
+pub fn pad_id(tokenizer: &Tokenizer) -> i64 {
+    tokenizer.eos_id().map_or(0, i64::from)
+}
+
 /// Shuffles `sequences` with `seed` and splits off `eval_fraction` of them as (train, eval).
-pub fn split(
-    mut sequences: Vec<Sequence>,
-    eval_fraction: f64,
-    seed: u64,
-) -> Result<(Vec<Sequence>, Vec<Sequence>)> {
+pub fn split<T>(mut sequences: Vec<T>, eval_fraction: f64, seed: u64) -> Result<(Vec<T>, Vec<T>)> {
     check_fraction(eval_fraction)?;
     let n = sequences.len();
     shuffle(&mut sequences, &mut SplitMix64::new(seed));
@@ -238,7 +276,7 @@ pub fn split(
     Ok((train, sequences))
 }
 
-fn check_fraction(eval_fraction: f64) -> Result<()> {
+pub(super) fn check_fraction(eval_fraction: f64) -> Result<()> {
     if !(0.0..1.0).contains(&eval_fraction) {
         return Err(OctetError::InvalidArgument(format!(
             "eval fraction must be in [0, 1), got {eval_fraction}"
@@ -273,15 +311,22 @@ pub fn load_sequences_with(
             "seq_len must be at least 2 (one prediction needs two tokens), got {seq_len}"
         )));
     }
-    let text = read_text(path)?;
+    let files = data_files(path)?;
     let format = match read.format {
         Some(f) => f.clone(),
-        None if has_json_extension(path) => detect_json_lines(path, &text)?,
-        None => DataFormat::Text,
+        None => DataFormat::detect(path)?,
     };
     let eos = tokenizer.eos_id().map(i64::from);
     match &format {
         DataFormat::Text => {
+            if path.is_dir() {
+                return Err(OctetError::bad_file(
+                    path,
+                    "a data folder is read as JSON Lines shards, not as plain text (give one \
+                     text file, or a --format of JSON Lines)",
+                ));
+            }
+            let text = read_text(path)?;
             if text.trim().is_empty() {
                 return Err(no_text(path, "the file holds only whitespace"));
             }
@@ -290,12 +335,13 @@ pub fn load_sequences_with(
         }
         DataFormat::JsonlText { field } => {
             let mut docs = Vec::new();
-            for (line_no, record) in json_lines(path, &text) {
-                let value = string_field(path, line_no, &record?, field)?;
+            for_each_record(&files, |file, line_no, record| {
+                let value = string_field(file, line_no, &record, field)?;
                 if !value.trim().is_empty() {
                     docs.push(value);
                 }
-            }
+                Ok(())
+            })?;
             if docs.is_empty() {
                 return Err(no_text(path, &format!("every {field:?} field is empty")));
             }
@@ -303,10 +349,10 @@ pub fn load_sequences_with(
             pack(path, tokenizer, &docs, seq_len, eos, format.clone())
         }
         DataFormat::PromptCompletion => {
-            prompt_completion(path, tokenizer, &text, seq_len, eos, read.drop_long)
+            prompt_completion(path, &files, tokenizer, seq_len, eos, read.drop_long)
         }
         DataFormat::Chat | DataFormat::ShareGpt | DataFormat::Alpaca => {
-            conversations(path, &text, &format, seq_len, eos, read)
+            conversations(path, &files, &format, seq_len, eos, read)
         }
     }
 }
@@ -350,6 +396,32 @@ fn pack(
     eos: Option<i64>,
     format: DataFormat,
 ) -> Result<(Vec<Sequence>, LoadStats)> {
+    let (sequences, n_tokens) = encode_documents(tokenizer, docs, seq_len, eos)?;
+    if sequences.is_empty() {
+        return Err(OctetError::bad_file(
+            path,
+            format!(
+                "too few tokens: the file gives {n_tokens} tokens, but one sequence of seq_len \
+                 {seq_len} needs at least {}",
+                min_tail(seq_len)
+            ),
+        ));
+    }
+    let stats = LoadStats {
+        tokens: n_tokens,
+        ..LoadStats::new(format, docs.len())
+    };
+    Ok((sequences, stats))
+}
+
+/// Documents tokenized, joined with EOS and cut into `seq_len` windows ([`chunk_tokens`]);
+/// returns the windows and the tokens they were cut from.
+pub(super) fn encode_documents(
+    tokenizer: &Tokenizer,
+    docs: &[&str],
+    seq_len: usize,
+    eos: Option<i64>,
+) -> Result<(Vec<Sequence>, usize)> {
     let encoded = encode_all(tokenizer, docs)?;
     let mut tokens: Vec<i64> = Vec::with_capacity(encoded.iter().map(Vec::len).sum::<usize>());
     for (i, doc) in encoded.iter().enumerate() {
@@ -359,61 +431,69 @@ fn pack(
         }
         tokens.extend(doc.iter().map(|&t| i64::from(t)));
     }
-    let sequences = chunk_tokens(&tokens, seq_len, eos.unwrap_or(0));
-    if sequences.is_empty() {
-        return Err(OctetError::bad_file(
-            path,
-            format!(
-                "too few tokens: the file gives {} tokens, but one sequence of seq_len {seq_len} \
-                 needs at least {}",
-                tokens.len(),
-                min_tail(seq_len)
-            ),
-        ));
-    }
-    let stats = LoadStats {
-        format,
-        documents: docs.len(),
-        tokens: tokens.len(),
-        truncated: 0,
-        dropped_long: 0,
-        dropped: 0,
-    };
-    Ok((sequences, stats))
+    Ok((
+        chunk_tokens(&tokens, seq_len, eos.unwrap_or(0)),
+        tokens.len(),
+    ))
 }
 
 fn prompt_completion(
     path: &Path,
+    files: &[PathBuf],
     tokenizer: &Tokenizer,
-    text: &str,
     seq_len: usize,
     eos: Option<i64>,
     drop_long: bool,
 ) -> Result<(Vec<Sequence>, LoadStats)> {
     let mut pairs = Vec::new();
-    for (line_no, record) in json_lines(path, text) {
-        let record = record?;
-        let prompt = string_field(path, line_no, &record, "prompt")?;
-        let completion = string_field(path, line_no, &record, "completion")?;
-        pairs.push((prompt, completion));
-    }
+    for_each_record(files, |file, line_no, record| {
+        pairs.push(prompt_completion_of(file, line_no, &record)?);
+        Ok(())
+    })?;
     if pairs.is_empty() {
         return Err(no_text(path, "no prompt/completion records"));
     }
+    let (sequences, stats) = encode_pairs(tokenizer, &pairs, seq_len, eos, drop_long)?;
+    if sequences.is_empty() {
+        return Err(no_text(
+            path,
+            &format!(
+                "none of the {} records has a completion token within seq_len {seq_len} \
+                 (prompts too long, or completions empty with no EOS token)",
+                stats.documents
+            ),
+        ));
+    }
+    Ok((sequences, stats))
+}
+
+/// The prompt and completion of a record.
+pub(super) fn prompt_completion_of(
+    file: &Path,
+    line: usize,
+    record: &serde_json::Value,
+) -> Result<(String, String)> {
+    Ok((
+        string_field(file, line, record, "prompt")?,
+        string_field(file, line, record, "completion")?,
+    ))
+}
+
+/// Prompt/completion pairs as sequences of `seq_len` (loss on the completion and EOS), in
+/// order; those without a trained token are dropped and counted.
+pub(super) fn encode_pairs(
+    tokenizer: &Tokenizer,
+    pairs: &[(String, String)],
+    seq_len: usize,
+    eos: Option<i64>,
+    drop_long: bool,
+) -> Result<(Vec<Sequence>, LoadStats)> {
     let encoded: Vec<(Vec<u32>, Vec<u32>)> = pairs
         .par_iter()
         .map(|(p, c)| Ok((tokenizer.encode_with_bos(p)?, tokenizer.encode(c)?)))
         .collect::<Result<_>>()?;
-
     let pad_id = eos.unwrap_or(0);
-    let mut stats = LoadStats {
-        format: DataFormat::PromptCompletion,
-        documents: encoded.len(),
-        tokens: 0,
-        truncated: 0,
-        dropped_long: 0,
-        dropped: 0,
-    };
+    let mut stats = LoadStats::new(DataFormat::PromptCompletion, encoded.len());
     let mut sequences = Vec::with_capacity(encoded.len());
     for (prompt, completion) in encoded {
         let mut ids: Vec<i64> = prompt.iter().map(|&t| i64::from(t)).collect();
@@ -424,16 +504,6 @@ fn prompt_completion(
         }
         sequences.extend(fit_record(
             ids, labels, seq_len, pad_id, drop_long, &mut stats,
-        ));
-    }
-    if sequences.is_empty() {
-        return Err(no_text(
-            path,
-            &format!(
-                "none of the {} records has a completion token within seq_len {seq_len} \
-                 (prompts too long, or completions empty with no EOS token)",
-                stats.documents
-            ),
         ));
     }
     Ok((sequences, stats))
@@ -472,7 +542,7 @@ fn fit_record(
 /// the assistant's tokens (all tokens with `train_on_prompt`).
 fn conversations(
     path: &Path,
-    text: &str,
+    files: &[PathBuf],
     format: &DataFormat,
     seq_len: usize,
     eos: Option<i64>,
@@ -485,32 +555,62 @@ fn conversations(
             path.display()
         )));
     };
-    let at_line =
-        |line: usize, e: &dyn fmt::Display| OctetError::bad_file(path, format!("line {line}: {e}"));
     let mut conversations = Vec::new();
-    for (line, record) in json_lines(path, text) {
-        let messages = records::messages(kind, &record?).map_err(|e| at_line(line, &e))?;
-        conversations.push((line, messages));
-    }
+    for_each_record(files, |file, line, record| {
+        let messages = conversation_of(kind, file, line, &record)?;
+        conversations.push((file.to_path_buf(), line, messages));
+        Ok(())
+    })?;
     if conversations.is_empty() {
         return Err(no_text(path, "no records"));
     }
+    let (sequences, stats) =
+        encode_conversations(template, format, &conversations, seq_len, eos, read)?;
+    if sequences.is_empty() {
+        return Err(no_text(
+            path,
+            &format!(
+                "none of the {} records has an assistant token within seq_len {seq_len}",
+                stats.documents
+            ),
+        ));
+    }
+    Ok((sequences, stats))
+}
+
+fn at_line(file: &Path, line: usize, e: &dyn fmt::Display) -> OctetError {
+    OctetError::bad_file(file, format!("line {line}: {e}"))
+}
+
+/// The messages of a conversational record.
+pub(super) fn conversation_of(
+    kind: RecordKind,
+    file: &Path,
+    line: usize,
+    record: &serde_json::Value,
+) -> Result<Vec<crate::chat::Message>> {
+    records::messages(kind, record).map_err(|e| at_line(file, line, &e))
+}
+
+/// Conversations (each with its file and line) rendered and tokenized by `template`, as
+/// sequences of `seq_len` in order; those without a trained token are dropped and counted.
+pub(super) fn encode_conversations(
+    template: &ChatTemplate,
+    format: &DataFormat,
+    conversations: &[(PathBuf, usize, Vec<crate::chat::Message>)],
+    seq_len: usize,
+    eos: Option<i64>,
+    read: &ReadOptions,
+) -> Result<(Vec<Sequence>, LoadStats)> {
     let encoded: Vec<_> = conversations
         .par_iter()
-        .map(|(line, m)| {
+        .map(|(file, line, m)| {
             template
                 .encode_with_assistant_mask(m)
-                .map_err(|e| at_line(*line, &e))
+                .map_err(|e| at_line(file, *line, &e))
         })
         .collect::<Result<_>>()?;
-    let mut stats = LoadStats {
-        format: format.clone(),
-        documents: encoded.len(),
-        tokens: 0,
-        truncated: 0,
-        dropped_long: 0,
-        dropped: 0,
-    };
+    let mut stats = LoadStats::new(format.clone(), encoded.len());
     let pad_id = eos.unwrap_or(0);
     let mut sequences = Vec::with_capacity(encoded.len());
     for chat in encoded {
@@ -535,15 +635,6 @@ fn conversations(
             &mut stats,
         ));
     }
-    if sequences.is_empty() {
-        return Err(no_text(
-            path,
-            &format!(
-                "none of the {} records has an assistant token within seq_len {seq_len}",
-                stats.documents
-            ),
-        ));
-    }
     Ok((sequences, stats))
 }
 
@@ -551,7 +642,48 @@ fn no_text(path: &Path, why: &str) -> OctetError {
     OctetError::bad_file(path, format!("no usable text: {why}"))
 }
 
-fn has_json_extension(path: &Path) -> bool {
+/// The files of `path`: itself, or, for a folder, the JSON Lines shards directly in it
+/// (`*.jsonl`, `*.json`) sorted by name, read as one file in that order. Other files in the
+/// folder are not data and are skipped.
+pub fn data_files(path: &Path) -> Result<Vec<PathBuf>> {
+    if !path.is_dir() {
+        return Ok(vec![path.to_path_buf()]);
+    }
+    let entries = std::fs::read_dir(path).map_err(|e| OctetError::io(path, e))?;
+    let mut files = Vec::new();
+    for entry in entries {
+        let p = entry.map_err(|e| OctetError::io(path, e))?.path();
+        if p.is_file() && has_json_extension(&p) {
+            files.push(p);
+        }
+    }
+    if files.is_empty() {
+        return Err(OctetError::bad_file(
+            path,
+            "a data folder must hold JSON Lines shards (*.jsonl or *.json); it holds none",
+        ));
+    }
+    // By name, bytewise, so the order is the same on every platform and rank.
+    files.sort_by(|a, b| a.file_name().cmp(&b.file_name()));
+    Ok(files)
+}
+
+/// Calls `f` with every record of `files` in order, with its file and 1-based line; stops at
+/// the first error.
+fn for_each_record(
+    files: &[PathBuf],
+    mut f: impl FnMut(&Path, usize, serde_json::Value) -> Result<()>,
+) -> Result<()> {
+    for file in files {
+        let text = read_text(file)?;
+        for (line, record) in json_lines(file, &text) {
+            f(file, line, record?)?;
+        }
+    }
+    Ok(())
+}
+
+pub(super) fn has_json_extension(path: &Path) -> bool {
     path.extension()
         .and_then(|e| e.to_str())
         .is_some_and(|e| e.eq_ignore_ascii_case("jsonl") || e.eq_ignore_ascii_case("json"))
@@ -575,6 +707,47 @@ fn read_text(path: &Path) -> Result<String> {
         Some(rest) => rest.to_string(),
         None => text,
     })
+}
+
+/// The text of `path` up to its first non-blank line (a leading BOM removed), so that line
+/// keeps its number.
+fn first_record_text(path: &Path) -> Result<String> {
+    use std::io::BufRead;
+    let file = std::fs::File::open(path).map_err(|e| OctetError::io(path, e))?;
+    let mut reader = std::io::BufReader::new(file);
+    let mut text = String::new();
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        let n = reader
+            .read_until(b'\n', &mut line)
+            .map_err(|e| OctetError::io(path, e))?;
+        if n == 0 {
+            break;
+        }
+        let at = 1 + text.matches('\n').count();
+        let l = std::str::from_utf8(&line).map_err(|e| {
+            OctetError::bad_file(
+                path,
+                format!(
+                    "line {at}: not UTF-8 text (invalid byte at column {})",
+                    e.valid_up_to() + 1
+                ),
+            )
+        })?;
+        text.push_str(if text.is_empty() {
+            l.trim_start_matches('\u{feff}')
+        } else {
+            l
+        });
+        if !l.trim().is_empty() {
+            break;
+        }
+    }
+    if text.is_empty() {
+        return Err(OctetError::bad_file(path, "the file is empty"));
+    }
+    Ok(text)
 }
 
 /// Non-blank lines parsed as JSON, with their 1-based line numbers.
@@ -620,7 +793,7 @@ fn detect_json_lines(path: &Path, text: &str) -> Result<DataFormat> {
     })
 }
 
-fn string_field(
+pub(super) fn string_field(
     path: &Path,
     line_no: usize,
     record: &serde_json::Value,
@@ -707,6 +880,10 @@ pub struct BatcherState {
     pub cursor: usize,
     /// The seed all permutations derive from.
     pub seed: u64,
+    /// Streamed data ([`super::stream`]): sequences already taken from the unit of records
+    /// at `cursor`, which then counts units, not sequences. Always 0 for data in memory.
+    #[serde(default)]
+    pub within: usize,
 }
 
 /// One micro-batch, on the CPU.
@@ -745,6 +922,7 @@ impl Batcher {
                 epoch: 0,
                 cursor: 0,
                 seed,
+                within: 0,
             },
             n_sequences,
             batch_size,
@@ -786,6 +964,7 @@ impl Batcher {
             epoch: self.epoch,
             cursor: self.cursor,
             seed: self.seed,
+            within: 0,
         }
     }
 
@@ -824,7 +1003,13 @@ impl Batcher {
 
     /// The next batch (see [`Batcher::next_batch`]).
     pub fn next(&mut self, data: &[Sequence]) -> Result<Batch> {
-        if data.len() != self.n {
+        self.next_with(data, None)
+    }
+
+    /// The next batch, with the segment ids of its rows when the sequences are packed
+    /// (`segments`, one row per sequence of `data`).
+    pub fn next_with(&mut self, data: &[Sequence], segments: Option<&[Vec<i64>]>) -> Result<Batch> {
+        if data.len() != self.n || segments.is_some_and(|s| s.len() != self.n) {
             return Err(OctetError::ShapeMismatch {
                 what: "sequences given to the batcher".into(),
                 expected: self.n.to_string(),
@@ -832,10 +1017,26 @@ impl Batcher {
             });
         }
         let idx = self.next_indices();
+        batch_of(&idx, data, segments)
+    }
+}
+
+/// The rows `idx` of `data` (with their `segments` when packed) as one batch.
+pub(super) fn batch_of(
+    idx: &[usize],
+    data: &[Sequence],
+    segments: Option<&[Vec<i64>]>,
+) -> Result<Batch> {
+    {
         let seq_len = data[idx[0]].input_ids.len();
         let mut ids = Vec::with_capacity(idx.len() * seq_len);
         let mut labels = Vec::with_capacity(idx.len() * seq_len);
-        for &i in &idx {
+        let mut segs = Vec::with_capacity(if segments.is_some() {
+            idx.len() * seq_len
+        } else {
+            0
+        });
+        for &i in idx {
             let s = &data[i];
             if s.input_ids.len() != seq_len || s.labels.len() != seq_len {
                 return Err(OctetError::ShapeMismatch {
@@ -846,12 +1047,24 @@ impl Batcher {
             }
             ids.extend_from_slice(&s.input_ids);
             labels.extend_from_slice(&s.labels);
+            if let Some(all) = segments {
+                if all[i].len() != seq_len {
+                    return Err(OctetError::ShapeMismatch {
+                        what: format!("segment ids of sequence {i}"),
+                        expected: seq_len.to_string(),
+                        found: all[i].len().to_string(),
+                    });
+                }
+                segs.extend_from_slice(&all[i]);
+            }
         }
         let shape = [idx.len() as i64, seq_len as i64];
         Ok(Batch {
             input_ids: Tensor::f_from_slice(&ids)?.f_reshape(shape)?,
             labels: Tensor::f_from_slice(&labels)?.f_reshape(shape)?,
-            segment_ids: None,
+            segment_ids: segments
+                .map(|_| Tensor::f_from_slice(&segs)?.f_reshape(shape))
+                .transpose()?,
         })
     }
 }
@@ -861,27 +1074,44 @@ impl Batcher {
     /// draws the same batch of `batch_size` sequences (the global batch) and keeps the
     /// `rank`-th of `world` equal slices, so the data order and the saved position are the
     /// same on every rank.
-    pub fn next_shard(&mut self, data: &[Sequence], rank: usize, world: usize) -> Result<Batch> {
-        if world == 0 || rank >= world || !self.batch_size.is_multiple_of(world) {
-            return Err(OctetError::InvalidArgument(format!(
-                "a global batch of {} cannot be split into {world} equal parts for rank {rank}",
-                self.batch_size
-            )));
-        }
-        let b = self.next(data)?;
-        let per = (self.batch_size / world) as i64;
-        let at = rank as i64 * per;
-        Ok(Batch {
-            input_ids: b.input_ids.f_narrow(0, at, per)?,
-            labels: b.labels.f_narrow(0, at, per)?,
-            segment_ids: b.segment_ids.map(|s| s.f_narrow(0, at, per)).transpose()?,
-        })
+    /// `segments`: the sequences' segment ids when they are packed.
+    pub fn next_shard(
+        &mut self,
+        data: &[Sequence],
+        segments: Option<&[Vec<i64>]>,
+        rank: usize,
+        world: usize,
+    ) -> Result<Batch> {
+        check_split(self.batch_size, rank, world)?;
+        shard_of(self.next_with(data, segments)?, rank, world)
     }
+}
+
+/// Refuses a global batch of `batch_size` that `world` ranks cannot share equally.
+pub(super) fn check_split(batch_size: usize, rank: usize, world: usize) -> Result<()> {
+    if world == 0 || rank >= world || !batch_size.is_multiple_of(world) {
+        return Err(OctetError::InvalidArgument(format!(
+            "a global batch of {batch_size} cannot be split into {world} equal parts for rank \
+             {rank}"
+        )));
+    }
+    Ok(())
+}
+
+/// Rank `rank`'s slice of a global batch (see [`check_split`]).
+pub(super) fn shard_of(b: Batch, rank: usize, world: usize) -> Result<Batch> {
+    let per = b.input_ids.size()[0] / world as i64;
+    let at = rank as i64 * per;
+    Ok(Batch {
+        input_ids: b.input_ids.f_narrow(0, at, per)?,
+        labels: b.labels.f_narrow(0, at, per)?,
+        segment_ids: b.segment_ids.map(|s| s.f_narrow(0, at, per)).transpose()?,
+    })
 }
 
 /// The permutation of epoch `epoch`: a pure function of (n, seed, epoch), so resuming needs no
 /// stored permutation.
-fn permutation(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
+pub(super) fn permutation(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
     let mut perm: Vec<usize> = (0..n).collect();
     let mut rng = SplitMix64::new(mix64(seed) ^ mix64(epoch ^ 0xD1B5_4A32_D192_ED03));
     shuffle(&mut perm, &mut rng);
@@ -971,12 +1201,25 @@ mod tests {
         let mut r1 = Batcher::new(7, 4, 5).unwrap();
         for _ in 0..3 {
             let (ids, _) = whole.next_batch(&data).unwrap();
-            let a = r0.next_shard(&data, 0, 2).unwrap();
-            let b = r1.next_shard(&data, 1, 2).unwrap();
+            let a = r0.next_shard(&data, None, 0, 2).unwrap();
+            let b = r1.next_shard(&data, None, 1, 2).unwrap();
             assert_eq!(Tensor::cat(&[a.input_ids, b.input_ids], 0), ids);
         }
         assert_eq!(r0.state(), whole.state());
-        assert!(r0.next_shard(&data, 0, 3).is_err());
-        assert!(r0.next_shard(&data, 2, 2).is_err());
+        assert!(r0.next_shard(&data, None, 0, 3).is_err());
+        assert!(r0.next_shard(&data, None, 2, 2).is_err());
+        // Packed: each row's segment ids travel with it.
+        let segs: Vec<Vec<i64>> = (0..7i64).map(|i| vec![1, 1 + i % 2]).collect();
+        let mut r1 = Batcher::new(7, 4, 5).unwrap();
+        let b = r1.next_shard(&data, Some(&segs), 1, 2).unwrap();
+        let ids = Vec::<i64>::try_from(b.input_ids.flatten(0, -1)).unwrap();
+        let got = Vec::<i64>::try_from(b.segment_ids.unwrap().flatten(0, -1)).unwrap();
+        let want: Vec<i64> = ids
+            .iter()
+            .step_by(2)
+            .flat_map(|&i| segs[i as usize].clone())
+            .collect();
+        assert_eq!(got, want);
+        assert!(r1.next_shard(&data, Some(&segs[1..]), 0, 2).is_err());
     }
 }

@@ -11,4 +11,5 @@ pub mod pack;
 pub mod records;
 pub mod schedule;
 pub mod step;
+pub mod stream;
 pub mod trainer;

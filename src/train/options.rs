@@ -78,6 +78,14 @@ pub struct TrainOptions {
     /// Drop records longer than --seq-len instead of truncating them.
     #[arg(long)]
     pub drop_long: bool,
+    /// Pack several records into each sequence, up to --seq-len (positions restart at each
+    /// record and no record attends to another).
+    #[arg(long)]
+    pub pack: bool,
+    /// Stream JSON Lines data: tokenized lazily in the background, so training starts at once
+    /// and the data need not fit in memory (split and order drawn over records).
+    #[arg(long)]
+    pub stream: bool,
     /// Output folder for the adapter, resume state and metrics.jsonl.
     #[arg(long, default_value = "", hide_default_value = true, value_parser = path_flag)]
     pub out: PathBuf,

@@ -7,18 +7,20 @@ use super::checkpoint::{
     STATE_FILE,
 };
 use super::data::{
-    load_sequences_with, Batch, Batcher, BatcherState, DataFormat, Dataset, ReadOptions, Sequence,
+    data_files, load_sequences_with, pad_id, Batch, Batcher, BatcherState, DataFormat, Dataset,
+    LoadStats, ReadOptions, Sequence,
 };
 use super::optim::{AdamConfig, Optimizer};
 use super::schedule::LrSchedule;
-use super::step::{causal_lm_nll, forward_backward, labelled_positions, micro_batch_weights};
+use super::step::{causal_lm_nll, forward_backward_with, labelled_positions, micro_batch_weights};
+use super::stream::{DataOrder, Reader, Stream};
 use crate::chat::ChatTemplate;
 use crate::dist::{Dist, ReduceOp};
 use crate::error::{OctetError, Result};
 use crate::io::safetensors::SafetensorsFile;
 use crate::io::TensorStore;
 use crate::load::{load_model, LoadOptions, LoadedModel, QuantizeOptions};
-use crate::model::CausalLm;
+use crate::model::{CausalLm, Packing};
 use crate::nn::Layer;
 use crate::outdir::InPlaceOutput;
 use crate::peft::{
@@ -58,6 +60,10 @@ pub struct StepMetrics {
     /// for a run of one process.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub world_size: Option<usize>,
+    /// With `--pack`: the fraction of the step's token positions (every micro-batch of every
+    /// rank) that hold a record rather than padding.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub packing_efficiency: Option<f64>,
 }
 
 /// What a run did.
@@ -304,6 +310,8 @@ struct Plan {
     base_fp: String,
     fan_in_fan_out: bool,
     checkpoint: Option<(PathBuf, RunState)>,
+    /// The training data when streamed (`--stream`).
+    stream: Option<Stream>,
 }
 
 /// Validates the options, loads the base model and the data, and finds the checkpoint to
@@ -315,14 +323,24 @@ fn setup(opts: &TrainOptions, dist: &Dist) -> Result<(LoadedModel, Dataset, Plan
     let device = dist.training_device(crate::device::from_flag(&opts.device)?);
     let tokenizer = Tokenizer::from_dir(&opts.model)?;
     let mut loaded = load_base(opts, kind, device)?;
-    let dataset = load_data(opts, &tokenizer, loaded.model.info().vocab_size)?;
+    let vocab = loaded.model.info().vocab_size;
+    let (dataset, stream) = if opts.stream {
+        let (d, s) = load_stream(opts, &tokenizer, vocab)?;
+        (d, Some(s))
+    } else {
+        (load_data(opts, &tokenizer, vocab)?, None)
+    };
     let base_fp = fingerprint(&mut loaded);
     super::distributed::check_same_base(dist, &base_fp, &opts.model)?;
     let targets = match opts.targets()? {
         Some(t) => t,
         None => Targets::Names(loaded.arch.spec().lora_targets.clone()),
     };
-    let settings = RunSettings::of(opts, &targets, fingerprint_data(&dataset))?;
+    let data_fp = match &stream {
+        Some(s) => s.fingerprint()?,
+        None => fingerprint_data(&dataset),
+    };
+    let settings = RunSettings::of(opts, &targets, data_fp)?;
     let checkpoint = opts.resume.as_deref().map(find_checkpoint).transpose()?;
     if let Some((sdir, st)) = &checkpoint {
         let p = sdir.join(STATE_FILE);
@@ -343,6 +361,7 @@ fn setup(opts: &TrainOptions, dist: &Dist) -> Result<(LoadedModel, Dataset, Plan
         base_fp,
         fan_in_fan_out,
         checkpoint,
+        stream,
     };
     Ok((loaded, dataset, plan))
 }
@@ -410,7 +429,7 @@ fn load_data(opts: &TrainOptions, tokenizer: &Tokenizer, vocab: usize) -> Result
         drop_long: opts.drop_long,
     };
     let (seq_len, seed) = (opts.seq_len, opts.seed);
-    let dataset = match (&opts.eval_data, &eval_format) {
+    let mut dataset = match (&opts.eval_data, &eval_format) {
         (Some(eval), Some(f)) => {
             let mut d = Dataset::load_with(&opts.data, tokenizer, seq_len, 0.0, seed, &read)?;
             let read_eval = ReadOptions {
@@ -430,6 +449,17 @@ fn load_data(opts: &TrainOptions, tokenizer: &Tokenizer, vocab: usize) -> Result
         )?,
     };
     report_load(opts, &dataset);
+    if opts.pack {
+        let st = dataset.pack_train(pad_id(tokenizer));
+        eprintln!(
+            "packing: {} training records into {} sequences of {} tokens; padding {:.1}% -> {:.1}%",
+            st.records,
+            st.sequences,
+            opts.seq_len,
+            100.0 * st.padding_before,
+            100.0 * st.padding_after
+        );
+    }
     if dataset.train.is_empty() {
         return Err(OctetError::bad_file(
             &opts.data,
@@ -443,6 +473,100 @@ fn load_data(opts: &TrainOptions, tokenizer: &Tokenizer, vocab: usize) -> Result
         &opts.data.display().to_string(),
     )?;
     Ok(dataset)
+}
+
+/// The chat template conversational formats need (`None` for the others).
+fn chat_template(
+    opts: &TrainOptions,
+    tokenizer: &Tokenizer,
+    formats: &[&DataFormat],
+) -> Result<Option<ChatTemplate>> {
+    if !formats.iter().any(|f| f.record_kind().is_some()) {
+        return Ok(None);
+    }
+    let file = opts.chat_template.as_deref();
+    ChatTemplate::load(&opts.model, file, tokenizer.clone()).map(Some)
+}
+
+/// Indexes the data for streaming (`--stream`) and reads the held-out set (`--eval-data`,
+/// or the held-out records).
+fn load_stream(
+    opts: &TrainOptions,
+    tokenizer: &Tokenizer,
+    vocab: usize,
+) -> Result<(Dataset, Stream)> {
+    let started = Instant::now();
+    let forced = opts.data_format()?;
+    let format = match &forced {
+        Some(f) => f.clone(),
+        None => DataFormat::detect(&opts.data)?,
+    };
+    if format == DataFormat::Text {
+        return Err(OctetError::bad_file(
+            &opts.data,
+            "--stream reads JSON Lines (one record per line); plain text is read whole \
+             (drop --stream)",
+        ));
+    }
+    let eval_format = match &opts.eval_data {
+        Some(p) => Some(match &forced {
+            Some(f) => f.clone(),
+            None => DataFormat::detect(p)?,
+        }),
+        None => None,
+    };
+    let template = chat_template(opts, tokenizer, &[&format])?;
+    let reader = Reader {
+        format: format.clone(),
+        tokenizer: tokenizer.clone(),
+        template: template.map(std::sync::Arc::new),
+        seq_len: opts.seq_len,
+        train_on_prompt: opts.train_on_prompt,
+        drop_long: opts.drop_long,
+        pack: opts.pack,
+        vocab,
+    };
+    let files = data_files(&opts.data)?;
+    let fraction = if opts.eval_data.is_some() {
+        0.0
+    } else {
+        opts.eval_fraction
+    };
+    let stream = Stream::open(&files, reader, fraction, opts.seed)?;
+    let eval = match (&opts.eval_data, &eval_format) {
+        (Some(p), Some(f)) => {
+            let template = chat_template(opts, tokenizer, &[f])?;
+            let read = ReadOptions {
+                format: Some(f),
+                template: template.as_ref(),
+                train_on_prompt: opts.train_on_prompt,
+                drop_long: opts.drop_long,
+            };
+            load_sequences_with(p, tokenizer, opts.seq_len, &read)?.0
+        }
+        _ => stream.eval_sequences()?,
+    };
+    crate::model::check_token_ids(
+        eval.iter().flat_map(|s| &s.input_ids),
+        vocab,
+        "held-out data",
+    )?;
+    eprintln!(
+        "data: {} as {format}, streamed: {} training records, {} held-out sequences ({} \
+         indexed in {:.1}s)",
+        opts.data.display(),
+        stream.train_records(),
+        eval.len(),
+        crate::memory::human(stream.bytes()),
+        started.elapsed().as_secs_f64()
+    );
+    let dataset = Dataset {
+        train: Vec::new(),
+        eval,
+        stats: LoadStats::new(format, stream.train_records()),
+        segments: None,
+    };
+    Ok((dataset, stream))
 }
 
 /// Says on stderr how the data was read and what was cut or dropped.
@@ -485,7 +609,7 @@ fn report_load(opts: &TrainOptions, dataset: &Dataset) {
 /// Where a run starts: its checkpoint's adapters and data position, or fresh adapters.
 struct Start {
     step: usize,
-    batcher: Batcher,
+    batcher: DataOrder,
     wrapped: Vec<String>,
     resumed: Option<RunState>,
     resumed_from: Option<PathBuf>,
@@ -500,13 +624,26 @@ fn begin(
     train_len: usize,
     world: usize,
 ) -> Result<Start> {
-    // Every rank walks the global batch (world x batch size) and keeps its slice of it.
     let global_batch = opts.batch_size * world;
+    let checkpoint = plan.checkpoint.take();
+    let order = |state: Option<BatcherState>| -> Result<DataOrder> {
+        let state = state.unwrap_or(BatcherState {
+            epoch: 0,
+            cursor: 0,
+            seed: opts.seed,
+            within: 0,
+        });
+        Ok(match &plan.stream {
+            Some(s) => DataOrder::Streamed(s.batches(state, global_batch)?),
+            None => DataOrder::Memory(Batcher::restore(state, train_len, global_batch)?),
+        })
+    };
+    // Every rank walks the global batch (world x batch size) and keeps its slice of it.
     tch::manual_seed(opts.seed as i64);
-    let Some((sdir, st)) = plan.checkpoint.take() else {
+    let Some((sdir, st)) = checkpoint else {
         let wrapped = attach_lora(model, &plan.targets, opts.lora())?;
         train_extras(model, opts.train_norms, opts.train_biases);
-        let batcher = Batcher::new(train_len, global_batch, opts.seed)?;
+        let batcher = order(None)?;
         return Ok(Start {
             step: 0,
             batcher,
@@ -535,7 +672,7 @@ fn begin(
     train_extras(model, st.train_norms, st.train_biases);
     Ok(Start {
         step: st.step,
-        batcher: Batcher::restore(st.batcher, train_len, global_batch)?,
+        batcher: order(Some(st.batcher))?,
         wrapped: st.targets.clone(),
         resumed: Some(st),
         resumed_from: Some(sdir),
@@ -601,7 +738,7 @@ struct Run<'a> {
     schedule: LrSchedule,
     /// The state saved with each checkpoint, but for its step and data position.
     state: RunState,
-    batcher: Batcher,
+    batcher: DataOrder,
     step: usize,
     /// The locked run folder (rank 0 alone writes).
     output: Option<InPlaceOutput>,
@@ -712,8 +849,14 @@ impl<'a> Run<'a> {
         // them (see `micro_batch_weights`) and the ranks' gradients are then summed.
         let (rank, world) = (self.dist.rank(), self.dist.world());
         let batches: Vec<Batch> = (0..opts.grad_accum)
-            .map(|_| self.batcher.next_shard(&data.train, rank, world))
+            .map(|_| self.batcher.next_shard(data, rank, world))
             .collect::<Result<_>>()?;
+        // Positions that hold a record, for the packing efficiency.
+        let filled: i64 = batches
+            .iter()
+            .filter_map(|b| b.segment_ids.as_ref())
+            .map(|s| s.ne(0).sum(Kind::Int64).int64_value(&[]))
+            .sum();
         let counts: Vec<i64> = batches
             .iter()
             .map(|b| labelled_positions(&b.labels))
@@ -739,9 +882,10 @@ impl<'a> Run<'a> {
         let speed = tokens / started.elapsed().as_secs_f64();
         let summed = self
             .dist
-            .all_reduce_f64(&[loss_sum, speed], ReduceOp::Sum)?;
+            .all_reduce_f64(&[loss_sum, speed, filled as f64], ReduceOp::Sum)?;
         let (loss, tokens_per_s) = (summed[0], summed[1]);
         let world = self.dist.world();
+        let positions = (world * opts.batch_size * opts.seq_len * opts.grad_accum) as f64;
         let mut m = StepMetrics {
             step: self.step,
             loss,
@@ -751,6 +895,7 @@ impl<'a> Run<'a> {
             eval_loss: None,
             peak_gpu_mib: self.track_gpu_memory(),
             world_size: (world > 1).then_some(world),
+            packing_efficiency: opts.pack.then(|| summed[2] / positions),
         };
         if (opts.eval_every > 0 && self.step.is_multiple_of(opts.eval_every))
             || self.step == opts.steps
@@ -785,14 +930,20 @@ impl<'a> Run<'a> {
         // Built on the host, copied to the device once per micro-batch.
         let ids = batch.input_ids.to_device(self.device);
         let labels = batch.labels.to_device(self.device);
+        // Positions and the block-diagonal mask are built where the model runs.
+        let packing = batch
+            .segment_ids
+            .map(|s| Packing::from_segments(&s.to_device(self.device)))
+            .transpose()?;
         let micro_id = (self.step * opts.grad_accum + micro) as u64;
         let model = &*self.model;
         let seed = super::distributed::rank_seed(opts.seed, rank);
         let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            forward_backward(
+            forward_backward_with(
                 model,
                 &ids,
                 &labels,
+                packing.as_ref(),
                 weight,
                 !opts.no_checkpointing,
                 seed,

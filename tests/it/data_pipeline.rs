@@ -422,6 +422,7 @@ fn batcher_resumes_exactly() {
         epoch: 0,
         cursor: n,
         seed: 1,
+        within: 0,
     };
     assert!(Batcher::restore(bad, n, bs).is_err());
     let mut b = Batcher::new(n, bs, 0).unwrap();

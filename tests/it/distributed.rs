@@ -46,6 +46,19 @@ fn with(mut a: Vec<String>, extra: &[&str]) -> Vec<String> {
     a
 }
 
+/// `a` with each `(flag, value)` set: replaced where `a` has the flag, else added (an empty
+/// value: a switch).
+fn setting(mut a: Vec<String>, flags: &[(&str, &str)]) -> Vec<String> {
+    for (flag, value) in flags {
+        match a.iter().position(|x| x == flag) {
+            Some(i) => a[i + 1] = value.to_string(),
+            None if value.is_empty() => a.push(flag.to_string()),
+            None => a.extend([flag.to_string(), value.to_string()]),
+        }
+    }
+    a
+}
+
 fn octet_cmd(args: &[String]) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_octet"));
     c.args(args).env("OMP_NUM_THREADS", "1");
@@ -119,16 +132,26 @@ fn files(dir: &Path) -> Vec<String> {
 /// per step, the world size in it).
 fn two_ranks_match_one(optim: &str, tol: f64) {
     let tmp = tempfile::tempdir().unwrap();
-    let data = text_file(tmp.path());
+    two_ranks_match_one_on(&tmp, &text_file(tmp.path()), &[], optim, tol);
+}
+
+/// [`two_ranks_match_one`] on `data` with the `extra` flags set.
+fn two_ranks_match_one_on(
+    tmp: &tempfile::TempDir,
+    data: &Path,
+    extra: &[(&str, &str)],
+    optim: &str,
+    tol: f64,
+) {
     let steps = 4;
     let (one, two) = (tmp.path().join("one"), tmp.path().join("two"));
     let o = run(octet_cmd(&with(
-        args(&tiny(), &data, &one, optim, steps),
+        setting(args(&tiny(), data, &one, optim, steps), extra),
         &["--batch-size", "4"],
     )));
     assert!(o.status.success(), "{}", text(&o));
     let o = run(octet_cmd(&with(
-        args(&tiny(), &data, &two, optim, steps),
+        setting(args(&tiny(), data, &two, optim, steps), extra),
         &["--batch-size", "2", "--nproc-per-node", "2"],
     )));
     let log = text(&o);
@@ -163,6 +186,20 @@ fn two_ranks_at_batch_b_equal_one_rank_at_2b_with_adamw() {
 /// fixture none does: seeds 5, 6 and 7 differ by at most 8.2e-8 (adamw: 3.0e-7), so the
 /// tolerance is adamw's. The run is deterministic (one thread, a fixed two-rank reduction
 /// order), so the bound cannot flake.
+#[test]
+fn two_packed_ranks_at_batch_b_equal_one_rank_at_2b() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("chat.jsonl");
+    std::fs::write(&data, crate::train_data::chat_records(24)).unwrap();
+    let template = crate::train_data::template_file(tmp.path());
+    let extra = [
+        ("--pack", ""),
+        ("--seq-len", "64"),
+        ("--chat-template", common::s(&template)),
+    ];
+    two_ranks_match_one_on(&tmp, &data, &extra, "adamw", 1e-5);
+}
+
 #[test]
 fn two_ranks_at_batch_b_match_one_rank_at_2b_with_adam8bit() {
     two_ranks_match_one("adam8bit", 1e-5);

@@ -270,6 +270,7 @@ fn targets(work: &Path) -> Vec<Target> {
             epoch: 3,
             cursor: 5,
             seed: 7,
+            within: 0,
         })
         .unwrap(),
     )

@@ -32,3 +32,4 @@ mod safety_out;
 mod smollm2;
 mod torch_bin;
 mod train;
+mod train_data;
