@@ -383,9 +383,18 @@ fn padded(mut ids: Vec<i64>, mut labels: Vec<i64>, seq_len: usize, pad_id: i64) 
 }
 
 fn encode_all(tokenizer: &Tokenizer, docs: &[&str]) -> Result<Vec<Vec<u32>>> {
-    docs.par_iter()
-        .map(|d| tokenizer.encode_with_bos(d))
-        .collect()
+    first_error(
+        docs.par_iter()
+            .map(|d| tokenizer.encode_with_bos(d))
+            .collect(),
+    )
+}
+
+/// The results in input order, or the error of the earliest record that failed: a parallel
+/// `collect::<Result<_>>()` returns whichever error a thread met first, so the line a user
+/// is pointed to would change from run to run.
+fn first_error<T>(results: Vec<Result<T>>) -> Result<Vec<T>> {
+    results.into_iter().collect()
 }
 
 fn pack(
@@ -488,10 +497,12 @@ pub(super) fn encode_pairs(
     eos: Option<i64>,
     drop_long: bool,
 ) -> Result<(Vec<Sequence>, LoadStats)> {
-    let encoded: Vec<(Vec<u32>, Vec<u32>)> = pairs
-        .par_iter()
-        .map(|(p, c)| Ok((tokenizer.encode_with_bos(p)?, tokenizer.encode(c)?)))
-        .collect::<Result<_>>()?;
+    let encoded: Vec<(Vec<u32>, Vec<u32>)> = first_error(
+        pairs
+            .par_iter()
+            .map(|(p, c)| Ok((tokenizer.encode_with_bos(p)?, tokenizer.encode(c)?)))
+            .collect(),
+    )?;
     let pad_id = eos.unwrap_or(0);
     let mut stats = LoadStats::new(DataFormat::PromptCompletion, encoded.len());
     let mut sequences = Vec::with_capacity(encoded.len());
@@ -602,14 +613,16 @@ pub(super) fn encode_conversations(
     eos: Option<i64>,
     read: &ReadOptions,
 ) -> Result<(Vec<Sequence>, LoadStats)> {
-    let encoded: Vec<_> = conversations
-        .par_iter()
-        .map(|(file, line, m)| {
-            template
-                .encode_with_assistant_mask(m)
-                .map_err(|e| at_line(file, *line, &e))
-        })
-        .collect::<Result<_>>()?;
+    let encoded: Vec<_> = first_error(
+        conversations
+            .par_iter()
+            .map(|(file, line, m)| {
+                template
+                    .encode_with_assistant_mask(m)
+                    .map_err(|e| at_line(file, *line, &e))
+            })
+            .collect(),
+    )?;
     let mut stats = LoadStats::new(format.clone(), encoded.len());
     let pad_id = eos.unwrap_or(0);
     let mut sequences = Vec::with_capacity(encoded.len());
