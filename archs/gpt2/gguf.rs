@@ -4,7 +4,9 @@
 use super::Gpt2Config;
 use crate::arch::Plugin;
 use crate::error::{OctetError, Result};
-use crate::io::gguf::{split_block_name, GgufFile, GgufMapping, GgufValue, NameTable};
+use crate::io::gguf::{
+    block_gguf_name, block_hf_name, GgufFile, GgufMapping, GgufValue, NameTable,
+};
 
 /// The GPT-2 GGUF mapping.
 pub struct Gpt2Gguf;
@@ -36,14 +38,7 @@ impl GgufMapping for Gpt2Gguf {
     }
 
     fn tensor_name(&self, raw: &str) -> Option<String> {
-        if let Some(hf) = TOP.module(raw) {
-            return Some(hf.into());
-        }
-        let (layer, part, param) = split_block_name(raw)?;
-        Some(format!(
-            "transformer.h.{layer}.{}.{param}",
-            BLOCK.module(part)?
-        ))
+        block_hf_name(raw, &TOP, "transformer.h", |p| BLOCK.module(p))
     }
 
     fn config(&self, file: &GgufFile) -> Result<serde_json::Value> {
@@ -58,14 +53,7 @@ impl GgufMapping for Gpt2Gguf {
     }
 
     fn gguf_tensor_name(&self, hf: &str) -> Option<String> {
-        if let Some(raw) = TOP.part(hf) {
-            return Some(raw.into());
-        }
-        let rest = hf.strip_prefix("transformer.h.")?;
-        let (n, rest) = rest.split_once('.')?;
-        let layer = n.parse::<usize>().ok()?;
-        let (module, param) = rest.rsplit_once('.')?;
-        Some(format!("blk.{layer}.{}.{param}", BLOCK.part(module)?))
+        block_gguf_name(hf, &TOP, "transformer.h", |m| BLOCK.part(m))
     }
 
     fn transposed(&self, hf: &str) -> bool {

@@ -5,7 +5,9 @@
 //! not supported.
 use super::GptNeoxConfig;
 use crate::error::{OctetError, Result};
-use crate::io::gguf::{split_block_name, GgufFile, GgufMapping, GgufValue, NameTable};
+use crate::io::gguf::{
+    block_gguf_name, block_hf_name, split_block_name, GgufFile, GgufMapping, GgufValue, NameTable,
+};
 
 /// The GPT-NeoX GGUF mapping.
 pub struct GptNeoxGguf;
@@ -53,14 +55,7 @@ impl GgufMapping for GptNeoxGguf {
     }
 
     fn tensor_name(&self, raw: &str) -> Option<String> {
-        if let Some(hf) = TOP.module(raw) {
-            return Some(hf.into());
-        }
-        let (layer, part, param) = split_block_name(raw)?;
-        Some(format!(
-            "gpt_neox.layers.{layer}.{}.{param}",
-            BLOCK.module(part)?
-        ))
+        block_hf_name(raw, &TOP, "gpt_neox.layers", |p| BLOCK.module(p))
     }
 
     fn config(&self, file: &GgufFile) -> Result<serde_json::Value> {
@@ -75,14 +70,7 @@ impl GgufMapping for GptNeoxGguf {
     }
 
     fn gguf_tensor_name(&self, hf: &str) -> Option<String> {
-        if let Some(raw) = TOP.part(hf) {
-            return Some(raw.into());
-        }
-        let rest = hf.strip_prefix("gpt_neox.layers.")?;
-        let (n, rest) = rest.split_once('.')?;
-        let layer = n.parse::<usize>().ok()?;
-        let (module, param) = rest.rsplit_once('.')?;
-        Some(format!("blk.{layer}.{}.{param}", BLOCK.part(module)?))
+        block_gguf_name(hf, &TOP, "gpt_neox.layers", |m| BLOCK.part(m))
     }
 
     fn stored_row_order(&self, raw: &str, config: &serde_json::Value) -> Option<Vec<usize>> {

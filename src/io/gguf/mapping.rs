@@ -121,30 +121,49 @@ pub fn split_block_name(raw: &str) -> Option<(usize, &str, &str)> {
     matches!(param, "weight" | "bias").then_some((layer, part, param))
 }
 
-/// The Hugging Face name of a llama.cpp decoder tensor: the embedding, final norm and head by
-/// their fixed names, block tensors through `module` (llama.cpp part → Hugging Face module
-/// under `model.layers.N`); `None` for anything else.
-pub fn decoder_hf_name(raw: &str, module: impl Fn(&str) -> Option<&'static str>) -> Option<String> {
-    if let Some(hf) = DECODER_TOP.module(raw) {
+/// The Hugging Face name of a llama.cpp tensor: the ones outside the blocks through `top`,
+/// block tensors through `module` (llama.cpp part → Hugging Face module under
+/// `{layers}.N`); `None` for anything else.
+pub fn block_hf_name(
+    raw: &str,
+    top: &NameTable,
+    layers: &str,
+    module: impl Fn(&str) -> Option<&'static str>,
+) -> Option<String> {
+    if let Some(hf) = top.module(raw) {
         return Some(hf.into());
     }
     let (layer, part, param) = split_block_name(raw)?;
-    Some(format!("model.layers.{layer}.{}.{param}", module(part)?))
+    Some(format!("{layers}.{layer}.{}.{param}", module(part)?))
 }
 
-/// The llama.cpp name of a Hugging Face decoder tensor, the inverse of [`decoder_hf_name`]
-/// through the same tables: `part` gives the llama.cpp part of a module under
-/// `model.layers.N`.
-pub fn decoder_gguf_name(hf: &str, part: impl Fn(&str) -> Option<&'static str>) -> Option<String> {
-    if let Some(raw) = DECODER_TOP.part(hf) {
+/// The llama.cpp name of a Hugging Face tensor, the inverse of [`block_hf_name`] through the
+/// same tables: `part` gives the llama.cpp part of a module under `{layers}.N`.
+pub fn block_gguf_name(
+    hf: &str,
+    top: &NameTable,
+    layers: &str,
+    part: impl Fn(&str) -> Option<&'static str>,
+) -> Option<String> {
+    if let Some(raw) = top.part(hf) {
         return Some(raw.into());
     }
-    let rest = hf.strip_prefix("model.layers.")?;
+    let rest = hf.strip_prefix(layers)?.strip_prefix('.')?;
     let (n, rest) = rest.split_once('.')?;
     let layer = n.parse::<usize>().ok()?;
     let (module, param) = rest.rsplit_once('.')?;
     matches!(param, "weight" | "bias").then_some(())?;
     Some(format!("blk.{layer}.{}.{param}", part(module)?))
+}
+
+/// [`block_hf_name`] for the Llama-family decoders (`model.layers`).
+pub fn decoder_hf_name(raw: &str, module: impl Fn(&str) -> Option<&'static str>) -> Option<String> {
+    block_hf_name(raw, &DECODER_TOP, "model.layers", module)
+}
+
+/// [`block_gguf_name`] for the Llama-family decoders, the inverse of [`decoder_hf_name`].
+pub fn decoder_gguf_name(hf: &str, part: impl Fn(&str) -> Option<&'static str>) -> Option<String> {
+    block_gguf_name(hf, &DECODER_TOP, "model.layers", part)
 }
 
 /// Pairs of (llama.cpp name, Hugging Face name), read in both directions: reading GGUF

@@ -33,10 +33,10 @@ use super::{Dtype, TensorMeta, TensorStore};
 use crate::error::{OctetError, Result};
 pub use ggml::{bf16_bits, dequantize, f16_bits, ggml_type_name, quantize_f32, GgmlType};
 pub use mapping::{
-    decoder_gguf_name, decoder_hf_name, exported_architectures, gather_rows, llama_block_module,
-    llama_qk_heads, mapping_exporting, permute_rows, refuse_rope_changes, rope_scaling,
-    settings_values, split_block_name, vocab_size, DecoderSizes, GgufMapping, GgufRegistration,
-    NameTable, LLAMA_BLOCK,
+    block_gguf_name, block_hf_name, decoder_gguf_name, decoder_hf_name, exported_architectures,
+    gather_rows, llama_block_module, llama_qk_heads, mapping_exporting, permute_rows,
+    refuse_rope_changes, rope_scaling, settings_values, split_block_name, vocab_size, DecoderSizes,
+    GgufMapping, GgufRegistration, NameTable, LLAMA_BLOCK,
 };
 use mapping::{mapping_for, mappings, unpermute_rows};
 use memmap2::Mmap;
