@@ -21,6 +21,7 @@ mod gpu;
 mod hub_cache;
 mod llama_golden;
 mod merge;
+mod quant_format;
 mod quant_oracle;
 mod safety_in;
 mod safety_out;
