@@ -24,8 +24,8 @@ pub fn render(dir: &std::path::Path, arch: &str) -> anyhow::Result<String> {
     if let Some(m) = Manifest::read(dir)? {
         let code = format!("{:?}", m.code).to_lowercase();
         out += &format!(
-            "octet format: version {}, block size {}, {code} code, written by octet {}\n",
-            m.format_version, m.block_size, m.octet_version
+            "octet format: block size {}, {code} code, written by octet {}\n",
+            m.block_size, m.octet_version
         );
     }
     out += "\n";
