@@ -8,7 +8,8 @@ use crate::manifest::{Manifest, SourceFile, TensorError};
 use crate::nn::q8::Q8Weight;
 use crate::nn::{kinds, ModuleGraph, Node};
 use crate::outdir::OutputDir;
-use crate::quant::{BlockSize, QuantError, StreamOutput};
+use crate::quant::double_quant as dq;
+use crate::quant::{BlockSize, CodeKind, QuantError, StreamOutput};
 use crate::source::ModelSource;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -54,6 +55,8 @@ pub struct ConvertedTensor {
     pub bytes_out: usize,
     /// Error, for quantized tensors.
     pub error: Option<QuantError>,
+    /// The code kind, for quantized tensors.
+    pub code: Option<CodeKind>,
 }
 
 /// What a conversion did.
@@ -157,6 +160,10 @@ pub fn convert(model: &Path, out: &Path, opts: &ConvertOptions) -> Result<Conver
         ));
     }
     let manifest = Manifest {
+        format_version: crate::manifest::required_version(crate::manifest::graph_features(
+            &graph,
+            opts.quantize.code,
+        )),
         arch: source.arch.name().to_string(),
         block_size: block.get() as i64,
         code: opts.quantize.code,
@@ -171,6 +178,7 @@ pub fn convert(model: &Path, out: &Path, opts: &ConvertOptions) -> Result<Conver
                     name: r.name.clone(),
                     rel_mse: e.rel_mse(),
                     max_abs_err: e.max_abs_err,
+                    code: r.code,
                 })
             })
             .collect(),
@@ -277,24 +285,40 @@ impl TensorConverter<'_> {
             let (out, code) = quantize_tensor(self.store, name, self.block, &self.opts.quantize)?;
             let bytes_in = s.param(pname).map_or(0, |p| p.nbytes());
             w.write(name, &out.q)?;
+            let scale_bytes = match &out.double {
+                Some(d) => d.nbytes(),
+                None => 4 * out.absmax.len(),
+            };
             self.rows.push(ConvertedTensor {
                 name: name.to_string(),
                 bytes_in,
-                bytes_out: out.q.len() + 4 * out.absmax.len() + 4 * code.len(),
+                bytes_out: out.q.len() + scale_bytes + 4 * code.len(),
                 error: out.error,
+                code: Some(self.opts.quantize.code),
             });
             self.pb.inc(bytes_in as u64);
             self.pending = Some((t.path.clone(), out, code));
             return Ok(());
         }
-        if pname == "absmax" || pname == "code" {
-            if let Some((path, q, code)) = &self.pending {
-                if *path == t.path {
-                    let vals: &[f32] = if pname == "absmax" { &q.absmax } else { code };
-                    let bytes: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
+        if let Some((path, q, code)) = &self.pending {
+            if *path == t.path {
+                let f32s = |vals: &[f32]| -> Vec<u8> {
+                    vals.iter().flat_map(|v| v.to_le_bytes()).collect()
+                };
+                let bytes = match (pname, &q.double) {
+                    ("absmax", None) => Some(f32s(&q.absmax)),
+                    ("code", _) => Some(f32s(code)),
+                    (dq::STORED_Q, Some(d)) => Some(d.q.clone()),
+                    (dq::STORED_SCALE, Some(d)) => Some(f32s(&d.group_absmax)),
+                    (dq::STORED_OFFSET, Some(d)) => Some(f32s(&[d.offset])),
+                    _ => None,
+                };
+                if let Some(bytes) = bytes {
                     return w.write(name, &bytes);
                 }
             }
+        }
+        if pname == "absmax" || pname == "code" {
             // Already 8-bit in the source: copied as stored, once its values are known to
             // load back.
             let b = self.store.bytes(name)?;
@@ -322,6 +346,7 @@ impl TensorConverter<'_> {
             bytes_in: b.len(),
             bytes_out: b.len(),
             error: None,
+            code: None,
         });
         self.pb.inc(b.len() as u64);
         Ok(())
@@ -380,11 +405,13 @@ fn quantize_tensor(
             }
             choose_code(q.code, &x, block)?
         }
-        crate::quant::CodeKind::Dynamic => crate::quant::QuantCode::dynamic_signed(),
+        crate::quant::CodeKind::Dynamic | crate::quant::CodeKind::Linear => {
+            choose_code(q.code, &[], block)?
+        }
     };
     let bytes = store.bytes(name)?;
     let size = meta.dtype.size();
-    let out = Q8Weight::quantize_stream(meta.numel(), block, &code, |start, buf| {
+    let read = |start: usize, buf: &mut [f32]| -> Result<()> {
         dtype::float_bytes_to_f32(
             meta.dtype,
             &bytes[start * size..(start + buf.len()) * size],
@@ -394,7 +421,12 @@ fn quantize_tensor(
             Some((i, v)) => Err(nonfinite(start + i, v)),
             None => Ok(()),
         }
-    })?;
+    };
+    let out = if q.double_quant {
+        Q8Weight::quantize_stream_double(meta.numel(), block, &code, read)?
+    } else {
+        Q8Weight::quantize_stream(meta.numel(), block, &code, read)?
+    };
     Ok((out, code.values().to_vec()))
 }
 

@@ -10,10 +10,11 @@ use crate::io::{Dtype, TensorStore};
 use crate::load::QuantizeOptions;
 use crate::manifest::{Manifest, SourceFile, TensorError};
 use crate::nn::kinds::{quantized_param, replacement_to};
-use crate::nn::q8::{stored_block_size, Q8Weight};
+use crate::nn::q8::{decode_absmax, stored_block_size, Q8Weight};
 use crate::nn::{ModuleGraph, Node, ParamInfo};
 use crate::outdir::OutputDir;
 use crate::peft::{Adapter, AdapterConfig, ModuleEdit, ADAPTER_CONFIG};
+use crate::quant::double_quant as dq;
 use crate::quant::{BlockSize, CodeKind};
 use crate::source::ModelSource;
 use std::collections::BTreeMap;
@@ -206,8 +207,16 @@ pub(crate) fn output_graph(
             for node in &mut graph.nodes {
                 if let Some(rep) = replacement_to(&node.kind) {
                     node.kind = rep.from.to_string();
-                    node.params
-                        .retain(|p| p.name != "absmax" && p.name != "code");
+                    node.params.retain(|p| {
+                        ![
+                            "absmax",
+                            "code",
+                            dq::STORED_Q,
+                            dq::STORED_SCALE,
+                            dq::STORED_OFFSET,
+                        ]
+                        .contains(&p.name.as_str())
+                    });
                     if let Some(p) = node
                         .params
                         .iter_mut()
@@ -224,6 +233,9 @@ pub(crate) fn output_graph(
             }
         }
         None => {
+            // Merged folders keep one f32 absmax per block: a re-quantized weight is scaled by
+            // its own absmax, and a kept one by its de-quantized double-quantized scales.
+            graph.plain_absmax();
             if !stored
                 .nodes
                 .iter()
@@ -311,6 +323,17 @@ impl Merger<'_> {
             .map(|p| {
                 let bytes = match edit.and_then(|e| e.replace.get(&p.name)) {
                     Some((_, v)) => tensor_bytes(&v.to_kind(p.dtype.kind()))?,
+                    None if p.name == "absmax" && s.param(dq::STORED_Q).is_some() => {
+                        let t = |n: &str| self.store.tensor(&s.tensor_name(n));
+                        let a = decode_absmax(
+                            &s.path,
+                            &t(dq::STORED_Q)?,
+                            &t(dq::STORED_SCALE)?,
+                            &t(dq::STORED_OFFSET)?,
+                        )
+                        .map_err(|e| OctetError::bad_file(self.store.path(), e.to_string()))?;
+                        tensor_bytes(&a)?
+                    }
                     None => self.store.bytes(&s.tensor_name(&p.name))?.into_owned(),
                 };
                 Ok((p.name.clone(), bytes))
@@ -329,7 +352,7 @@ impl Merger<'_> {
             OctetError::bad_file(self.store.path(), format!("module {}: no {q}", s.path))
         })?;
         // The base's own block size where it was 8-bit; the manifest's for new modules.
-        let block = match (s.param(q), s.param("absmax")) {
+        let block = match (s.param(q), s.param("absmax").or(s.param(dq::STORED_Q))) {
             (Some(p), Some(a)) if quantized_param(&s.kind).is_some() => {
                 stored_block_size(p.shape.iter().product(), a.shape[0], Some(self.block))
                     .unwrap_or(self.block)
@@ -341,6 +364,7 @@ impl Merger<'_> {
             name: s.tensor_name(q),
             rel_mse: err.rel_mse(),
             max_abs_err: err.max_abs_err,
+            code: Some(CodeKind::Dynamic),
         });
         Ok(bytes)
     }
@@ -455,6 +479,10 @@ pub fn merge(model: &Path, adapter: &Path, out: &Path, opts: &MergeOptions) -> R
     match opts.format.hf_dtype() {
         Some(dtype) => write_hf_config(&source.config, dtype, outdir.path())?,
         None => Manifest {
+            format_version: crate::manifest::required_version(crate::manifest::graph_features(
+                &graph,
+                CodeKind::Dynamic,
+            )),
             arch: arch.to_string(),
             block_size: block.get() as i64,
             code: CodeKind::Dynamic,

@@ -20,9 +20,14 @@ pub struct Args {
     /// Elements per quantization block (64…4096, a power of two); the spec's default if unset.
     #[arg(long)]
     block_size: Option<i64>,
-    /// `dynamic` (bitsandbytes' code) or `fitted` (a per-tensor code fitted to the weights).
+    /// `dynamic` (bitsandbytes' code), `fitted` (a per-tensor code fitted to the weights) or
+    /// `linear` (evenly spaced levels, like llama.cpp's Q8_0).
     #[arg(long, default_value = "dynamic")]
     code: CodeKind,
+    /// Store the block scales double-quantized (8-bit, one f32 per 256 blocks: block 64 costs
+    /// 8.13 bits per weight instead of 8.5) instead of one f32 per block.
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
+    double_quant: bool,
     /// Keep modules matching this pattern in float (repeatable; `*` matches within a segment).
     #[arg(long = "skip")]
     skip: Vec<String>,
@@ -46,6 +51,7 @@ pub fn run(mut a: Args) -> anyhow::Result<()> {
             block,
             code: a.code,
             skip: parse_patterns(&a.skip)?,
+            double_quant: a.double_quant,
         },
         force: a.force,
         shard_bytes: a.shard_mib << 20,
@@ -86,5 +92,19 @@ pub fn run(mut a: Args) -> anyhow::Result<()> {
         bin as f64 / 1e6 / secs.max(1e-9)
     );
     println!("{:<12} {}", "shards", report.shards.join(", "));
+    let mut worst: Vec<_> = report
+        .tensors
+        .iter()
+        .filter_map(|t| Some((t.error?.rel_mse(), t.code?, &t.name)))
+        .collect();
+    worst.sort_by(|a, b| b.0.total_cmp(&a.0));
+    for (i, (err, code, name)) in worst.iter().take(5).enumerate() {
+        let label = if i == 0 { "worst" } else { "" };
+        let code = format!("{code:?}").to_lowercase();
+        println!("{label:<12} {err:>14.3e} {code:<8} {name}");
+    }
+    if a.double_quant {
+        println!("{:<12} double-quantized (8-bit, groups of 256)", "scales");
+    }
     Ok(())
 }

@@ -2,6 +2,7 @@
 pub mod blockwise;
 pub mod code;
 pub mod dispatch;
+pub mod double_quant;
 pub mod fit;
 pub mod fused;
 pub mod fused_in_out;
