@@ -59,9 +59,24 @@ pub struct Manifest {
     pub octet_version: String,
     /// Where the weights came from.
     pub source: Vec<SourceFile>,
+    /// Linear weights stored in 4 bits, and how (absent for an 8-bit folder).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub four_bit: Option<FourBitRecord>,
     /// Per-tensor quantization error of the tensors quantized by this conversion.
     #[serde(default)]
     pub tensors: Vec<TensorError>,
+}
+
+/// How a folder's 4-bit Linear weights were made (embeddings and Linear modules with an odd
+/// input width stay 8-bit, at the manifest's `block_size`).
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
+pub struct FourBitRecord {
+    /// Bits per weight code: 4.
+    pub bits: u8,
+    /// `nf4`, `fp4` or `fitted`.
+    pub code: crate::quant::Code4Kind,
+    /// Elements per 4-bit block.
+    pub block_size: i64,
 }
 
 impl Manifest {

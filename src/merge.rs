@@ -180,6 +180,7 @@ fn output_graph(
     match format.hf_dtype() {
         Some(dtype) => {
             for node in &mut graph.nodes {
+                crate::nn::q4::to_float_node(node, dtype);
                 if let Some(rep) = replacement_to(&node.kind) {
                     node.kind = rep.from.to_string();
                     node.params
@@ -200,6 +201,10 @@ fn output_graph(
             }
         }
         None => {
+            // 4-bit modules come out 8-bit, at the manifest's 8-bit block size.
+            for node in &mut graph.nodes {
+                crate::nn::q4::to_eight_bit_node(node, block);
+            }
             if !stored
                 .nodes
                 .iter()
@@ -433,6 +438,7 @@ pub fn merge(model: &Path, adapter: &Path, out: &Path, opts: &MergeOptions) -> R
             .into_iter()
             .map(SourceFile::describe)
             .collect::<Result<_>>()?,
+            four_bit: None,
             tensors: errors.clone(),
         }
         .write(outdir.path())?,

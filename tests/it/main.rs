@@ -21,6 +21,8 @@ mod hub_cache;
 mod llama_golden;
 mod merge;
 mod quant_oracle;
+mod quant4_model;
+mod quant4_oracle;
 mod safety_in;
 mod safety_out;
 mod smollm2;
