@@ -90,13 +90,22 @@ $(GEN)/smollm2/.done: scripts/fetch_smollm2.sh $(VENV_STAMP)
 $(GEN)/smollm2/tokenizer_vectors.json: scripts/gen_tokenizer_vectors.py $(GEN)/smollm2/.done
 	$(PY) scripts/gen_tokenizer_vectors.py --gguf $(GEN)/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf $@
 
+# bitsandbytes' double-quantized absmax (compress_statistics=True).
+$(GEN)/quant8/double_quant_vectors.safetensors: scripts/gen_double_quant_vectors.py $(VENV_STAMP)
+	mkdir -p $(GEN)/quant8
+	$(PY) scripts/gen_double_quant_vectors.py $@.tmp && mv $@.tmp $@
+
+# A second English text for the 8-bit quality table (Wikipedia, from the gensim wheel).
+$(GEN)/quant8/wiki.txt: scripts/fetch_wiki_text.sh scripts/wiki_plain_text.py $(VENV_STAMP)
+	scripts/fetch_wiki_text.sh $(PY) $(GEN)/quant8
+
 # bitsandbytes' 4-bit (NF4 / FP4) quantization and de-quantization, for octet's 4-bit weights.
 $(GEN)/quant4/.done: scripts/gen_quant4_vectors.py $(VENV_STAMP)
 	mkdir -p $(GEN)/quant4
 	$(PY) scripts/gen_quant4_vectors.py $(GEN)/quant4/vectors.safetensors
 	touch $@
 
-fixtures: $(GEN)/adam8bit_vectors.safetensors $(GEN)/quant_vectors.safetensors $(GEN)/tiny_gptj/.done $(GEN)/torch_bin/.done $(GEN)/tiny_gpt2_neox.done $(GEN)/tiny_llama/.done $(GEN)/ggml_vectors/.done $(GEN)/tiny_decoders/.done $(GEN)/tiny_decoders/gguf/.done $(GEN)/spm_gguf/.done $(GEN)/smollm2/.done $(GEN)/smollm2/tokenizer_vectors.json $(GEN)/gguf_write_vectors/.done $(GEN)/quant4/.done
+fixtures: $(GEN)/adam8bit_vectors.safetensors $(GEN)/quant_vectors.safetensors $(GEN)/tiny_gptj/.done $(GEN)/torch_bin/.done $(GEN)/tiny_gpt2_neox.done $(GEN)/tiny_llama/.done $(GEN)/ggml_vectors/.done $(GEN)/tiny_decoders/.done $(GEN)/tiny_decoders/gguf/.done $(GEN)/spm_gguf/.done $(GEN)/smollm2/.done $(GEN)/smollm2/tokenizer_vectors.json $(GEN)/gguf_write_vectors/.done $(GEN)/quant8/double_quant_vectors.safetensors $(GEN)/quant8/wiki.txt $(GEN)/quant4/.done
 
 test: build fixtures
 	$(WITH_TORCH) cargo test --release --no-fail-fast

@@ -3,6 +3,7 @@
 pub mod blockwise;
 pub mod code;
 pub mod dispatch;
+pub mod double_quant;
 pub mod fit;
 pub mod fit4;
 pub mod fourbit;

@@ -5,6 +5,7 @@ mod common;
 mod convert_cli;
 mod data_pipeline;
 mod decoders;
+mod double_quant;
 mod eval_generate;
 mod fuzz;
 mod fuzz_support;
