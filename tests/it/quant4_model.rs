@@ -36,9 +36,10 @@ fn four_bit_folders_convert_like_bitsandbytes_and_run_every_command() {
         common::convert_ok(&hf(), &out, &["--bits", "4", "--code", code, "--block-size", block]);
         let manifest = std::fs::read_to_string(out.join("octet.toml")).unwrap();
         common::assert_mentions(&manifest, &["[four_bit]", "bits = 4", &format!("code = \"{code}\"")]);
-        let (ok, inspect, err) = common::octet(&["inspect", "--model", s(&out)]);
+        let (ok, inspect, err) = common::octet(&["inspect", s(&out)]);
         assert!(ok, "{err}");
         assert!(inspect.contains("Bnb4Linear"), "{inspect}");
+        assert!(inspect.contains(&format!("4-bit Linear weights: {code} code")), "{inspect}");
         if code != "fitted" {
             let v = common::script_json(
                 "bnb4_folder_check.py",

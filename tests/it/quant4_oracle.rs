@@ -147,3 +147,71 @@ fn unsupported_block_sizes_are_refused_by_name() {
         assert!(quantize4(&x, b as usize, &Code4::nf4()).is_err());
     }
 }
+
+#[test]
+fn double_quantized_absmax_matches_bitsandbytes_compress_statistics() {
+    use octet::quant::double_quant::DoubleQuantized;
+    let all = vectors();
+    let mut checked = 0;
+    for n in case_names(&all) {
+        let x = &all[&format!("{n}.x")];
+        let block = all[&format!("{n}.block")].int64_value(&[0]) as usize;
+        for qt in ["nf4", "fp4"] {
+            let k = format!("{n}.{qt}");
+            let Some(qabsmax) = all.get(&format!("{k}.dq.qabsmax")) else {
+                continue;
+            };
+            let absmax = Vec::<f32>::try_from(&all[&format!("{k}.absmax")]).unwrap();
+            let dq = DoubleQuantized::quantize(&absmax);
+            assert_eq!(dq.q, bytes(qabsmax), "{k} absmax codes");
+            assert_eq!(
+                dq.group_absmax.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                bits(&all[&format!("{k}.dq.absmax2")]),
+                "{k} group absmax"
+            );
+            assert_eq!(dq.offset.to_bits(), bits(&all[&format!("{k}.dq.offset")])[0], "{k}");
+            // bitsandbytes de-quantizes the scales, adds the offset, then the 4-bit codes.
+            let scales = Tensor::from_slice(&dq.dequantize());
+            let q = Quantized4::from_parts(
+                all[&format!("{k}.q")].shallow_clone(),
+                scales,
+                code_of(qt),
+                block,
+                x.size(),
+            )
+            .unwrap();
+            assert_eq!(
+                bits(&q.dequantize(Kind::Float).unwrap()),
+                bits(&all[&format!("{k}.dq.deq_f32")]),
+                "{k} de-quantized through double-quantized scales"
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 8, "{checked}");
+}
+
+#[test]
+fn a_corrupted_double_quant_table_is_refused() {
+    use octet::quant::double_quant::DoubleQuantized;
+    let all = vectors();
+    let k = "normal_b64.nf4";
+    let q = &all[&format!("{k}.dq.qabsmax")];
+    let groups = &all[&format!("{k}.dq.absmax2")];
+    let offset = &all[&format!("{k}.dq.offset")];
+    let short_groups = groups.narrow(0, 0, groups.size()[0] - 1);
+    let e = common::err_text(DoubleQuantized::from_tensors(k, q, &short_groups, offset));
+    assert!(e.contains(k), "{e}");
+    // Scales that de-quantize fine but are one short for the 4-bit codes.
+    let dq = DoubleQuantized::from_tensors(k, &q.narrow(0, 0, q.size()[0] - 1), &groups.narrow(0, 0, 1), offset);
+    if let Ok(dq) = dq {
+        let e = common::err_text(Quantized4::from_parts(
+            all[&format!("{k}.q")].shallow_clone(),
+            Tensor::from_slice(&dq.dequantize()),
+            Code4::nf4(),
+            64,
+            all["normal_b64.x"].size(),
+        ));
+        assert!(e.contains("absmax"), "{e}");
+    }
+}
