@@ -54,7 +54,11 @@ pub fn run(mut a: Args) -> anyhow::Result<()> {
             let code = a.code.as_deref().unwrap_or("nf4").parse::<Code4Kind>()?;
             let block = a.block_size.map(block4).transpose()?.unwrap_or(64);
             // Embeddings stay 8-bit, at the architecture's 8-bit block size.
-            (None, CodeKind::Dynamic, Some(FourBitOptions { code, block }))
+            (
+                None,
+                CodeKind::Dynamic,
+                Some(FourBitOptions { code, block }),
+            )
         }
         other => anyhow::bail!("--bits {other} is not supported: use 8 or 4"),
     };

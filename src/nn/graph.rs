@@ -94,12 +94,17 @@ impl ModuleGraph {
                 && node.param("code").is_some()
                 && node.params.iter().any(|p| p.dtype == Dtype::U8);
             let is_4bit = is_8bit
-                && node.param("code").is_some_and(|c| c.shape == [crate::quant::CODE4_LEN]);
+                && node
+                    .param("code")
+                    .is_some_and(|c| c.shape == [crate::quant::CODE4_LEN]);
             node.kind = if is_4bit {
                 if base != "Linear" {
                     return Err(OctetError::bad_file(
                         store.path(),
-                        format!("module {} is 4-bit but only Linear modules can be", node.path),
+                        format!(
+                            "module {} is 4-bit but only Linear modules can be",
+                            node.path
+                        ),
                     ));
                 }
                 super::q4::KIND.to_string()

@@ -89,7 +89,8 @@ pub fn to_float_node(node: &mut Node, dtype: crate::io::Dtype) {
         return;
     }
     node.kind = "Linear".to_string();
-    node.params.retain(|p| p.name != "absmax" && p.name != "code");
+    node.params
+        .retain(|p| p.name != "absmax" && p.name != "code");
     if let Some(w) = node.params.iter_mut().find(|p| p.name == "weight") {
         w.shape = logical_weight_shape(KIND, &w.shape);
         w.dtype = dtype;
@@ -140,7 +141,12 @@ impl std::ops::Deref for Q4Weight {
 impl Q4Weight {
     /// A stored 4-bit weight of `module`: `packed` `[out, in / 2]` uint8, `absmax` one per
     /// block, `code` 16 entries; every value checked as it enters.
-    pub fn from_stored(module: &str, packed: Tensor, absmax: Tensor, code: &Tensor) -> Result<Self> {
+    pub fn from_stored(
+        module: &str,
+        packed: Tensor,
+        absmax: Tensor,
+        code: &Tensor,
+    ) -> Result<Self> {
         let bad = |p: String| OctetError::InvalidArgument(format!("module {module}: {p}"));
         let code = Code4::from_tensor(code).map_err(|e| bad(format!("{module}.code: {e}")))?;
         let size = packed.size();

@@ -326,14 +326,19 @@ impl Quantized4 {
         let nblocks = (numel + b - 1) / b;
         let bytes = self.packed.f_flatten(0, -1)?.f_to_kind(Kind::Int64)?;
         let nibbles = Tensor::f_stack(
-            &[bytes.f_bitwise_right_shift_tensor_scalar(4)?, bytes.f_bitwise_and(15)?],
+            &[
+                bytes.f_bitwise_right_shift_tensor_scalar(4)?,
+                bytes.f_bitwise_and(15)?,
+            ],
             1,
         )?
         .f_flatten(0, -1)?
         .f_narrow(0, 0, numel)?;
         let code = self.code.to_tensor().f_to_device(dev)?;
         let vals = code.f_index_select(0, &nibbles)?;
-        let vals = vals.f_constant_pad_nd([0, nblocks * b - numel])?.f_view([nblocks, b])?;
+        let vals = vals
+            .f_constant_pad_nd([0, nblocks * b - numel])?
+            .f_view([nblocks, b])?;
         let scale = self.absmax.f_to_device(dev)?.f_unsqueeze(1)?;
         let out = vals
             .f_mul(&scale)?

@@ -21,9 +21,23 @@ fn nibbles(code: &Code4, x: &[f32], scale: impl Fn(f32) -> f32, out: &mut [u8]) 
 /// as bitsandbytes' `quantize_4bit`: full blocks are multiplied by the reciprocal of their
 /// absmax, the partial last block is divided by its absmax clamped to 1e-38 (and that clamped
 /// value is what is stored).
-pub fn quantize_into(code: &Code4, block: usize, x: &[f32], packed: &mut [u8], absmaxes: &mut [f32]) {
-    assert_eq!(packed.len(), x.len().div_ceil(2), "quantize_into: packed length");
-    assert_eq!(absmaxes.len(), x.len().div_ceil(block), "quantize_into: absmax length");
+pub fn quantize_into(
+    code: &Code4,
+    block: usize,
+    x: &[f32],
+    packed: &mut [u8],
+    absmaxes: &mut [f32],
+) {
+    assert_eq!(
+        packed.len(),
+        x.len().div_ceil(2),
+        "quantize_into: packed length"
+    );
+    assert_eq!(
+        absmaxes.len(),
+        x.len().div_ceil(block),
+        "quantize_into: absmax length"
+    );
     let full = x.len() / block * block;
     let per_task = TASK_ELEMS.max(block);
     x.par_chunks(per_task)
@@ -92,8 +106,16 @@ pub fn dequantize_into<T: DequantTarget>(
     packed: &[u8],
     out: &mut [T],
 ) {
-    assert_eq!(packed.len(), out.len().div_ceil(2), "dequantize_into: packed length");
-    assert_eq!(absmax.len(), out.len().div_ceil(block), "dequantize_into: absmax length");
+    assert_eq!(
+        packed.len(),
+        out.len().div_ceil(2),
+        "dequantize_into: packed length"
+    );
+    assert_eq!(
+        absmax.len(),
+        out.len().div_ceil(block),
+        "dequantize_into: absmax length"
+    );
     let per_task = TASK_ELEMS.max(block);
     packed
         .par_chunks(per_task / 2)
@@ -133,7 +155,11 @@ mod tests {
         for (i, &v) in fast.iter().enumerate() {
             let b = q[i / 2];
             let nib = if i % 2 == 0 { b >> 4 } else { b & 15 };
-            assert_eq!(v.to_bits(), (code.values()[nib as usize] * am[i / 64]).to_bits(), "{i}");
+            assert_eq!(
+                v.to_bits(),
+                (code.values()[nib as usize] * am[i / 64]).to_bits(),
+                "{i}"
+            );
         }
         let mut fast16 = vec![half::bf16::ZERO; n];
         dequantize_into(code.values(), &am, 64, &q, &mut fast16);

@@ -40,10 +40,9 @@ pub unsafe fn dequantize_block(
             let idx = _mm512_cvtepu8_epi32(nib);
             let at = i + 16 * h;
             match format {
-                Format::F32 => _mm512_storeu_ps(
-                    (out as *mut f32).add(at),
-                    _mm512_permutexvar_ps(idx, table),
-                ),
+                Format::F32 => {
+                    _mm512_storeu_ps((out as *mut f32).add(at), _mm512_permutexvar_ps(idx, table))
+                }
                 _ => _mm256_storeu_si256(
                     (out as *mut u16).add(at) as *mut __m256i,
                     _mm512_cvtepi32_epi16(_mm512_permutexvar_epi32(idx, table16)),

@@ -13,7 +13,11 @@ fn hf() -> PathBuf {
 
 fn text_file(dir: &Path) -> PathBuf {
     let p = dir.join("data.txt");
-    std::fs::write(&p, "the quick brown fox jumps over the lazy dog. ".repeat(60)).unwrap();
+    std::fs::write(
+        &p,
+        "the quick brown fox jumps over the lazy dog. ".repeat(60),
+    )
+    .unwrap();
     p
 }
 
@@ -21,7 +25,9 @@ fn ppl(model: &Path, data: &Path) -> f64 {
     let (ok, out, err) = common::octet(&["eval", "--json", "--model", s(model), "--data", s(data)]);
     assert!(ok, "eval {}: {err}", model.display());
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    v["perplexity"].as_f64().unwrap_or_else(|| panic!("no perplexity in {out}"))
+    v["perplexity"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("no perplexity in {out}"))
 }
 
 #[test]
@@ -33,13 +39,23 @@ fn four_bit_folders_convert_like_bitsandbytes_and_run_every_command() {
     let base = ppl(&eight, &data);
     for (code, block) in [("nf4", "64"), ("fp4", "32"), ("fitted", "256")] {
         let out = tmp.path().join(format!("q4_{code}"));
-        common::convert_ok(&hf(), &out, &["--bits", "4", "--code", code, "--block-size", block]);
+        common::convert_ok(
+            &hf(),
+            &out,
+            &["--bits", "4", "--code", code, "--block-size", block],
+        );
         let manifest = std::fs::read_to_string(out.join("octet.toml")).unwrap();
-        common::assert_mentions(&manifest, &["[four_bit]", "bits = 4", &format!("code = \"{code}\"")]);
+        common::assert_mentions(
+            &manifest,
+            &["[four_bit]", "bits = 4", &format!("code = \"{code}\"")],
+        );
         let (ok, inspect, err) = common::octet(&["inspect", s(&out)]);
         assert!(ok, "{err}");
         assert!(inspect.contains("Bnb4Linear"), "{inspect}");
-        assert!(inspect.contains(&format!("4-bit Linear weights: {code} code")), "{inspect}");
+        assert!(
+            inspect.contains(&format!("4-bit Linear weights: {code} code")),
+            "{inspect}"
+        );
         if code != "fitted" {
             let v = common::script_json(
                 "bnb4_folder_check.py",
@@ -54,26 +70,57 @@ fn four_bit_folders_convert_like_bitsandbytes_and_run_every_command() {
             assert_eq!(v["mismatches"], serde_json::json!([]), "{code}");
         }
         let p = ppl(&out, &data);
-        assert!((p / base - 1.0).abs() < 0.05, "{code}: ppl {p} vs 8-bit {base}");
+        assert!(
+            (p / base - 1.0).abs() < 0.05,
+            "{code}: ppl {p} vs 8-bit {base}"
+        );
     }
     let q4 = tmp.path().join("q4_nf4");
     let (ok, text, err) = common::octet(&[
-        "generate", "--model", s(&q4), "--prompt", "the quick", "--max-new-tokens", "5",
+        "generate",
+        "--model",
+        s(&q4),
+        "--prompt",
+        "the quick",
+        "--max-new-tokens",
+        "5",
     ]);
     assert!(ok && !text.is_empty(), "{err}");
 
     let run = tmp.path().join("run");
     let (ok, _, err) = common::octet(&[
-        "train", "--model", s(&q4), "--data", s(&data), "--out", s(&run), "--steps", "4",
-        "--seq-len", "32", "--lr", "3e-3", "--lora-r", "4", "--targets", "q_proj,v_proj",
+        "train",
+        "--model",
+        s(&q4),
+        "--data",
+        s(&data),
+        "--out",
+        s(&run),
+        "--steps",
+        "4",
+        "--seq-len",
+        "32",
+        "--lr",
+        "3e-3",
+        "--lora-r",
+        "4",
+        "--targets",
+        "q_proj,v_proj",
     ]);
     assert!(ok, "QLoRA train on a 4-bit folder: {err}");
     let adapter = run.clone();
     for format in ["hf-f16", "octet8"] {
         let merged = tmp.path().join(format!("merged_{format}"));
         let (ok, _, err) = common::octet(&[
-            "merge", "--model", s(&q4), "--adapter", s(&adapter), "--out", s(&merged),
-            "--format", format,
+            "merge",
+            "--model",
+            s(&q4),
+            "--adapter",
+            s(&adapter),
+            "--out",
+            s(&merged),
+            "--format",
+            format,
         ]);
         assert!(ok, "merge {format}: {err}");
         let p = ppl(&merged, &data);
@@ -103,12 +150,18 @@ fn bad_four_bit_input_is_refused_clearly() {
     let (ok, _, err) = common::convert(&hf(), &tmp.path().join("a"), &["--bits", "3"]);
     assert!(!ok);
     common::assert_mentions(&err, &["--bits 3", "8 or 4"]);
-    let (ok, _, err) =
-        common::convert(&hf(), &tmp.path().join("b"), &["--bits", "4", "--block-size", "48"]);
+    let (ok, _, err) = common::convert(
+        &hf(),
+        &tmp.path().join("b"),
+        &["--bits", "4", "--block-size", "48"],
+    );
     assert!(!ok);
     common::assert_mentions(&err, &["block size 48", "not supported"]);
-    let (ok, _, err) =
-        common::convert(&hf(), &tmp.path().join("c"), &["--bits", "4", "--code", "dynamic"]);
+    let (ok, _, err) = common::convert(
+        &hf(),
+        &tmp.path().join("c"),
+        &["--bits", "4", "--code", "dynamic"],
+    );
     assert!(!ok);
     common::assert_mentions(&err, &["dynamic", "nf4"]);
     assert!(!tmp.path().join("a").exists() && !tmp.path().join("b").exists());
@@ -128,5 +181,8 @@ fn bad_four_bit_input_is_refused_clearly() {
     let data = text_file(tmp.path());
     let (ok, _, err) = common::octet(&["eval", "--model", s(&good), "--data", s(&data)]);
     assert!(!ok);
-    common::assert_mentions(&err, &["model.safetensors", "transformer.h.1.attn.q_proj", "absmax"]);
+    common::assert_mentions(
+        &err,
+        &["model.safetensors", "transformer.h.1.attn.q_proj", "absmax"],
+    );
 }

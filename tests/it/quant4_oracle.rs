@@ -3,7 +3,9 @@
 //! block size.
 use crate::common;
 
-use octet::quant::{self, block4, fit_code4, quantize4, Code4, FitOptions, Quantized4, BLOCK4_SIZES};
+use octet::quant::{
+    self, block4, fit_code4, quantize4, Code4, FitOptions, Quantized4, BLOCK4_SIZES,
+};
 use std::collections::BTreeMap;
 use tch::{Kind, Tensor};
 
@@ -26,7 +28,11 @@ fn code_of(qt: &str) -> Code4 {
 
 fn bits(t: &Tensor) -> Vec<u32> {
     let f = t.to_kind(Kind::Float).flatten(0, -1);
-    Vec::<f32>::try_from(&f).unwrap().iter().map(|v| v.to_bits()).collect()
+    Vec::<f32>::try_from(&f)
+        .unwrap()
+        .iter()
+        .map(|v| v.to_bits())
+        .collect()
 }
 
 fn bytes(t: &Tensor) -> Vec<u8> {
@@ -56,8 +62,16 @@ fn quantize4_matches_bitsandbytes_codes_and_absmax() {
         for qt in ["nf4", "fp4"] {
             let k = format!("{n}.{qt}");
             let q = quantize4(x, block, &code_of(qt)).unwrap();
-            assert_eq!(bytes(&q.packed), bytes(&all[&format!("{k}.q")]), "{k} codes");
-            assert_eq!(bits(&q.absmax), bits(&all[&format!("{k}.absmax")]), "{k} absmax");
+            assert_eq!(
+                bytes(&q.packed),
+                bytes(&all[&format!("{k}.q")]),
+                "{k} codes"
+            );
+            assert_eq!(
+                bits(&q.absmax),
+                bits(&all[&format!("{k}.absmax")]),
+                "{k} absmax"
+            );
         }
     }
 }
@@ -78,7 +92,11 @@ fn dequantize4_is_bit_identical_on_bitsandbytes_own_parts() {
                 x.size(),
             )
             .unwrap();
-            for (tag, kind) in [("f32", Kind::Float), ("bf16", Kind::BFloat16), ("f16", Kind::Half)] {
+            for (tag, kind) in [
+                ("f32", Kind::Float),
+                ("bf16", Kind::BFloat16),
+                ("f16", Kind::Half),
+            ] {
                 let want = &all[&format!("{k}.deq_{tag}")];
                 let cpu = q.dequantize(kind).unwrap();
                 assert_eq!(cpu.kind(), want.kind(), "{k} {tag}");
@@ -119,7 +137,10 @@ fn round_trips_through_every_code_and_block_size() {
             let (xs, ds) = (flat.clone(), Vec::<f32>::try_from(&d).unwrap());
             for (i, (a, b)) in xs.iter().zip(&ds).enumerate() {
                 let tol = am[i / block] * gap / 2.0 * 1.0001 + 1e-12;
-                assert!((a - b).abs() <= tol, "block {block} element {i}: {a} vs {b}");
+                assert!(
+                    (a - b).abs() <= tol,
+                    "block {block} element {i}: {a} vs {b}"
+                );
             }
             // Stored and reloaded parts give the same values.
             let again = Quantized4::from_parts(
@@ -133,7 +154,11 @@ fn round_trips_through_every_code_and_block_size() {
             assert_eq!(bits(&again.dequantize(Kind::Float).unwrap()), bits(&d));
             // Re-quantizing the de-quantized tensor changes nothing (the codes are fixed points).
             let q2 = quantize4(&d, block, &code).unwrap();
-            assert_eq!(bits(&q2.dequantize(Kind::Float).unwrap()), bits(&d), "block {block}");
+            assert_eq!(
+                bits(&q2.dequantize(Kind::Float).unwrap()),
+                bits(&d),
+                "block {block}"
+            );
         }
     }
 }
@@ -143,7 +168,10 @@ fn unsupported_block_sizes_are_refused_by_name() {
     let x = weight_like(256);
     for b in [16i64, 96, 8192] {
         let e = block4(b).unwrap_err().to_string();
-        assert!(e.contains("not supported") && e.contains(&b.to_string()), "{e}");
+        assert!(
+            e.contains("not supported") && e.contains(&b.to_string()),
+            "{e}"
+        );
         assert!(quantize4(&x, b as usize, &Code4::nf4()).is_err());
     }
 }
@@ -165,11 +193,18 @@ fn double_quantized_absmax_matches_bitsandbytes_compress_statistics() {
             let dq = DoubleQuantized::quantize(&absmax);
             assert_eq!(dq.q, bytes(qabsmax), "{k} absmax codes");
             assert_eq!(
-                dq.group_absmax.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                dq.group_absmax
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect::<Vec<_>>(),
                 bits(&all[&format!("{k}.dq.absmax2")]),
                 "{k} group absmax"
             );
-            assert_eq!(dq.offset.to_bits(), bits(&all[&format!("{k}.dq.offset")])[0], "{k}");
+            assert_eq!(
+                dq.offset.to_bits(),
+                bits(&all[&format!("{k}.dq.offset")])[0],
+                "{k}"
+            );
             // bitsandbytes de-quantizes the scales, adds the offset, then the 4-bit codes.
             let scales = Tensor::from_slice(&dq.dequantize());
             let q = Quantized4::from_parts(
@@ -203,7 +238,12 @@ fn a_corrupted_double_quant_table_is_refused() {
     let e = common::err_text(DoubleQuantized::from_tensors(k, q, &short_groups, offset));
     assert!(e.contains(k), "{e}");
     // Scales that de-quantize fine but are one short for the 4-bit codes.
-    let dq = DoubleQuantized::from_tensors(k, &q.narrow(0, 0, q.size()[0] - 1), &groups.narrow(0, 0, 1), offset);
+    let dq = DoubleQuantized::from_tensors(
+        k,
+        &q.narrow(0, 0, q.size()[0] - 1),
+        &groups.narrow(0, 0, 1),
+        offset,
+    );
     if let Ok(dq) = dq {
         let e = common::err_text(Quantized4::from_parts(
             all[&format!("{k}.q")].shallow_clone(),
