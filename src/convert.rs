@@ -4,11 +4,12 @@ use crate::error::{OctetError, Result};
 use crate::io::safetensors::SafetensorsWriter;
 use crate::io::{dtype, Dtype, TensorStore};
 use crate::load::{choose_code, QuantizeOptions};
-use crate::manifest::{Manifest, SourceFile, TensorError};
+use crate::manifest::{FourBitRecord, Manifest, SourceFile, TensorError};
+use crate::nn::q4::{FourBitOptions, Q4Weight};
 use crate::nn::q8::Q8Weight;
 use crate::nn::{kinds, ModuleGraph, Node};
 use crate::outdir::OutputDir;
-use crate::quant::double_quant as dq;
+use crate::quant::double_quant::{self as dq, DoubleQuantized};
 use crate::quant::{BlockSize, CodeKind, QuantError, StreamOutput};
 use crate::source::ModelSource;
 use std::collections::HashMap;
@@ -29,6 +30,8 @@ pub struct ConvertOptions {
     pub progress: bool,
     /// Keep NaN/Inf in tensors that stay in float instead of refusing the source.
     pub allow_nonfinite: bool,
+    /// Store Linear weights in 4 bits (`--bits 4`).
+    pub four_bit: Option<FourBitOptions>,
 }
 
 impl Default for ConvertOptions {
@@ -40,6 +43,7 @@ impl Default for ConvertOptions {
             shard_bytes: 2 << 30,
             progress: false,
             allow_nonfinite: false,
+            four_bit: None,
         }
     }
 }
@@ -139,7 +143,10 @@ pub fn convert(model: &Path, out: &Path, opts: &ConvertOptions) -> Result<Conver
     let source = ModelSource::open(model, &opts.arch)?;
     let outdir = OutputDir::create(out, opts.force, &[model])?;
     let mut graph = source.graph.clone();
-    let (block, _) = opts.quantize.apply(&mut graph, source.arch.spec());
+    let (block, replaced) = opts.quantize.apply(&mut graph, source.arch.spec());
+    if let Some(fb) = opts.four_bit {
+        crate::nn::q4::to_four_bit(&mut graph, &replaced, fb.block);
+    }
     // Hashing the sources is I/O-bound; it overlaps the conversion on its own thread.
     let paths = source.source_paths()?;
     let hashing = std::thread::spawn(move || {
@@ -167,6 +174,11 @@ pub fn convert(model: &Path, out: &Path, opts: &ConvertOptions) -> Result<Conver
         arch: source.arch.name().to_string(),
         block_size: block.get() as i64,
         code: opts.quantize.code,
+        four_bit: opts.four_bit.map(|fb| FourBitRecord {
+            bits: 4,
+            code: fb.code,
+            block_size: fb.block as i64,
+        }),
         octet_version: env!("CARGO_PKG_VERSION").to_string(),
         source: hashing.join().map_err(|_| {
             OctetError::InvalidArgument("hashing the source files panicked".into())
@@ -264,8 +276,21 @@ struct TensorConverter<'a> {
     block: BlockSize,
     pb: indicatif::ProgressBar,
     rows: Vec<ConvertedTensor>,
-    /// The quantized (q, absmax, code) of the current module, written as its tensors come up.
-    pending: Option<(String, StreamOutput, Vec<f32>)>,
+    /// The scales and code of the current module's quantized weight, written as its tensors
+    /// come up.
+    pending: Option<PendingScales>,
+}
+
+/// The scales and code of a module whose quantized weight was just written.
+struct PendingScales {
+    /// The module's path.
+    path: String,
+    /// One f32 scale per block (written when `double` is `None`).
+    absmax: Vec<f32>,
+    /// The scales in stored double-quantized form, when asked for.
+    double: Option<DoubleQuantized>,
+    /// The code's values.
+    code: Vec<f32>,
 }
 
 impl TensorConverter<'_> {
@@ -281,6 +306,29 @@ impl TensorConverter<'_> {
         let rep = (s.kind != t.kind)
             .then(|| kinds::replacement_for(&s.kind))
             .flatten();
+        if t.kind == crate::nn::q4::KIND && pname == "weight" {
+            let fb = self.opts.four_bit.unwrap_or_default();
+            let (q, err) = quantize_tensor4(self.store, name, s, fb)?;
+            let bytes_in = s.param(pname).map_or(0, |p| p.nbytes());
+            let packed = Vec::<u8>::try_from(&q.packed)?;
+            w.write(name, &packed)?;
+            let absmax = Vec::<f32>::try_from(&q.absmax)?;
+            self.rows.push(ConvertedTensor {
+                name: name.to_string(),
+                bytes_in,
+                bytes_out: packed.len() + 4 * absmax.len() + 4 * crate::quant::CODE4_LEN,
+                error: Some(err),
+                code: None,
+            });
+            self.pb.inc(bytes_in as u64);
+            self.pending = Some(PendingScales {
+                path: t.path.clone(),
+                absmax,
+                double: None,
+                code: q.code.values().to_vec(),
+            });
+            return Ok(());
+        }
         if rep.is_some_and(|r| r.quantized_param == pname) {
             let (out, code) = quantize_tensor(self.store, name, self.block, &self.opts.quantize)?;
             let bytes_in = s.param(pname).map_or(0, |p| p.nbytes());
@@ -297,17 +345,22 @@ impl TensorConverter<'_> {
                 code: Some(self.opts.quantize.code),
             });
             self.pb.inc(bytes_in as u64);
-            self.pending = Some((t.path.clone(), out, code));
+            self.pending = Some(PendingScales {
+                path: t.path.clone(),
+                absmax: out.absmax,
+                double: out.double,
+                code,
+            });
             return Ok(());
         }
-        if let Some((path, q, code)) = &self.pending {
-            if *path == t.path {
+        if let Some(q) = &self.pending {
+            if q.path == t.path {
                 let f32s = |vals: &[f32]| -> Vec<u8> {
                     vals.iter().flat_map(|v| v.to_le_bytes()).collect()
                 };
                 let bytes = match (pname, &q.double) {
                     ("absmax", None) => Some(f32s(&q.absmax)),
-                    ("code", _) => Some(f32s(code)),
+                    ("code", _) => Some(f32s(&q.code)),
                     (dq::STORED_Q, Some(d)) => Some(d.q.clone()),
                     (dq::STORED_SCALE, Some(d)) => Some(f32s(&d.group_absmax)),
                     (dq::STORED_OFFSET, Some(d)) => Some(f32s(&[d.offset])),
@@ -428,6 +481,35 @@ fn quantize_tensor(
         Q8Weight::quantize_stream(meta.numel(), block, &code, read)?
     };
     Ok((out, code.values().to_vec()))
+}
+
+/// Quantizes one stored float Linear weight to 4 bits (read whole in f32: the 4-bit rounding
+/// and a fitted code both need it); returns it with its error.
+fn quantize_tensor4(
+    store: &dyn TensorStore,
+    name: &str,
+    s: &Node,
+    fb: FourBitOptions,
+) -> Result<(crate::quant::Quantized4, QuantError)> {
+    store.require_float_meta(name, "; only float tensors can be quantized")?;
+    let x = store.f32_values(name)?;
+    if let Some((i, v)) = crate::validate::first_nonfinite_f32(&x) {
+        return Err(OctetError::bad_file(
+            store.path(),
+            format!(
+                "tensor {name} holds {v} at element {i}; it cannot be quantized \
+                 (--skip its module to keep it in float)"
+            ),
+        ));
+    }
+    let shape: Vec<i64> = s
+        .param("weight")
+        .map(|p| p.shape.iter().map(|&d| d as i64).collect())
+        .unwrap_or_default();
+    let t = tch::Tensor::f_from_slice(&x)?.f_reshape(shape.as_slice())?;
+    drop(x);
+    let (q, err) = Q4Weight::quantize(&t, fb.block, fb.code)?;
+    Ok((q.into_inner(), err))
 }
 
 fn write_index(

@@ -10,7 +10,7 @@ pub const MANIFEST_FILE: &str = "octet.toml";
 /// The highest folder format version this build reads. Folders record the lowest version a
 /// reader needs ([`Manifest::format_version`]); one above this is refused before anything
 /// else in it is parsed.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 
 /// Something a folder may use that readers older than a given format version cannot read.
 /// A writer lists what it used and records [`required_version`] of them, so a folder that
@@ -24,6 +24,8 @@ pub enum FormatFeature {
     DoubleQuantAbsmax,
     /// A code kind in `code` that version-1 readers do not know (`linear`).
     NewCodeKind,
+    /// Linear weights in 4 bits (`Bnb4Linear`: two codes per byte, a 16-entry code).
+    FourBit,
 }
 
 impl FormatFeature {
@@ -32,6 +34,7 @@ impl FormatFeature {
         match self {
             FormatFeature::Blockwise8 => 1,
             FormatFeature::DoubleQuantAbsmax | FormatFeature::NewCodeKind => 2,
+            FormatFeature::FourBit => 3,
         }
     }
 }
@@ -56,6 +59,9 @@ pub fn graph_features(graph: &crate::nn::ModuleGraph, code: CodeKind) -> Vec<For
     }
     if !code.known_to_version_one() {
         f.push(FormatFeature::NewCodeKind);
+    }
+    if graph.nodes.iter().any(|n| n.kind == crate::nn::q4::KIND) {
+        f.push(FormatFeature::FourBit);
     }
     f
 }
@@ -125,9 +131,24 @@ pub struct Manifest {
     pub octet_version: String,
     /// Where the weights came from.
     pub source: Vec<SourceFile>,
+    /// Linear weights stored in 4 bits, and how (absent for an 8-bit folder).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub four_bit: Option<FourBitRecord>,
     /// Per-tensor quantization error of the tensors quantized by this conversion.
     #[serde(default)]
     pub tensors: Vec<TensorError>,
+}
+
+/// How a folder's 4-bit Linear weights were made (embeddings and Linear modules with an odd
+/// input width stay 8-bit, at the manifest's `block_size`).
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
+pub struct FourBitRecord {
+    /// Bits per weight code: 4.
+    pub bits: u8,
+    /// `nf4`, `fp4` or `fitted`.
+    pub code: crate::quant::Code4Kind,
+    /// Elements per 4-bit block.
+    pub block_size: i64,
 }
 
 impl Manifest {

@@ -205,6 +205,7 @@ pub(crate) fn output_graph(
     match format.hf_dtype() {
         Some(dtype) => {
             for node in &mut graph.nodes {
+                crate::nn::q4::to_float_node(node, dtype);
                 if let Some(rep) = replacement_to(&node.kind) {
                     node.kind = rep.from.to_string();
                     node.params.retain(|p| {
@@ -236,6 +237,10 @@ pub(crate) fn output_graph(
             // Merged folders keep one f32 absmax per block: a re-quantized weight is scaled by
             // its own absmax, and a kept one by its de-quantized double-quantized scales.
             graph.plain_absmax();
+            // 4-bit modules come out 8-bit, at the manifest's 8-bit block size.
+            for node in &mut graph.nodes {
+                crate::nn::q4::to_eight_bit_node(node, block);
+            }
             if !stored
                 .nodes
                 .iter()
@@ -496,6 +501,7 @@ pub fn merge(model: &Path, adapter: &Path, out: &Path, opts: &MergeOptions) -> R
             .into_iter()
             .map(SourceFile::describe)
             .collect::<Result<_>>()?,
+            four_bit: None,
             tensors: errors.clone(),
         }
         .write(outdir.path())?,

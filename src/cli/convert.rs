@@ -2,7 +2,8 @@
 use super::parse_patterns;
 use octet::convert::{convert, ConvertOptions};
 use octet::load::QuantizeOptions;
-use octet::quant::{BlockSize, CodeKind};
+use octet::nn::q4::FourBitOptions;
+use octet::quant::{block4, BlockSize, Code4Kind, CodeKind};
 use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]
@@ -20,10 +21,13 @@ pub struct Args {
     /// Elements per quantization block (64…4096, a power of two); the spec's default if unset.
     #[arg(long)]
     block_size: Option<i64>,
-    /// `dynamic` (bitsandbytes' code), `fitted` (a per-tensor code fitted to the weights) or
-    /// `linear` (evenly spaced levels, like llama.cpp's Q8_0).
-    #[arg(long, default_value = "dynamic")]
-    code: CodeKind,
+    /// 8-bit: `dynamic` (bitsandbytes' code), `fitted` (a per-tensor code fitted to the
+    /// weights) or `linear` (evenly spaced levels, like llama.cpp's Q8_0). With `--bits 4`: `nf4` (the default), `fp4` or `fitted`.
+    #[arg(long)]
+    code: Option<String>,
+    /// Bits per Linear weight: 8, or 4 (two codes per byte; embeddings stay 8-bit).
+    #[arg(long, default_value_t = 8)]
+    bits: u8,
     /// Store the block scales double-quantized (8-bit, one f32 per 256 blocks: block 64 costs
     /// 8.13 bits per weight instead of 8.5) instead of one f32 per block.
     #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
@@ -44,12 +48,30 @@ pub struct Args {
 
 pub fn run(mut a: Args) -> anyhow::Result<()> {
     a.model = octet::hub::resolve_model(&a.model)?;
-    let block = a.block_size.map(BlockSize::new).transpose()?;
+    let (block, code, four_bit) = match a.bits {
+        8 => (
+            a.block_size.map(BlockSize::new).transpose()?,
+            a.code.as_deref().unwrap_or("dynamic").parse::<CodeKind>()?,
+            None,
+        ),
+        4 => {
+            let code = a.code.as_deref().unwrap_or("nf4").parse::<Code4Kind>()?;
+            let block = a.block_size.map(block4).transpose()?.unwrap_or(64);
+            // Embeddings stay 8-bit, at the architecture's 8-bit block size.
+            (
+                None,
+                CodeKind::Dynamic,
+                Some(FourBitOptions { code, block }),
+            )
+        }
+        other => anyhow::bail!("--bits {other} is not supported: use 8 or 4"),
+    };
     let opts = ConvertOptions {
         arch: a.arch,
+        four_bit,
         quantize: QuantizeOptions {
             block,
-            code: a.code,
+            code,
             skip: parse_patterns(&a.skip)?,
             double_quant: a.double_quant,
         },

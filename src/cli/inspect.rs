@@ -27,6 +27,12 @@ pub fn render(dir: &std::path::Path, arch: &str) -> anyhow::Result<String> {
             "octet format: block size {}, {code} code, written by octet {}\n",
             m.block_size, m.octet_version
         );
+        if let Some(f) = m.four_bit {
+            out += &format!(
+                "4-bit Linear weights: {} code, block size {}\n",
+                f.code, f.block_size
+            );
+        }
     }
     out += "\n";
     out += &source.graph.render();

@@ -102,7 +102,22 @@ impl ModuleGraph {
             let is_8bit = (node.param("absmax").is_some() || node.param(dq::STORED_Q).is_some())
                 && node.param("code").is_some()
                 && node.params.iter().any(|p| p.dtype == Dtype::U8);
-            node.kind = if is_8bit {
+            let is_4bit = is_8bit
+                && node
+                    .param("code")
+                    .is_some_and(|c| c.shape == [crate::quant::CODE4_LEN]);
+            node.kind = if is_4bit {
+                if base != "Linear" {
+                    return Err(OctetError::bad_file(
+                        store.path(),
+                        format!(
+                            "module {} is 4-bit but only Linear modules can be",
+                            node.path
+                        ),
+                    ));
+                }
+                super::q4::KIND.to_string()
+            } else if is_8bit {
                 kinds::replacement_for(base)
                     .ok_or_else(|| {
                         OctetError::bad_file(
@@ -306,7 +321,7 @@ pub fn check_weight_shapes(graph: &ModuleGraph, expected: &[(String, Vec<usize>)
         })?;
         let w = node
             .param("weight")
-            .map(|p| p.shape.clone())
+            .map(|p| super::q4::logical_weight_shape(&node.kind, &p.shape))
             .unwrap_or_default();
         if &w != shape {
             return Err(OctetError::ShapeMismatch {

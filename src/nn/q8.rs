@@ -359,6 +359,9 @@ impl Q8Weight {
         node: &Node,
         device: Device,
     ) -> Result<BTreeMap<String, Tensor>> {
+        if node.kind == super::q4::KIND {
+            return super::q4::read_module_f32(store, node, device);
+        }
         let mut params = BTreeMap::new();
         for p in &node.params {
             let t = store.tensor(&node.tensor_name(&p.name))?;

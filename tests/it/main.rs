@@ -26,6 +26,8 @@ mod hub_cache;
 mod llama_golden;
 mod merge;
 mod packing;
+mod quant4_model;
+mod quant4_oracle;
 mod quant_format;
 mod quant_oracle;
 mod safety_in;

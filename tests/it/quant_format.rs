@@ -54,7 +54,7 @@ fn a_version_1_folder_loads_and_matches_transformers() {
     let (ok, stdout, stderr) = common::octet(&["inspect", dir.to_str().unwrap()]);
     assert!(ok, "{stderr}");
     assert!(
-        stdout.contains("version 1") && stdout.contains("Bnb8Linear"),
+        stdout.contains("octet format: block size 64") && stdout.contains("Bnb8Linear"),
         "{stdout}"
     );
 }
