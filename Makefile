@@ -137,6 +137,7 @@ bench: build $(GEN)/smollm2/.done $(GEN)/quant8/wiki.txt
 	$(WITH_TORCH) cargo bench --bench train
 	$(WITH_TORCH) cargo bench --bench generate
 	scripts/bench_quality.sh ./target/release/octet $(GEN) target/bench-quality
+	scripts/bench_quality4.sh ./target/release/octet $(GEN) target/bench-quality4
 
 lint: $(VENV_STAMP) $(GLOO_STAMP) $(CUDA_HEADERS_STAMP)
 	cargo fmt --check

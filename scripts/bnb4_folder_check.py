@@ -1,5 +1,7 @@
 """Checks an octet 4-bit folder against bitsandbytes: every 4-bit module's packed codes and
-absmax must equal bitsandbytes' `quantize_4bit` of the source's float weight.
+absmax must equal bitsandbytes' `quantize_4bit` of the source's float weight. A folder whose
+scales are double-quantized (`absmax_q`, `absmax_scale`, `absmax_offset`) is checked against
+`quantize_4bit(..., compress_statistics=True)`: its 8-bit scales, per-group absmax and offset.
 
 Usage: bnb4_folder_check.py SOURCE_SAFETENSORS OCTET_FOLDER QUANT_TYPE BLOCK
 Prints JSON: {"modules": n, "mismatches": [names]}.
@@ -25,10 +27,18 @@ def main(src, folder, quant_type, block):
             continue
         module = name[: -len(".code")]
         w = source[module + ".weight"].float()
-        q, st = F.quantize_4bit(w, blocksize=block, quant_type=quant_type)
-        same = torch.equal(q.reshape(-1), out[module + ".weight"].reshape(-1)) and torch.equal(
-            st.absmax.float(), out[module + ".absmax"].float()
-        )
+        dq = module + ".absmax_q" in out
+        q, st = F.quantize_4bit(w, blocksize=block, quant_type=quant_type, compress_statistics=dq)
+        same = torch.equal(q.reshape(-1), out[module + ".weight"].reshape(-1))
+        if dq:
+            same = (
+                same
+                and torch.equal(st.absmax.reshape(-1), out[module + ".absmax_q"].reshape(-1))
+                and torch.equal(st.state2.absmax.float(), out[module + ".absmax_scale"].float())
+                and torch.equal(st.offset.float().reshape(-1), out[module + ".absmax_offset"].float())
+            )
+        else:
+            same = same and torch.equal(st.absmax.float(), out[module + ".absmax"].float())
         checked += 1
         if not same:
             bad.append(module)

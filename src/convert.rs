@@ -10,7 +10,7 @@ use crate::nn::q8::Q8Weight;
 use crate::nn::{kinds, ModuleGraph, Node};
 use crate::outdir::OutputDir;
 use crate::quant::double_quant::{self as dq, DoubleQuantized};
-use crate::quant::{BlockSize, CodeKind, QuantError, StreamOutput};
+use crate::quant::{BlockSize, CodeKind, QuantError};
 use crate::source::ModelSource;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -143,9 +143,15 @@ pub fn convert(model: &Path, out: &Path, opts: &ConvertOptions) -> Result<Conver
     let source = ModelSource::open(model, &opts.arch)?;
     let outdir = OutputDir::create(out, opts.force, &[model])?;
     let mut graph = source.graph.clone();
-    let (block, replaced) = opts.quantize.apply(&mut graph, source.arch.spec());
+    // 4-bit modules are made from the 8-bit plan, so their scales are double-quantized after.
+    let mut quantize = opts.quantize.clone();
+    quantize.double_quant &= opts.four_bit.is_none();
+    let (block, replaced) = quantize.apply(&mut graph, source.arch.spec());
     if let Some(fb) = opts.four_bit {
         crate::nn::q4::to_four_bit(&mut graph, &replaced, fb.block);
+        if opts.quantize.double_quant {
+            graph.double_quantize_absmax();
+        }
     }
     // Hashing the sources is I/O-bound; it overlaps the conversion on its own thread.
     let paths = source.source_paths()?;
@@ -308,15 +314,17 @@ impl TensorConverter<'_> {
             .flatten();
         if t.kind == crate::nn::q4::KIND && pname == "weight" {
             let fb = self.opts.four_bit.unwrap_or_default();
-            let (q, err) = quantize_tensor4(self.store, name, s, fb)?;
+            let double_quant = self.opts.quantize.double_quant;
+            let (q, double, err) = quantize_tensor4(self.store, name, s, fb, double_quant)?;
             let bytes_in = s.param(pname).map_or(0, |p| p.nbytes());
             let packed = Vec::<u8>::try_from(&q.packed)?;
             w.write(name, &packed)?;
             let absmax = Vec::<f32>::try_from(&q.absmax)?;
+            let scale_bytes = double.as_ref().map_or(4 * absmax.len(), |d| d.nbytes());
             self.rows.push(ConvertedTensor {
                 name: name.to_string(),
                 bytes_in,
-                bytes_out: packed.len() + 4 * absmax.len() + 4 * crate::quant::CODE4_LEN,
+                bytes_out: packed.len() + scale_bytes + 4 * crate::quant::CODE4_LEN,
                 error: Some(err),
                 code: None,
             });
@@ -324,7 +332,7 @@ impl TensorConverter<'_> {
             self.pending = Some(PendingScales {
                 path: t.path.clone(),
                 absmax,
-                double: None,
+                double,
                 code: q.code.values().to_vec(),
             });
             return Ok(());
@@ -484,13 +492,19 @@ fn quantize_tensor(
 }
 
 /// Quantizes one stored float Linear weight to 4 bits (read whole in f32: the 4-bit rounding
-/// and a fitted code both need it); returns it with its error.
+/// and a fitted code both need it); returns it with its double-quantized scales, when asked
+/// for, and its error.
 fn quantize_tensor4(
     store: &dyn TensorStore,
     name: &str,
     s: &Node,
     fb: FourBitOptions,
-) -> Result<(crate::quant::Quantized4, QuantError)> {
+    double_quant: bool,
+) -> Result<(
+    crate::quant::Quantized4,
+    Option<DoubleQuantized>,
+    QuantError,
+)> {
     store.require_float_meta(name, "; only float tensors can be quantized")?;
     let x = store.f32_values(name)?;
     if let Some((i, v)) = crate::validate::first_nonfinite_f32(&x) {
@@ -508,8 +522,8 @@ fn quantize_tensor4(
         .unwrap_or_default();
     let t = tch::Tensor::f_from_slice(&x)?.f_reshape(shape.as_slice())?;
     drop(x);
-    let (q, err) = Q4Weight::quantize(&t, fb.block, fb.code)?;
-    Ok((q.into_inner(), err))
+    let (q, double, err) = Q4Weight::quantize_scales(&t, fb.block, fb.code, double_quant)?;
+    Ok((q.into_inner(), double, err))
 }
 
 fn write_index(

@@ -159,7 +159,7 @@ impl Manifest {
             return Ok(None);
         }
         let text = std::fs::read_to_string(&p).map_err(|e| OctetError::io(&p, e))?;
-        check_format_version(&p, &text)?;
+        check_format_version(&p, &text, FORMAT_VERSION)?;
         toml::from_str(&text)
             .map(Some)
             .map_err(|e| OctetError::Config {
@@ -173,6 +173,14 @@ impl Manifest {
         Self::read(dir).map(|_| ())
     }
 
+    /// Refuses `dir` as a reader of format version `reader` would: what an older octet does
+    /// with a folder that uses something it cannot read.
+    pub fn check_readable_by(dir: &Path, reader: u32) -> Result<()> {
+        let p = dir.join(MANIFEST_FILE);
+        let text = std::fs::read_to_string(&p).map_err(|e| OctetError::io(&p, e))?;
+        check_format_version(&p, &text, reader)
+    }
+
     /// Writes `dir/octet.toml`.
     pub fn write(&self, dir: &Path) -> Result<()> {
         let p = dir.join(MANIFEST_FILE);
@@ -181,9 +189,10 @@ impl Manifest {
     }
 }
 
-/// Checks the `format_version` of manifest text read from `path` before the rest is parsed
-/// (a newer folder may use fields or values this build cannot parse).
-fn check_format_version(path: &Path, text: &str) -> Result<()> {
+/// Checks the `format_version` of manifest text read from `path` against a reader of format
+/// version `reader` before the rest is parsed (a newer folder may use fields or values that
+/// reader cannot parse).
+fn check_format_version(path: &Path, text: &str, reader: u32) -> Result<()> {
     let bad = |problem: String| OctetError::Config {
         path: path.to_path_buf(),
         problem,
@@ -198,10 +207,10 @@ fn check_format_version(path: &Path, text: &str) -> Result<()> {
             )))
         }
     };
-    if version > i64::from(FORMAT_VERSION) {
+    if version > i64::from(reader) {
         return Err(bad(format!(
             "format_version {version}: this folder needs a newer octet (octet {} reads \
-             format versions up to {FORMAT_VERSION})",
+             format versions up to {reader})",
             env!("CARGO_PKG_VERSION")
         )));
     }

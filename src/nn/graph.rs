@@ -202,7 +202,7 @@ impl ModuleGraph {
             let Some(i) = node.params.iter().position(|p| p.name == "absmax") else {
                 continue;
             };
-            if kinds::quantized_param(&node.kind).is_none() {
+            if kinds::quantized_param(&node.kind).is_none() && node.kind != super::q4::KIND {
                 continue;
             }
             let blocks = node.params.remove(i).shape[0];

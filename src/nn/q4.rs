@@ -12,6 +12,7 @@ use super::layer::{check_params, AdapterShape, Layer, LayerTensors};
 use super::node::Node;
 use crate::error::{OctetError, Result};
 use crate::io::TensorStore;
+use crate::quant::double_quant::DoubleQuantized;
 use crate::quant::{
     fit_code4, quantize4, Code4, Code4Kind, FitOptions, QuantError, Quantized4, BLOCK4_SIZES,
     CODE4_LEN,
@@ -173,13 +174,34 @@ impl Q4Weight {
     /// Quantizes a float `[out, in]` weight with a code of `kind` in blocks of `block`; also
     /// returns the error against `x`.
     pub fn quantize(x: &Tensor, block: usize, kind: Code4Kind) -> Result<(Self, QuantError)> {
+        let (w, _, err) = Self::quantize_scales(x, block, kind, false)?;
+        Ok((w, err))
+    }
+
+    /// As [`Self::quantize`]; with `double_quant` the block scales are then double-quantized
+    /// as bitsandbytes' `compress_statistics=True` does (the codes are rounded against the
+    /// exact scales, the weight de-quantizes through the double-quantized ones, which it
+    /// holds), and their stored form is returned too. The error is measured on what loads.
+    pub fn quantize_scales(
+        x: &Tensor,
+        block: usize,
+        kind: Code4Kind,
+        double_quant: bool,
+    ) -> Result<(Self, Option<DoubleQuantized>, QuantError)> {
         let xf = x.f_to_kind(Kind::Float)?.f_contiguous()?;
         let flat = Vec::<f32>::try_from(&xf.f_flatten(0, -1)?)?;
         let code = match Code4::fixed(kind) {
             Some(c) => c,
             None => fit_code4(&flat, block, FitOptions::default())?,
         };
-        let q = quantize4(&xf, block, &code)?;
+        let mut q = quantize4(&xf, block, &code)?;
+        let double = if double_quant {
+            let d = DoubleQuantized::quantize(&Vec::<f32>::try_from(&q.absmax)?);
+            q.absmax = Tensor::from_slice(&d.block_scales());
+            Some(d)
+        } else {
+            None
+        };
         let d = Vec::<f32>::try_from(&q.dequantize(Kind::Float)?.f_flatten(0, -1)?)?;
         let mut err = QuantError::default();
         for (a, b) in flat.iter().zip(&d) {
@@ -188,7 +210,7 @@ impl Q4Weight {
             err.sum_sq += f64::from(*a) * f64::from(*a);
             err.max_abs_err = err.max_abs_err.max((a - b).abs());
         }
-        Ok((Q4Weight(q), err))
+        Ok((Q4Weight(q), double, err))
     }
 
     /// The quantized tensor itself.
@@ -227,17 +249,17 @@ impl Q4Weight {
         self.0.absmax = self.0.absmax.to_device(device);
     }
 
-    /// Checks a 4-bit Linear node: `weight` `[out, in / 2]`, an absmax that fits a 4-bit
-    /// block size, a 16-entry code, a bias with one entry per output.
+    /// Checks a 4-bit Linear node: `weight` `[out, in / 2]`, block scales (f32 or
+    /// double-quantized) that fit a 4-bit block size, a 16-entry code, a bias with one entry
+    /// per output.
     pub fn check(node: &Node) -> std::result::Result<(), String> {
-        check_params(
-            node,
-            &[("weight", 2), ("absmax", 1), ("code", 1)],
-            &[("bias", 1)],
-        )?;
+        let mut required = vec![("weight", 2)];
+        required.extend_from_slice(super::q8::scale_params(node));
+        required.push(("code", 1));
+        check_params(node, &required, &[("bias", 1)])?;
         let w = &node.param("weight").ok_or("no weight")?.shape;
         let numel = w[0] * w[1] * 2;
-        let absmax = node.param("absmax").ok_or("no absmax")?.shape[0];
+        let absmax = super::q8::check_scales(node)?;
         if infer_block4(numel, absmax).is_none() {
             return Err(format!(
                 "absmax has {absmax} entries, which fits no 4-bit block size for {numel} \
@@ -311,7 +333,7 @@ impl Layer for Bnb4Linear {
 
 fn build(_: &Node, mut t: LayerTensors) -> Result<Box<dyn Layer>> {
     let q = t.take("weight")?;
-    let absmax = t.take("absmax")?;
+    let absmax = super::q8::take_absmax(&mut t)?;
     let code = t.take("code")?;
     let weight = Q4Weight::from_stored(t.path(), q, absmax, &code)?;
     let bias = t.take_opt("bias").map(|b| b.to_kind(Kind::Float));
@@ -335,7 +357,7 @@ pub fn read_module_f32(
     let missing =
         |what: &str| OctetError::bad_file(store.path(), format!("module {}: no {what}", node.path));
     let q = params.remove("weight").ok_or_else(|| missing("weight"))?;
-    let absmax = params.remove("absmax").ok_or_else(|| missing("absmax"))?;
+    let absmax = super::q8::remove_absmax(store, node, &mut params)?;
     let code = params.remove("code").ok_or_else(|| missing("code"))?;
     let w = Q4Weight::from_stored(&node.path, q, absmax, &code)
         .map_err(|e| OctetError::bad_file(store.path(), e.to_string()))?

@@ -143,14 +143,7 @@ impl Q8Weight {
     /// Takes the module's `weight`, `absmax` and `code` out of `t` (see [`Self::from_stored`]).
     pub fn take(t: &mut LayerTensors) -> Result<Self> {
         let q = t.take("weight")?;
-        let absmax = match t.take_opt(dq::STORED_Q) {
-            Some(aq) => {
-                let scale = t.take(dq::STORED_SCALE)?;
-                let offset = t.take(dq::STORED_OFFSET)?;
-                decode_absmax(t.path(), &aq, &scale, &offset)?
-            }
-            None => t.take("absmax")?,
-        };
+        let absmax = take_absmax(t)?;
         let code = t.take("code")?;
         Self::from_stored(t.path(), q, absmax, &code)
     }
@@ -221,43 +214,13 @@ impl Q8Weight {
         weight_rank: usize,
         optional: &[(&str, usize)],
     ) -> std::result::Result<(), String> {
-        let double = node.param(dq::STORED_Q).is_some();
-        let required: Vec<(&str, usize)> = if double {
-            vec![
-                ("weight", weight_rank),
-                (dq::STORED_Q, 1),
-                (dq::STORED_SCALE, 1),
-                (dq::STORED_OFFSET, 1),
-                ("code", 1),
-            ]
-        } else {
-            vec![("weight", weight_rank), ("absmax", 1), ("code", 1)]
-        };
+        let mut required = vec![("weight", weight_rank)];
+        required.extend_from_slice(scale_params(node));
+        required.push(("code", 1));
         check_params(node, &required, optional)?;
         let w = node.param("weight").ok_or("no weight")?;
         let numel: usize = w.shape.iter().product();
-        let absmax_name = if double { dq::STORED_Q } else { "absmax" };
-        let absmax = node.param(absmax_name).ok_or("no absmax")?.shape[0];
-        if double {
-            let groups = node.param(dq::STORED_SCALE).ok_or("no absmax_scale")?.shape[0];
-            if groups != absmax.div_ceil(dq::GROUP) {
-                return Err(format!(
-                    "{} has {groups} entries for {absmax} double-quantized block scales \
-                     (expected {}, one per {})",
-                    dq::STORED_SCALE,
-                    absmax.div_ceil(dq::GROUP),
-                    dq::GROUP
-                ));
-            }
-            if node
-                .param(dq::STORED_OFFSET)
-                .ok_or("no absmax_offset")?
-                .shape
-                != [1]
-            {
-                return Err(format!("{} must have 1 entry", dq::STORED_OFFSET));
-            }
-        }
+        let absmax = check_scales(node)?;
         if infer_block_size(numel, absmax).is_none() {
             return Err(format!(
                 "absmax has {absmax} entries, which fits no block size for {numel} elements"
@@ -372,19 +335,7 @@ impl Q8Weight {
                 OctetError::bad_file(store.path(), format!("module {}: no {what}", node.path))
             };
             let q = params.remove(rep).ok_or_else(|| missing(rep))?;
-            let absmax = match params.remove(dq::STORED_Q) {
-                Some(aq) => {
-                    let scale = params
-                        .remove(dq::STORED_SCALE)
-                        .ok_or_else(|| missing(dq::STORED_SCALE))?;
-                    let offset = params
-                        .remove(dq::STORED_OFFSET)
-                        .ok_or_else(|| missing(dq::STORED_OFFSET))?;
-                    decode_absmax(&node.path, &aq, &scale, &offset)
-                        .map_err(|e| OctetError::bad_file(store.path(), e.to_string()))?
-                }
-                None => params.remove("absmax").ok_or_else(|| missing("absmax"))?,
-            };
+            let absmax = remove_absmax(store, node, &mut params)?;
             let code = params.remove("code").ok_or_else(|| missing("code"))?;
             let w = Self::from_stored(&node.path, q, absmax, &code)
                 .map_err(|e| OctetError::bad_file(store.path(), e.to_string()))?
@@ -407,6 +358,81 @@ pub fn decode_absmax(module: &str, q: &Tensor, scale: &Tensor, offset: &Tensor) 
     let what = format!("module {module}: {}", dq::STORED_Q);
     let table = DoubleQuantized::from_tensors(&what, q, scale, offset)?;
     Ok(Tensor::from_slice(&table.block_scales()))
+}
+
+/// The block-scale tensors a quantized module stores, with their ranks: `absmax`, or the
+/// three double-quantized ones.
+pub fn scale_params(node: &Node) -> &'static [(&'static str, usize)] {
+    if node.param(dq::STORED_Q).is_some() {
+        &[(dq::STORED_Q, 1), (dq::STORED_SCALE, 1), (dq::STORED_OFFSET, 1)]
+    } else {
+        &[("absmax", 1)]
+    }
+}
+
+/// Checks that a quantized module's stored block scales fit together (one group scale per
+/// [`dq::GROUP`] double-quantized scales, one offset); returns how many block scales it holds.
+pub fn check_scales(node: &Node) -> std::result::Result<usize, String> {
+    let Some(q) = node.param(dq::STORED_Q) else {
+        return Ok(node.param("absmax").ok_or("no absmax")?.shape[0]);
+    };
+    let blocks = q.shape[0];
+    let groups = node.param(dq::STORED_SCALE).ok_or("no absmax_scale")?.shape[0];
+    if groups != blocks.div_ceil(dq::GROUP) {
+        return Err(format!(
+            "{} has {groups} entries for {blocks} double-quantized block scales \
+             (expected {}, one per {})",
+            dq::STORED_SCALE,
+            blocks.div_ceil(dq::GROUP),
+            dq::GROUP
+        ));
+    }
+    if node
+        .param(dq::STORED_OFFSET)
+        .ok_or("no absmax_offset")?
+        .shape
+        != [1]
+    {
+        return Err(format!("{} must have 1 entry", dq::STORED_OFFSET));
+    }
+    Ok(blocks)
+}
+
+/// Takes a module's block scales out of `t` as one f32 absmax per block, de-quantizing
+/// double-quantized ones (see [`decode_absmax`]).
+pub fn take_absmax(t: &mut LayerTensors) -> Result<Tensor> {
+    match t.take_opt(dq::STORED_Q) {
+        Some(aq) => {
+            let scale = t.take(dq::STORED_SCALE)?;
+            let offset = t.take(dq::STORED_OFFSET)?;
+            decode_absmax(t.path(), &aq, &scale, &offset)
+        }
+        None => t.take("absmax"),
+    }
+}
+
+/// Removes a module's block scales, read from `store`, from `params` as one f32 absmax per
+/// block (see [`take_absmax`]); a missing or corrupted table is an error naming the file.
+pub fn remove_absmax(
+    store: &dyn TensorStore,
+    node: &Node,
+    params: &mut BTreeMap<String, Tensor>,
+) -> Result<Tensor> {
+    let missing =
+        |what: &str| OctetError::bad_file(store.path(), format!("module {}: no {what}", node.path));
+    match params.remove(dq::STORED_Q) {
+        Some(aq) => {
+            let scale = params
+                .remove(dq::STORED_SCALE)
+                .ok_or_else(|| missing(dq::STORED_SCALE))?;
+            let offset = params
+                .remove(dq::STORED_OFFSET)
+                .ok_or_else(|| missing(dq::STORED_OFFSET))?;
+            decode_absmax(&node.path, &aq, &scale, &offset)
+                .map_err(|e| OctetError::bad_file(store.path(), e.to_string()))
+        }
+        None => params.remove("absmax").ok_or_else(|| missing("absmax")),
+    }
 }
 
 /// Little-endian bytes of f32 values, as safetensors stores them.
