@@ -364,7 +364,11 @@ pub fn decode_absmax(module: &str, q: &Tensor, scale: &Tensor, offset: &Tensor) 
 /// three double-quantized ones.
 pub fn scale_params(node: &Node) -> &'static [(&'static str, usize)] {
     if node.param(dq::STORED_Q).is_some() {
-        &[(dq::STORED_Q, 1), (dq::STORED_SCALE, 1), (dq::STORED_OFFSET, 1)]
+        &[
+            (dq::STORED_Q, 1),
+            (dq::STORED_SCALE, 1),
+            (dq::STORED_OFFSET, 1),
+        ]
     } else {
         &[("absmax", 1)]
     }

@@ -151,7 +151,10 @@ fn four_bit_folders_convert_like_bitsandbytes_and_run_every_command() {
     }
     let adapted = "transformer.h.0.attn.q_proj.weight";
     assert_eq!(after[adapted].kind(), Kind::Uint8);
-    assert!(!after[adapted].equal(&before[adapted]), "{adapted} kept its base bytes");
+    assert!(
+        !after[adapted].equal(&before[adapted]),
+        "{adapted} kept its base bytes"
+    );
     // A module the adapter leaves alone comes out of hf-f16 as its 4-bit values in f16.
     let stored = common::load_safetensors(&q4.join("model.safetensors"));
     let merged = common::load_safetensors(&tmp.path().join("merged_hf-f16/model.safetensors"));
@@ -238,8 +241,17 @@ fn double_quantized_four_bit_scales_match_bitsandbytes_and_load() {
     assert!(v["modules"].as_u64().unwrap() >= 8, "{v}");
     assert_eq!(v["mismatches"], serde_json::json!([]));
     // Fewer bytes, nearly the same model.
-    let size = |d: &Path| std::fs::metadata(d.join("model.safetensors")).unwrap().len();
-    assert!(size(&dq) < size(&plain), "{} vs {}", size(&dq), size(&plain));
+    let size = |d: &Path| {
+        std::fs::metadata(d.join("model.safetensors"))
+            .unwrap()
+            .len()
+    };
+    assert!(
+        size(&dq) < size(&plain),
+        "{} vs {}",
+        size(&dq),
+        size(&plain)
+    );
     let (p, q) = (ppl(&plain, &data), ppl(&dq, &data));
     assert!((q / p - 1.0).abs() < 0.02, "double-quantized {q} vs {p}");
     let (ok, inspect, err) = common::octet(&["inspect", s(&dq)]);
