@@ -41,8 +41,10 @@ const NF4: [f32; CODE4_LEN] = [
 ];
 
 /// bitsandbytes' FP4 bit patterns (sign, 2 exponent bits, 1 mantissa bit) before scaling.
+/// Entry 8 is +0.0, not -0.0: bitsandbytes writes it as the Python integer `-0`, so its
+/// de-quantized zeros are positive and bit-identity needs the same.
 const FP4_RAW: [f32; CODE4_LEN] = [
-    0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, -0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0,
+    0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, 0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0,
 ];
 
 /// Which 16-level code a 4-bit tensor uses; recorded in the manifest.

