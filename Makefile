@@ -110,7 +110,28 @@ $(GEN)/smollm2/.done: scripts/fetch_smollm2.sh $(VENV_STAMP)
 $(GEN)/smollm2/tokenizer_vectors.json: scripts/gen_tokenizer_vectors.py $(GEN)/smollm2/.done
 	$(PY) scripts/gen_tokenizer_vectors.py --gguf $(GEN)/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf $@
 
-fixtures: $(GEN)/adam8bit_vectors.safetensors $(GEN)/quant_vectors.safetensors $(GEN)/tiny_gptj/.done $(GEN)/torch_bin/.done $(GEN)/tiny_gpt2_neox.done $(GEN)/tiny_llama/.done $(GEN)/ggml_vectors/.done $(GEN)/tiny_decoders/.done $(GEN)/tiny_decoders/gguf/.done $(GEN)/spm_gguf/.done $(GEN)/smollm2/.done $(GEN)/smollm2/tokenizer_vectors.json $(GEN)/gguf_write_vectors/.done $(GEN)/gguf_export/.done
+# bitsandbytes' double-quantized absmax (compress_statistics=True).
+$(GEN)/quant8/double_quant_vectors.safetensors: scripts/gen_double_quant_vectors.py $(VENV_STAMP)
+	mkdir -p $(GEN)/quant8
+	$(PY) scripts/gen_double_quant_vectors.py $@.tmp && mv $@.tmp $@
+
+# A second English text for the 8-bit quality table (Wikipedia, from the gensim wheel).
+$(GEN)/quant8/wiki.txt: scripts/fetch_wiki_text.sh scripts/wiki_plain_text.py $(VENV_STAMP)
+	scripts/fetch_wiki_text.sh $(PY) $(GEN)/quant8
+
+# An 8-bit folder in format version 1, written without octet (bitsandbytes + transformers).
+$(GEN)/quant8/octet_v1_gptj/.done: scripts/gen_octet_v1_folder.py $(GEN)/tiny_gptj/.done $(VENV_STAMP)
+	rm -rf $(GEN)/quant8/octet_v1_gptj
+	$(PY) scripts/gen_octet_v1_folder.py $(GEN)/tiny_gptj/hf_safetensors $(GEN)/quant8/octet_v1_gptj
+	touch $@
+
+# bitsandbytes' 4-bit (NF4 / FP4) quantization and de-quantization, for octet's 4-bit weights.
+$(GEN)/quant4/.done: scripts/gen_quant4_vectors.py $(VENV_STAMP)
+	mkdir -p $(GEN)/quant4
+	$(PY) scripts/gen_quant4_vectors.py $(GEN)/quant4/vectors.safetensors
+	touch $@
+
+fixtures: $(GEN)/adam8bit_vectors.safetensors $(GEN)/quant_vectors.safetensors $(GEN)/tiny_gptj/.done $(GEN)/torch_bin/.done $(GEN)/tiny_gpt2_neox.done $(GEN)/tiny_llama/.done $(GEN)/ggml_vectors/.done $(GEN)/tiny_decoders/.done $(GEN)/tiny_decoders/gguf/.done $(GEN)/spm_gguf/.done $(GEN)/smollm2/.done $(GEN)/smollm2/tokenizer_vectors.json $(GEN)/gguf_write_vectors/.done $(GEN)/gguf_export/.done $(GEN)/quant8/double_quant_vectors.safetensors $(GEN)/quant8/wiki.txt $(GEN)/quant8/octet_v1_gptj/.done $(GEN)/quant4/.done
 
 test: build fixtures
 	$(WITH_TORCH) cargo test --release --no-fail-fast
@@ -118,12 +139,14 @@ test: build fixtures
 demo: build $(GEN)/smollm2/.done
 	scripts/demo.sh ./target/release/octet $(GEN)/smollm2 demo-out
 
-bench: build
+bench: build $(GEN)/smollm2/.done $(GEN)/quant8/wiki.txt
 	command -v /usr/bin/time >/dev/null || (apt-get update -qq && apt-get install -y -qq time)
 	$(WITH_TORCH) cargo bench --bench quant
 	$(WITH_TORCH) cargo bench --bench convert
 	$(WITH_TORCH) cargo bench --bench train
 	$(WITH_TORCH) cargo bench --bench generate
+	scripts/bench_quality.sh ./target/release/octet $(GEN) target/bench-quality
+	scripts/bench_quality4.sh ./target/release/octet $(GEN) target/bench-quality4
 
 lint: $(VENV_STAMP) $(GLOO_STAMP) $(CUDA_HEADERS_STAMP)
 	cargo fmt --check

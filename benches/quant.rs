@@ -162,4 +162,39 @@ fn main() {
             copy / od_alloc
         );
     }
+    four_bit_table();
+}
+
+/// 4-bit NF4 against 8-bit de-quantization on the same shapes and block sizes: time per
+/// element (the target is 4-bit within 1.3x of 8-bit).
+fn four_bit_table() {
+    println!("\n4-bit nf4 vs 8-bit dynamic de-quantization, G elements/s (median of {REPEATS})");
+    println!(
+        "{:<10} {:>11} {:>5} {:>8} {:>8} {:>12}",
+        "op", "shape", "block", "8-bit", "4-bit", "4-bit/8-bit"
+    );
+    let code8 = QuantCode::dynamic_signed();
+    let nf4 = quant::Code4::nf4();
+    for (r, c) in [(4096i64, 4096i64), (16384, 4096)] {
+        let n = (r * c) as f64;
+        let x = Tensor::randn([r, c], (Kind::Float, Device::Cpu)) * 0.02;
+        for block in [64i64, 256] {
+            let q8 = quant::quantize(&x, BlockSize::new(block).unwrap(), &code8).unwrap();
+            let q4 = quant::quantize4(&x, block as usize, &nf4).unwrap();
+            for (op, kind) in [("deq-f32", Kind::Float), ("deq-bf16", Kind::BFloat16)] {
+                let mut out = Tensor::empty([r, c], (kind, Device::Cpu));
+                let t8 = median_secs(|| q8.dequantize_into(&mut out).unwrap());
+                let t4 = median_secs(|| q4.dequantize_into(&mut out).unwrap());
+                println!(
+                    "{:<10} {:>11} {:>5} {:>8.2} {:>8.2} {:>11.2}x",
+                    op,
+                    format!("{r}x{c}"),
+                    block,
+                    n / t8 / 1e9,
+                    n / t4 / 1e9,
+                    t4 / t8
+                );
+            }
+        }
+    }
 }

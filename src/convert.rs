@@ -4,11 +4,13 @@ use crate::error::{OctetError, Result};
 use crate::io::safetensors::SafetensorsWriter;
 use crate::io::{dtype, Dtype, TensorStore};
 use crate::load::{choose_code, QuantizeOptions};
-use crate::manifest::{Manifest, SourceFile, TensorError};
+use crate::manifest::{FourBitRecord, Manifest, SourceFile, TensorError};
+use crate::nn::q4::{FourBitOptions, Q4Weight};
 use crate::nn::q8::Q8Weight;
 use crate::nn::{kinds, ModuleGraph, Node};
 use crate::outdir::OutputDir;
-use crate::quant::{BlockSize, QuantError, StreamOutput};
+use crate::quant::double_quant::{self as dq, DoubleQuantized};
+use crate::quant::{BlockSize, CodeKind, QuantError};
 use crate::source::ModelSource;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -28,6 +30,8 @@ pub struct ConvertOptions {
     pub progress: bool,
     /// Keep NaN/Inf in tensors that stay in float instead of refusing the source.
     pub allow_nonfinite: bool,
+    /// Store Linear weights in 4 bits (`--bits 4`).
+    pub four_bit: Option<FourBitOptions>,
 }
 
 impl Default for ConvertOptions {
@@ -39,6 +43,7 @@ impl Default for ConvertOptions {
             shard_bytes: 2 << 30,
             progress: false,
             allow_nonfinite: false,
+            four_bit: None,
         }
     }
 }
@@ -54,6 +59,8 @@ pub struct ConvertedTensor {
     pub bytes_out: usize,
     /// Error, for quantized tensors.
     pub error: Option<QuantError>,
+    /// The code kind, for quantized tensors.
+    pub code: Option<CodeKind>,
 }
 
 /// What a conversion did.
@@ -136,7 +143,16 @@ pub fn convert(model: &Path, out: &Path, opts: &ConvertOptions) -> Result<Conver
     let source = ModelSource::open(model, &opts.arch)?;
     let outdir = OutputDir::create(out, opts.force, &[model])?;
     let mut graph = source.graph.clone();
-    let (block, _) = opts.quantize.apply(&mut graph, source.arch.spec());
+    // 4-bit modules are made from the 8-bit plan, so their scales are double-quantized after.
+    let mut quantize = opts.quantize.clone();
+    quantize.double_quant &= opts.four_bit.is_none();
+    let (block, replaced) = quantize.apply(&mut graph, source.arch.spec());
+    if let Some(fb) = opts.four_bit {
+        crate::nn::q4::to_four_bit(&mut graph, &replaced, fb.block);
+        if opts.quantize.double_quant {
+            graph.double_quantize_absmax();
+        }
+    }
     // Hashing the sources is I/O-bound; it overlaps the conversion on its own thread.
     let paths = source.source_paths()?;
     let hashing = std::thread::spawn(move || {
@@ -157,9 +173,18 @@ pub fn convert(model: &Path, out: &Path, opts: &ConvertOptions) -> Result<Conver
         ));
     }
     let manifest = Manifest {
+        format_version: crate::manifest::required_version(crate::manifest::graph_features(
+            &graph,
+            opts.quantize.code,
+        )),
         arch: source.arch.name().to_string(),
         block_size: block.get() as i64,
         code: opts.quantize.code,
+        four_bit: opts.four_bit.map(|fb| FourBitRecord {
+            bits: 4,
+            code: fb.code,
+            block_size: fb.block as i64,
+        }),
         octet_version: env!("CARGO_PKG_VERSION").to_string(),
         source: hashing.join().map_err(|_| {
             OctetError::InvalidArgument("hashing the source files panicked".into())
@@ -171,6 +196,7 @@ pub fn convert(model: &Path, out: &Path, opts: &ConvertOptions) -> Result<Conver
                     name: r.name.clone(),
                     rel_mse: e.rel_mse(),
                     max_abs_err: e.max_abs_err,
+                    code: r.code,
                 })
             })
             .collect(),
@@ -256,8 +282,21 @@ struct TensorConverter<'a> {
     block: BlockSize,
     pb: indicatif::ProgressBar,
     rows: Vec<ConvertedTensor>,
-    /// The quantized (q, absmax, code) of the current module, written as its tensors come up.
-    pending: Option<(String, StreamOutput, Vec<f32>)>,
+    /// The scales and code of the current module's quantized weight, written as its tensors
+    /// come up.
+    pending: Option<PendingScales>,
+}
+
+/// The scales and code of a module whose quantized weight was just written.
+struct PendingScales {
+    /// The module's path.
+    path: String,
+    /// One f32 scale per block (written when `double` is `None`).
+    absmax: Vec<f32>,
+    /// The scales in stored double-quantized form, when asked for.
+    double: Option<DoubleQuantized>,
+    /// The code's values.
+    code: Vec<f32>,
 }
 
 impl TensorConverter<'_> {
@@ -273,28 +312,74 @@ impl TensorConverter<'_> {
         let rep = (s.kind != t.kind)
             .then(|| kinds::replacement_for(&s.kind))
             .flatten();
+        if t.kind == crate::nn::q4::KIND && pname == "weight" {
+            let fb = self.opts.four_bit.unwrap_or_default();
+            let double_quant = self.opts.quantize.double_quant;
+            let (q, double, err) = quantize_tensor4(self.store, name, s, fb, double_quant)?;
+            let bytes_in = s.param(pname).map_or(0, |p| p.nbytes());
+            let packed = Vec::<u8>::try_from(&q.packed)?;
+            w.write(name, &packed)?;
+            let absmax = Vec::<f32>::try_from(&q.absmax)?;
+            let scale_bytes = double.as_ref().map_or(4 * absmax.len(), |d| d.nbytes());
+            self.rows.push(ConvertedTensor {
+                name: name.to_string(),
+                bytes_in,
+                bytes_out: packed.len() + scale_bytes + 4 * crate::quant::CODE4_LEN,
+                error: Some(err),
+                code: None,
+            });
+            self.pb.inc(bytes_in as u64);
+            self.pending = Some(PendingScales {
+                path: t.path.clone(),
+                absmax,
+                double,
+                code: q.code.values().to_vec(),
+            });
+            return Ok(());
+        }
         if rep.is_some_and(|r| r.quantized_param == pname) {
             let (out, code) = quantize_tensor(self.store, name, self.block, &self.opts.quantize)?;
             let bytes_in = s.param(pname).map_or(0, |p| p.nbytes());
             w.write(name, &out.q)?;
+            let scale_bytes = match &out.double {
+                Some(d) => d.nbytes(),
+                None => 4 * out.absmax.len(),
+            };
             self.rows.push(ConvertedTensor {
                 name: name.to_string(),
                 bytes_in,
-                bytes_out: out.q.len() + 4 * out.absmax.len() + 4 * code.len(),
+                bytes_out: out.q.len() + scale_bytes + 4 * code.len(),
                 error: out.error,
+                code: Some(self.opts.quantize.code),
             });
             self.pb.inc(bytes_in as u64);
-            self.pending = Some((t.path.clone(), out, code));
+            self.pending = Some(PendingScales {
+                path: t.path.clone(),
+                absmax: out.absmax,
+                double: out.double,
+                code,
+            });
             return Ok(());
         }
-        if pname == "absmax" || pname == "code" {
-            if let Some((path, q, code)) = &self.pending {
-                if *path == t.path {
-                    let vals: &[f32] = if pname == "absmax" { &q.absmax } else { code };
-                    let bytes: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
+        if let Some(q) = &self.pending {
+            if q.path == t.path {
+                let f32s = |vals: &[f32]| -> Vec<u8> {
+                    vals.iter().flat_map(|v| v.to_le_bytes()).collect()
+                };
+                let bytes = match (pname, &q.double) {
+                    ("absmax", None) => Some(f32s(&q.absmax)),
+                    ("code", _) => Some(f32s(&q.code)),
+                    (dq::STORED_Q, Some(d)) => Some(d.q.clone()),
+                    (dq::STORED_SCALE, Some(d)) => Some(f32s(&d.group_absmax)),
+                    (dq::STORED_OFFSET, Some(d)) => Some(f32s(&[d.offset])),
+                    _ => None,
+                };
+                if let Some(bytes) = bytes {
                     return w.write(name, &bytes);
                 }
             }
+        }
+        if pname == "absmax" || pname == "code" {
             // Already 8-bit in the source: copied as stored, once its values are known to
             // load back.
             let b = self.store.bytes(name)?;
@@ -322,6 +407,7 @@ impl TensorConverter<'_> {
             bytes_in: b.len(),
             bytes_out: b.len(),
             error: None,
+            code: None,
         });
         self.pb.inc(b.len() as u64);
         Ok(())
@@ -380,11 +466,13 @@ fn quantize_tensor(
             }
             choose_code(q.code, &x, block)?
         }
-        crate::quant::CodeKind::Dynamic => crate::quant::QuantCode::dynamic_signed(),
+        crate::quant::CodeKind::Dynamic | crate::quant::CodeKind::Linear => {
+            choose_code(q.code, &[], block)?
+        }
     };
     let bytes = store.bytes(name)?;
     let size = meta.dtype.size();
-    let out = Q8Weight::quantize_stream(meta.numel(), block, &code, |start, buf| {
+    let read = |start: usize, buf: &mut [f32]| -> Result<()> {
         dtype::float_bytes_to_f32(
             meta.dtype,
             &bytes[start * size..(start + buf.len()) * size],
@@ -394,8 +482,48 @@ fn quantize_tensor(
             Some((i, v)) => Err(nonfinite(start + i, v)),
             None => Ok(()),
         }
-    })?;
+    };
+    let out = if q.double_quant {
+        Q8Weight::quantize_stream_double(meta.numel(), block, &code, read)?
+    } else {
+        Q8Weight::quantize_stream(meta.numel(), block, &code, read)?
+    };
     Ok((out, code.values().to_vec()))
+}
+
+/// Quantizes one stored float Linear weight to 4 bits (read whole in f32: the 4-bit rounding
+/// and a fitted code both need it); returns it with its double-quantized scales, when asked
+/// for, and its error.
+fn quantize_tensor4(
+    store: &dyn TensorStore,
+    name: &str,
+    s: &Node,
+    fb: FourBitOptions,
+    double_quant: bool,
+) -> Result<(
+    crate::quant::Quantized4,
+    Option<DoubleQuantized>,
+    QuantError,
+)> {
+    store.require_float_meta(name, "; only float tensors can be quantized")?;
+    let x = store.f32_values(name)?;
+    if let Some((i, v)) = crate::validate::first_nonfinite_f32(&x) {
+        return Err(OctetError::bad_file(
+            store.path(),
+            format!(
+                "tensor {name} holds {v} at element {i}; it cannot be quantized \
+                 (--skip its module to keep it in float)"
+            ),
+        ));
+    }
+    let shape: Vec<i64> = s
+        .param("weight")
+        .map(|p| p.shape.iter().map(|&d| d as i64).collect())
+        .unwrap_or_default();
+    let t = tch::Tensor::f_from_slice(&x)?.f_reshape(shape.as_slice())?;
+    drop(x);
+    let (q, double, err) = Q4Weight::quantize_scales(&t, fb.block, fb.code, double_quant)?;
+    Ok((q.into_inner(), double, err))
 }
 
 fn write_index(

@@ -8,12 +8,14 @@ use crate::error::{OctetError, Result};
 use crate::io::safetensors::SafetensorsWriter;
 use crate::io::{Dtype, TensorStore};
 use crate::load::QuantizeOptions;
-use crate::manifest::{Manifest, SourceFile, TensorError};
+use crate::manifest::{FourBitRecord, Manifest, SourceFile, TensorError};
 use crate::nn::kinds::{quantized_param, replacement_to};
-use crate::nn::q8::{stored_block_size, Q8Weight};
+use crate::nn::q4::{self, FourBitOptions, Q4Weight};
+use crate::nn::q8::{decode_absmax, stored_block_size, Q8Weight};
 use crate::nn::{ModuleGraph, Node, ParamInfo};
 use crate::outdir::OutputDir;
 use crate::peft::{Adapter, AdapterConfig, ModuleEdit, ADAPTER_CONFIG};
+use crate::quant::double_quant as dq;
 use crate::quant::{BlockSize, CodeKind};
 use crate::source::ModelSource;
 use std::collections::BTreeMap;
@@ -30,6 +32,9 @@ pub enum MergeFormat {
     HfF32,
     /// An octet folder with the merged weights re-quantized to blockwise 8-bit.
     Octet8,
+    /// An octet folder with the merged Linear weights re-quantized to 4 bits (the base's
+    /// 4-bit code and block size, else NF4 in blocks of 64); the rest as `octet8`.
+    Octet4,
     /// A llama.cpp GGUF file, matrices in F16.
     GgufF16,
     /// A llama.cpp GGUF file, matrices in BF16.
@@ -45,6 +50,7 @@ impl MergeFormat {
             MergeFormat::HfF16 => "hf-f16",
             MergeFormat::HfF32 => "hf-f32",
             MergeFormat::Octet8 => "octet8",
+            MergeFormat::Octet4 => "octet4",
             MergeFormat::GgufF16 => "gguf-f16",
             MergeFormat::GgufBf16 => "gguf-bf16",
             MergeFormat::GgufQ8_0 => "gguf-q8_0",
@@ -62,7 +68,8 @@ impl MergeFormat {
         }
     }
 
-    /// The float dtype of a Hugging Face output; `None` for octet8 (floats keep their dtype).
+    /// The float dtype of a Hugging Face output; `None` for octet8 and octet4 (floats keep
+    /// their dtype).
     fn hf_dtype(self) -> Option<Dtype> {
         match self {
             MergeFormat::HfF16 => Some(Dtype::F16),
@@ -79,12 +86,13 @@ impl std::str::FromStr for MergeFormat {
             "hf-f16" => Ok(MergeFormat::HfF16),
             "hf-f32" => Ok(MergeFormat::HfF32),
             "octet8" => Ok(MergeFormat::Octet8),
+            "octet4" => Ok(MergeFormat::Octet4),
             "gguf-f16" => Ok(MergeFormat::GgufF16),
             "gguf-bf16" => Ok(MergeFormat::GgufBf16),
             "gguf-q8_0" => Ok(MergeFormat::GgufQ8_0),
             other => Err(OctetError::InvalidArgument(format!(
-                "unknown merge format '{other}': expected hf-f16, hf-f32, octet8, gguf-f16, \
-                 gguf-bf16 or gguf-q8_0"
+                "unknown merge format '{other}': expected hf-f16, hf-f32, octet8, octet4, \
+                 gguf-f16, gguf-bf16 or gguf-q8_0"
             ))),
         }
     }
@@ -204,10 +212,19 @@ pub(crate) fn output_graph(
     match format.hf_dtype() {
         Some(dtype) => {
             for node in &mut graph.nodes {
+                crate::nn::q4::to_float_node(node, dtype);
                 if let Some(rep) = replacement_to(&node.kind) {
                     node.kind = rep.from.to_string();
-                    node.params
-                        .retain(|p| p.name != "absmax" && p.name != "code");
+                    node.params.retain(|p| {
+                        ![
+                            "absmax",
+                            "code",
+                            dq::STORED_Q,
+                            dq::STORED_SCALE,
+                            dq::STORED_OFFSET,
+                        ]
+                        .contains(&p.name.as_str())
+                    });
                     if let Some(p) = node
                         .params
                         .iter_mut()
@@ -224,10 +241,19 @@ pub(crate) fn output_graph(
             }
         }
         None => {
+            // Merged folders keep one f32 absmax per block: a re-quantized weight is scaled by
+            // its own absmax, and a kept one by its de-quantized double-quantized scales.
+            graph.plain_absmax();
+            // For octet8, 4-bit modules come out 8-bit, at the manifest's 8-bit block size.
+            if format == MergeFormat::Octet8 {
+                for node in &mut graph.nodes {
+                    crate::nn::q4::to_eight_bit_node(node, block);
+                }
+            }
             if !stored
                 .nodes
                 .iter()
-                .any(|n| quantized_param(&n.kind).is_some())
+                .any(|n| quantized_param(&n.kind).is_some() || n.kind == crate::nn::q4::KIND)
             {
                 let opts = QuantizeOptions {
                     block: Some(block),
@@ -235,9 +261,32 @@ pub(crate) fn output_graph(
                 };
                 opts.apply(&mut graph, arch.spec());
             }
+            // For octet4, every 8-bit Linear becomes 4-bit, as `convert --bits 4` makes them.
+            if format == MergeFormat::Octet4 {
+                let linear: Vec<String> = graph
+                    .nodes
+                    .iter()
+                    .filter(|n| n.kind == "Bnb8Linear")
+                    .map(|n| n.path.clone())
+                    .collect();
+                let fb = four_bit_options(model)?;
+                crate::nn::q4::to_four_bit(&mut graph, &linear, fb.block);
+            }
         }
     }
     Ok((graph, block))
+}
+
+/// The 4-bit code and block size an `octet4` merge of `model` writes: the base's own when it
+/// is 4-bit, else NF4 in blocks of 64.
+fn four_bit_options(model: &Path) -> Result<FourBitOptions> {
+    Ok(match Manifest::read(model)?.and_then(|m| m.four_bit) {
+        Some(r) => FourBitOptions {
+            code: r.code,
+            block: crate::quant::block4(r.block_size)?,
+        },
+        None => FourBitOptions::default(),
+    })
 }
 
 /// Merges module by module, keeping the re-quantization error of each 8-bit weight written.
@@ -247,6 +296,8 @@ struct Merger<'a> {
     /// Block size for modules that become 8-bit.
     block: BlockSize,
     device: Device,
+    /// How modules that become 4-bit are quantized.
+    four_bit: FourBitOptions,
     errors: Vec<TensorError>,
 }
 
@@ -258,6 +309,9 @@ impl Merger<'_> {
         t: &Node,
         edit: Option<&ModuleEdit>,
     ) -> Result<Vec<(String, Vec<u8>)>> {
+        if t.kind == q4::KIND {
+            return self.four_bit_outputs(s, t, edit);
+        }
         let stored_q = quantized_param(&s.kind);
         let out_q = quantized_param(&t.kind);
         let weight_changes = edit.is_some_and(|e| {
@@ -298,7 +352,59 @@ impl Merger<'_> {
         Ok(out)
     }
 
-    /// An 8-bit module whose weight the adapter leaves alone: its stored bytes, with any
+    /// The output tensors of a module written 4-bit: a 4-bit module the adapter leaves alone
+    /// keeps its bytes; any other is merged in f32 and re-quantized, its error kept.
+    fn four_bit_outputs(
+        &mut self,
+        s: &Node,
+        t: &Node,
+        edit: Option<&ModuleEdit>,
+    ) -> Result<Vec<(String, Vec<u8>)>> {
+        let weight_changes =
+            edit.is_some_and(|e| e.lora.is_some() || e.replace.contains_key("weight"));
+        if s.kind == q4::KIND && !weight_changes {
+            return self.kept_8bit(s, t, edit);
+        }
+        let mut params = Q8Weight::read_module_f32(self.store, s, self.device)?;
+        if let Some(e) = edit {
+            apply_edit(
+                e,
+                "weight",
+                &mut params,
+                self.config.lora().scale(),
+                self.config.fan_in_fan_out,
+            )?;
+        }
+        let w = params
+            .get("weight")
+            .ok_or_else(|| {
+                OctetError::bad_file(self.store.path(), format!("module {}: no weight", s.path))
+            })?
+            .f_to_device(Device::Cpu)?;
+        let (q, err) = Q4Weight::quantize(&w, self.four_bit.block, self.four_bit.code)?;
+        self.errors.push(TensorError {
+            name: s.tensor_name("weight"),
+            rel_mse: err.rel_mse(),
+            max_abs_err: err.max_abs_err,
+            code: None,
+        });
+        let mut stored: BTreeMap<String, Tensor> = q.tensors().into_iter().collect();
+        for v in params.values_mut() {
+            *v = v.f_to_device(Device::Cpu)?;
+        }
+        t.params
+            .iter()
+            .map(|p| {
+                let bytes = match stored.remove(&p.name) {
+                    Some(v) => tensor_bytes(&v)?,
+                    None => self.float_bytes(s, p, &params)?,
+                };
+                Ok((p.name.clone(), bytes))
+            })
+            .collect()
+    }
+
+    /// A quantized module whose weight the adapter leaves alone: its stored bytes, with any
     /// replaced parameter (a trained bias) in their place.
     fn kept_8bit(
         &self,
@@ -311,6 +417,17 @@ impl Merger<'_> {
             .map(|p| {
                 let bytes = match edit.and_then(|e| e.replace.get(&p.name)) {
                     Some((_, v)) => tensor_bytes(&v.to_kind(p.dtype.kind()))?,
+                    None if p.name == "absmax" && s.param(dq::STORED_Q).is_some() => {
+                        let t = |n: &str| self.store.tensor(&s.tensor_name(n));
+                        let a = decode_absmax(
+                            &s.path,
+                            &t(dq::STORED_Q)?,
+                            &t(dq::STORED_SCALE)?,
+                            &t(dq::STORED_OFFSET)?,
+                        )
+                        .map_err(|e| OctetError::bad_file(self.store.path(), e.to_string()))?;
+                        tensor_bytes(&a)?
+                    }
                     None => self.store.bytes(&s.tensor_name(&p.name))?.into_owned(),
                 };
                 Ok((p.name.clone(), bytes))
@@ -329,7 +446,7 @@ impl Merger<'_> {
             OctetError::bad_file(self.store.path(), format!("module {}: no {q}", s.path))
         })?;
         // The base's own block size where it was 8-bit; the manifest's for new modules.
-        let block = match (s.param(q), s.param("absmax")) {
+        let block = match (s.param(q), s.param("absmax").or(s.param(dq::STORED_Q))) {
             (Some(p), Some(a)) if quantized_param(&s.kind).is_some() => {
                 stored_block_size(p.shape.iter().product(), a.shape[0], Some(self.block))
                     .unwrap_or(self.block)
@@ -341,6 +458,7 @@ impl Merger<'_> {
             name: s.tensor_name(q),
             rel_mse: err.rel_mse(),
             max_abs_err: err.max_abs_err,
+            code: Some(CodeKind::Dynamic),
         });
         Ok(bytes)
     }
@@ -455,6 +573,10 @@ pub fn merge(model: &Path, adapter: &Path, out: &Path, opts: &MergeOptions) -> R
     match opts.format.hf_dtype() {
         Some(dtype) => write_hf_config(&source.config, dtype, outdir.path())?,
         None => Manifest {
+            format_version: crate::manifest::required_version(crate::manifest::graph_features(
+                &graph,
+                CodeKind::Dynamic,
+            )),
             arch: arch.to_string(),
             block_size: block.get() as i64,
             code: CodeKind::Dynamic,
@@ -468,6 +590,14 @@ pub fn merge(model: &Path, adapter: &Path, out: &Path, opts: &MergeOptions) -> R
             .into_iter()
             .map(SourceFile::describe)
             .collect::<Result<_>>()?,
+            four_bit: (opts.format == MergeFormat::Octet4)
+                .then(|| four_bit_options(model))
+                .transpose()?
+                .map(|fb| FourBitRecord {
+                    bits: 4,
+                    code: fb.code,
+                    block_size: fb.block as i64,
+                }),
             tensors: errors.clone(),
         }
         .write(outdir.path())?,
@@ -504,7 +634,7 @@ fn write_merged(
     dir: &Path,
 ) -> Result<Vec<TensorError>> {
     let mut meta = vec![("format".to_string(), "pt".to_string())];
-    if opts.format == MergeFormat::Octet8 {
+    if matches!(opts.format, MergeFormat::Octet8 | MergeFormat::Octet4) {
         meta.push(("octet_arch".to_string(), source.arch.name().to_string()));
     }
     let plan = graph.tensor_plan();
@@ -515,6 +645,7 @@ fn write_merged(
         config: &ad.config,
         block,
         device: opts.device,
+        four_bit: four_bit_options(&source.path)?,
         errors: Vec::new(),
     };
     for (s, t) in source.graph.nodes.iter().zip(&graph.nodes) {

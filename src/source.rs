@@ -31,6 +31,10 @@ impl ModelSource {
     /// Opens the model at `path` with architecture `arch` (`auto`, or a registry name) and
     /// checks the config's sizes and every stored module before anything is built.
     pub fn open(path: &Path, arch: &str) -> Result<Self> {
+        // A folder written for a newer reader is refused before any of it is read.
+        if path.is_dir() {
+            Manifest::check_readable(path)?;
+        }
         let config = read_config(path)?;
         let arch = resolve_arch(path, arch, &config)?;
         let store = open_checkpoint(path)?;

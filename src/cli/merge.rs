@@ -16,7 +16,8 @@ pub struct Args {
     /// (refused if it exists, unless --force).
     #[arg(long)]
     out: PathBuf,
-    /// hf-f16 or hf-f32 (a Hugging Face checkpoint), octet8 (re-quantized 8-bit), or
+    /// hf-f16 or hf-f32 (a Hugging Face checkpoint), octet8 (re-quantized 8-bit), octet4
+    /// (Linear weights re-quantized to 4 bits: the base's code and block, else nf4/64), or
     /// gguf-f16, gguf-bf16, gguf-q8_0 (one llama.cpp GGUF file).
     #[arg(long, default_value = "hf-f16")]
     format: MergeFormat,

@@ -6,6 +6,7 @@ pub use super::node::{Node, ParamInfo};
 use super::spec::Spec;
 use crate::error::{OctetError, Result};
 use crate::io::{Dtype, TensorStore};
+use crate::quant::double_quant as dq;
 use crate::quant::{BlockSize, CODE_LEN};
 use std::cmp::Ordering;
 use std::fmt::Write;
@@ -40,10 +41,18 @@ pub fn natural_cmp(a: &str, b: &str) -> Ordering {
 }
 
 fn param_rank(name: &str) -> usize {
-    ["weight", "bias", "absmax", "code"]
-        .iter()
-        .position(|&n| n == name)
-        .unwrap_or(4)
+    [
+        "weight",
+        "bias",
+        "absmax",
+        dq::STORED_Q,
+        dq::STORED_SCALE,
+        dq::STORED_OFFSET,
+        "code",
+    ]
+    .iter()
+    .position(|&n| n == name)
+    .unwrap_or(7)
 }
 
 impl ModuleGraph {
@@ -90,10 +99,25 @@ impl ModuleGraph {
                     ),
                 )
             })?;
-            let is_8bit = node.param("absmax").is_some()
+            let is_8bit = (node.param("absmax").is_some() || node.param(dq::STORED_Q).is_some())
                 && node.param("code").is_some()
                 && node.params.iter().any(|p| p.dtype == Dtype::U8);
-            node.kind = if is_8bit {
+            let is_4bit = is_8bit
+                && node
+                    .param("code")
+                    .is_some_and(|c| c.shape == [crate::quant::CODE4_LEN]);
+            node.kind = if is_4bit {
+                if base != "Linear" {
+                    return Err(OctetError::bad_file(
+                        store.path(),
+                        format!(
+                            "module {} is 4-bit but only Linear modules can be",
+                            node.path
+                        ),
+                    ));
+                }
+                super::q4::KIND.to_string()
+            } else if is_8bit {
                 kinds::replacement_for(base)
                     .ok_or_else(|| {
                         OctetError::bad_file(
@@ -171,6 +195,57 @@ impl ModuleGraph {
         replaced
     }
 
+    /// Plans every 8-bit module's f32 `absmax` as double-quantized scales instead
+    /// (`absmax_q`, `absmax_scale`, `absmax_offset`; see [`crate::quant::double_quant`]).
+    pub fn double_quantize_absmax(&mut self) {
+        for node in &mut self.nodes {
+            let Some(i) = node.params.iter().position(|p| p.name == "absmax") else {
+                continue;
+            };
+            if kinds::quantized_param(&node.kind).is_none() && node.kind != super::q4::KIND {
+                continue;
+            }
+            let blocks = node.params.remove(i).shape[0];
+            node.params.extend([
+                ParamInfo {
+                    name: dq::STORED_Q.into(),
+                    dtype: Dtype::U8,
+                    shape: vec![blocks],
+                },
+                ParamInfo {
+                    name: dq::STORED_SCALE.into(),
+                    dtype: Dtype::F32,
+                    shape: vec![blocks.div_ceil(dq::GROUP)],
+                },
+                ParamInfo {
+                    name: dq::STORED_OFFSET.into(),
+                    dtype: Dtype::F32,
+                    shape: vec![1],
+                },
+            ]);
+            node.params.sort_by_key(|p| param_rank(&p.name));
+        }
+    }
+
+    /// The reverse of [`Self::double_quantize_absmax`]: double-quantized scales planned as one
+    /// f32 `absmax` per block again.
+    pub fn plain_absmax(&mut self) {
+        for node in &mut self.nodes {
+            let Some(blocks) = node.param(dq::STORED_Q).map(|p| p.shape[0]) else {
+                continue;
+            };
+            node.params.retain(|p| {
+                ![dq::STORED_Q, dq::STORED_SCALE, dq::STORED_OFFSET].contains(&p.name.as_str())
+            });
+            node.params.push(ParamInfo {
+                name: "absmax".into(),
+                dtype: Dtype::F32,
+                shape: vec![blocks],
+            });
+            node.params.sort_by_key(|p| param_rank(&p.name));
+        }
+    }
+
     /// Every tensor as (full name, dtype, shape), in module order: what a writer plans.
     pub fn tensor_plan(&self) -> Vec<(String, Dtype, Vec<usize>)> {
         self.nodes
@@ -246,7 +321,7 @@ pub fn check_weight_shapes(graph: &ModuleGraph, expected: &[(String, Vec<usize>)
         })?;
         let w = node
             .param("weight")
-            .map(|p| p.shape.clone())
+            .map(|p| super::q4::logical_weight_shape(&node.kind, &p.shape))
             .unwrap_or_default();
         if &w != shape {
             return Err(OctetError::ShapeMismatch {

@@ -223,7 +223,13 @@ pub fn weight_shape(layer: &dyn Layer) -> Vec<i64> {
         .tensors()
         .into_iter()
         .find(|(n, _)| n == "weight")
-        .map(|(_, t)| t.size())
+        .map(|(_, t)| {
+            let stored: Vec<usize> = t.size().iter().map(|&d| d as usize).collect();
+            super::q4::logical_weight_shape(layer.kind(), &stored)
+                .iter()
+                .map(|&d| d as i64)
+                .collect()
+        })
         .unwrap_or_default()
 }
 

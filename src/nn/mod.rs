@@ -7,6 +7,7 @@ pub mod kinds;
 pub mod layer;
 pub mod lora;
 pub mod node;
+pub mod q4;
 pub mod q8;
 pub mod rmsnorm;
 pub mod scratch;

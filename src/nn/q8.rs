@@ -10,6 +10,7 @@ use super::node::Node;
 use super::spec::{PathPattern, Spec};
 use crate::error::{OctetError, Result};
 use crate::io::TensorStore;
+use crate::quant::double_quant::{self as dq, DoubleQuantized};
 use crate::quant::{
     fit_code, BlockSize, CodeKind, FitOptions, QuantCode, QuantError, Quantized, StreamOutput,
     StreamingQuantizer, CODE_LEN,
@@ -26,6 +27,9 @@ pub struct QuantizeOptions {
     pub code: CodeKind,
     /// Modules kept in float beyond what the spec leaves out.
     pub skip: Vec<PathPattern>,
+    /// Store the block scales double-quantized (a written folder only; in memory they are
+    /// always f32).
+    pub double_quant: bool,
 }
 
 impl Default for QuantizeOptions {
@@ -34,6 +38,7 @@ impl Default for QuantizeOptions {
             block: None,
             code: CodeKind::Dynamic,
             skip: Vec::new(),
+            double_quant: false,
         }
     }
 }
@@ -46,6 +51,9 @@ impl QuantizeOptions {
         let replaced = graph.quantize_where(block, |p| {
             spec.quantizes(p) && !self.skip.iter().any(|s| s.matches(p))
         });
+        if self.double_quant {
+            graph.double_quantize_absmax();
+        }
         (block, replaced)
     }
 }
@@ -55,6 +63,7 @@ pub fn choose_code(kind: CodeKind, x: &[f32], block: BlockSize) -> Result<QuantC
     match kind {
         CodeKind::Dynamic => Ok(QuantCode::dynamic_signed()),
         CodeKind::Fitted => fit_code(x, block, FitOptions::default()),
+        CodeKind::Linear => Ok(QuantCode::linear()),
     }
 }
 
@@ -134,7 +143,7 @@ impl Q8Weight {
     /// Takes the module's `weight`, `absmax` and `code` out of `t` (see [`Self::from_stored`]).
     pub fn take(t: &mut LayerTensors) -> Result<Self> {
         let q = t.take("weight")?;
-        let absmax = t.take("absmax")?;
+        let absmax = take_absmax(t)?;
         let code = t.take("code")?;
         Self::from_stored(t.path(), q, absmax, &code)
     }
@@ -142,11 +151,11 @@ impl Q8Weight {
     /// Quantizes the float tensor `x` with a code of `kind`.
     pub fn quantize(x: &Tensor, block: BlockSize, kind: CodeKind) -> Result<Self> {
         let code = match kind {
-            CodeKind::Dynamic => QuantCode::dynamic_signed(),
             CodeKind::Fitted => {
                 let flat = x.f_to_kind(Kind::Float)?.f_contiguous()?.f_flatten(0, -1)?;
                 choose_code(kind, &Vec::<f32>::try_from(&flat)?, block)?
             }
+            CodeKind::Dynamic | CodeKind::Linear => choose_code(kind, &[], block)?,
         };
         Ok(Q8Weight(crate::quant::quantize(x, block, &code)?))
     }
@@ -161,6 +170,17 @@ impl Q8Weight {
         read: impl FnMut(usize, &mut [f32]) -> Result<()>,
     ) -> Result<StreamOutput> {
         StreamingQuantizer::new(code, block).quantize(numel, CHUNK_ELEMS, true, read)
+    }
+
+    /// As [`Self::quantize_stream`], the block scales double-quantized (two passes over
+    /// `read`; see [`StreamingQuantizer::quantize_double`]).
+    pub fn quantize_stream_double(
+        numel: usize,
+        block: BlockSize,
+        code: &QuantCode,
+        read: impl FnMut(usize, &mut [f32]) -> Result<()>,
+    ) -> Result<StreamOutput> {
+        StreamingQuantizer::new(code, block).quantize_double(numel, CHUNK_ELEMS, true, read)
     }
 
     /// Re-quantizes a merged f32 weight with the dynamic code; returns the bytes of `weight`,
@@ -194,14 +214,13 @@ impl Q8Weight {
         weight_rank: usize,
         optional: &[(&str, usize)],
     ) -> std::result::Result<(), String> {
-        check_params(
-            node,
-            &[("weight", weight_rank), ("absmax", 1), ("code", 1)],
-            optional,
-        )?;
+        let mut required = vec![("weight", weight_rank)];
+        required.extend_from_slice(scale_params(node));
+        required.push(("code", 1));
+        check_params(node, &required, optional)?;
         let w = node.param("weight").ok_or("no weight")?;
         let numel: usize = w.shape.iter().product();
-        let absmax = node.param("absmax").ok_or("no absmax")?.shape[0];
+        let absmax = check_scales(node)?;
         if infer_block_size(numel, absmax).is_none() {
             return Err(format!(
                 "absmax has {absmax} entries, which fits no block size for {numel} elements"
@@ -303,6 +322,9 @@ impl Q8Weight {
         node: &Node,
         device: Device,
     ) -> Result<BTreeMap<String, Tensor>> {
+        if node.kind == super::q4::KIND {
+            return super::q4::read_module_f32(store, node, device);
+        }
         let mut params = BTreeMap::new();
         for p in &node.params {
             let t = store.tensor(&node.tensor_name(&p.name))?;
@@ -313,7 +335,7 @@ impl Q8Weight {
                 OctetError::bad_file(store.path(), format!("module {}: no {what}", node.path))
             };
             let q = params.remove(rep).ok_or_else(|| missing(rep))?;
-            let absmax = params.remove("absmax").ok_or_else(|| missing("absmax"))?;
+            let absmax = remove_absmax(store, node, &mut params)?;
             let code = params.remove("code").ok_or_else(|| missing("code"))?;
             let w = Self::from_stored(&node.path, q, absmax, &code)
                 .map_err(|e| OctetError::bad_file(store.path(), e.to_string()))?
@@ -326,6 +348,94 @@ impl Q8Weight {
             }
         }
         Ok(params)
+    }
+}
+
+/// A module's stored double-quantized scales as the f32 absmax its 8-bit weight uses
+/// ([`DoubleQuantized::block_scales`]); a table that does not fit together is an error naming
+/// the module.
+pub fn decode_absmax(module: &str, q: &Tensor, scale: &Tensor, offset: &Tensor) -> Result<Tensor> {
+    let what = format!("module {module}: {}", dq::STORED_Q);
+    let table = DoubleQuantized::from_tensors(&what, q, scale, offset)?;
+    Ok(Tensor::from_slice(&table.block_scales()))
+}
+
+/// The block-scale tensors a quantized module stores, with their ranks: `absmax`, or the
+/// three double-quantized ones.
+pub fn scale_params(node: &Node) -> &'static [(&'static str, usize)] {
+    if node.param(dq::STORED_Q).is_some() {
+        &[
+            (dq::STORED_Q, 1),
+            (dq::STORED_SCALE, 1),
+            (dq::STORED_OFFSET, 1),
+        ]
+    } else {
+        &[("absmax", 1)]
+    }
+}
+
+/// Checks that a quantized module's stored block scales fit together (one group scale per
+/// [`dq::GROUP`] double-quantized scales, one offset); returns how many block scales it holds.
+pub fn check_scales(node: &Node) -> std::result::Result<usize, String> {
+    let Some(q) = node.param(dq::STORED_Q) else {
+        return Ok(node.param("absmax").ok_or("no absmax")?.shape[0]);
+    };
+    let blocks = q.shape[0];
+    let groups = node.param(dq::STORED_SCALE).ok_or("no absmax_scale")?.shape[0];
+    if groups != blocks.div_ceil(dq::GROUP) {
+        return Err(format!(
+            "{} has {groups} entries for {blocks} double-quantized block scales \
+             (expected {}, one per {})",
+            dq::STORED_SCALE,
+            blocks.div_ceil(dq::GROUP),
+            dq::GROUP
+        ));
+    }
+    if node
+        .param(dq::STORED_OFFSET)
+        .ok_or("no absmax_offset")?
+        .shape
+        != [1]
+    {
+        return Err(format!("{} must have 1 entry", dq::STORED_OFFSET));
+    }
+    Ok(blocks)
+}
+
+/// Takes a module's block scales out of `t` as one f32 absmax per block, de-quantizing
+/// double-quantized ones (see [`decode_absmax`]).
+pub fn take_absmax(t: &mut LayerTensors) -> Result<Tensor> {
+    match t.take_opt(dq::STORED_Q) {
+        Some(aq) => {
+            let scale = t.take(dq::STORED_SCALE)?;
+            let offset = t.take(dq::STORED_OFFSET)?;
+            decode_absmax(t.path(), &aq, &scale, &offset)
+        }
+        None => t.take("absmax"),
+    }
+}
+
+/// Removes a module's block scales, read from `store`, from `params` as one f32 absmax per
+/// block (see [`take_absmax`]); a missing or corrupted table is an error naming the file.
+pub fn remove_absmax(
+    store: &dyn TensorStore,
+    node: &Node,
+    params: &mut BTreeMap<String, Tensor>,
+) -> Result<Tensor> {
+    let missing =
+        |what: &str| OctetError::bad_file(store.path(), format!("module {}: no {what}", node.path));
+    match params.remove(dq::STORED_Q) {
+        Some(aq) => {
+            let scale = params
+                .remove(dq::STORED_SCALE)
+                .ok_or_else(|| missing(dq::STORED_SCALE))?;
+            let offset = params
+                .remove(dq::STORED_OFFSET)
+                .ok_or_else(|| missing(dq::STORED_OFFSET))?;
+            decode_absmax(&node.path, &aq, &scale, &offset)
+                .map_err(|e| OctetError::bad_file(store.path(), e.to_string()))
+        }
+        None => params.remove("absmax").ok_or_else(|| missing("absmax")),
     }
 }
 

@@ -70,7 +70,8 @@ impl Adapter {
         let path = &node.path;
         let w = node
             .param(quantized_param(&node.kind).unwrap_or("weight"))
-            .filter(|p| p.shape.len() == 2)
+            .map(|p| crate::nn::q4::logical_weight_shape(&node.kind, &p.shape))
+            .filter(|s| s.len() == 2)
             .ok_or_else(|| {
                 self.bad(format!(
                     "tensor {}: {path} ({}) has no 2-d weight to merge into",
@@ -84,7 +85,7 @@ impl Adapter {
                 l.a_name, node.kind
             )));
         }
-        let (w0, w1) = (w.shape[0] as i64, w.shape[1] as i64);
+        let (w0, w1) = (w[0] as i64, w[1] as i64);
         // [r, in] / [out, r] for Linear (weight [out, in], or [in, out] with
         // fan_in_fan_out); [r, vocab] / [dim, r] for Embedding (weight [vocab, dim]).
         let (fan_in, fan_out) = if l.embedding || self.config.fan_in_fan_out {
@@ -93,7 +94,7 @@ impl Adapter {
             (w1, w0)
         };
         let r = self.config.r as i64;
-        let shape = format!("{:?}", w.shape);
+        let shape = format!("{w:?}");
         for (name, t, want) in [
             (&l.a_name, &l.a, [r, fan_in]),
             (&l.b_name, &l.b, [fan_out, r]),

@@ -36,6 +36,15 @@ pub enum CodeKind {
     Dynamic,
     /// A per-tensor code fitted to the tensor's own normalized values.
     Fitted,
+    /// Evenly spaced levels `k / 127`, k = −127…127 (llama.cpp's Q8_0 rounding grid).
+    Linear,
+}
+
+impl CodeKind {
+    /// Whether readers of format version 1 know this kind's name.
+    pub fn known_to_version_one(self) -> bool {
+        matches!(self, CodeKind::Dynamic | CodeKind::Fitted)
+    }
 }
 
 impl std::str::FromStr for CodeKind {
@@ -44,8 +53,9 @@ impl std::str::FromStr for CodeKind {
         match s {
             "dynamic" => Ok(CodeKind::Dynamic),
             "fitted" => Ok(CodeKind::Fitted),
+            "linear" => Ok(CodeKind::Linear),
             other => Err(OctetError::InvalidArgument(format!(
-                "unknown code kind '{other}': expected 'dynamic' or 'fitted'"
+                "unknown code kind '{other}': expected 'dynamic', 'fitted' or 'linear'"
             ))),
         }
     }
@@ -124,6 +134,14 @@ impl QuantCode {
         data.resize(CODE_LEN, 0.0);
         data.sort_by(|a, b| a.total_cmp(b));
         Self::from_sorted(data.into_iter().map(|v| v as f32).collect())
+    }
+
+    /// The linear code: `k / 127` for k = −127…127, with −1 also at index 0 (256 entries, one
+    /// repeated), so rounding is llama.cpp Q8_0's `round(x / absmax · 127)`.
+    pub fn linear() -> Self {
+        let mut v = vec![-1.0f32];
+        v.extend((-127..=127).map(|k| k as f32 / 127.0));
+        Self::from_sorted(v)
     }
 
     /// The signed dynamic code used for weights and Adam's first moment.

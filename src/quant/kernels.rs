@@ -189,6 +189,39 @@ pub fn quantize_into(
         });
 }
 
+/// Quantizes `x` block by block into `q` against given per-block `scales` (e.g. de-quantized
+/// double-quantized absmax) instead of each block's own absmax: `nearest(clamp(x / s, −1, 1))`,
+/// a zero scale giving the code's zero. `x` must start on a block boundary.
+pub fn quantize_with_scales(
+    table: &NearestTable,
+    block: usize,
+    x: &[f32],
+    scales: &[f32],
+    q: &mut [u8],
+) {
+    assert_eq!(x.len(), q.len(), "quantize_with_scales: lengths differ");
+    assert_eq!(
+        scales.len(),
+        x.len().div_ceil(block),
+        "quantize_with_scales: scales"
+    );
+    let per_task = TASK_ELEMS.max(block);
+    x.par_chunks(per_task)
+        .zip(q.par_chunks_mut(per_task))
+        .zip(scales.par_chunks(per_task / block))
+        .for_each(|((xs, qs), ss)| {
+            for ((xb, qb), &s) in xs.chunks(block).zip(qs.chunks_mut(block)).zip(ss) {
+                if s == 0.0 {
+                    qb.fill(table.zero_index);
+                    continue;
+                }
+                for (o, &v) in qb.iter_mut().zip(xb) {
+                    *o = table.nearest((v / s).clamp(-1.0, 1.0));
+                }
+            }
+        });
+}
+
 /// An output element type the dequantizer can write directly.
 pub trait DequantTarget: Copy + Send + Sync + Default {
     /// Converts the f32 product `code * absmax` (rounding to nearest even).

@@ -233,7 +233,7 @@ unsafe fn dequantize_block_table32(code: &[f32; 256], amax: f32, q: &[u8], out: 
 /// 32-bit lane.
 #[target_feature(enable = "avx512f,avx512bw")]
 #[inline]
-unsafe fn half_bits(v: __m512, format: Format) -> __m512i {
+pub(super) unsafe fn half_bits(v: __m512, format: Format) -> __m512i {
     match format {
         Format::F16 => _mm512_cvtepu16_epi32(_mm512_cvtps_ph::<
             { _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC },

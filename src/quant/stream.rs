@@ -2,6 +2,7 @@
 //! chunk of f32 input is ever held (the source may be f16/bf16 bytes in a memory-mapped file).
 use super::blockwise::BlockSize;
 use super::code::QuantCode;
+use super::double_quant::DoubleQuantized;
 use super::kernels::{self, NearestTable};
 use crate::error::Result;
 
@@ -46,6 +47,9 @@ pub struct StreamOutput {
     pub absmax: Vec<f32>,
     /// Error against the source, when measured.
     pub error: Option<QuantError>,
+    /// The scales in stored double-quantized form, when asked for; `absmax` then holds
+    /// their de-quantized values, which the elements were quantized against.
+    pub double: Option<DoubleQuantized>,
 }
 
 /// Quantizes tensors chunk by chunk with a fixed code and block size.
@@ -104,6 +108,68 @@ impl StreamingQuantizer {
             }
             start += len;
         }
-        Ok(StreamOutput { q, absmax, error })
+        Ok(StreamOutput {
+            q,
+            absmax,
+            error,
+            double: None,
+        })
+    }
+
+    /// As [`Self::quantize`], with the block scales double-quantized: a first pass over the
+    /// chunks finds every block's absmax, those are double-quantized, and a second pass
+    /// quantizes the elements against the de-quantized scales (so the stored scales and
+    /// bytes agree, and the measured error is the error a reader sees).
+    pub fn quantize_double(
+        &self,
+        numel: usize,
+        chunk_elems: usize,
+        measure_error: bool,
+        mut read: impl FnMut(usize, &mut [f32]) -> Result<()>,
+    ) -> Result<StreamOutput> {
+        let b = self.block.get();
+        let chunk = (chunk_elems / b).max(1) * b;
+        let mut buf = vec![0f32; chunk.min(numel)];
+        let mut absmax = Vec::with_capacity(self.block.blocks_for(numel));
+        let mut start = 0;
+        while start < numel {
+            let len = chunk.min(numel - start);
+            let xs = &mut buf[..len];
+            read(start, xs)?;
+            absmax.extend(xs.chunks(b).map(kernels::absmax));
+            start += len;
+        }
+        let double = DoubleQuantized::quantize(&absmax);
+        let scales = double.block_scales();
+        let mut q = vec![0u8; numel];
+        let mut back = if measure_error {
+            vec![0f32; chunk.min(numel)]
+        } else {
+            Vec::new()
+        };
+        let mut error = measure_error.then(QuantError::default);
+        let mut start = 0;
+        while start < numel {
+            let len = chunk.min(numel - start);
+            let xs = &mut buf[..len];
+            read(start, xs)?;
+            let (qs, sc) = (
+                &mut q[start..start + len],
+                &scales[start / b..(start + len).div_ceil(b)],
+            );
+            kernels::quantize_with_scales(&self.table, b, xs, sc, qs);
+            if let Some(err) = error.as_mut() {
+                let xhat = &mut back[..len];
+                kernels::dequantize_into(&self.code, sc, b, 0, qs, xhat);
+                err.accumulate(xs, xhat);
+            }
+            start += len;
+        }
+        Ok(StreamOutput {
+            q,
+            absmax: scales,
+            error,
+            double: Some(double),
+        })
     }
 }
