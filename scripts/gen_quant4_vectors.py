@@ -31,6 +31,22 @@ def cases(g):
     yield "bf16_b64", (torch.randn(33, 64, generator=g) * 0.05).bfloat16(), 64
 
 
+def dequantize(q, st, dtype, shape):
+    """bitsandbytes' own de-quantization, through a 1-D view of the state.
+
+    bitsandbytes 0.50's CPU 4-bit kernel takes the shape as (rows, n) and numbers each row's
+    blocks from n // blocksize, so a 2-D tensor whose last dimension is not a multiple of the
+    block size gets the wrong scale on every row after the first (the [96, 640] weight at
+    block 256). Blocks run over the flattened tensor, as quantize_4bit numbered them; the
+    1-D view is that layout for every shape.
+    """
+    st.dtype = dtype
+    st.shape = torch.Size([shape.numel()])
+    out = F.dequantize_4bit(q, st).reshape(shape).contiguous()
+    st.shape = shape
+    return out
+
+
 def main(out_path):
     g = torch.Generator().manual_seed(4444)
     tensors = {
@@ -46,8 +62,7 @@ def main(out_path):
             tensors[f"{key}.q"] = q.reshape(-1).contiguous()
             tensors[f"{key}.absmax"] = st.absmax.float().contiguous()
             for dt, tag in ((torch.float32, "f32"), (torch.bfloat16, "bf16"), (torch.float16, "f16")):
-                st.dtype = dt
-                tensors[f"{key}.deq_{tag}"] = F.dequantize_4bit(q, st).contiguous()
+                tensors[f"{key}.deq_{tag}"] = dequantize(q, st, dt, x.shape)
             if b == 64 or name.startswith("weight"):
                 q2, st2 = F.quantize_4bit(x, blocksize=b, quant_type=qt, compress_statistics=True)
                 assert torch.equal(q2, q)
@@ -55,8 +70,7 @@ def main(out_path):
                 tensors[f"{key}.dq.absmax2"] = st2.state2.absmax.float().contiguous()
                 tensors[f"{key}.dq.code2"] = st2.state2.code.float().contiguous()
                 tensors[f"{key}.dq.offset"] = st2.offset.float().reshape(1).contiguous()
-                st2.dtype = torch.float32
-                tensors[f"{key}.dq.deq_f32"] = F.dequantize_4bit(q2, st2).contiguous()
+                tensors[f"{key}.dq.deq_f32"] = dequantize(q2, st2, torch.float32, x.shape)
     save_file(tensors, out_path)
 
 

@@ -104,8 +104,10 @@ fn four_bit_folders_convert_like_bitsandbytes_and_run_every_command() {
         "4",
         "--seq-len",
         "32",
+        // Large enough that the merged delta outgrows half a 4-bit code step: a smaller one
+        // re-quantizes back to the base codes, and octet4 would then equal the base.
         "--lr",
-        "3e-3",
+        "3e-2",
         "--lora-r",
         "4",
         "--targets",
@@ -132,10 +134,26 @@ fn four_bit_folders_convert_like_bitsandbytes_and_run_every_command() {
         assert!(p.is_finite() && p > 1.0, "{format}: {p}");
         merged_ppl.push(p);
     }
-    // octet4 re-quantizes the merged Linear weights to 4 bits: close to the float merge.
+    // octet4 re-quantizes the merged Linear weights to 4 bits. A second 4-bit rounding moves
+    // this random tiny model's perplexity by several percent, so the reference is the float
+    // merge converted to the same 4-bit code (quantizer bit-identical to bitsandbytes, above):
+    // the two differ only where the f16 rounding of the float merge flips a code.
+    let requant = tmp.path().join("merged_hf-f16_nf4");
+    common::convert_ok(
+        &tmp.path().join("merged_hf-f16"),
+        &requant,
+        &["--bits", "4", "--code", "nf4", "--block-size", "64"],
+    );
+    let reference = ppl(&requant, &data);
+    let untrained = ppl(&q4, &data);
     assert!(
-        (merged_ppl[2] / merged_ppl[0] - 1.0).abs() < 0.05,
-        "octet4 {} vs hf-f16 {}",
+        merged_ppl[2] < 0.8 * untrained,
+        "octet4 merge {} lost the adapter (base {untrained})",
+        merged_ppl[2]
+    );
+    assert!(
+        (merged_ppl[2] / reference - 1.0).abs() < 0.01,
+        "octet4 merge {} vs the float merge converted to nf4 {reference} (float merge {})",
         merged_ppl[2],
         merged_ppl[0]
     );
