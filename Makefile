@@ -110,6 +110,11 @@ $(GEN)/smollm2/.done: scripts/fetch_smollm2.sh $(VENV_STAMP)
 $(GEN)/smollm2/tokenizer_vectors.json: scripts/gen_tokenizer_vectors.py $(GEN)/smollm2/.done
 	$(PY) scripts/gen_tokenizer_vectors.py --gguf $(GEN)/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf $@
 
+# The demo's chat set: questions about the Britannica article answered by quoting it.
+$(GEN)/smollm2/chat/.done: scripts/gen_chat_set.py $(GEN)/smollm2/.done
+	$(PY) scripts/gen_chat_set.py $(GEN)/smollm2/britannica-11th.txt $(GEN)/smollm2/chat
+	touch $@
+
 # bitsandbytes' double-quantized absmax (compress_statistics=True).
 $(GEN)/quant8/double_quant_vectors.safetensors: scripts/gen_double_quant_vectors.py $(VENV_STAMP)
 	mkdir -p $(GEN)/quant8
@@ -136,7 +141,7 @@ fixtures: $(GEN)/adam8bit_vectors.safetensors $(GEN)/quant_vectors.safetensors $
 test: build fixtures
 	$(WITH_TORCH) cargo test --release --no-fail-fast
 
-demo: build $(GEN)/smollm2/.done
+demo: build $(GEN)/smollm2/.done $(GEN)/smollm2/chat/.done
 	scripts/demo.sh ./target/release/octet $(GEN)/smollm2 demo-out
 
 bench: build $(GEN)/smollm2/.done $(GEN)/quant8/wiki.txt

@@ -11,8 +11,12 @@
 //! prediction, so that window has one more scored token than the guide counts. Here the
 //! per-token negative log-likelihoods are summed and counted exactly:
 //! `ppl = exp(Σ scored NLL / number of scored tokens)`.
+//!
+//! Records (chat, instruction and prompt/completion data) are scored one record to a row, on
+//! the tokens training takes its loss on ([`record_perplexity`]).
 use crate::error::{OctetError, Result};
 use crate::model::CausalLm;
+use crate::train::data::Sequence;
 use crate::train::step::{causal_lm_nll, IGNORE_INDEX};
 use tch::Tensor;
 
@@ -171,5 +175,78 @@ pub fn perplexity(
         ctx,
         stride,
         windows: wins.len(),
+    })
+}
+
+/// Perplexity of `model` over the labelled tokens of `records` (training's sequences: the
+/// assistant tokens of a conversation, a completion after its prompt): each record runs as
+/// one row, cut after its last labelled token, so no record sees another. Rows are batched
+/// `batch` at a time in order of length; a row's right padding is never seen by its tokens
+/// (causal attention) and carries no label. In the result, `ctx` is the longest row and
+/// `windows` the number of records.
+pub fn record_perplexity(
+    model: &dyn CausalLm,
+    records: &[Sequence],
+    batch: usize,
+) -> Result<Perplexity> {
+    let info = model.info();
+    let device = crate::model::model_device(model)?;
+    let span = |s: &Sequence| {
+        s.labels
+            .iter()
+            .rposition(|&l| l != IGNORE_INDEX)
+            .map_or(0, |i| i + 1)
+    };
+    let mut order: Vec<(usize, &Sequence)> = records
+        .iter()
+        .map(|s| (span(s), s))
+        .filter(|&(n, _)| n >= 2)
+        .collect();
+    order.sort_by_key(|&(n, _)| n);
+    let longest = order.last().map_or(0, |&(n, _)| n);
+    if longest > info.max_positions {
+        return Err(OctetError::InvalidArgument(format!(
+            "a record of {longest} tokens is longer than the model's {} positions",
+            info.max_positions
+        )));
+    }
+    let (mut nll_sum, mut scored) = (0.0f64, 0i64);
+    for rows in order.chunks(batch.max(1)) {
+        let len = rows.last().map_or(0, |&(n, _)| n);
+        let (mut input, mut labels) = (Vec::new(), Vec::new());
+        for (_, s) in rows {
+            crate::model::check_token_ids(&s.input_ids[..len], info.vocab_size, "the records")?;
+            input.extend_from_slice(&s.input_ids[..len]);
+            labels.extend_from_slice(&s.labels[..len]);
+        }
+        let shape = [rows.len() as i64, len as i64];
+        let input = Tensor::from_slice(&input).reshape(shape).to_device(device);
+        let labels = Tensor::from_slice(&labels).reshape(shape);
+        let (s, n) = crate::nn::scratch::inference(|| -> Result<_> {
+            Ok(causal_lm_nll(&model.forward(&input)?, &labels))
+        })?;
+        if !s.is_finite() {
+            return Err(OctetError::InvalidArgument(format!(
+                "the loss is {s} on records of {len} tokens: the model's outputs are not finite \
+                 there, so there is no perplexity to report"
+            )));
+        }
+        nll_sum += s;
+        scored += n;
+    }
+    if scored == 0 {
+        return Err(OctetError::InvalidArgument(
+            "no token was scored (no record has a labelled token after its first)".into(),
+        ));
+    }
+    let nll = nll_sum / scored as f64;
+    Ok(Perplexity {
+        perplexity: nll.exp(),
+        nll,
+        nll_sum,
+        tokens: scored as usize,
+        ctx: longest,
+        stride: longest,
+        windows: order.len(),
     })
 }

@@ -1,10 +1,13 @@
 //! `octet eval`: sliding-window perplexity of a model (optionally with an adapter) on a text
-//! file, optionally beside a second model on the same tokens.
+//! file, or its perplexity on the trained tokens of chat, instruction or prompt/completion
+//! records; optionally beside a second model on the same tokens.
 use super::parse_device;
 use anyhow::{bail, Context};
-use octet::eval::{check_window, perplexity, Perplexity};
+use octet::eval::{check_window, perplexity, record_perplexity, Perplexity};
 use octet::infer::load_for_inference;
+use octet::model::CausalLm;
 use octet::tokenizer::Tokenizer;
+use octet::train::data::{load_sequences_with, template_for, DataFormat, ReadOptions, Sequence};
 use std::path::{Path, PathBuf};
 
 /// Flags.
@@ -12,10 +15,22 @@ use std::path::{Path, PathBuf};
 pub struct Args {
     #[command(flatten)]
     source: super::ModelArgs,
-    /// Text file, tokenized whole (no BOS).
+    /// Text file (tokenized whole, scored in sliding windows), or JSON Lines records in any
+    /// format train reads (each record scored on its own, on the tokens training takes its
+    /// loss on: a conversation's assistant turns, a completion).
     #[arg(long)]
     data: PathBuf,
-    /// Window length [default: the model's max positions].
+    /// Data format: auto, text, jsonl, jsonl:FIELD, prompt-completion, chat, sharegpt, alpaca.
+    #[arg(long, default_value = "auto")]
+    format: String,
+    /// Chat template (a Jinja file) instead of the model's own, for conversational records.
+    #[arg(long)]
+    chat_template: Option<PathBuf>,
+    /// Score every token of a conversation, as `train --train-on-prompt` trains on it.
+    #[arg(long)]
+    train_on_prompt: bool,
+    /// Window length; for records, the longest record kept (longer ones are cut)
+    /// [default: the model's max positions].
     #[arg(long)]
     ctx: Option<usize>,
     /// Tokens between window starts; only the new tokens of each window are scored
@@ -36,42 +51,88 @@ pub struct Args {
     compare: Option<PathBuf>,
 }
 
-/// Tokens of `text` under `dir`'s tokenizer, as model ids (BOS first where the tokenizer adds
-/// one, as transformers does).
-fn tokenize(dir: &Path, text: &str) -> anyhow::Result<Vec<i64>> {
-    let tok = Tokenizer::from_dir(dir)?;
-    Ok(tok
-        .encode_with_bos(text)?
-        .into_iter()
-        .map(i64::from)
-        .collect())
+/// What is scored: one token stream in sliding windows, or records one to a row.
+#[derive(PartialEq)]
+enum Inputs {
+    Stream(Vec<i64>),
+    Records(Vec<Sequence>),
 }
 
-/// The token ids of the evaluation file under the model's tokenizer; a `--compare` model
-/// must tokenize it the same way, or the perplexities are not comparable.
-fn read_ids(a: &Args) -> anyhow::Result<Vec<i64>> {
-    let text = std::fs::read_to_string(&a.data)
-        .with_context(|| format!("reading {}", a.data.display()))?;
-    if text.is_empty() {
-        bail!("{}: the evaluation file is empty", a.data.display());
+impl Inputs {
+    fn score(&self, model: &dyn CausalLm, a: &Args) -> anyhow::Result<Perplexity> {
+        Ok(match self {
+            Inputs::Stream(ids) => {
+                let max_pos = model.info().max_positions;
+                let ctx = a.ctx.unwrap_or(max_pos);
+                let stride = a.stride.unwrap_or(ctx);
+                check_window(ctx, stride, max_pos, ids.len())?;
+                perplexity(model, ids, ctx, stride, a.batch_size)?
+            }
+            Inputs::Records(records) => record_perplexity(model, records, a.batch_size)?,
+        })
     }
-    let tokens = |dir: &Path| -> anyhow::Result<Vec<i64>> {
-        let mut ids = tokenize(dir, &text)?;
+}
+
+/// The evaluation data under `dir`'s tokenizer (and chat template, for conversations): text
+/// as model ids (BOS first where the tokenizer adds one, as transformers does), records as
+/// training reads them.
+fn read_inputs(
+    a: &Args,
+    dir: &Path,
+    format: &DataFormat,
+    seq_len: usize,
+) -> anyhow::Result<Inputs> {
+    let tok = Tokenizer::from_dir(dir)?;
+    if *format == DataFormat::Text {
+        let text = std::fs::read_to_string(&a.data)
+            .with_context(|| format!("reading {}", a.data.display()))?;
+        if text.is_empty() {
+            bail!("{}: the evaluation file is empty", a.data.display());
+        }
+        let mut ids: Vec<i64> = tok
+            .encode_with_bos(&text)?
+            .into_iter()
+            .map(i64::from)
+            .collect();
         ids.truncate(a.max_tokens.unwrap_or(usize::MAX));
-        Ok(ids)
+        return Ok(Inputs::Stream(ids));
+    }
+    let template = template_for(&[format], dir, a.chat_template.as_deref(), &tok)?;
+    let read = ReadOptions {
+        format: Some(format),
+        template: template.as_ref(),
+        train_on_prompt: a.train_on_prompt,
+        drop_long: false,
     };
-    let ids = tokens(&a.source.model)?;
+    let (records, stats) = load_sequences_with(&a.data, &tok, seq_len, &read)?;
+    if stats.truncated > 0 {
+        eprintln!(
+            "warning: {} of {} records are longer than {seq_len} tokens and were cut",
+            stats.truncated, stats.documents
+        );
+    }
+    Ok(Inputs::Records(records))
+}
+
+/// The evaluation data under the model's tokenizer, records cut at `seq_len` tokens; a
+/// `--compare` model must read it the same way, or the perplexities are not comparable.
+fn read_all(a: &Args, seq_len: usize) -> anyhow::Result<Inputs> {
+    let format = match a.format.as_str() {
+        "auto" => DataFormat::detect(&a.data)?,
+        f => f.parse()?,
+    };
+    let inputs = read_inputs(a, &a.source.model, &format, seq_len)?;
     if let Some(c) = &a.compare {
         let has_tokenizer = c.join("tokenizer.json").is_file() || c.join("vocab.json").is_file();
-        if has_tokenizer && tokens(c)? != ids {
+        if has_tokenizer && read_inputs(a, c, &format, seq_len)? != inputs {
             bail!(
-                "{} and {} tokenize the text differently; their perplexities are not comparable",
+                "{} and {} tokenize the data differently; their perplexities are not comparable",
                 a.source.model.display(),
                 c.display()
             );
         }
     }
-    Ok(ids)
+    Ok(inputs)
 }
 
 pub fn run(mut a: Args) -> anyhow::Result<()> {
@@ -86,33 +147,39 @@ pub fn run(mut a: Args) -> anyhow::Result<()> {
         .source
         .load
         .load_options(parse_device(&a.source.load.device)?)?;
-    let ids = read_ids(&a)?;
     let m = load_for_inference(&a.source.model, a.source.adapter.as_deref(), &load)?;
-    let max_pos = m.model.info().max_positions;
-    let ctx = a.ctx.unwrap_or(max_pos);
-    let stride = a.stride.unwrap_or(ctx);
-    check_window(ctx, stride, max_pos, ids.len())
+    let seq_len = a.ctx.unwrap_or(m.model.info().max_positions);
+    let inputs = read_all(&a, seq_len)?;
+    let base = inputs
+        .score(m.model.as_ref(), &a)
         .with_context(|| format!("evaluating {}", a.source.model.display()))?;
-    let base = perplexity(m.model.as_ref(), &ids, ctx, stride, a.batch_size)?;
     drop(m);
     let compare = match &a.compare {
         Some(c) => {
             let m = load_for_inference(c, None, &load)?;
-            let r = perplexity(m.model.as_ref(), &ids, ctx, stride, a.batch_size)
+            let r = inputs
+                .score(m.model.as_ref(), &a)
                 .with_context(|| format!("evaluating {}", c.display()))?;
             Some((c.clone(), r))
         }
         None => None,
     };
+    let records = matches!(inputs, Inputs::Records(_));
     if a.json {
-        print_json(&a.source.model, &base, compare.as_ref());
+        print_json(&a.source.model, &base, compare.as_ref(), records);
     } else {
-        print_text(&a.source.model, &base, compare.as_ref());
+        print_text(&a.source.model, &base, compare.as_ref(), records);
     }
     Ok(())
 }
 
-fn print_json(model: &Path, base: &Perplexity, compare: Option<&(PathBuf, Perplexity)>) {
+/// `records`: `windows` counts records and `ctx` is the longest one.
+fn print_json(
+    model: &Path,
+    base: &Perplexity,
+    compare: Option<&(PathBuf, Perplexity)>,
+    records: bool,
+) {
     let mut v = serde_json::json!({
         "model": model.display().to_string(),
         "perplexity": base.perplexity,
@@ -121,6 +188,7 @@ fn print_json(model: &Path, base: &Perplexity, compare: Option<&(PathBuf, Perple
         "ctx": base.ctx,
         "stride": base.stride,
         "windows": base.windows,
+        "records": records,
     });
     if let Some((c, r)) = compare {
         v["compare"] = serde_json::json!({
@@ -134,8 +202,26 @@ fn print_json(model: &Path, base: &Perplexity, compare: Option<&(PathBuf, Perple
     println!("{v}");
 }
 
-fn print_text(model: &Path, base: &Perplexity, compare: Option<&(PathBuf, Perplexity)>) {
+fn print_text(
+    model: &Path,
+    base: &Perplexity,
+    compare: Option<&(PathBuf, Perplexity)>,
+    records: bool,
+) {
     let line = |name: &Path, r: &Perplexity| {
+        if records {
+            println!(
+                "{}: perplexity {:.4} (nll {:.6} nats/token over the {} trained tokens of {} \
+                 records, the longest {} tokens)",
+                name.display(),
+                r.perplexity,
+                r.nll,
+                r.tokens,
+                r.windows,
+                r.ctx
+            );
+            return;
+        }
         println!(
             "{}: perplexity {:.4} (nll {:.6} nats/token over {} tokens; ctx {}, stride {}, {} windows)",
             name.display(),

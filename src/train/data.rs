@@ -257,6 +257,21 @@ impl Dataset {
     }
 }
 
+/// The chat template data of `formats` is rendered with: the model's own (or `override_file`),
+/// loaded only when one of the formats is conversational.
+pub fn template_for(
+    formats: &[&DataFormat],
+    model: &Path,
+    override_file: Option<&Path>,
+    tokenizer: &Tokenizer,
+) -> Result<Option<ChatTemplate>> {
+    formats
+        .iter()
+        .any(|f| f.record_kind().is_some())
+        .then(|| ChatTemplate::load(model, override_file, tokenizer.clone()))
+        .transpose()
+}
+
 /// The id sequences are padded with: the tokenizer's EOS, or 0 without one.
 pub fn pad_id(tokenizer: &Tokenizer) -> i64 {
     tokenizer.eos_id().map_or(0, i64::from)

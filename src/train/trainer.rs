@@ -7,14 +7,13 @@ use super::checkpoint::{
     STATE_FILE,
 };
 use super::data::{
-    data_files, load_sequences_with, pad_id, Batch, Batcher, BatcherState, DataFormat, Dataset,
-    LoadStats, ReadOptions, Sequence,
+    data_files, load_sequences_with, pad_id, template_for, Batch, Batcher, BatcherState,
+    DataFormat, Dataset, LoadStats, ReadOptions, Sequence,
 };
 use super::optim::{AdamConfig, Optimizer};
 use super::schedule::LrSchedule;
 use super::step::{causal_lm_nll, forward_backward_with, labelled_positions, micro_batch_weights};
 use super::stream::{DataOrder, Reader, Stream};
-use crate::chat::ChatTemplate;
 use crate::dist::{Dist, ReduceOp};
 use crate::error::{OctetError, Result};
 use crate::io::safetensors::SafetensorsFile;
@@ -45,8 +44,12 @@ pub struct StepMetrics {
     pub loss: f64,
     /// Learning rate used.
     pub lr: f64,
-    /// Training tokens per second.
+    /// Token positions per second (padding included: batch × sequence length).
     pub tokens_per_s: f64,
+    /// Tokens the loss was taken on per second (no padding, no untrained prompt tokens), all
+    /// ranks together: what `--pack` speeds up.
+    #[serde(default)]
+    pub trained_tokens_per_s: f64,
     /// Gradient norm before clipping.
     pub grad_norm: f64,
     /// Held-out loss, when evaluated at this step.
@@ -409,19 +412,13 @@ fn load_data(opts: &TrainOptions, tokenizer: &Tokenizer, vocab: usize) -> Result
     };
     let format = format_of(&opts.data)?;
     let eval_format = opts.eval_data.as_deref().map(format_of).transpose()?;
-    let chat = format.record_kind().is_some()
-        || eval_format
-            .as_ref()
-            .is_some_and(|f| f.record_kind().is_some());
-    let template = chat
-        .then(|| {
-            ChatTemplate::load(
-                &opts.model,
-                opts.chat_template.as_deref(),
-                tokenizer.clone(),
-            )
-        })
-        .transpose()?;
+    let formats: Vec<&DataFormat> = std::iter::once(&format).chain(&eval_format).collect();
+    let template = template_for(
+        &formats,
+        &opts.model,
+        opts.chat_template.as_deref(),
+        tokenizer,
+    )?;
     let read = ReadOptions {
         format: Some(&format),
         template: template.as_ref(),
@@ -475,19 +472,6 @@ fn load_data(opts: &TrainOptions, tokenizer: &Tokenizer, vocab: usize) -> Result
     Ok(dataset)
 }
 
-/// The chat template conversational formats need (`None` for the others).
-fn chat_template(
-    opts: &TrainOptions,
-    tokenizer: &Tokenizer,
-    formats: &[&DataFormat],
-) -> Result<Option<ChatTemplate>> {
-    if !formats.iter().any(|f| f.record_kind().is_some()) {
-        return Ok(None);
-    }
-    let file = opts.chat_template.as_deref();
-    ChatTemplate::load(&opts.model, file, tokenizer.clone()).map(Some)
-}
-
 /// Indexes the data for streaming (`--stream`) and reads the held-out set (`--eval-data`,
 /// or the held-out records).
 fn load_stream(
@@ -515,7 +499,12 @@ fn load_stream(
         }),
         None => None,
     };
-    let template = chat_template(opts, tokenizer, &[&format])?;
+    let template = template_for(
+        &[&format],
+        &opts.model,
+        opts.chat_template.as_deref(),
+        tokenizer,
+    )?;
     let reader = Reader {
         format: format.clone(),
         tokenizer: tokenizer.clone(),
@@ -535,7 +524,8 @@ fn load_stream(
     let stream = Stream::open(&files, reader, fraction, opts.seed)?;
     let eval = match (&opts.eval_data, &eval_format) {
         (Some(p), Some(f)) => {
-            let template = chat_template(opts, tokenizer, &[f])?;
+            let template =
+                template_for(&[f], &opts.model, opts.chat_template.as_deref(), tokenizer)?;
             let read = ReadOptions {
                 format: Some(f),
                 template: template.as_ref(),
@@ -879,7 +869,8 @@ impl<'a> Run<'a> {
         self.step += 1;
         let tokens = (opts.batch_size * opts.seq_len * opts.grad_accum) as f64;
         // Each rank holds its token-weighted share of the step's loss; speeds add up.
-        let speed = tokens / started.elapsed().as_secs_f64();
+        let secs = started.elapsed().as_secs_f64();
+        let speed = tokens / secs;
         let summed = self
             .dist
             .all_reduce_f64(&[loss_sum, speed, filled as f64], ReduceOp::Sum)?;
@@ -891,6 +882,7 @@ impl<'a> Run<'a> {
             loss,
             lr,
             tokens_per_s,
+            trained_tokens_per_s: total as f64 / secs,
             grad_norm,
             eval_loss: None,
             peak_gpu_mib: self.track_gpu_memory(),

@@ -12,7 +12,7 @@ const NEW: usize = 6;
 /// The tiny GPT-J (64 positions, 301 rows) with its byte-level tokenizer extended by ChatML's
 /// two special tokens and a ChatML template in tokenizer_config.json, as an Instruct model
 /// ships them.
-fn chat_model(dir: &Path) -> PathBuf {
+pub(crate) fn chat_model(dir: &Path) -> PathBuf {
     let m = dir.join("chat-model");
     common::copy_dir(&common::fixture("tiny_gptj/hf_safetensors"), &m);
     let path = m.join("tokenizer.json");

@@ -11,6 +11,7 @@ mod decoders;
 mod distributed;
 mod double_quant;
 mod eval_generate;
+mod eval_records;
 mod fuzz;
 mod fuzz_support;
 mod gguf;
