@@ -64,9 +64,8 @@ QUESTION=$(head -n 1 "$CHAT/chat_eval.jsonl" | sed -E 's/^\{"messages": \[\{"rol
 say "   Held-out assistant-token perplexity and a chat answer, before"
 "$O" eval --model "$W/smollm2-8bit" --data "$CHAT/chat_eval.jsonl"
 echo "user: $QUESTION"
-printf 'assistant: '
-"$O" generate --model "$W/smollm2-8bit" --chat --prompt "$QUESTION" --max-new-tokens 48 --temperature 0
-echo
+echo "assistant: $("$O" generate --model "$W/smollm2-8bit" --chat --prompt "$QUESTION" \
+  --max-new-tokens 48 --temperature 0 2>/dev/null)"
 say "   Training ($CHAT_STEPS steps, records packed into 256-token sequences)"
 "$O" train --model "$W/smollm2-8bit" --data "$CHAT/chat_train.jsonl" \
   --eval-data "$CHAT/chat_eval.jsonl" --out "$W/chat-adapter" --force --pack \
@@ -77,10 +76,8 @@ sed -nE 's/^\{"step":([0-9]+),"loss":([0-9.]{6}).*/  step \1: \2/p' "$W/chat-ada
 say "   Held-out assistant-token perplexity and the same question, after"
 "$O" eval --model "$W/smollm2-8bit" --adapter "$W/chat-adapter" --data "$CHAT/chat_eval.jsonl"
 echo "user: $QUESTION"
-printf 'assistant: '
-"$O" generate --model "$W/smollm2-8bit" --adapter "$W/chat-adapter" --chat --prompt "$QUESTION" \
-  --max-new-tokens 48 --temperature 0
-echo
+echo "assistant: $("$O" generate --model "$W/smollm2-8bit" --adapter "$W/chat-adapter" --chat \
+  --prompt "$QUESTION" --max-new-tokens 48 --temperature 0 2>/dev/null)"
 
 say "Done. The adapter in $W/adapter loads with peft (PeftModel.from_pretrained);
 $W/smollm2-finetuned-q8_0.gguf runs in llama.cpp (llama-cli -m ...);
