@@ -13,7 +13,7 @@
 mod common;
 
 use common::{bench_device, env_or, peak_rss_mib, python, script, sync};
-use octet::archs::gptj::{random_layers, Gptj, GptjConfig};
+use octet::archs::gptj::{random_layers, Gptj, GptjConfig, RandomFrozen};
 use octet::generate::generate_batch;
 use std::process::Command;
 use std::time::Instant;
@@ -89,7 +89,12 @@ fn child(s: Shape, eight_bit: bool) {
         "vocab_size": s.vocab, "n_positions": 2048
     }))
     .expect("bench config");
-    let mut layers = random_layers(&cfg, eight_bit, (s.kind(), s.device)).expect("random layers");
+    let frozen = if eight_bit {
+        RandomFrozen::EightBit
+    } else {
+        RandomFrozen::Float
+    };
+    let mut layers = random_layers(&cfg, frozen, (s.kind(), s.device)).expect("random layers");
     let model = Gptj::new(cfg, &mut layers, s.kind()).expect("model");
     let ids = Tensor::randint(
         s.vocab as i64,

@@ -1,7 +1,7 @@
 //! `make bench`, training part: step time and peak RSS of LoRA training on a true-width GPT-J,
 //! (a) 8-bit frozen + checkpointing, (b) f32 frozen + checkpointing, (c) f32 without
 //! checkpointing, beside transformers + peft with gradient checkpointing; then one step of the
-//! full GPT-J-6B shape in 8-bit. Every configuration runs in its own process so its peak
+//! full GPT-J-6B shape with 8-bit and with 4-bit (NF4) frozen weights. Every configuration runs in its own process so its peak
 //! resident set (and GPU memory) is its own.
 //!
 //! Environment: `OCTET_BENCH_LAYERS` (2), `OCTET_BENCH_STEPS` (2), `OCTET_BENCH_EMBD` (4096),
@@ -16,7 +16,7 @@
 mod common;
 
 use common::{bench_device, env_or, gpu_used_mib, peak_rss_mib, python, script, short_error, sync};
-use octet::archs::gptj::{random_layers, Gptj, GptjConfig};
+use octet::archs::gptj::{random_layers, Gptj, GptjConfig, RandomFrozen};
 use octet::model::CausalLm;
 use octet::nn::LoraConfig;
 use octet::peft::{attach_lora, trainable_tensors, Targets};
@@ -35,7 +35,7 @@ struct Child {
     batch: i64,
     seq: i64,
     kind: Kind,
-    eight_bit: bool,
+    frozen: RandomFrozen,
     checkpointing: bool,
     steps: usize,
 }
@@ -47,8 +47,9 @@ fn child(c: Child) {
         "vocab_size": c.vocab, "n_positions": 2048
     }))
     .expect("bench config");
-    // Frozen weights are created where they live, directly in 8-bit or in the compute dtype.
-    let mut layers = random_layers(&cfg, c.eight_bit, (c.kind, c.device)).expect("random layers");
+    // Frozen weights are created where they live, directly in 8 or 4 bits or in the compute
+    // dtype.
+    let mut layers = random_layers(&cfg, c.frozen, (c.kind, c.device)).expect("random layers");
     let mut model = Gptj::new(cfg, &mut layers, c.kind).expect("model");
     let targets = Targets::Names(vec!["q_proj".into(), "v_proj".into()]);
     attach_lora(&mut model, &targets, LoraConfig::default()).expect("lora");
@@ -303,7 +304,11 @@ fn main() {
             } else {
                 Kind::Float
             },
-            eight_bit: a[5] == "8bit",
+            frozen: match a[5].as_str() {
+                "8bit" => RandomFrozen::EightBit,
+                "4bit" => RandomFrozen::FourBit,
+                _ => RandomFrozen::Float,
+            },
             checkpointing: a[6] == "ckpt",
             steps: n(7),
         });
@@ -361,18 +366,20 @@ fn main() {
         }
     }
     if std::env::var_os("OCTET_BENCH_SKIP_6B").is_none() {
-        println!("\nfull GPT-J-6B shape (28 layers, vocab 50400), 8-bit frozen weights created directly in 8-bit, LoRA q,v, one step at batch 1 x seq 256:");
-        for dtype in ["f32", "bf16"] {
-            let args = child_args(28, 50400, 1, 256, dtype, "8bit", "ckpt", 1, 4096, device);
-            match run_child(&args) {
-                Some(m) => {
-                    println!(
-                        "  {dtype}: step {:.1} s, peak RSS {:.2} GiB",
-                        m.step_s,
-                        m.rss_mib / 1024.0
-                    )
+        println!("\nfull GPT-J-6B shape (28 layers, vocab 50400), frozen weights created directly in 8 or 4 bits (4-bit: NF4 Linear weights, 8-bit embedding), LoRA q,v, one step at batch 1 x seq 256:");
+        for weights in ["8bit", "4bit"] {
+            for dtype in ["f32", "bf16"] {
+                let args = child_args(28, 50400, 1, 256, dtype, weights, "ckpt", 1, 4096, device);
+                match run_child(&args) {
+                    Some(m) => {
+                        println!(
+                            "  {weights} {dtype}: step {:.1} s, peak RSS {:.2} GiB",
+                            m.step_s,
+                            m.rss_mib / 1024.0
+                        )
+                    }
+                    None => println!("  {weights} {dtype}: failed"),
                 }
-                None => println!("  {dtype}: failed"),
             }
         }
     }

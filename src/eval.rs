@@ -135,12 +135,7 @@ pub fn perplexity(
             labels.extend(std::iter::repeat_n(IGNORE_INDEX, context));
             labels.extend_from_slice(&window[context..]);
         }
-        let shape = [(j - i) as i64, len as i64];
-        let input = Tensor::from_slice(&input).reshape(shape).to_device(device);
-        let labels = Tensor::from_slice(&labels).reshape(shape);
-        let (s, n) = crate::nn::scratch::inference(|| -> Result<_> {
-            Ok(causal_lm_nll(&model.forward(&input)?, &labels))
-        })?;
+        let (s, n) = batch_nll(model, device, &input, &labels, [(j - i) as i64, len as i64])?;
         if !s.is_finite() {
             let (first, last) = (&wins[i], &wins[j - 1]);
             return Err(OctetError::InvalidArgument(format!(
@@ -166,15 +161,37 @@ pub fn perplexity(
             "no token was scored (the text is too short for these windows)".into(),
         ));
     }
-    let nll = nll_sum / scored as f64;
-    Ok(Perplexity {
-        perplexity: nll.exp(),
-        nll,
-        nll_sum,
-        tokens: scored as usize,
-        ctx,
-        stride,
-        windows: wins.len(),
+    Ok(Perplexity::new(nll_sum, scored, ctx, stride, wins.len()))
+}
+
+impl Perplexity {
+    /// From the summed NLL of `scored` (> 0) tokens.
+    fn new(nll_sum: f64, scored: i64, ctx: usize, stride: usize, windows: usize) -> Self {
+        let nll = nll_sum / scored as f64;
+        Perplexity {
+            perplexity: nll.exp(),
+            nll,
+            nll_sum,
+            tokens: scored as usize,
+            ctx,
+            stride,
+            windows,
+        }
+    }
+}
+
+/// Summed NLL and scored-token count of one batch of rows (`shape` = rows × length).
+fn batch_nll(
+    model: &dyn CausalLm,
+    device: tch::Device,
+    input: &[i64],
+    labels: &[i64],
+    shape: [i64; 2],
+) -> Result<(f64, i64)> {
+    let input = Tensor::from_slice(input).reshape(shape).to_device(device);
+    let labels = Tensor::from_slice(labels).reshape(shape);
+    crate::nn::scratch::inference(|| -> Result<_> {
+        Ok(causal_lm_nll(&model.forward(&input)?, &labels))
     })
 }
 
@@ -219,12 +236,13 @@ pub fn record_perplexity(
             input.extend_from_slice(&s.input_ids[..len]);
             labels.extend_from_slice(&s.labels[..len]);
         }
-        let shape = [rows.len() as i64, len as i64];
-        let input = Tensor::from_slice(&input).reshape(shape).to_device(device);
-        let labels = Tensor::from_slice(&labels).reshape(shape);
-        let (s, n) = crate::nn::scratch::inference(|| -> Result<_> {
-            Ok(causal_lm_nll(&model.forward(&input)?, &labels))
-        })?;
+        let (s, n) = batch_nll(
+            model,
+            device,
+            &input,
+            &labels,
+            [rows.len() as i64, len as i64],
+        )?;
         if !s.is_finite() {
             return Err(OctetError::InvalidArgument(format!(
                 "the loss is {s} on records of {len} tokens: the model's outputs are not finite \
@@ -239,14 +257,11 @@ pub fn record_perplexity(
             "no token was scored (no record has a labelled token after its first)".into(),
         ));
     }
-    let nll = nll_sum / scored as f64;
-    Ok(Perplexity {
-        perplexity: nll.exp(),
-        nll,
+    Ok(Perplexity::new(
         nll_sum,
-        tokens: scored as usize,
-        ctx: longest,
-        stride: longest,
-        windows: order.len(),
-    })
+        scored,
+        longest,
+        longest,
+        order.len(),
+    ))
 }

@@ -34,26 +34,55 @@ impl Plugin for GptjPlugin {
 
 crate::register_architecture!(GptjPlugin);
 
-/// Layers of a GPT-J with random frozen weights, for benchmarks, created on `on.1`: 8-bit
-/// weights are drawn directly as bytes (never materialised in float), so a 6B-parameter shape
-/// fits in ~6 GB; float weights are drawn in `on.0` (norms and biases stay f32).
+/// How [`random_layers`] stores the frozen weights.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RandomFrozen {
+    /// Float, in the requested kind.
+    Float,
+    /// 8-bit Linear and Embedding weights (dynamic code).
+    EightBit,
+    /// 4-bit Linear weights (NF4, blocks of 64) and an 8-bit embedding, as `convert --bits 4`.
+    FourBit,
+}
+
+/// Layers of a GPT-J with random frozen weights, for benchmarks, created on `on.1`: 8- and
+/// 4-bit weights are drawn directly as bytes (never materialised in float), so a 6B-parameter
+/// shape fits in ~6 GB (8-bit) or ~3.5 GB (4-bit); float weights are drawn in `on.0` (norms
+/// and biases stay f32).
 pub fn random_layers(
     cfg: &GptjConfig,
-    eight_bit: bool,
+    frozen: RandomFrozen,
     on: (Kind, tch::Device),
 ) -> Result<LayerMap> {
     use crate::nn::bnb8::{Bnb8Embedding, Bnb8Linear};
     use crate::nn::float::{Embedding, LayerNorm, Linear};
-    use crate::quant::{BlockSize, QuantCode, Quantized};
+    use crate::nn::q4::{Bnb4Linear, Q4Weight};
+    use crate::quant::{BlockSize, Code4, QuantCode, Quantized};
     use tch::Tensor;
     let (weight_kind, device) = on;
     let f32_on = (Kind::Float, device);
+    let scales = |blocks: usize| Tensor::rand([blocks as i64], f32_on) * 0.05 + 0.01;
     let quantized = |shape: &[i64]| -> Result<Quantized> {
         let block = BlockSize::DEFAULT;
         let numel: i64 = shape.iter().product();
         let q = Tensor::randint_low(0, 256, shape, (Kind::Uint8, device));
-        let absmax = Tensor::rand([block.blocks_for(numel as usize) as i64], f32_on) * 0.05 + 0.01;
-        Quantized::from_parts(q, absmax, QuantCode::dynamic_signed(), block)
+        Quantized::from_parts(
+            q,
+            scales(block.blocks_for(numel as usize)),
+            QuantCode::dynamic_signed(),
+            block,
+        )
+    };
+    let four_bit = |module: &str, shape: &[i64]| -> Result<Q4Weight> {
+        const BLOCK: usize = 64;
+        let packed = Tensor::randint_low(0, 256, [shape[0], shape[1] / 2], (Kind::Uint8, device));
+        let numel = (shape[0] * shape[1]) as usize;
+        Q4Weight::from_stored(
+            module,
+            packed,
+            scales(numel.div_ceil(BLOCK)),
+            &Code4::nf4().to_tensor(),
+        )
     };
     let spec = crate::arch::find("gptj")?.spec();
     let mut layers = LayerMap::default();
@@ -67,7 +96,7 @@ pub fn random_layers(
                 eps: cfg.layer_norm_epsilon,
             })
         } else if spec.module_kind(&m.path) == Some("Embedding") {
-            if eight_bit {
+            if frozen != RandomFrozen::Float {
                 Box::new(Bnb8Embedding {
                     weight: quantized(&s)?.into(),
                 })
@@ -76,8 +105,13 @@ pub fn random_layers(
                     weight: Tensor::randn(s.as_slice(), (weight_kind, device)) * 0.02,
                 })
             }
-        } else if eight_bit {
+        } else if frozen == RandomFrozen::EightBit {
             Box::new(Bnb8Linear::new(quantized(&s)?.into(), bias))
+        } else if frozen == RandomFrozen::FourBit {
+            Box::new(Bnb4Linear {
+                weight: four_bit(&m.path, &s)?,
+                bias,
+            })
         } else {
             Box::new(Linear {
                 weight: Tensor::randn(s.as_slice(), (weight_kind, device)) * 0.02,

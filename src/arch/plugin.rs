@@ -199,7 +199,12 @@ mod tests {
         let cfg = gptj::GptjConfig::from_json(&json!({"vocab_size": 11, "n_embd": 8,
             "n_layer": 2, "n_head": 2, "rotary_dim": 2, "n_positions": 16}))
         .unwrap();
-        let mut layers = gptj::random_layers(&cfg, false, (Kind::Float, tch::Device::Cpu)).unwrap();
+        let mut layers = gptj::random_layers(
+            &cfg,
+            gptj::RandomFrozen::Float,
+            (Kind::Float, tch::Device::Cpu),
+        )
+        .unwrap();
         let mut model = gptj::Gptj::new(cfg.clone(), &mut layers, Kind::Float).unwrap();
         let mut visited = Vec::new();
         crate::model::CausalLm::visit_layers(&mut model, &mut |p, _| visited.push(p.to_string()));
@@ -210,7 +215,12 @@ mod tests {
         declared.sort();
         assert_eq!(visited, declared);
         // The loader's shape check comes from the same list: a wrong shape is refused.
-        let mut layers = gptj::random_layers(&cfg, false, (Kind::Float, tch::Device::Cpu)).unwrap();
+        let mut layers = gptj::random_layers(
+            &cfg,
+            gptj::RandomFrozen::Float,
+            (Kind::Float, tch::Device::Cpu),
+        )
+        .unwrap();
         let wide = gptj::GptjConfig {
             n_inner: Some(40),
             ..cfg
