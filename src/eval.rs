@@ -53,6 +53,39 @@ pub fn windows(n: usize, ctx: usize, stride: usize) -> Vec<Window> {
     out
 }
 
+/// Consecutive runs `(i, j)` of `wins[i..j]` that can share a batch: at most `batch`, all of
+/// one length (the last window may be shorter).
+fn window_batches(wins: &[Window], batch: usize) -> Vec<(usize, usize)> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < wins.len() {
+        let len = wins[i].end - wins[i].begin;
+        let mut j = i + 1;
+        while j < wins.len() && j - i < batch.max(1) && wins[j].end - wins[j].begin == len {
+            j += 1;
+        }
+        out.push((i, j));
+        i = j;
+    }
+    out
+}
+
+/// The input ids and labels (context positions [`IGNORE_INDEX`]) of equal-length windows, row
+/// after row, and their length.
+fn window_rows(ids: &[i64], wins: &[Window]) -> (Vec<i64>, Vec<i64>, usize) {
+    let len = wins[0].end - wins[0].begin;
+    let mut input = Vec::with_capacity(wins.len() * len);
+    let mut labels = Vec::with_capacity(wins.len() * len);
+    for w in wins {
+        let window = &ids[w.begin..w.end];
+        input.extend_from_slice(window);
+        let context = len - w.labelled.min(len);
+        labels.extend(std::iter::repeat_n(IGNORE_INDEX, context));
+        labels.extend_from_slice(&window[context..]);
+    }
+    (input, labels, len)
+}
+
 /// Result of [`perplexity`].
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct Perplexity {
@@ -118,23 +151,8 @@ pub fn perplexity(
     let wins = windows(ids.len(), ctx, stride);
     let device = crate::model::model_device(model)?;
     let (mut nll_sum, mut scored) = (0.0f64, 0i64);
-    let mut i = 0;
-    while i < wins.len() {
-        // Only windows of one length can share a batch (the last one may be shorter).
-        let len = wins[i].end - wins[i].begin;
-        let mut j = i + 1;
-        while j < wins.len() && j - i < batch.max(1) && wins[j].end - wins[j].begin == len {
-            j += 1;
-        }
-        let mut input = Vec::with_capacity((j - i) * len);
-        let mut labels = Vec::with_capacity((j - i) * len);
-        for w in &wins[i..j] {
-            let window = &ids[w.begin..w.end];
-            input.extend_from_slice(window);
-            let context = len - w.labelled.min(len);
-            labels.extend(std::iter::repeat_n(IGNORE_INDEX, context));
-            labels.extend_from_slice(&window[context..]);
-        }
+    for (i, j) in window_batches(&wins, batch) {
+        let (input, labels, len) = window_rows(ids, &wins[i..j]);
         let (s, n) = batch_nll(model, device, &input, &labels, [(j - i) as i64, len as i64])?;
         if !s.is_finite() {
             let (first, last) = (&wins[i], &wins[j - 1]);
@@ -154,7 +172,6 @@ pub fn perplexity(
         }
         nll_sum += s;
         scored += n;
-        i = j;
     }
     if scored == 0 {
         return Err(OctetError::InvalidArgument(
@@ -264,4 +281,95 @@ pub fn record_perplexity(
         longest,
         order.len(),
     ))
+}
+
+/// How far a second model's next-token distributions are from a reference model's, over the
+/// tokens [`perplexity`] scores (the measure llama.cpp's perplexity tool reports for quantized
+/// models: far less noisy than a difference of perplexities, which two equally accurate
+/// roundings can move by tenths of a percent).
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct Divergence {
+    /// Mean KL(reference ‖ other) per scored token, nats.
+    pub kl_mean: f64,
+    /// The largest per-token KL.
+    pub kl_max: f64,
+    /// Share of scored tokens where both models rank the same next token first.
+    pub top1_agreement: f64,
+    /// Scored tokens.
+    pub tokens: usize,
+}
+
+/// [`Divergence`] of `other` from `reference` on the windows of [`perplexity`]; both models
+/// must share a vocabulary and be loaded at once (each batch runs through both).
+pub fn divergence(
+    reference: &dyn CausalLm,
+    other: &dyn CausalLm,
+    ids: &[i64],
+    ctx: usize,
+    stride: usize,
+    batch: usize,
+) -> Result<Divergence> {
+    let (ra, rb) = (reference.info(), other.info());
+    if ra.vocab_size != rb.vocab_size {
+        return Err(OctetError::InvalidArgument(format!(
+            "the models' vocabularies differ ({} and {} rows): no divergence to compare",
+            ra.vocab_size, rb.vocab_size
+        )));
+    }
+    check_window(
+        ctx,
+        stride,
+        ra.max_positions.min(rb.max_positions),
+        ids.len(),
+    )?;
+    crate::model::check_token_ids(ids, ra.vocab_size, "the evaluation text")?;
+    let wins = windows(ids.len(), ctx, stride);
+    let (da, db) = (
+        crate::model::model_device(reference)?,
+        crate::model::model_device(other)?,
+    );
+    let (mut kl_sum, mut kl_max, mut agree, mut scored) = (0.0f64, 0.0f64, 0i64, 0i64);
+    for (i, j) in window_batches(&wins, batch) {
+        let (input, labels, len) = window_rows(ids, &wins[i..j]);
+        let shape = [(j - i) as i64, len as i64];
+        let input = Tensor::from_slice(&input).reshape(shape);
+        // Position t predicts token t + 1: it counts where that token is scored.
+        let scored_at = Tensor::from_slice(&labels)
+            .reshape(shape)
+            .narrow(1, 1, len as i64 - 1)
+            .ne(IGNORE_INDEX);
+        let log_probs = |m: &dyn CausalLm, d: tch::Device| -> Result<Tensor> {
+            let logits = crate::nn::scratch::inference(|| m.forward(&input.to_device(d)))?;
+            Ok(logits
+                .narrow(1, 0, len as i64 - 1)
+                .to_device(tch::Device::Cpu)
+                .to_kind(tch::Kind::Double)
+                .log_softmax(-1, tch::Kind::Double))
+        };
+        let (p, q) = (log_probs(reference, da)?, log_probs(other, db)?);
+        let kl = (p.exp() * (&p - &q)).sum_dim_intlist(-1, false, tch::Kind::Double);
+        let kl = kl.masked_select(&scored_at);
+        if kl.numel() == 0 {
+            continue;
+        }
+        let same = p.argmax(-1, false).eq_tensor(&q.argmax(-1, false));
+        kl_sum += kl.sum(tch::Kind::Double).double_value(&[]);
+        kl_max = kl_max.max(kl.max().double_value(&[]));
+        agree += same
+            .masked_select(&scored_at)
+            .sum(tch::Kind::Int64)
+            .int64_value(&[]);
+        scored += kl.numel() as i64;
+    }
+    if scored == 0 || !kl_sum.is_finite() {
+        return Err(OctetError::InvalidArgument(format!(
+            "no divergence to report ({scored} scored tokens, KL sum {kl_sum})"
+        )));
+    }
+    Ok(Divergence {
+        kl_mean: kl_sum / scored as f64,
+        kl_max,
+        top1_agreement: agree as f64 / scored as f64,
+        tokens: scored as usize,
+    })
 }

@@ -3,7 +3,9 @@
 //! records; optionally beside a second model on the same tokens.
 use super::parse_device;
 use anyhow::{bail, Context};
-use octet::eval::{check_window, perplexity, record_perplexity, Perplexity};
+use octet::eval::{
+    check_window, divergence, perplexity, record_perplexity, Divergence, Perplexity,
+};
 use octet::infer::load_for_inference;
 use octet::model::CausalLm;
 use octet::tokenizer::Tokenizer;
@@ -49,6 +51,11 @@ pub struct Args {
     /// Second model (folder, GGUF file or cache id) evaluated on the same tokens.
     #[arg(long)]
     compare: Option<PathBuf>,
+    /// With --compare on a text file: also the KL divergence of the second model's
+    /// next-token distributions from the first's and how often their top tokens agree (both
+    /// models are held in memory at once).
+    #[arg(long, requires = "compare")]
+    kl: bool,
 }
 
 /// What is scored: one token stream in sliding windows, or records one to a row.
@@ -153,14 +160,37 @@ pub fn run(mut a: Args) -> anyhow::Result<()> {
     let base = inputs
         .score(m.model.as_ref(), &a)
         .with_context(|| format!("evaluating {}", a.source.model.display()))?;
-    drop(m);
+    let reference = if a.kl {
+        Some(m)
+    } else {
+        drop(m);
+        None
+    };
     let compare = match &a.compare {
         Some(c) => {
             let m = load_for_inference(c, None, &load)?;
             let r = inputs
                 .score(m.model.as_ref(), &a)
                 .with_context(|| format!("evaluating {}", c.display()))?;
-            Some((c.clone(), r))
+            let kl = match (&reference, &inputs) {
+                (None, _) => None,
+                (Some(reference), Inputs::Stream(ids)) => Some(divergence(
+                    reference.model.as_ref(),
+                    m.model.as_ref(),
+                    ids,
+                    base.ctx,
+                    base.stride,
+                    a.batch_size,
+                )?),
+                (Some(_), Inputs::Records(_)) => {
+                    bail!("{}: --kl compares text files only", a.data.display())
+                }
+            };
+            Some(Compared {
+                model: c.clone(),
+                perplexity: r,
+                kl,
+            })
         }
         None => None,
     };
@@ -173,13 +203,15 @@ pub fn run(mut a: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The `--compare` model's results.
+struct Compared {
+    model: PathBuf,
+    perplexity: Perplexity,
+    kl: Option<Divergence>,
+}
+
 /// `records`: `windows` counts records and `ctx` is the longest one.
-fn print_json(
-    model: &Path,
-    base: &Perplexity,
-    compare: Option<&(PathBuf, Perplexity)>,
-    records: bool,
-) {
+fn print_json(model: &Path, base: &Perplexity, compare: Option<&Compared>, records: bool) {
     let mut v = serde_json::json!({
         "model": model.display().to_string(),
         "perplexity": base.perplexity,
@@ -190,24 +222,23 @@ fn print_json(
         "windows": base.windows,
         "records": records,
     });
-    if let Some((c, r)) = compare {
+    if let Some(c) = compare {
+        let r = &c.perplexity;
         v["compare"] = serde_json::json!({
-            "model": c.display().to_string(),
+            "model": c.model.display().to_string(),
             "perplexity": r.perplexity,
             "nll": r.nll,
             "tokens": r.tokens,
             "relative_diff": relative(r, base),
         });
+        if let Some(kl) = &c.kl {
+            v["compare"]["kl"] = serde_json::json!(kl);
+        }
     }
     println!("{v}");
 }
 
-fn print_text(
-    model: &Path,
-    base: &Perplexity,
-    compare: Option<&(PathBuf, Perplexity)>,
-    records: bool,
-) {
+fn print_text(model: &Path, base: &Perplexity, compare: Option<&Compared>, records: bool) {
     let line = |name: &Path, r: &Perplexity| {
         if records {
             println!(
@@ -234,12 +265,22 @@ fn print_text(
         )
     };
     line(model, base);
-    if let Some((c, r)) = compare {
-        line(c, r);
+    if let Some(c) = compare {
+        line(&c.model, &c.perplexity);
         println!(
             "relative difference {:+.4}% ((compare - model) / model)",
-            100.0 * relative(r, base)
+            100.0 * relative(&c.perplexity, base)
         );
+        if let Some(kl) = &c.kl {
+            println!(
+                "KL divergence (model ‖ compare) {:.3e} nats/token mean, {:.3e} max; same top \
+                 token on {:.2}% of {} tokens",
+                kl.kl_mean,
+                kl.kl_max,
+                100.0 * kl.top1_agreement,
+                kl.tokens
+            );
+        }
     }
 }
 

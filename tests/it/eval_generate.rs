@@ -898,3 +898,86 @@ fn bin_adapter_with_modules_to_save_matches_peft() {
     let pw = ppl(&wrapped);
     assert!(rel(pw, p) < 1e-9, "wrapped names {pw}, plain {p}");
 }
+
+#[test]
+fn kl_divergence_of_a_compared_model_matches_transformers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = text_file(tmp.path());
+    // A second model: the tiny one with every matrix perturbed by a few percent.
+    let other = tmp.path().join("perturbed");
+    common::copy_dir(&hf(), &other);
+    let path = other.join("model.safetensors");
+    let perturbed: Vec<(String, Tensor)> = {
+        let _guard = common::global_rng();
+        tch::manual_seed(11);
+        common::load_safetensors(&path)
+            .into_iter()
+            .map(|(k, t)| {
+                let t = if t.dim() == 2 && t.is_floating_point() {
+                    &t + t.randn_like() * t.std(true) * 0.2
+                } else {
+                    t
+                };
+                (k, t)
+            })
+            .collect()
+    };
+    Tensor::write_safetensors(&perturbed, &path).unwrap();
+    let (model, data_s, other_s) = (
+        hf(),
+        data.display().to_string(),
+        other.display().to_string(),
+    );
+    let v = eval_json(&[
+        "--model",
+        model.to_str().unwrap(),
+        "--compare",
+        &other_s,
+        "--kl",
+        "--data",
+        &data_s,
+        "--ctx",
+        "32",
+        "--stride",
+        "16",
+    ]);
+    let want = script_json(
+        "hf_perplexity.py",
+        &[
+            model.as_os_str(),
+            data.as_os_str(),
+            OsStr::new("32"),
+            OsStr::new("16"),
+            OsStr::new("--kl-against"),
+            other.as_os_str(),
+        ],
+    )["kl"]
+        .clone();
+    let got = &v["compare"]["kl"];
+    assert_eq!(got["tokens"], want["tokens"], "{got} vs {want}");
+    assert_eq!(
+        got["top1_agreement"], want["top1_agreement"],
+        "{got} vs {want}"
+    );
+    for key in ["kl_mean", "kl_max"] {
+        let (g, w) = (got[key].as_f64().unwrap(), want[key].as_f64().unwrap());
+        assert!(
+            w > 1e-3 && rel(g, w) < 1e-4,
+            "{key}: octet {g} vs transformers {w}"
+        );
+    }
+    // A model against itself: no divergence, the same top token everywhere.
+    let same = eval_json(&[
+        "--model",
+        model.to_str().unwrap(),
+        "--compare",
+        model.to_str().unwrap(),
+        "--kl",
+        "--data",
+        &data_s,
+        "--ctx",
+        "32",
+    ]);
+    assert_eq!(same["compare"]["kl"]["kl_max"].as_f64(), Some(0.0));
+    assert_eq!(same["compare"]["kl"]["top1_agreement"].as_f64(), Some(1.0));
+}
