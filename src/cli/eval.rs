@@ -123,15 +123,11 @@ fn read_inputs(
 
 /// The evaluation data under the model's tokenizer, records cut at `seq_len` tokens; a
 /// `--compare` model must read it the same way, or the perplexities are not comparable.
-fn read_all(a: &Args, seq_len: usize) -> anyhow::Result<Inputs> {
-    let format = match a.format.as_str() {
-        "auto" => DataFormat::detect(&a.data)?,
-        f => f.parse()?,
-    };
-    let inputs = read_inputs(a, &a.source.model, &format, seq_len)?;
+fn read_all(a: &Args, format: &DataFormat, seq_len: usize) -> anyhow::Result<Inputs> {
+    let inputs = read_inputs(a, &a.source.model, format, seq_len)?;
     if let Some(c) = &a.compare {
         let has_tokenizer = c.join("tokenizer.json").is_file() || c.join("vocab.json").is_file();
-        if has_tokenizer && read_inputs(a, c, &format, seq_len)? != inputs {
+        if has_tokenizer && read_inputs(a, c, format, seq_len)? != inputs {
             bail!(
                 "{} and {} tokenize the data differently; their perplexities are not comparable",
                 a.source.model.display(),
@@ -154,9 +150,15 @@ pub fn run(mut a: Args) -> anyhow::Result<()> {
         .source
         .load
         .load_options(parse_device(&a.source.load.device)?)?;
+    // The data file is looked at before the (possibly long) model load; records are read
+    // after it, cut at the model's positions.
+    let format = match a.format.as_str() {
+        "auto" => DataFormat::detect(&a.data)?,
+        f => f.parse()?,
+    };
     let m = load_for_inference(&a.source.model, a.source.adapter.as_deref(), &load)?;
     let seq_len = a.ctx.unwrap_or(m.model.info().max_positions);
-    let inputs = read_all(&a, seq_len)?;
+    let inputs = read_all(&a, &format, seq_len)?;
     let base = inputs
         .score(m.model.as_ref(), &a)
         .with_context(|| format!("evaluating {}", a.source.model.display()))?;
