@@ -5,7 +5,6 @@
 use super::generate::{ChatArgs, SamplingArgs, Streamer};
 use anyhow::Context;
 use octet::chat::{ChatSession, ChatTemplate};
-use octet::infer::load_for_inference;
 use octet::tokenizer::Tokenizer;
 use std::io::{BufRead, IsTerminal, Write};
 
@@ -22,7 +21,7 @@ pub struct Args {
 
 pub fn run(mut a: Args) -> anyhow::Result<()> {
     a.source.model = octet::hub::resolve_model(&a.source.model)?;
-    let device = super::parse_device(&a.source.load.device)?;
+    let load = a.source.load_options()?;
     octet::model::check_model_path(&a.source.model)?;
     let tok = Tokenizer::from_dir(&a.source.model)?;
     let template = ChatTemplate::load(
@@ -30,11 +29,7 @@ pub fn run(mut a: Args) -> anyhow::Result<()> {
         a.conversation.chat_template.as_deref(),
         tok.clone(),
     )?;
-    let m = load_for_inference(
-        &a.source.model,
-        a.source.adapter.as_deref(),
-        &a.source.load.load_options(device)?,
-    )?;
+    let m = a.source.load_model(&load)?;
     let model = m.model.as_ref();
     let opts = a
         .sampling

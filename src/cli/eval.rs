@@ -1,7 +1,6 @@
 //! `octet eval`: sliding-window perplexity of a model (optionally with an adapter) on a text
 //! file, or its perplexity on the trained tokens of chat, instruction or prompt/completion
 //! records; optionally beside a second model on the same tokens.
-use super::parse_device;
 use anyhow::{bail, Context};
 use octet::eval::{
     check_window, divergence, perplexity, record_perplexity, Divergence, Perplexity,
@@ -146,17 +145,14 @@ pub fn run(mut a: Args) -> anyhow::Result<()> {
         .map(octet::hub::resolve_model)
         .transpose()?;
     octet::model::check_model_path(&a.source.model)?;
-    let load = a
-        .source
-        .load
-        .load_options(parse_device(&a.source.load.device)?)?;
+    let load = a.source.load_options()?;
     // The data file is looked at before the (possibly long) model load; records are read
     // after it, cut at the model's positions.
     let format = match a.format.as_str() {
         "auto" => DataFormat::detect(&a.data)?,
         f => f.parse()?,
     };
-    let m = load_for_inference(&a.source.model, a.source.adapter.as_deref(), &load)?;
+    let m = a.source.load_model(&load)?;
     let seq_len = a.ctx.unwrap_or(m.model.info().max_positions);
     let inputs = read_all(&a, &format, seq_len)?;
     let base = inputs

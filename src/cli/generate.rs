@@ -7,7 +7,6 @@
 use anyhow::{bail, Context};
 use octet::chat::{ChatSession, ChatTemplate, Message};
 use octet::generate::{generate, model_eos_ids, room, GenerateOptions, TextStream};
-use octet::infer::load_for_inference;
 use octet::model::CausalLm;
 use octet::tokenizer::Tokenizer;
 use std::io::Write;
@@ -163,7 +162,7 @@ fn read_messages(file: &Path) -> anyhow::Result<Vec<Message>> {
 
 pub fn run(mut a: Args) -> anyhow::Result<()> {
     a.source.model = octet::hub::resolve_model(&a.source.model)?;
-    let device = super::parse_device(&a.source.load.device)?;
+    let load = a.source.load_options()?;
     let chat = a.chat || a.messages.is_some();
     if !chat && (a.conversation.system.is_some() || a.conversation.chat_template.is_some()) {
         bail!("--system and --chat-template need --chat (or --messages)");
@@ -192,11 +191,7 @@ pub fn run(mut a: Args) -> anyhow::Result<()> {
     } else {
         None
     };
-    let m = load_for_inference(
-        &a.source.model,
-        a.source.adapter.as_deref(),
-        &a.source.load.load_options(device)?,
-    )?;
+    let m = a.source.load_model(&load)?;
     let model = m.model.as_ref();
     let mut out = std::io::stdout().lock();
     if let Some((template, messages)) = conversation {

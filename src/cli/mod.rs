@@ -65,6 +65,26 @@ pub struct ModelArgs {
     pub load: octet::infer::InferOptions,
 }
 
+impl ModelArgs {
+    /// The load settings of these flags, with `--device` resolved once (so a second model
+    /// goes to the same device).
+    pub fn load_options(&self) -> anyhow::Result<octet::load::LoadOptions> {
+        Ok(self.load.load_options(parse_device(&self.load.device)?)?)
+    }
+
+    /// `--model`, with `--adapter` applied, loaded for inference with `opts`.
+    pub fn load_model(
+        &self,
+        opts: &octet::load::LoadOptions,
+    ) -> anyhow::Result<octet::load::LoadedModel> {
+        Ok(octet::infer::load_for_inference(
+            &self.model,
+            self.adapter.as_deref(),
+            opts,
+        )?)
+    }
+}
+
 /// Help text of every `--device` flag.
 pub const DEVICE_HELP: &str = octet::device::FLAG_HELP;
 
