@@ -338,28 +338,36 @@ pub fn divergence(
             .reshape(shape)
             .narrow(1, 1, len as i64 - 1)
             .ne(IGNORE_INDEX);
-        let log_probs = |m: &dyn CausalLm, d: tch::Device| -> Result<Tensor> {
-            let logits = crate::nn::scratch::inference(|| m.forward(&input.to_device(d)))?;
-            Ok(logits
-                .narrow(1, 0, len as i64 - 1)
-                .to_device(tch::Device::Cpu)
-                .to_kind(tch::Kind::Double)
-                .log_softmax(-1, tch::Kind::Double))
+        let logits = |m: &dyn CausalLm, d: tch::Device| -> Result<Tensor> {
+            let out = crate::nn::scratch::inference(|| m.forward(&input.to_device(d)))?;
+            Ok(out.narrow(1, 0, len as i64 - 1).to_device(tch::Device::Cpu))
         };
-        let (p, q) = (log_probs(reference, da)?, log_probs(other, db)?);
-        let kl = (p.exp() * (&p - &q)).sum_dim_intlist(-1, false, tch::Kind::Double);
-        let kl = kl.masked_select(&scored_at);
-        if kl.numel() == 0 {
-            continue;
+        let (a, b) = (logits(reference, da)?, logits(other, db)?);
+        // In f64 one row at a time: a batch of rows × positions × vocabulary in f64 would be
+        // gigabytes for a real vocabulary.
+        for row in 0..(j - i) as i64 {
+            let log_probs = |t: &Tensor| {
+                t.get(row)
+                    .to_kind(tch::Kind::Double)
+                    .log_softmax(-1, tch::Kind::Double)
+            };
+            let (p, q) = (log_probs(&a), log_probs(&b));
+            let at = scored_at.get(row);
+            let kl = (p.exp() * (&p - &q))
+                .sum_dim_intlist(-1, false, tch::Kind::Double)
+                .masked_select(&at);
+            if kl.numel() == 0 {
+                continue;
+            }
+            let same = p.argmax(-1, false).eq_tensor(&q.argmax(-1, false));
+            kl_sum += kl.sum(tch::Kind::Double).double_value(&[]);
+            kl_max = kl_max.max(kl.max().double_value(&[]));
+            agree += same
+                .masked_select(&at)
+                .sum(tch::Kind::Int64)
+                .int64_value(&[]);
+            scored += kl.numel() as i64;
         }
-        let same = p.argmax(-1, false).eq_tensor(&q.argmax(-1, false));
-        kl_sum += kl.sum(tch::Kind::Double).double_value(&[]);
-        kl_max = kl_max.max(kl.max().double_value(&[]));
-        agree += same
-            .masked_select(&scored_at)
-            .sum(tch::Kind::Int64)
-            .int64_value(&[]);
-        scored += kl.numel() as i64;
     }
     if scored == 0 || !kl_sum.is_finite() {
         return Err(OctetError::InvalidArgument(format!(
