@@ -130,13 +130,19 @@ $(GEN)/quant8/octet_v1_gptj/.done: scripts/gen_octet_v1_folder.py $(GEN)/tiny_gp
 	$(PY) scripts/gen_octet_v1_folder.py $(GEN)/tiny_gptj/hf_safetensors $(GEN)/quant8/octet_v1_gptj
 	touch $@
 
+# GPTQ rounding of the tiny Llama and GPT-2 against a calibration text, for convert --calibrate.
+$(GEN)/gptq/.done: scripts/gen_gptq_reference.py scripts/make_byte_tokenizer.py $(GEN)/tiny_llama/.done $(GEN)/tiny_gpt2_neox.done $(VENV_STAMP)
+	rm -rf $(GEN)/gptq
+	$(PY) scripts/gen_gptq_reference.py $(GEN)/gptq $(GEN)/tiny_llama/tied $(GEN)/tiny_gpt2/hf_safetensors
+	touch $@
+
 # bitsandbytes' 4-bit (NF4 / FP4) quantization and de-quantization, for octet's 4-bit weights.
 $(GEN)/quant4/.done: scripts/gen_quant4_vectors.py $(VENV_STAMP)
 	mkdir -p $(GEN)/quant4
 	$(PY) scripts/gen_quant4_vectors.py $(GEN)/quant4/vectors.safetensors
 	touch $@
 
-fixtures: $(GEN)/adam8bit_vectors.safetensors $(GEN)/quant_vectors.safetensors $(GEN)/tiny_gptj/.done $(GEN)/torch_bin/.done $(GEN)/tiny_gpt2_neox.done $(GEN)/tiny_llama/.done $(GEN)/ggml_vectors/.done $(GEN)/tiny_decoders/.done $(GEN)/tiny_decoders/gguf/.done $(GEN)/spm_gguf/.done $(GEN)/smollm2/.done $(GEN)/smollm2/tokenizer_vectors.json $(GEN)/gguf_write_vectors/.done $(GEN)/gguf_export/.done $(GEN)/quant8/double_quant_vectors.safetensors $(GEN)/quant8/wiki.txt $(GEN)/quant8/octet_v1_gptj/.done $(GEN)/quant4/.done
+fixtures: $(GEN)/adam8bit_vectors.safetensors $(GEN)/quant_vectors.safetensors $(GEN)/tiny_gptj/.done $(GEN)/torch_bin/.done $(GEN)/tiny_gpt2_neox.done $(GEN)/tiny_llama/.done $(GEN)/ggml_vectors/.done $(GEN)/tiny_decoders/.done $(GEN)/tiny_decoders/gguf/.done $(GEN)/spm_gguf/.done $(GEN)/smollm2/.done $(GEN)/smollm2/tokenizer_vectors.json $(GEN)/gguf_write_vectors/.done $(GEN)/gguf_export/.done $(GEN)/quant8/double_quant_vectors.safetensors $(GEN)/quant8/wiki.txt $(GEN)/quant8/octet_v1_gptj/.done $(GEN)/quant4/.done $(GEN)/gptq/.done
 
 test: build fixtures
 	$(WITH_TORCH) cargo test --release --no-fail-fast

@@ -1,10 +1,11 @@
 //! `octet convert`: a Hugging Face checkpoint to octet's 8-bit format, streamed tensor by
 //! tensor so that peak memory is bounded by a few times the largest tensor.
+use crate::calibrate::{calibration_rows, CalibratedWeight, Calibration, CalibrationOptions};
 use crate::error::{OctetError, Result};
 use crate::io::safetensors::SafetensorsWriter;
 use crate::io::{dtype, Dtype, TensorStore};
 use crate::load::{choose_code, QuantizeOptions};
-use crate::manifest::{FourBitRecord, Manifest, SourceFile, TensorError};
+use crate::manifest::{CalibrationRecord, FourBitRecord, Manifest, SourceFile, TensorError};
 use crate::nn::q4::{FourBitOptions, Q4Weight};
 use crate::nn::q8::Q8Weight;
 use crate::nn::{kinds, ModuleGraph, Node};
@@ -32,6 +33,8 @@ pub struct ConvertOptions {
     pub allow_nonfinite: bool,
     /// Store Linear weights in 4 bits (`--bits 4`).
     pub four_bit: Option<FourBitOptions>,
+    /// Round 8-bit weights with GPTQ against a calibration text (`--calibrate`).
+    pub calibrate: Option<CalibrationOptions>,
 }
 
 impl Default for ConvertOptions {
@@ -44,6 +47,7 @@ impl Default for ConvertOptions {
             progress: false,
             allow_nonfinite: false,
             four_bit: None,
+            calibrate: None,
         }
     }
 }
@@ -61,6 +65,8 @@ pub struct ConvertedTensor {
     pub error: Option<QuantError>,
     /// The code kind, for quantized tensors.
     pub code: Option<CodeKind>,
+    /// Rounded with GPTQ against the calibration text rather than to nearest.
+    pub calibrated: bool,
 }
 
 /// What a conversion did.
@@ -76,6 +82,8 @@ pub struct ConvertReport {
     pub shards: Vec<String>,
     /// Things the user should know about the result (a missing tokenizer).
     pub warnings: Vec<String>,
+    /// Calibration tokens used, when calibrated.
+    pub calibration_tokens: Option<usize>,
 }
 
 impl ConvertReport {
@@ -140,6 +148,14 @@ fn progress_bar(show: bool, total: u64) -> indicatif::ProgressBar {
 
 /// Converts the checkpoint in `model` into an octet folder at `out`.
 pub fn convert(model: &Path, out: &Path, opts: &ConvertOptions) -> Result<ConvertReport> {
+    if let Some(c) = &opts.calibrate {
+        if opts.four_bit.is_some() {
+            return Err(OctetError::InvalidArgument(
+                "--calibrate rounds 8-bit weights; it does not combine with --bits 4".into(),
+            ));
+        }
+        std::fs::metadata(&c.data).map_err(|e| OctetError::io(&c.data, e))?;
+    }
     let source = ModelSource::open(model, &opts.arch)?;
     let outdir = OutputDir::create(out, opts.force, &[model])?;
     let mut graph = source.graph.clone();
@@ -161,8 +177,16 @@ pub fn convert(model: &Path, out: &Path, opts: &ConvertOptions) -> Result<Conver
             .map(|p| SourceFile::describe(p))
             .collect::<Result<Vec<_>>>()
     });
-    let (rows, shard_names) = write_weights(&source, &graph, block, opts, outdir.path())?;
+    // Side files first: calibration reads the tokenizer from them.
     source.write_side_files(outdir.path())?;
+    let calibration = match &opts.calibrate {
+        Some(c) => Some(calibrate(model, &source, block, opts, c, outdir.path())?),
+        None => None,
+    };
+    let calibration_tokens = calibration.as_ref().map(|c| c.tokens);
+    let calibrated = calibration.map(|c| c.weights).unwrap_or_default();
+    let (rows, shard_names) =
+        write_weights(&source, &graph, block, opts, calibrated, outdir.path())?;
     let mut warnings = Vec::new();
     if !has_tokenizer(outdir.path()) {
         warnings.push(format!(
@@ -197,9 +221,18 @@ pub fn convert(model: &Path, out: &Path, opts: &ConvertOptions) -> Result<Conver
                     rel_mse: e.rel_mse(),
                     max_abs_err: e.max_abs_err,
                     code: r.code,
+                    calibrated: r.calibrated,
                 })
             })
             .collect(),
+        calibration: match (&opts.calibrate, calibration_tokens) {
+            (Some(c), Some(tokens)) => Some(CalibrationRecord {
+                data: SourceFile::describe(&c.data)?,
+                tokens,
+                weights: rows.iter().filter(|r| r.calibrated).count(),
+            }),
+            _ => None,
+        },
     };
     manifest.write(outdir.path())?;
     let out = outdir.commit()?;
@@ -209,7 +242,55 @@ pub fn convert(model: &Path, out: &Path, opts: &ConvertOptions) -> Result<Conver
         tensors: rows,
         shards: shard_names,
         warnings,
+        calibration_tokens,
     })
+}
+
+/// Rounds the 8-bit weights of the model at `model` with GPTQ against `c`'s text, tokenized
+/// with the tokenizer already written to `dir` (see [`crate::calibrate`]).
+fn calibrate(
+    model: &Path,
+    source: &ModelSource,
+    block: BlockSize,
+    opts: &ConvertOptions,
+    c: &CalibrationOptions,
+    dir: &Path,
+) -> Result<Calibration> {
+    // In memory the scales are plain f32 whatever is stored; the model only feeds the
+    // calibration activations forward.
+    let quantize = QuantizeOptions {
+        double_quant: false,
+        ..opts.quantize.clone()
+    };
+    let mut loaded = crate::load::load_model(
+        model,
+        &crate::load::LoadOptions {
+            arch: opts.arch.clone(),
+            quantize: Some(quantize),
+            ..Default::default()
+        },
+    )?;
+    let rows = calibration_rows(c, dir, loaded.model.info().max_positions)?;
+    let pb = if opts.progress {
+        indicatif::ProgressBar::new(0).with_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} blocks calibrated",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        )
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let nearest = |name: &str| quantize_tensor(source.store.as_ref(), name, block, &opts.quantize);
+    crate::calibrate::calibrate(
+        loaded.model.as_mut(),
+        &rows,
+        source.store.as_ref(),
+        &source.graph,
+        block,
+        &nearest,
+        &pb,
+    )
 }
 
 /// Writes the converted weights of `graph` into `dir`, in shards of at most
@@ -220,6 +301,7 @@ fn write_weights(
     graph: &ModuleGraph,
     block: BlockSize,
     opts: &ConvertOptions,
+    calibrated: HashMap<String, CalibratedWeight>,
     dir: &Path,
 ) -> Result<(Vec<ConvertedTensor>, Vec<String>)> {
     // Module index and parameter name of each planned tensor.
@@ -252,6 +334,7 @@ fn write_weights(
         pb: progress_bar(opts.progress, source.graph.nbytes() as u64),
         rows: Vec::new(),
         pending: None,
+        calibrated,
     };
     for (shard, file) in shards.iter().zip(&shard_names) {
         let mut w = SafetensorsWriter::create(&dir.join(file), shard, &meta)?;
@@ -285,6 +368,8 @@ struct TensorConverter<'a> {
     /// The scales and code of the current module's quantized weight, written as its tensors
     /// come up.
     pending: Option<PendingScales>,
+    /// Weights already rounded with GPTQ, by tensor name, taken as they are written.
+    calibrated: HashMap<String, CalibratedWeight>,
 }
 
 /// The scales and code of a module whose quantized weight was just written.
@@ -327,6 +412,7 @@ impl TensorConverter<'_> {
                 bytes_out: packed.len() + scale_bytes + 4 * crate::quant::CODE4_LEN,
                 error: Some(err),
                 code: None,
+                calibrated: false,
             });
             self.pb.inc(bytes_in as u64);
             self.pending = Some(PendingScales {
@@ -338,7 +424,12 @@ impl TensorConverter<'_> {
             return Ok(());
         }
         if rep.is_some_and(|r| r.quantized_param == pname) {
-            let (out, code) = quantize_tensor(self.store, name, self.block, &self.opts.quantize)?;
+            let calibrated = self.calibrated.remove(name);
+            let was_calibrated = calibrated.is_some();
+            let (out, code) = match calibrated {
+                Some(c) => c.into_output()?,
+                None => quantize_tensor(self.store, name, self.block, &self.opts.quantize)?,
+            };
             let bytes_in = s.param(pname).map_or(0, |p| p.nbytes());
             w.write(name, &out.q)?;
             let scale_bytes = match &out.double {
@@ -351,6 +442,7 @@ impl TensorConverter<'_> {
                 bytes_out: out.q.len() + scale_bytes + 4 * code.len(),
                 error: out.error,
                 code: Some(self.opts.quantize.code),
+                calibrated: was_calibrated,
             });
             self.pb.inc(bytes_in as u64);
             self.pending = Some(PendingScales {
@@ -408,6 +500,7 @@ impl TensorConverter<'_> {
             bytes_out: b.len(),
             error: None,
             code: None,
+            calibrated: false,
         });
         self.pb.inc(b.len() as u64);
         Ok(())

@@ -3,6 +3,7 @@
 #![warn(missing_docs)]
 
 pub mod arch;
+pub mod calibrate;
 pub mod chat;
 pub mod convert;
 pub mod device;

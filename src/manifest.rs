@@ -112,6 +112,9 @@ pub struct TensorError {
     /// recorded).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub code: Option<CodeKind>,
+    /// Rounded with GPTQ against calibration inputs rather than to nearest.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub calibrated: bool,
 }
 
 /// The manifest.
@@ -137,6 +140,21 @@ pub struct Manifest {
     /// Per-tensor quantization error of the tensors quantized by this conversion.
     #[serde(default)]
     pub tensors: Vec<TensorError>,
+    /// The text 8-bit weights were rounded against (`convert --calibrate`), if any. The
+    /// stored format is the same either way; only the code bytes differ.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calibration: Option<CalibrationRecord>,
+}
+
+/// What a calibrated conversion rounded against.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct CalibrationRecord {
+    /// The calibration text file.
+    pub data: SourceFile,
+    /// Tokens of it that went through the model.
+    pub tokens: usize,
+    /// Weights rounded with GPTQ (the other quantized ones were rounded to nearest).
+    pub weights: usize,
 }
 
 /// How a folder's 4-bit Linear weights were made (embeddings and Linear modules with an odd

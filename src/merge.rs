@@ -387,6 +387,7 @@ impl Merger<'_> {
             rel_mse: err.rel_mse(),
             max_abs_err: err.max_abs_err,
             code: None,
+            calibrated: false,
         });
         let mut stored: BTreeMap<String, Tensor> = q.tensors().into_iter().collect();
         for v in params.values_mut() {
@@ -459,6 +460,7 @@ impl Merger<'_> {
             rel_mse: err.rel_mse(),
             max_abs_err: err.max_abs_err,
             code: Some(CodeKind::Dynamic),
+            calibrated: false,
         });
         Ok(bytes)
     }
@@ -599,6 +601,7 @@ pub fn merge(model: &Path, adapter: &Path, out: &Path, opts: &MergeOptions) -> R
                     block_size: fb.block as i64,
                 }),
             tensors: errors.clone(),
+            calibration: None,
         }
         .write(outdir.path())?,
     }

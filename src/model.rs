@@ -403,6 +403,13 @@ pub trait CausalLm: Send {
     fn block(&self, i: usize, h: &Tensor, cache: Option<&mut LayerCache>) -> Result<Tensor>;
     /// Final norm and LM head: hidden states to f32 logits `[B, T, vocab]`.
     fn head(&self, h: &Tensor) -> Result<Tensor>;
+    /// What the LM head multiplies (the final norm's output, `[B, T, hidden]`) and the module
+    /// whose weight does the multiplying: the LM head's, or the embedding's when tied.
+    /// `None` where a plugin does not say; calibrated conversion then rounds that weight to
+    /// nearest.
+    fn head_input(&self, _h: &Tensor) -> Result<Option<(Tensor, String)>> {
+        Ok(None)
+    }
     /// Visits every built layer with its module path (to attach adapters, move, inspect).
     fn visit_layers(&mut self, f: &mut dyn FnMut(&str, &mut Box<dyn Layer>));
     /// Visits every normalisation layer with its module path (to train norms).

@@ -420,6 +420,14 @@ impl CausalLm for Decoder {
             self.cfg.final_logit_softcapping,
         ))
     }
+    fn head_input(&self, h: &Tensor) -> Result<Option<(Tensor, String)>> {
+        let head = if self.lm_head.is_some() {
+            LM_HEAD
+        } else {
+            EMBED_TOKENS
+        };
+        Ok(Some((self.norm.forward(h)?, head.to_string())))
+    }
     fn cache_reset_at(&self) -> Option<i64> {
         self.cfg.rope.cache_reset_at()
     }

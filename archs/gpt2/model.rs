@@ -162,6 +162,9 @@ impl CausalLm for Gpt2 {
         let x = self.ln_f.forward(h)?;
         Ok(crate::nn::tied::tied_logits(self.wte.as_ref(), &x)?.to_kind(Kind::Float))
     }
+    fn head_input(&self, h: &Tensor) -> Result<Option<(Tensor, String)>> {
+        Ok(Some((self.ln_f.forward(h)?, WTE.to_string())))
+    }
     fn visit_layers(&mut self, f: &mut dyn FnMut(&str, &mut Box<dyn Layer>)) {
         f(WTE, &mut self.wte);
         f(WPE, &mut self.wpe);

@@ -227,6 +227,10 @@ impl CausalLm for GptNeox {
         };
         Ok(logits.to_kind(Kind::Float))
     }
+    fn head_input(&self, h: &Tensor) -> Result<Option<(Tensor, String)>> {
+        let head = self.head.as_ref().map_or(EMBED_IN, |(name, _)| name);
+        Ok(Some((self.final_layer_norm.forward(h)?, head.to_string())))
+    }
     fn visit_layers(&mut self, f: &mut dyn FnMut(&str, &mut Box<dyn Layer>)) {
         f(EMBED_IN, &mut self.embed_in);
         for (i, b) in self.blocks.iter_mut().enumerate() {

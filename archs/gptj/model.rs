@@ -191,6 +191,9 @@ impl CausalLm for Gptj {
             .forward(&self.ln_f.forward(h)?)?
             .to_kind(Kind::Float))
     }
+    fn head_input(&self, h: &Tensor) -> Result<Option<(Tensor, String)>> {
+        Ok(Some((self.ln_f.forward(h)?, LM_HEAD.to_string())))
+    }
     fn visit_layers(&mut self, f: &mut dyn FnMut(&str, &mut Box<dyn Layer>)) {
         f(WTE, &mut self.wte);
         for (i, b) in self.blocks.iter_mut().enumerate() {

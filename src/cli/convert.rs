@@ -1,5 +1,6 @@
 //! `octet convert`: a Hugging Face checkpoint to octet's 8-bit format.
 use super::parse_patterns;
+use octet::calibrate::CalibrationOptions;
 use octet::convert::{convert, ConvertOptions};
 use octet::load::QuantizeOptions;
 use octet::nn::q4::FourBitOptions;
@@ -32,6 +33,14 @@ pub struct Args {
     /// 8.13 bits per weight instead of 8.5) instead of one f32 per block.
     #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
     double_quant: bool,
+    /// Round 8-bit weights with GPTQ against the inputs they see on this UTF-8 text (a few
+    /// thousand tokens of text like the model's use), instead of to nearest: the layers'
+    /// outputs move less for the same bits. Runs the model once, one block at a time.
+    #[arg(long, value_name = "TEXT_FILE")]
+    calibrate: Option<PathBuf>,
+    /// Tokens of the --calibrate text to use (its first ones).
+    #[arg(long, default_value_t = octet::calibrate::DEFAULT_TOKENS, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(octet::calibrate::MIN_TOKENS as u64..=1 << 20))]
+    calibrate_tokens: usize,
     /// Keep modules matching this pattern in float (repeatable; `*` matches within a segment).
     #[arg(long = "skip")]
     skip: Vec<String>,
@@ -79,6 +88,10 @@ pub fn run(mut a: Args) -> anyhow::Result<()> {
         shard_bytes: a.shard_mib << 20,
         progress: true,
         allow_nonfinite: a.allow_nonfinite,
+        calibrate: a.calibrate.map(|data| CalibrationOptions {
+            data,
+            tokens: a.calibrate_tokens,
+        }),
     };
     let started = std::time::Instant::now();
     let report = convert(&a.model, &a.out, &opts)?;
@@ -127,6 +140,13 @@ pub fn run(mut a: Args) -> anyhow::Result<()> {
     }
     if a.double_quant {
         println!("{:<12} double-quantized (8-bit, groups of 256)", "scales");
+    }
+    if let Some(tokens) = report.calibration_tokens {
+        let n = report.tensors.iter().filter(|t| t.calibrated).count();
+        println!(
+            "{:<12} {n} of {n_q} weights rounded with GPTQ on {tokens} tokens (the rest to nearest)",
+            "calibrated"
+        );
     }
     Ok(())
 }

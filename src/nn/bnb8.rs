@@ -47,6 +47,11 @@ impl Bnb8Linear {
         }
     }
 
+    /// How the weight is stored: `[out, in]` or `[in, out]`.
+    pub fn layout(&self) -> Layout {
+        self.layout
+    }
+
     /// The weight de-quantized to `kind`, in its stored layout.
     pub fn dequantized_weight(&self, kind: Kind) -> Result<Tensor> {
         self.weight.dequantized(kind)

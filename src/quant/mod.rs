@@ -10,6 +10,7 @@ pub mod fourbit;
 pub mod fourbit_kernels;
 pub mod fused;
 pub mod fused_in_out;
+pub mod gptq;
 pub mod kernels;
 pub mod low_rank;
 #[cfg(target_arch = "x86_64")]

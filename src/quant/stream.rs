@@ -27,6 +27,13 @@ impl QuantError {
         }
     }
 
+    /// Adds the error measured over another part of the same tensor.
+    pub fn merge(&mut self, other: &QuantError) {
+        self.sum_sq_err += other.sum_sq_err;
+        self.sum_sq += other.sum_sq;
+        self.max_abs_err = self.max_abs_err.max(other.max_abs_err);
+    }
+
     /// Adds the error of one chunk.
     pub fn accumulate(&mut self, x: &[f32], xhat: &[f32]) {
         for (&a, &b) in x.iter().zip(xhat) {

@@ -1,6 +1,7 @@
 //! All integration tests, one binary (one link) with a module per area.
 
 mod adam8bit_oracle;
+mod calibrate;
 mod chat_data;
 mod chat_generate;
 mod chat_template;
