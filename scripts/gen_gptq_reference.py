@@ -17,8 +17,9 @@ weight, the code value of each element (f32, stored layout) after this procedure
 - Block by block (Frantar et al., 2022): hooks add XᵀX of each of the block's Linear inputs;
   each weight (as [out, in]) is rounded column by column from its float original, each
   column's error spread over the later columns through U, the upper Cholesky factor of
-  (H + 1% mean(diag H)·I)⁻¹ (a zero diagonal entry first set to 1); the rounded weights
-  replace the block's before the next block is calibrated.
+  (H + damp·mean(diag H)·I)⁻¹ (a zero diagonal entry first set to 1); the rounded weights
+  replace the block's before the next block is calibrated. The dampening is
+  max(1%, in_features / calibration tokens) of the mean diagonal.
 - Last, the tied token table is rounded against the LM head's inputs (the final norm output).
 
 Also writes nearest.safetensors: round-to-nearest code values with the same scales.
@@ -93,12 +94,13 @@ def rtn_values(w_stored, scales_stored):
     return CODE[nearest(x)].double()
 
 
-def gptq_values(w_oi, s_oi, h):
+def gptq_values(w_oi, s_oi, h, tokens):
     """Code values of w [out, in] rounded with error feedback through h [in, in]."""
     h = h.clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
-    h += 0.01 * torch.mean(torch.diag(h)) * torch.eye(h.shape[0], dtype=h.dtype)
+    damp = max(0.01, h.shape[0] / tokens)
+    h += damp * torch.mean(torch.diag(h)) * torch.eye(h.shape[0], dtype=h.dtype)
     u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     w = w_oi.double().clone()
     out = torch.zeros_like(w)
@@ -187,9 +189,9 @@ def calibrate(model_dir, kind, text, out_dir):
     def round_into(n, m, h):
         w, s = original[n], dq_scales[n]
         if spec.transposed() and n != spec.table[0]:
-            v = gptq_values(w.T, s.T, h).T
+            v = gptq_values(w.T, s.T, h, len(ids)).T
         else:
-            v = gptq_values(w, s, h)
+            v = gptq_values(w, s, h, len(ids))
         gptq[n] = v
         with torch.no_grad():
             m.weight.copy_((v * s).float())
@@ -202,7 +204,7 @@ def calibrate(model_dir, kind, text, out_dir):
     head = model.get_output_embeddings()
     hs = record([("head", head)])
     gptq[spec.table[0]] = gptq_values(original[spec.table[0]], dq_scales[spec.table[0]],
-                                      hs["head"])
+                                      hs["head"], len(ids))
     save_file({n: v.float().contiguous() for n, v in gptq.items()},
               os.path.join(out_dir, "gptq.safetensors"))
     save_file({n: v.float().contiguous() for n, v in rtn.items()},

@@ -18,6 +18,7 @@ pub mod recorder;
 
 use crate::error::{OctetError, Result};
 use crate::io::TensorStore;
+use crate::manifest::SourceFile;
 use crate::model::CausalLm;
 use crate::nn::bnb8::Bnb8Linear;
 use crate::nn::q8::{Layout, Q8Weight};
@@ -25,6 +26,7 @@ use crate::nn::{ModuleGraph, Vacant};
 use crate::quant::double_quant::DoubleQuantized;
 use crate::quant::{gptq, BlockSize, QuantCode, QuantError, StreamOutput};
 use recorder::{RecordSwitch, Recorder};
+use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -43,14 +45,77 @@ const CHUNK_ELEMS: usize = 1 << 24;
 /// scales, and the code's values.
 pub type Nearest<'a> = dyn Fn(&str) -> Result<(StreamOutput, Vec<f32>)> + 'a;
 
+/// The text a default conversion calibrates on: about 2,000 words of varied English prose
+/// (a story, explanations, minutes, instructions, a letter, questions and answers, a little
+/// Python, a recipe) written for octet and shipped in the binary. It shares nothing with the
+/// texts the quality tables are measured on.
+pub const BUILTIN_TEXT: &str = include_str!("default_text.txt");
+
+/// Where the calibration text comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CalibrationText {
+    /// [`BUILTIN_TEXT`]: a conversion falls back to rounding to nearest, with a warning, when
+    /// the model has no tokenizer to read it with.
+    Builtin,
+    /// A UTF-8 text file; a model without a tokenizer is an error.
+    File(PathBuf),
+}
+
 /// What `convert --calibrate` rounds against.
 #[derive(Clone, Debug)]
 pub struct CalibrationOptions {
-    /// A UTF-8 text file.
-    pub data: PathBuf,
+    /// The text.
+    pub text: CalibrationText,
     /// How many of its first tokens to use.
     pub tokens: usize,
 }
+
+impl Default for CalibrationOptions {
+    fn default() -> Self {
+        CalibrationOptions {
+            text: CalibrationText::Builtin,
+            tokens: DEFAULT_TOKENS,
+        }
+    }
+}
+
+impl CalibrationOptions {
+    /// The text, read and checked (a file must be UTF-8).
+    pub fn read(&self) -> Result<String> {
+        match &self.text {
+            CalibrationText::Builtin => Ok(BUILTIN_TEXT.to_string()),
+            CalibrationText::File(path) => {
+                let bytes = std::fs::read(path).map_err(|e| OctetError::io(path, e))?;
+                String::from_utf8(bytes).map_err(|e| {
+                    OctetError::bad_file(path, format!("calibration text is not UTF-8 ({e})"))
+                })
+            }
+        }
+    }
+
+    /// The text as a manifest records it: its file, or the built-in text by name.
+    pub fn describe(&self) -> Result<SourceFile> {
+        match &self.text {
+            CalibrationText::Builtin => Ok(SourceFile {
+                name: BUILTIN_NAME.to_string(),
+                bytes: BUILTIN_TEXT.len() as u64,
+                sha256: format!("{:x}", Sha256::digest(BUILTIN_TEXT.as_bytes())),
+            }),
+            CalibrationText::File(path) => SourceFile::describe(path),
+        }
+    }
+
+    /// How messages name the text.
+    fn origin(&self) -> PathBuf {
+        match &self.text {
+            CalibrationText::Builtin => PathBuf::from(BUILTIN_NAME),
+            CalibrationText::File(path) => path.clone(),
+        }
+    }
+}
+
+/// The name the built-in text goes by in manifests and messages.
+pub const BUILTIN_NAME: &str = "builtin";
 
 /// One weight rounded with GPTQ, in the form the writer stores.
 pub struct CalibratedWeight {
@@ -96,10 +161,8 @@ pub fn calibration_rows(
     tokenizer_dir: &Path,
     context: usize,
 ) -> Result<Vec<Vec<i64>>> {
-    let bad = |m: String| OctetError::bad_file(&opts.data, m);
-    let bytes = std::fs::read(&opts.data).map_err(|e| OctetError::io(&opts.data, e))?;
-    let text = String::from_utf8(bytes)
-        .map_err(|e| bad(format!("calibration text is not UTF-8 ({e})")))?;
+    let bad = |m: String| OctetError::bad_file(opts.origin(), m);
+    let text = opts.read()?;
     let tokenizer = crate::tokenizer::Tokenizer::from_dir(tokenizer_dir).map_err(|e| {
         OctetError::InvalidArgument(format!(
             "--calibrate needs the model's tokenizer, which the source does not provide: {e}"
@@ -135,6 +198,7 @@ pub fn calibrate(
     nearest: &Nearest,
     progress: &indicatif::ProgressBar,
 ) -> Result<Calibration> {
+    let tokens = rows.iter().map(Vec::len).sum();
     let on = RecordSwitch::default();
     wrap_linears(model, &on);
     let mut weights = HashMap::new();
@@ -159,9 +223,10 @@ pub fn calibrate(
             }
         });
         for (path, hessian) in hessians {
+            check_finite(&path, &hessian)?;
             let name = weight_name(stored, &path)?;
             let layout = layout_of(model, &path);
-            let w = round_weight(store, &name, block.get(), layout, &hessian, nearest)?;
+            let w = round_weight(store, &name, block.get(), layout, &hessian, tokens, nearest)?;
             replace_weight(model, &path, &w)?;
             weights.insert(name, w);
         }
@@ -180,18 +245,36 @@ pub fn calibrate(
         }
     }
     if let (Some(path), Some(hessian)) = (head, hessian) {
+        check_finite(&path, &hessian)?;
         // Only a quantized head (or tied table) is rounded; a float one stays as it is.
         if stored.node(&path).is_some() && is_quantized(model, &path) {
             let name = weight_name(stored, &path)?;
-            let w = round_weight(store, &name, block.get(), Layout::OutIn, &hessian, nearest)?;
+            let w = round_weight(
+                store,
+                &name,
+                block.get(),
+                Layout::OutIn,
+                &hessian,
+                tokens,
+                nearest,
+            )?;
             weights.insert(name, w);
         }
     }
     progress.inc(1);
-    Ok(Calibration {
-        weights,
-        tokens: rows.iter().map(Vec::len).sum(),
-    })
+    Ok(Calibration { weights, tokens })
+}
+
+/// Refuses a Hessian that is not finite: the model's activations on the calibration text
+/// overflowed or met a NaN in the source.
+fn check_finite(path: &str, hessian: &Tensor) -> Result<()> {
+    if hessian.f_isfinite()?.f_all()?.int64_value(&[]) == 1 {
+        return Ok(());
+    }
+    Err(OctetError::InvalidArgument(format!(
+        "the inputs of {path} on the calibration text are not finite (does the source hold \
+         NaN or Inf? `--calibrate none` converts without running the model)"
+    )))
 }
 
 /// Puts a [`Recorder`] in place of every 8-bit Linear.
@@ -239,13 +322,15 @@ fn is_quantized(model: &mut dyn CausalLm, path: &str) -> bool {
     found
 }
 
-/// Rounds tensor `name` with GPTQ against `hessian`, keeping the scales `nearest` chooses.
+/// Rounds tensor `name` with GPTQ against `hessian` (from `tokens` tokens), keeping the scales
+/// `nearest` chooses.
 fn round_weight(
     store: &dyn TensorStore,
     name: &str,
     block: usize,
     layout: Layout,
     hessian: &Tensor,
+    tokens: usize,
     nearest: &Nearest,
 ) -> Result<CalibratedWeight> {
     let (rtn, code_values) = nearest(name)?;
@@ -265,7 +350,7 @@ fn round_weight(
         Layout::OutIn => (rows, cols),
         Layout::InOut => (cols, rows),
     };
-    let u = gptq::inverse_cholesky(hessian)?;
+    let u = gptq::inverse_cholesky(hessian, gptq::dampening(n_in, tokens))?;
     let codes = Tensor::f_zeros([rows as i64, cols as i64], (Kind::Uint8, tch::Device::Cpu))?;
     let mut error = QuantError::default();
     let chunk = (CHUNK_ELEMS / n_in.max(1)).max(1);

@@ -1,6 +1,6 @@
 //! `octet convert`: a Hugging Face checkpoint to octet's 8-bit format.
 use super::parse_patterns;
-use octet::calibrate::CalibrationOptions;
+use octet::calibrate::{CalibrationOptions, CalibrationText};
 use octet::convert::{convert, ConvertOptions};
 use octet::load::QuantizeOptions;
 use octet::nn::q4::FourBitOptions;
@@ -19,25 +19,30 @@ pub struct Args {
     /// Output folder (must not exist or be empty, unless --force).
     #[arg(long)]
     out: PathBuf,
-    /// Elements per quantization block (64…4096, a power of two); the spec's default if unset.
+    /// Elements per quantization block (a power of two, 64…4096; 32…4096 with --bits 4);
+    /// 64 if unset.
     #[arg(long)]
     block_size: Option<i64>,
-    /// 8-bit: `dynamic` (bitsandbytes' code), `fitted` (a per-tensor code fitted to the
-    /// weights) or `linear` (evenly spaced levels, like llama.cpp's Q8_0). With `--bits 4`: `nf4` (the default), `fp4` or `fitted`.
+    /// 8-bit: `linear` (the default: evenly spaced levels, like llama.cpp's Q8_0), `dynamic`
+    /// (bitsandbytes' code) or `fitted` (a per-tensor code fitted to the weights). With
+    /// `--bits 4`: `nf4` (the default), `fp4` or `fitted`.
     #[arg(long)]
     code: Option<String>,
     /// Bits per Linear weight: 8, or 4 (two codes per byte; embeddings stay 8-bit).
     #[arg(long, default_value_t = 8)]
     bits: u8,
     /// Store the block scales double-quantized (8-bit, one f32 per 256 blocks: block 64 costs
-    /// 8.13 bits per weight instead of 8.5) instead of one f32 per block.
-    #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
-    double_quant: bool,
-    /// Round 8-bit weights with GPTQ against the inputs they see on this UTF-8 text (a few
-    /// thousand tokens of text like the model's use), instead of to nearest: the layers'
-    /// outputs move less for the same bits. Runs the model once, one block at a time.
-    #[arg(long, value_name = "TEXT_FILE")]
-    calibrate: Option<PathBuf>,
+    /// 8.13 bits per weight instead of 8.5) instead of one f32 per block. Default: true for
+    /// 8-bit weights, false with --bits 4.
+    #[arg(long, action = clap::ArgAction::Set)]
+    double_quant: Option<bool>,
+    /// What 8-bit weights are rounded against: `builtin` (the default: GPTQ against the inputs
+    /// each weight sees on about 2,000 words of English shipped with octet; to nearest, with
+    /// a warning, for a model without a tokenizer), a UTF-8 text file of text like the
+    /// model's use (a path; write `./none` for a file named `none`), or `none` (round to
+    /// nearest: faster, less accurate). Calibration runs the model once, one block at a time.
+    #[arg(long, value_name = "builtin|none|TEXT_FILE")]
+    calibrate: Option<String>,
     /// Tokens of the --calibrate text to use (its first ones).
     #[arg(long, default_value_t = octet::calibrate::DEFAULT_TOKENS, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(octet::calibrate::MIN_TOKENS as u64..=1 << 20))]
     calibrate_tokens: usize,
@@ -57,10 +62,18 @@ pub struct Args {
 
 pub fn run(mut a: Args) -> anyhow::Result<()> {
     a.model = octet::hub::resolve_model(&a.model)?;
+    let defaults = ConvertOptions::default();
     let (block, code, four_bit) = match a.bits {
         8 => (
-            a.block_size.map(BlockSize::new).transpose()?,
-            a.code.as_deref().unwrap_or("dynamic").parse::<CodeKind>()?,
+            a.block_size
+                .map(BlockSize::new)
+                .transpose()?
+                .or(defaults.quantize.block),
+            a.code
+                .as_deref()
+                .map(str::parse::<CodeKind>)
+                .transpose()?
+                .unwrap_or(defaults.quantize.code),
             None,
         ),
         4 => {
@@ -82,16 +95,25 @@ pub fn run(mut a: Args) -> anyhow::Result<()> {
             block,
             code,
             skip: parse_patterns(&a.skip)?,
-            double_quant: a.double_quant,
+            double_quant: a
+                .double_quant
+                .unwrap_or(four_bit.is_none() && defaults.quantize.double_quant),
         },
         force: a.force,
         shard_bytes: a.shard_mib << 20,
         progress: true,
         allow_nonfinite: a.allow_nonfinite,
-        calibrate: a.calibrate.map(|data| CalibrationOptions {
-            data,
-            tokens: a.calibrate_tokens,
-        }),
+        calibrate: match a.calibrate.as_deref() {
+            Some("none") => None,
+            None | Some("builtin") => defaults.calibrate.map(|c| CalibrationOptions {
+                tokens: a.calibrate_tokens,
+                ..c
+            }),
+            Some(path) => Some(CalibrationOptions {
+                text: CalibrationText::File(PathBuf::from(path)),
+                tokens: a.calibrate_tokens,
+            }),
+        },
     };
     let started = std::time::Instant::now();
     let report = convert(&a.model, &a.out, &opts)?;
@@ -138,7 +160,7 @@ pub fn run(mut a: Args) -> anyhow::Result<()> {
         let code = format!("{code:?}").to_lowercase();
         println!("{label:<12} {err:>14.3e} {code:<8} {name}");
     }
-    if a.double_quant {
+    if opts.quantize.double_quant {
         println!("{:<12} double-quantized (8-bit, groups of 256)", "scales");
     }
     if let Some(tokens) = report.calibration_tokens {

@@ -195,10 +195,15 @@ impl ModuleGraph {
         replaced
     }
 
-    /// Plans every 8-bit module's f32 `absmax` as double-quantized scales instead
-    /// (`absmax_q`, `absmax_scale`, `absmax_offset`; see [`crate::quant::double_quant`]).
-    pub fn double_quantize_absmax(&mut self) {
+    /// Plans the f32 `absmax` of the 8-bit modules at `paths` (those a conversion quantizes;
+    /// a module already 8-bit in the source keeps the scales it has) as double-quantized
+    /// scales instead (`absmax_q`, `absmax_scale`, `absmax_offset`; see
+    /// [`crate::quant::double_quant`]).
+    pub fn double_quantize_absmax(&mut self, paths: &[String]) {
         for node in &mut self.nodes {
+            if !paths.contains(&node.path) {
+                continue;
+            }
             let Some(i) = node.params.iter().position(|p| p.name == "absmax") else {
                 continue;
             };

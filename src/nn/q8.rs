@@ -52,7 +52,7 @@ impl QuantizeOptions {
             spec.quantizes(p) && !self.skip.iter().any(|s| s.matches(p))
         });
         if self.double_quant {
-            graph.double_quantize_absmax();
+            graph.double_quantize_absmax(&replaced);
         }
         (block, replaced)
     }

@@ -173,6 +173,25 @@ pub fn edit_text(path: &Path, from: &str, to: &str) {
     std::fs::write(path, new).unwrap();
 }
 
+/// Flags for a conversion that rounds to nearest with bitsandbytes' dynamic code and f32
+/// block scales (the default before calibrated conversion), for tests that compare it with
+/// quantizing on load or with bitsandbytes.
+pub const NEAREST_DYNAMIC: [&str; 6] = [
+    "--code",
+    "dynamic",
+    "--double-quant",
+    "false",
+    "--calibrate",
+    "none",
+];
+
+/// [`NEAREST_DYNAMIC`] followed by `extra`.
+pub fn nearest_dynamic<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+    let mut v = NEAREST_DYNAMIC.to_vec();
+    v.extend_from_slice(extra);
+    v
+}
+
 /// As [`convert`], asserting success.
 pub fn convert_ok(model: &Path, out: &Path, extra: &[&str]) {
     let (ok, _, stderr) = convert(model, out, extra);

@@ -192,7 +192,8 @@ fn converting_a_gguf_gives_a_self_contained_folder() {
 fn quantizing_on_load_equals_converting() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("octet");
-    assert!(convert(&tiny("bias.gguf"), &out, &["--block-size", "64"]).0);
+    let flags = common::nearest_dynamic(&["--block-size", "64"]);
+    assert!(convert(&tiny("bias.gguf"), &out, &flags).0);
     let opts = LoadOptions {
         quantize: Some(octet::load::QuantizeOptions {
             block: Some(octet::quant::BlockSize::new(64).unwrap()),

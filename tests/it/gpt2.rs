@@ -75,7 +75,8 @@ fn converted_8bit_matches_transformers_on_the_same_dequantized_weights() {
 fn quantizing_on_load_equals_converting() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("octet");
-    assert!(convert(&tiny("hf_safetensors"), &out, &["--block-size", "64"]).0);
+    let flags = common::nearest_dynamic(&["--block-size", "64"]);
+    assert!(convert(&tiny("hf_safetensors"), &out, &flags).0);
     let on_load = LoadOptions {
         quantize: Some(QuantizeOptions {
             block: Some(octet::quant::BlockSize::new(64).unwrap()),

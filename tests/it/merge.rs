@@ -30,6 +30,12 @@ fn base(t: &Path) -> Base {
         base8.to_str().unwrap(),
         "--block-size",
         "64",
+        "--code",
+        "dynamic",
+        "--double-quant",
+        "false",
+        "--calibrate",
+        "none",
     ]);
     assert!(ok, "{err}");
     let hf = t.join("hf");

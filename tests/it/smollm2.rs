@@ -87,13 +87,18 @@ fn scratch() -> &'static Path {
     })
 }
 
-/// The GGUF converted with the spec's defaults (8-bit, block 256), once per test run.
+/// The GGUF converted as bitsandbytes rounds (dynamic code, the spec's block 256, f32
+/// scales, to nearest), once per test run.
 fn octet8() -> &'static Path {
     static D: OnceLock<PathBuf> = OnceLock::new();
     D.get_or_init(|| {
         let t0 = Instant::now();
         let d = scratch().join("octet8");
-        convert_ok(&gguf(), &d, &[]);
+        convert_ok(
+            &gguf(),
+            &d,
+            &common::nearest_dynamic(&["--block-size", "256"]),
+        );
         eprintln!("[{:6.1} s] converted to 8-bit", elapsed(t0));
         d
     })
