@@ -269,6 +269,77 @@ fn perplexity_matches_transformers_and_8bit_is_no_worse_than_bitsandbytes() {
     assert!((10.0..40.0).contains(&ppl_f32), "{ppl_f32}");
 }
 
+/// Bits per weight of a folder's 8-bit weights: their bytes, block scales and codes.
+fn bits_per_weight(dir: &Path) -> f64 {
+    let t = common::load_safetensors(&dir.join("model.safetensors"));
+    let (mut elems, mut bytes) = (0usize, 0usize);
+    for (name, w) in &t {
+        let Some(module) = name.strip_suffix(".weight") else {
+            continue;
+        };
+        if w.kind() != Kind::Uint8 {
+            continue;
+        }
+        elems += w.numel();
+        for p in [
+            "weight",
+            "absmax",
+            "absmax_q",
+            "absmax_scale",
+            "absmax_offset",
+            "code",
+        ] {
+            if let Some(x) = t.get(&format!("{module}.{p}")) {
+                bytes += x.numel() * x.kind().elt_size_in_bytes();
+            }
+        }
+    }
+    8.0 * bytes as f64 / elems as f64
+}
+
+/// The default conversion (linear code, block 64, double-quantized scales, GPTQ on the
+/// built-in text) against the f32 model on both quality texts. The target is 0.15% on the long
+/// texts (README, "8-bit codes"); these 8 KB excerpts are allowed twice that.
+#[test]
+fn default_8bit_conversion_stays_within_the_quality_target() {
+    let dir = scratch().join("octet8-default");
+    convert_ok(&gguf(), &dir, &[]);
+    let manifest = octet::manifest::Manifest::read(&dir).unwrap().unwrap();
+    let cal = manifest.calibration.expect("calibrated by default");
+    assert_eq!(
+        (cal.weights, cal.data.name.as_str()),
+        (1 + 30 * 7, "builtin")
+    );
+    let bits = bits_per_weight(&dir);
+    assert!(bits <= 8.15, "{bits} bits per weight");
+    let tok = Tokenizer::from_gguf(&GgufFile::open(&gguf()).unwrap()).unwrap();
+    let wiki = std::fs::read_to_string(common::fixture("quant8/wiki.txt")).unwrap();
+    let mut cut = 8192.min(wiki.len());
+    while !wiki.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let texts = [("Britannica", text()), ("Wikipedia", &wiki[..cut])];
+    let ids: Vec<Vec<i64>> = texts
+        .iter()
+        .map(|(_, t)| tok.encode(t).unwrap().iter().map(|&i| i as i64).collect())
+        .collect();
+    let ppl = |model: &Path| -> Vec<f64> {
+        let m = load_model(model, &LoadOptions::default()).unwrap();
+        ids.iter()
+            .map(|i| perplexity(m.model.as_ref(), i))
+            .collect()
+    };
+    let (f32, eight) = (ppl(&gguf()), ppl(&dir));
+    for (((name, _), a), b) in texts.iter().zip(&f32).zip(&eight) {
+        let rel = b / a - 1.0;
+        eprintln!(
+            "{name}: f32 {a:.4}, default 8-bit {b:.4} ({:+.3}%), {bits:.3} bits",
+            100.0 * rel
+        );
+        assert!(rel.abs() < 3e-3, "{name}: default 8-bit {b} vs f32 {a}");
+    }
+}
+
 /// `octet eval --json` perplexity of `model` (+ `adapter`) on `data`.
 fn octet_eval(model: &Path, adapter: Option<&Path>, data: &Path, ctx: usize) -> f64 {
     let ctx = ctx.to_string();
