@@ -10,11 +10,12 @@
 #
 # Usage: bench_quality.sh OCTET_BIN FIXTURES_DIR WORK_DIR [CODES] [BLOCKS] [DQ]
 #   e.g. bench_quality.sh target/release/octet fixtures/generated /tmp/q "fitted linear" "64" "true"
+#   (CODES "" skips table 1)
 set -euo pipefail
 OCTET=${1:?usage: bench_quality.sh OCTET_BIN FIXTURES_DIR WORK_DIR [CODES] [BLOCKS] [DQ]}
 FIX=${2:?}
 WORK=${3:?}
-CODES=${4:-dynamic fitted linear}
+CODES=${4-dynamic fitted linear}
 BLOCKS=${5:-64 256 4096}
 DQS=${6:-false true}
 PY=${PY:-.venv/bin/python}

@@ -198,6 +198,8 @@ pub fn calibrate(
     nearest: &Nearest,
     progress: &indicatif::ProgressBar,
 ) -> Result<Calibration> {
+    // Nothing here is trained: no autograd graph may hold the calibration activations.
+    let _no_grad = tch::no_grad_guard();
     let tokens = rows.iter().map(Vec::len).sum();
     let on = RecordSwitch::default();
     wrap_linears(model, &on);
