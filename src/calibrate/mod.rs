@@ -187,8 +187,8 @@ pub fn calibration_rows(
 ///
 /// `model` is the model loaded with its 8-bit modules rounded to nearest; `store` and `stored`
 /// are the source checkpoint and its module graph, quantized in blocks of `block`;
-/// `nearest(name)` quantizes tensor `name` to
-/// nearest as the conversion does (its scales are kept, its codes re-chosen).
+/// `nearest(name)` quantizes tensor `name` to nearest as the conversion does (its scales are
+/// kept, its codes re-chosen).
 pub fn calibrate(
     model: &mut dyn CausalLm,
     rows: &[Vec<i64>],

@@ -22,22 +22,11 @@ struct Base {
 
 fn base(t: &Path) -> Base {
     let base8 = t.join("base8");
-    let (ok, _, err) = common::octet(&[
-        "convert",
-        "--model",
-        tiny("hf_safetensors").to_str().unwrap(),
-        "--out",
-        base8.to_str().unwrap(),
-        "--block-size",
-        "64",
-        "--code",
-        "dynamic",
-        "--double-quant",
-        "false",
-        "--calibrate",
-        "none",
-    ]);
-    assert!(ok, "{err}");
+    common::convert_ok(
+        &tiny("hf_safetensors"),
+        &base8,
+        &common::nearest_dynamic(&["--block-size", "64"]),
+    );
     let hf = t.join("hf");
     octet::export::export_hf(&base8, &hf, Kind::Float, false, |_, _| Ok(())).unwrap();
     let ids = common::load_safetensors(&tiny("reference.safetensors"))["input_ids"].shallow_clone();
