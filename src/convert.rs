@@ -191,8 +191,12 @@ pub fn convert(model: &Path, out: &Path, opts: &ConvertOptions) -> Result<Conver
     // Side files first: calibration reads the tokenizer from them.
     source.write_side_files(outdir.path())?;
     let mut warnings = Vec::new();
-    // 4-bit weights are never calibrated; the built-in text needs the model's tokenizer.
-    let calibrate_with = opts.calibrate.as_ref().filter(|_| opts.four_bit.is_none());
+    // 4-bit weights are never calibrated, nor weights already 8-bit in the source; the
+    // built-in text needs the model's tokenizer.
+    let calibrate_with = opts
+        .calibrate
+        .as_ref()
+        .filter(|_| opts.four_bit.is_none() && !replaced.is_empty());
     let calibration = match calibrate_with {
         Some(c) if c.text == CalibrationText::Builtin && !has_tokenizer(outdir.path()) => {
             warnings.push(format!(

@@ -224,6 +224,8 @@ pub fn calibrate(
                 }
             }
         });
+        // A module already 8-bit in the source has no float weight to round again.
+        hessians.retain(|(path, _)| float_in_source(stored, path));
         for (path, hessian) in hessians {
             check_finite(&path, &hessian)?;
             let name = weight_name(stored, &path)?;
@@ -249,7 +251,7 @@ pub fn calibrate(
     if let (Some(path), Some(hessian)) = (head, hessian) {
         check_finite(&path, &hessian)?;
         // Only a quantized head (or tied table) is rounded; a float one stays as it is.
-        if stored.node(&path).is_some() && is_quantized(model, &path) {
+        if float_in_source(stored, &path) && is_quantized(model, &path) {
             let name = weight_name(stored, &path)?;
             let w = round_weight(
                 store,
@@ -290,6 +292,13 @@ fn wrap_linears(model: &mut dyn CausalLm, on: &RecordSwitch) {
             *layer = Box::new(Recorder::new(*lin, on.clone()));
         }
     });
+}
+
+/// Whether module `path` is stored in float in the source (so this conversion quantizes it).
+fn float_in_source(stored: &ModuleGraph, path: &str) -> bool {
+    stored
+        .node(path)
+        .is_some_and(|n| crate::nn::kinds::quantized_param(&n.kind).is_none())
 }
 
 /// The source tensor name of module `path`'s weight.

@@ -160,7 +160,7 @@ pub fn run(mut a: Args) -> anyhow::Result<()> {
         let code = format!("{code:?}").to_lowercase();
         println!("{label:<12} {err:>14.3e} {code:<8} {name}");
     }
-    if opts.quantize.double_quant {
+    if opts.quantize.double_quant && n_q > 0 {
         println!("{:<12} double-quantized (8-bit, groups of 256)", "scales");
     }
     if let Some(tokens) = report.calibration_tokens {
