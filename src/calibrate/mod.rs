@@ -84,12 +84,7 @@ impl CalibrationOptions {
     pub fn read(&self) -> Result<String> {
         match &self.text {
             CalibrationText::Builtin => Ok(BUILTIN_TEXT.to_string()),
-            CalibrationText::File(path) => {
-                let bytes = std::fs::read(path).map_err(|e| OctetError::io(path, e))?;
-                String::from_utf8(bytes).map_err(|e| {
-                    OctetError::bad_file(path, format!("calibration text is not UTF-8 ({e})"))
-                })
-            }
+            CalibrationText::File(path) => crate::train::data::read_text(path),
         }
     }
 

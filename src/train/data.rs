@@ -718,7 +718,7 @@ pub(super) fn has_json_extension(path: &Path) -> bool {
 }
 
 /// The file as UTF-8 (a leading BOM removed); an empty file is an error.
-fn read_text(path: &Path) -> Result<String> {
+pub(crate) fn read_text(path: &Path) -> Result<String> {
     let bytes = std::fs::read(path).map_err(|e| OctetError::io(path, e))?;
     if bytes.is_empty() {
         return Err(OctetError::bad_file(path, "the file is empty"));
